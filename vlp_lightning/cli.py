@@ -1,0 +1,120 @@
+"""`vlp`: the one entry point. `vlp fit|validate|test|predict --config experiments/<method>/<data>.yaml`.
+
+A LightningCLI with the model and the data in subclass mode, so any method or data module is chosen by class path
+(`--model vlp_lightning.methods.SwAV`). Defaults a user expects: TensorBoard logs under `runs/<method>/<experiment>/`,
+checkpoints (with `last.ckpt`) in one folder per experiment so `--ckpt_path last` resumes, an LR monitor, a progress
+bar and a fixed seed. Bad input ends with one sentence and exit code 2, never a traceback wall.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from data_modules import DataConfigError
+from vlp_lightning import methods
+from vlp_lightning.methods.base import VLPMethod
+
+DESCRIPTION = (
+    "vlp_lightning: train and evaluate vision / vision-language pretraining methods. "
+    "Pick a recipe with --config experiments/<method>/<data>_<size>.yaml, swap the method with "
+    "--model vlp_lightning.methods.<Name>, see every knob with --print_config, and follow runs with "
+    "`tensorboard --logdir runs`."
+)
+
+
+def available_methods() -> list[str]:
+    """Class paths of every method in the index, for error messages and --help."""
+    names = [name for name in methods.__all__ if name not in {"VLPMethod", "WarmupCosineLR"}]
+    return [f"vlp_lightning.methods.{name}" for name in names]
+
+
+class VLPArgumentParser(LightningArgumentParser):
+    """Turns jsonargparse's multi-paragraph errors into one sentence plus a hint, and exits with code 2."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        sys.stderr.write(f"vlp: error: {concise_error(message)}\n")
+        sys.exit(2)
+
+
+def concise_error(message: str) -> str:
+    """The first useful sentence of a jsonargparse error, with the list of methods for an unknown one."""
+    unknown = re.search(r'Parser key "model".*?class_path "?([\w.]+)"?', message, re.S) or re.search(
+        r'Parser key "model".*?Import path ([\w.]+)', message, re.S
+    )
+    if unknown and unknown.group(1) not in available_methods():
+        listing = ", ".join(available_methods())
+        return f"unknown method '{unknown.group(1)}'; available methods: {listing}."
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    key = re.search(r'Parser key "([^"]+)"', message)
+    detail = lines[-1] if lines else message
+    if key:
+        return f"bad value for '{key.group(1)}': {detail} (run with --help or --print_config to see the expected type)"
+    return " ".join(lines[:2])
+
+
+class VLPCLI(LightningCLI):
+    """LightningCLI with the suite's defaults; see the module docstring."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            model_class=VLPMethod,
+            datamodule_class=LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            parser_class=VLPArgumentParser,
+            parser_kwargs={"description": DESCRIPTION},
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step")]},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--experiment",
+            type=str | None,
+            default=None,
+            help="Run name under runs/<method>/ (default: the --config file's stem). Checkpoints of one experiment "
+            "share runs/<method>/<experiment>/checkpoints so `--ckpt_path last` resumes it.",
+        )
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        method = config.model.class_path.rsplit(".", 1)[-1].lower()
+        experiment = config.experiment or _config_stem(config) or "default"
+        run_dir = Path("runs") / method / experiment
+        if config.trainer.logger in (None, True):
+            config.trainer.logger = {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "runs", "name": f"{method}/{experiment}"},
+            }
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = str(run_dir / "checkpoints")
+
+
+def _config_stem(config) -> str | None:
+    paths = config.get("config") or []
+    return Path(str(paths[-1])).stem if paths else None
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point of `vlp`."""
+    try:
+        VLPCLI(args=args)
+    except DataConfigError as error:
+        sys.stderr.write(f"vlp: error: {error}\n")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""The methods index: every pretraining method, importable as `vlp_lightning.methods.<Name>`."""
+
+from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
+from vlp_lightning.methods.clip import CLIP
+from vlp_lightning.methods.convirt import ConVIRT
+
+__all__ = ["VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT"]

@@ -1,0 +1,106 @@
+"""CLIP: contrastive language-image pretraining (Radford et al. 2021, "Learning Transferable Visual Models From
+Natural Language Supervision").
+
+An image tower and a text tower are projected linearly into one embedding space; the N x N cosine similarities of a
+batch, scaled by a learnable temperature, are trained with a symmetric cross-entropy (paper Fig. 3). The temperature
+is stored as log logit-scale, initialised to 1/0.07 and clamped at 100 (sec. 2.5). Across ranks the loss gathers
+features with gradient; `local_loss=True` keeps memory at local x global batch (open_clip's formulation).
+
+ALIGN (Jia et al. 2021) and BiomedCLIP (Zhang et al. 2023) are the same objective with other towers and a longer
+text context: they are YAML presets in `experiments/align/` and `experiments/biomedclip/`, not code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from data_modules.views import SingleCrop, Views
+from vlp_lightning.losses.contrastive import clip_contrastive_loss
+from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
+from vlp_lightning.modules.text import TextTransformer
+from vlp_lightning.modules.tokenizers import ByteTokenizer, Tokenizer
+from vlp_lightning.modules.vision import VisionEncoder
+
+
+class CLIP(VLPMethod):
+    """Dual-encoder contrastive image-text pretraining.
+
+    Args:
+        vision: image tower (default: a tiny timm ViT, 64px, patch 8).
+        text: text tower (default: the built-in causal transformer).
+        tokenizer: turns captions into tokens for `text` (default: byte-level, no vocabulary file).
+        embed_dim: size of the shared embedding space.
+        init_logit_scale: initial exp(logit_scale), 1/0.07 in the paper.
+        max_logit_scale: clamp on exp(logit_scale), 100 in the paper.
+        learn_logit_scale: learn the temperature (CLIP, ALIGN) or keep it fixed.
+        local_loss: rows of the local batch against the gathered batch (memory local x global).
+        gather_with_grad: let gradients flow through the gathered features of other ranks.
+    """
+
+    required_keys = ("image", "text")
+
+    def __init__(
+        self,
+        vision: VisionEncoder | None = None,
+        text: nn.Module | None = None,
+        tokenizer: Tokenizer | None = None,
+        embed_dim: int = 256,
+        init_logit_scale: float = 1 / 0.07,
+        max_logit_scale: float = 100.0,
+        learn_logit_scale: bool = True,
+        local_loss: bool = False,
+        gather_with_grad: bool = True,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
+        compile: bool = False,
+    ) -> None:
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, compile=compile)
+        self.save_hyperparameters(ignore=["vision", "text", "tokenizer", "optimizer", "lr_scheduler"])
+        self.tokenizer = tokenizer or ByteTokenizer(context_length=32)
+        self.vision = vision or VisionEncoder("vit_tiny_patch16_224", img_size=64, patch_size=8)
+        self.text = text or TextTransformer(vocab_size=self.tokenizer.vocab_size, context_length=self.tokenizer.context_length)
+        self.image_projection = self.projection_head(self.vision.num_features, embed_dim)
+        self.text_projection = self.projection_head(self.text.num_features, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)), requires_grad=learn_logit_scale)
+        self.max_logit_scale = max_logit_scale
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+
+    def projection_head(self, in_features: int, embed_dim: int) -> nn.Module:
+        """CLIP uses a linear projection without bias into the joint space (sec. 2.4)."""
+        return nn.Linear(in_features, embed_dim, bias=False)
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.img_size
+
+    def train_views(self) -> Views:
+        """CLIP trains on one random square crop per image (sec. 2.5: random square crop is the only augmentation)."""
+        return SingleCrop(scale=(0.9, 1.0), hflip=False)
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        return F.normalize(self.image_projection(self.vision(images)), dim=-1)
+
+    def encode_text(self, text: dict[str, Tensor]) -> Tensor:
+        return F.normalize(self.text_projection(self.text(text)), dim=-1)
+
+    def contrastive_loss(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        logit_scale = self.logit_scale.float().exp().clamp(max=self.max_logit_scale)
+        return clip_contrastive_loss(
+            image_features,
+            text_features,
+            logit_scale,
+            local_loss=self.local_loss,
+            gather_with_grad=self.gather_with_grad,
+        )
+
+    def forward_loss(self, batch: dict) -> dict[str, Tensor]:
+        image_features = self.encode_image(batch["image"])
+        text_features = self.encode_text(batch["text"])
+        loss = self.contrastive_loss(image_features, text_features)
+        return {"loss": loss, "logit_scale": self.logit_scale.detach().exp()}
