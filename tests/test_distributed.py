@@ -1,0 +1,178 @@
+"""Distributed helpers and the distributed contrastive losses, in one process and on 2 gloo processes.
+
+The 2-process test checks the exact relations stated in `vlp_lightning.losses.contrastive` against one process
+on the concatenated batch (loss L, gradient dL/dx): naive mode returns L on each rank, local loss returns values
+whose mean is L; with gather_with_grad each rank's gradient is world * dL/dx (DDP's averaging then gives the
+single-process model gradient), without it the naive gradient is exactly dL/dx.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from vlp_lightning import distributed
+from vlp_lightning.losses.contrastive import (
+    clip_contrastive_loss,
+    convirt_contrastive_loss,
+    weighted_two_way_infonce,
+)
+
+WORLD = 2
+LOCAL_BATCH = 4
+DIM = 8
+LOGIT_SCALE = 10.0
+LOSS_MODES: dict[str, dict[str, bool]] = {
+    "naive_with_grad": {"local_loss": False, "gather_with_grad": True},
+    "local_with_grad": {"local_loss": True, "gather_with_grad": True},
+    "naive_no_grad": {"local_loss": False, "gather_with_grad": False},
+    "local_no_grad": {"local_loss": True, "gather_with_grad": False},
+    "not_gathered": {"gather": False},
+}
+
+
+def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """The same [WORLD * LOCAL_BATCH, DIM] raw image / text features on every process."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(WORLD * LOCAL_BATCH, DIM, generator=generator)
+    return images, images + torch.randn(WORLD * LOCAL_BATCH, DIM, generator=generator)
+
+
+def clip_loss_and_grads(images: torch.Tensor, texts: torch.Tensor, **options: bool) -> dict[str, torch.Tensor]:
+    """CLIP loss of raw features (normalised inside the graph) and its gradients w.r.t. the raw features."""
+    images, texts = images.clone().requires_grad_(), texts.clone().requires_grad_()
+    loss = clip_contrastive_loss(F.normalize(images, dim=-1), F.normalize(texts, dim=-1), LOGIT_SCALE, **options)
+    loss.backward()
+    return {"loss": loss.detach(), "image_grad": images.grad, "text_grad": texts.grad}
+
+
+def convirt_loss_and_grads(images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
+    images, texts = images.clone().requires_grad_(), texts.clone().requires_grad_()
+    loss = convirt_contrastive_loss(images, texts)
+    loss.backward()
+    return {"loss": loss.detach(), "image_grad": images.grad, "text_grad": texts.grad}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        images, texts = global_batch()
+        results: dict[str, object] = {"rank": distributed.rank(), "world_size": distributed.world_size()}
+
+        x = torch.full((LOCAL_BATCH, DIM), float(rank + 1), requires_grad=True)
+        weights = torch.arange(WORLD * LOCAL_BATCH * DIM, dtype=torch.float32).reshape(WORLD * LOCAL_BATCH, DIM)
+        gathered = distributed.all_gather_with_grad(x)
+        (gathered * weights).sum().backward()
+        results["gathered_with_grad"] = gathered.detach()
+        results["gather_grad"] = x.grad
+        gathered_no_grad = distributed.all_gather_no_grad(x)
+        results["gathered_no_grad"] = gathered_no_grad
+        results["gathered_no_grad_requires_grad"] = gathered_no_grad.requires_grad
+        summand = torch.tensor([rank + 1.0, 10.0 * (rank + 1)])
+        results["reduced"] = distributed.all_reduce_sum(summand)
+        results["summand_after"] = summand
+
+        for name, options in LOSS_MODES.items():
+            results[name] = clip_loss_and_grads(images[local], texts[local], **options)
+        results["convirt"] = convirt_loss_and_grads(images[local], texts[local])
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_helpers_are_identities_in_one_process() -> None:
+    assert not dist.is_initialized()
+    assert (distributed.world_size(), distributed.rank()) == (1, 0)
+    x = torch.randn(3, 2, requires_grad=True)
+    gathered = distributed.all_gather_with_grad(x)
+    gathered.sum().backward()
+    torch.testing.assert_close(gathered, x)
+    torch.testing.assert_close(x.grad, torch.ones_like(x))
+    no_grad = distributed.all_gather_no_grad(x)
+    assert not no_grad.requires_grad
+    torch.testing.assert_close(no_grad, x.detach())
+    torch.testing.assert_close(distributed.all_reduce_sum(x), x.detach())
+
+
+def test_two_gloo_processes_match_one_process_on_the_concatenated_batch(tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    images, texts = global_batch()
+    single = clip_loss_and_grads(images, texts)
+    weights = torch.arange(WORLD * LOCAL_BATCH * DIM, dtype=torch.float32).reshape(WORLD * LOCAL_BATCH, DIM)
+    expected_gathered = torch.cat([torch.full((LOCAL_BATCH, DIM), r + 1.0) for r in range(WORLD)])
+
+    for r, result in enumerate(ranks):
+        local = slice(r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH)
+        assert (result["rank"], result["world_size"]) == (r, WORLD)
+        # helpers: rank order, gradient routed back summed over the ranks, no graph, sum without mutation
+        torch.testing.assert_close(result["gathered_with_grad"], expected_gathered)
+        torch.testing.assert_close(result["gather_grad"], WORLD * weights[local])
+        torch.testing.assert_close(result["gathered_no_grad"], expected_gathered)
+        assert result["gathered_no_grad_requires_grad"] is False
+        torch.testing.assert_close(result["reduced"], torch.tensor([3.0, 30.0]))
+        torch.testing.assert_close(result["summand_after"], torch.tensor([r + 1.0, 10.0 * (r + 1)]))
+
+        # naive: every rank computes L; with grad its gradient is WORLD * dL/dx, without it exactly dL/dx
+        torch.testing.assert_close(result["naive_with_grad"]["loss"], single["loss"])
+        torch.testing.assert_close(result["naive_no_grad"]["loss"], single["loss"])
+        for key in ("image_grad", "text_grad"):
+            torch.testing.assert_close(result["naive_with_grad"][key], WORLD * single[key][local])
+            torch.testing.assert_close(result["local_with_grad"][key], WORLD * single[key][local])
+            torch.testing.assert_close(result["naive_no_grad"][key], single[key][local])
+
+        # local loss without gathered gradient: the gradient of this rank's own loss, other ranks' features fixed
+        own = rank_loss_with_others_fixed(images, texts, r)
+        torch.testing.assert_close(result["local_no_grad"]["loss"], own["loss"])
+        torch.testing.assert_close(result["local_no_grad"]["image_grad"], own["image_grad"])
+        torch.testing.assert_close(result["local_no_grad"]["text_grad"], own["text_grad"])
+
+        # gather=False: the plain loss of the local batch
+        torch.testing.assert_close(result["not_gathered"]["loss"], clip_loss_and_grads(images[local], texts[local])["loss"])
+
+    # local loss: per-rank values differ, their mean is L
+    local_losses = torch.stack([result["local_with_grad"]["loss"] for result in ranks])
+    assert not torch.allclose(local_losses[0], local_losses[1])
+    torch.testing.assert_close(local_losses.mean(), single["loss"])
+    torch.testing.assert_close(torch.stack([result["local_no_grad"]["loss"] for result in ranks]).mean(), single["loss"])
+
+    single_convirt = convirt_loss_and_grads(images, texts)
+    for r, result in enumerate(ranks):
+        local = slice(r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH)
+        torch.testing.assert_close(result["convirt"]["loss"], single_convirt["loss"])
+        torch.testing.assert_close(result["convirt"]["image_grad"], WORLD * single_convirt["image_grad"][local])
+
+
+def rank_loss_with_others_fixed(images: torch.Tensor, texts: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s local-loss value and its gradient when only its own features carry a gradient."""
+    local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    local_images, local_texts = images[local].clone().requires_grad_(), texts[local].clone().requires_grad_()
+    all_images, all_texts = F.normalize(images, dim=-1), F.normalize(texts, dim=-1)
+    normalised_images, normalised_texts = F.normalize(local_images, dim=-1), F.normalize(local_texts, dim=-1)
+    all_images = torch.cat([all_images[: local.start], normalised_images, all_images[local.stop :]])
+    all_texts = torch.cat([all_texts[: local.start], normalised_texts, all_texts[local.stop :]])
+    loss = weighted_two_way_infonce(
+        normalised_images,
+        normalised_texts,
+        all_images,
+        all_texts,
+        LOGIT_SCALE,
+        first_label=local.start,
+        local_loss=True,
+        image_to_text_weight=0.5,
+    )
+    loss.backward()
+    return {"loss": loss.detach(), "image_grad": local_images.grad, "text_grad": local_texts.grad}
