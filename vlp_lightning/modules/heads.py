@@ -1,0 +1,53 @@
+"""Projection heads: from an encoder's features into the space a loss compares.
+
+* `ProjectionHead` — one linear map without bias: CLIP's image and text projections (Radford et al. 2021,
+  sec. 2.4, "only a linear projection to map from each encoder's representation to the multi-modal embedding").
+* `MLPHead` — the non-linear projection of SimCLR (Chen et al. 2020, sec. 2.1, g(.) = W2 ReLU(W1 h)), ConVIRT
+  (Zhang et al. 2020, eq. 1) and SwAV (Caron et al. 2020, a 2-layer MLP with BatchNorm before the prototypes):
+  hidden layers are Linear -> norm -> ReLU, the last layer is a plain Linear.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+NORMS: dict[str, type[nn.Module]] = {"bn": nn.BatchNorm1d, "ln": nn.LayerNorm}
+
+
+class ProjectionHead(nn.Linear):
+    """x @ W^T with no bias; state-dict key `weight` like `nn.Linear(in, out, bias=False)`."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+
+class MLPHead(nn.Sequential):
+    """`layers` linear layers; between them norm (BatchNorm "bn", LayerNorm "ln" or "none") and ReLU.
+
+    A linear layer followed by a norm has no bias (the norm's shift replaces it).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int,
+        layers: int = 2,
+        norm: Literal["bn", "ln", "none"] = "bn",
+    ) -> None:
+        if layers < 1:
+            raise ValueError(f"MLPHead needs at least one layer, got layers={layers}")
+        if norm not in ("bn", "ln", "none"):
+            raise ValueError(f"norm must be 'bn', 'ln' or 'none', got {norm!r}")
+        modules: list[nn.Module] = []
+        width = in_features
+        for _ in range(layers - 1):
+            modules.append(nn.Linear(width, hidden_features, bias=norm == "none"))
+            if norm != "none":
+                modules.append(NORMS[norm](hidden_features))
+            modules.append(nn.ReLU(inplace=True))
+            width = hidden_features
+        modules.append(nn.Linear(width, out_features))
+        super().__init__(*modules)

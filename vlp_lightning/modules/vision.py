@@ -1,0 +1,136 @@
+"""Image towers: any `timm` model, built without downloading, resizable for CPU-sized runs.
+
+`VisionEncoder` wraps `timm.create_model(name, pretrained=False, num_classes=0)`, so `forward` returns the pooled
+pre-logits features every method projects from. ViT-like models (those timm builds for a fixed input size) take
+`img_size`, `patch_size` and width/depth/heads overrides, which is how a tiny ViT (`vit_tiny_patch16_224` at
+32 px with 8 px patches) runs in tests in milliseconds. A local checkpoint can be loaded; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import timm
+from torch import Tensor, nn
+
+
+class LockableEncoder(nn.Module):
+    """An encoder that can be locked: frozen weights and eval mode for good (LiT, Zhai et al. 2022, sec. 3 —
+    a locked pretrained tower keeps its representation, including normalisation statistics, while the other
+    tower learns to match it)."""
+
+    locked: bool = False
+
+    def lock(self) -> None:
+        self.locked = True
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> LockableEncoder:
+        return super().train(mode and not self.locked)
+
+
+class VisionEncoder(LockableEncoder):
+    """A timm backbone returning pooled features [N, num_features].
+
+    Args:
+        model_name: any timm model name, e.g. "vit_tiny_patch16_224", "resnet18", "vit_base_patch16_clip_224".
+        img_size: input resolution; passed to ViT-like models (fixed input size), only recorded for CNNs.
+        patch_size: ViT patch size override.
+        width, depth, num_heads, mlp_ratio: ViT architecture overrides (timm's embed_dim, depth, num_heads,
+            mlp_ratio), e.g. to reproduce an open_clip tower of any size.
+        pretrained_path: local checkpoint (.safetensors, or a torch state dict loaded with weights_only=True).
+        locked: freeze the tower (LiT).
+        pool: "token" (class token) or "avg" (mean of patch tokens); None keeps the model's default.
+        grad_checkpointing: recompute block activations in backward to save memory.
+        drop_path_rate: stochastic depth rate.
+        pre_norm: LayerNorm after the patch embedding, before the blocks (CLIP's ln_pre).
+        dynamic_img_size: let a ViT take other resolutions than img_size (position embeddings interpolated),
+            e.g. SwAV's small local crops next to the global ones.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_tiny_patch16_224",
+        img_size: int | None = None,
+        patch_size: int | None = None,
+        width: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float | None = None,
+        pretrained_path: str | None = None,
+        locked: bool = False,
+        pool: Literal["token", "avg"] | None = None,
+        grad_checkpointing: bool = False,
+        drop_path_rate: float = 0.0,
+        pre_norm: bool = False,
+        dynamic_img_size: bool = False,
+    ) -> None:
+        super().__init__()
+        if not timm.is_model(model_name):
+            raise ValueError(f"{model_name!r} is not a timm model name; see timm.list_models()")
+        pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
+        fixed_input_size = bool(pretrained_cfg and pretrained_cfg.fixed_input_size)
+        vit_overrides = {
+            "img_size": img_size,
+            "patch_size": patch_size,
+            "embed_dim": width,
+            "depth": depth,
+            "num_heads": num_heads,
+            "mlp_ratio": mlp_ratio,
+            "pre_norm": pre_norm or None,
+            "dynamic_img_size": dynamic_img_size or None,
+        }
+        vit_overrides = {name: value for name, value in vit_overrides.items() if value is not None}
+        if not fixed_input_size:
+            vit_overrides.pop("img_size", None)
+            if vit_overrides:
+                raise ValueError(
+                    f"{model_name!r} is not a ViT-like timm model, so {sorted(vit_overrides)} cannot be set; "
+                    "leave them unset (convolutional models take any input resolution) or pick a ViT model"
+                )
+        pool_override = {} if pool is None else {"global_pool": pool}
+        self.model = timm.create_model(
+            model_name,
+            pretrained=False,
+            num_classes=0,
+            drop_path_rate=drop_path_rate,
+            **vit_overrides,
+            **pool_override,
+        )
+        if pretrained_path is not None:
+            load_timm_checkpoint(self.model, pretrained_path)
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.num_features: int = self.model.num_features
+        self.img_size: int = img_size or self.model.pretrained_cfg["input_size"][-1]
+        patch_embed = getattr(self.model, "patch_embed", None)
+        self.patch_size: int | None = patch_embed.patch_size[0] if patch_embed is not None else None
+        if locked:
+            self.lock()
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images [N, 3, H, W] -> pooled features [N, num_features]."""
+        return self.model(images)
+
+    def forward_tokens(self, images: Tensor) -> Tensor:
+        """images [N, 3, H, W] -> spatial tokens [N, L, width] after the final norm (class/register tokens
+        dropped; a CNN feature map is flattened row-major), for methods that work on patches (MAE-like)."""
+        features = self.model.forward_features(images)
+        if features.ndim == 4:  # CNN: [N, C, H, W] -> [N, H*W, C]
+            return features.flatten(2).transpose(1, 2)
+        return features[:, self.model.num_prefix_tokens :]
+
+
+def load_timm_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a local timm-format checkpoint strictly, ignoring its classifier (we build with num_classes=0)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained_path {path!r} is not a file; VisionEncoder loads local checkpoints only")
+    state_dict = timm.models.load_state_dict(path, weights_only=True)
+    classifier = model.pretrained_cfg.get("classifier") or "head"
+    classifiers = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
+    state_dict = {
+        key: value for key, value in state_dict.items() if not any(key.startswith(f"{name}.") for name in classifiers)
+    }
+    model.load_state_dict(state_dict, strict=True)
