@@ -1,0 +1,582 @@
+"""`vlp-data`: turn a folder, a CSV / JSONL table or one of the real sources into WebDataset shards.
+
+Every sub-command lists its samples through a source (`data_modules.sources`) and hands them to `build_shards`,
+which does the rest the same way for all of them:
+
+- splits: `--split train=0.9,val=0.1` ranks samples by a hash of (seed, key), so the assignment depends on
+  neither the input order nor the machine, and cuts the ranking at the exact fractions; within a split samples
+  are written in that hashed order, so a class-sorted folder still gives shards that mix classes;
+- validation: every image is fully decoded before it is written; one that fails is reported and skipped (and
+  listed under `skipped` in the manifest) instead of failing at training time;
+- storage: `<key>.png` re-encoded at its own size (or `--resize N`: shorter side at most N), transparency
+  flattened onto white, plus `<key>.txt` (caption), `<key>.cls` (integer label) and `<key>.json` (anything
+  else). Members are written as bytes, never through an encoder that could pickle;
+- shards `OUT/{split}-{index:06d}.tar` of `--maxcount` samples and `OUT/manifest.json` (counts and keys per
+  shard, source, licence, classnames);
+- re-runs: the manifest records a fingerprint of the options and inputs (keys, captions, labels, and each input
+  file's size and modification time); an unchanged input is reported as up to date, a changed one is rebuilt in
+  a hidden sibling folder that replaces OUT only once complete. Tar headers carry a fixed time, so the same
+  input always gives byte-identical shards.
+
+`vlp-data inspect OUT` reads every sample back and reports counts, members, examples and undecodable samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import re
+import shutil
+import sys
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import platformdirs
+import webdataset
+from PIL import Image
+from tqdm import tqdm
+
+from data_modules.manifest import read_manifest, write_manifest
+from data_modules.sources import IMAGE_ERRORS, Record, SourceData, SourceError
+from data_modules.sources.emoji import STYLES, emoji_source
+from data_modules.sources.emoji import VERSION as EMOJI_VERSION
+from data_modules.sources.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
+from data_modules.sources.fashion_mnist import fashion_mnist_source
+from data_modules.sources.local import csv_source, folder_source, jsonl_source
+from data_modules.sources.openclipart import DEFAULT_ROOT as OPENCLIPART_ROOT
+from data_modules.sources.openclipart import openclipart_source
+
+MANIFEST_FORMAT = 1
+BUILDER_VERSION = 1
+IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
+_SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_TAR_MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every member
+
+
+def parse_split(text: str) -> dict[str, float]:
+    """`train=0.9,val=0.1` -> {"train": 0.9, "val": 0.1}; names become file names, fractions must sum to 1."""
+    fractions: dict[str, float] = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        try:
+            fraction = float(value)
+        except ValueError:
+            raise SourceError(f"--split {text!r}: {part!r} is not NAME=FRACTION") from None
+        if not _SPLIT_NAME.match(name) or name in fractions or not 0 < fraction <= 1:
+            raise SourceError(f"--split {text!r}: {part!r} needs a new lower-case name and a fraction in (0, 1]")
+        fractions[name] = fraction
+    if abs(sum(fractions.values()) - 1) > 1e-6:
+        raise SourceError(f"--split {text!r}: the fractions add up to {sum(fractions.values()):g}, not 1")
+    return fractions
+
+
+def assign_splits(records: list[Record], fractions: dict[str, float], seed: int) -> dict[str, list[Record]]:
+    """Deal records into splits: official splits stay, the rest are cut from a (seed, key)-hash ranking.
+
+    Hashing keys instead of shuffling the list makes the result independent of the order the source lists its
+    samples in; cutting the ranking (rather than thresholding each hash) gives exactly the requested sizes.
+    """
+
+    def rank(record: Record) -> str:
+        return hashlib.sha256(f"{seed}:{record.key}".encode()).hexdigest()
+
+    fixed = {record.split for record in records if record.split is not None}
+    if fixed & fractions.keys():
+        raise SourceError(f"--split may not name {', '.join(sorted(fixed & fractions.keys()))}: the source fixes it")
+    free = sorted((record for record in records if record.split is None), key=rank)
+    splits: dict[str, list[Record]] = {}
+    start, cumulative = 0, 0.0
+    for name, fraction in fractions.items():
+        cumulative += fraction
+        end = round(cumulative * len(free))
+        splits[name] = free[start:end]
+        start = end
+    for record in sorted((record for record in records if record.split is not None), key=rank):
+        splits.setdefault(record.split, []).append(record)
+    return splits
+
+
+def encode_png(image: Image.Image, resize: int | None) -> bytes:
+    """Decode `image` completely and re-encode it as PNG (grayscale stays L, everything else becomes RGB).
+
+    Transparent pixels are composited onto white: emoji and clip art are drawn on transparency, and dropping the
+    alpha channel later would show whatever colour the transparent pixels happen to store (often black).
+    """
+    image.load()
+    if image.mode not in ("L", "RGB"):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if resize is not None and min(image.size) > resize:
+        scale = resize / min(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _fingerprint(source: SourceData, fractions: dict[str, float], seed: int, resize: int | None, maxcount: int) -> str:
+    digest = hashlib.sha256()
+    options = [BUILDER_VERSION, source.name, source.licence, source.classnames, fractions, seed, resize, maxcount]
+    digest.update(json.dumps(options, sort_keys=True).encode("utf-8"))
+    for record in source.records:
+        fields = [record.key, record.origin, record.caption, record.label, record.meta, record.split]
+        digest.update(json.dumps(fields, sort_keys=True).encode("utf-8"))
+    for path in source.inputs:
+        stat = path.stat() if path.exists() else None
+        digest.update(f"{path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _up_to_date_manifest(out_dir: Path, fingerprint: str) -> dict | None:
+    """The manifest of `out_dir` when it was built from the same fingerprint and all its shards are there."""
+    manifest = read_manifest(out_dir) if out_dir.is_dir() else None
+    if manifest is None or manifest.get("build", {}).get("fingerprint") != fingerprint:
+        return None
+    return manifest if all((out_dir / shard).is_file() for shard in manifest["shards"]) else None
+
+
+def build_shards(
+    source: SourceData,
+    out_dir: Path,
+    *,
+    maxcount: int,
+    split_fractions: dict[str, float],
+    seed: int,
+    resize: int | None,
+    force: bool,
+) -> dict[str, object]:
+    """Write `source` as shards plus manifest.json into `out_dir` and return the manifest (see module docstring)."""
+    out_dir = out_dir.resolve()
+    splits = assign_splits(unique_keys(source.records), split_fractions, seed)
+    fingerprint = _fingerprint(source, split_fractions, seed, resize, maxcount)
+    manifest = None if force else _up_to_date_manifest(out_dir, fingerprint)
+    if manifest is not None:
+        print(f"{out_dir} is up to date ({sum(manifest['splits'].values())} samples); --force rebuilds it")
+        return manifest
+    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and read_manifest(out_dir) is None):
+        raise SourceError(f"{out_dir} exists and is not a vlp-data shard set; choose a new or empty folder")
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        shards, members, skipped = _write_splits(splits, staging, maxcount, resize, progress_name=out_dir.name)
+        if not shards:
+            raise SourceError(f"none of the {len(source.records)} samples could be written (all failed to decode)")
+        split_counts: Counter[str] = Counter()
+        for shard in shards.values():
+            split_counts[shard["split"]] += shard["count"]
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "source": source.name,
+            "licence": source.licence,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seed": seed,
+            "shards": shards,
+            "splits": dict(sorted(split_counts.items())),
+            "members": sorted(members),
+            "classnames": source.classnames,
+            "skipped": skipped,
+            "build": {"fingerprint": fingerprint, "maxcount": maxcount, "split": split_fractions, "resize": resize},
+        }
+        write_manifest(staging, manifest)
+        _replace_folder(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _print_summary(out_dir, manifest, splits)
+    return manifest
+
+
+def unique_keys(records: list[Record]) -> list[Record]:
+    """Give records whose keys collide a short hash of their origin as a suffix.
+
+    Keys are made from file names, and names that differ only in characters a key cannot hold (openclipart has
+    `viewmag+.png` next to `viewmag.png`) would otherwise overwrite each other; every other key stays readable.
+    """
+    counts = Counter(record.key for record in records)
+    unique = [
+        replace(record, key=f"{record.key}_{hashlib.sha1(record.origin.encode('utf-8')).hexdigest()[:8]}")
+        if counts[record.key] > 1
+        else record
+        for record in records
+    ]
+    duplicates = [key for key, count in Counter(record.key for record in unique).items() if count > 1]
+    if duplicates:
+        raise SourceError(f"several samples have the key {duplicates[0]!r} and the same origin")
+    return unique
+
+
+def _write_splits(
+    splits: dict[str, list[Record]], staging: Path, maxcount: int, resize: int | None, progress_name: str
+) -> tuple[dict[str, dict], set[str], dict[str, str]]:
+    """Write every split's records in order; returns {shard: {split, count, keys}}, the members, skipped keys."""
+    shards: dict[str, dict] = {}
+    members: set[str] = set()
+    skipped: dict[str, str] = {}
+    for split, records in sorted(splits.items()):
+        writer = None
+        for record in tqdm(records, desc=f"{progress_name}/{split}", unit="img", disable=None):
+            try:
+                with record.open_image() as image:
+                    png = encode_png(image, resize)
+            except IMAGE_ERRORS as error:
+                skipped[record.key] = f"{record.origin}: {type(error).__name__}: {error}"
+                continue
+            sample = _sample(record, png)
+            if writer is None:
+                writer = webdataset.ShardWriter(
+                    str(staging / f"{split}-%06d.tar"),
+                    maxcount=maxcount,
+                    maxsize=float("inf"),
+                    verbose=0,
+                    encoder=False,
+                    mtime=_TAR_MTIME,
+                    user="vlp",
+                    group="vlp",
+                )
+            writer.write(sample)
+            shard = shards.setdefault(Path(writer.fname).name, {"split": split, "count": 0, "keys": []})
+            shard["count"] += 1
+            shard["keys"].append(record.key)
+            members.update(name for name in sample if name != "__key__")
+        if writer is not None:
+            writer.close()
+    return shards, members, skipped
+
+
+def _sample(record: Record, png: bytes) -> dict[str, str | bytes]:
+    sample: dict[str, str | bytes] = {"__key__": record.key, "png": png}
+    if record.caption is not None:
+        sample["txt"] = record.caption.encode("utf-8")
+    if record.label is not None:
+        sample["cls"] = str(record.label).encode("ascii")
+    if record.meta is not None:
+        sample["json"] = json.dumps(record.meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    return sample
+
+
+def _replace_folder(staging: Path, out_dir: Path) -> None:
+    """Swap the finished staging folder in; the old shard set is removed only after the new one is in place."""
+    previous = out_dir.with_name(f".{out_dir.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(previous)
+    staging.rename(out_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _print_summary(out_dir: Path, manifest: dict, splits: dict[str, list[Record]]) -> None:
+    per_split = ", ".join(
+        f"{name} {count} ({sum(s['split'] == name for s in manifest['shards'].values())} shards)"
+        for name, count in manifest["splits"].items()
+    )
+    print(f"wrote {sum(manifest['splits'].values())} samples to {out_dir}: {per_split}")
+    for name in sorted(set(splits) - set(manifest["splits"])):
+        print(f"warning: split {name!r} got no samples", file=sys.stderr)
+    skipped = manifest["skipped"]
+    if skipped:
+        print(f"skipped {len(skipped)} images that failed to decode:", file=sys.stderr)
+        for key, reason in list(skipped.items())[:10]:
+            print(f"  {key}: {reason}", file=sys.stderr)
+        if len(skipped) > 10:
+            print(f"  ... and {len(skipped) - 10} more, all listed under 'skipped' in manifest.json", file=sys.stderr)
+
+
+def iterate_shard(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {member: bytes}) for each sample of a tar shard, grouped the way WebDataset groups members."""
+    key, sample = None, {}
+    with tarfile.open(shard) as archive:
+        for member in archive:
+            member_key, extension = webdataset.tariterators.base_plus_ext(member.name)
+            if (
+                not member.isfile()
+                or member_key is None
+                or member.name.startswith("/")
+                or ".." in member.name.split("/")
+            ):
+                raise SourceError(f"{shard} has a member that is not a sample file: {member.name!r}")
+            if member_key != key and sample:
+                yield key, sample
+                sample = {}
+            key = member_key
+            sample[extension.lower()] = archive.extractfile(member).read()
+    if sample:
+        yield key, sample
+
+
+def _check_sample(sample: dict[str, bytes]) -> str:
+    """A one-line description of the sample ("64x64 RGB"), raising ValueError for anything unreadable."""
+    image_members = [name for name in IMAGE_MEMBERS if name in sample]
+    if not image_members:
+        raise ValueError("no image member")
+    try:
+        with Image.open(io.BytesIO(sample[image_members[0]])) as image:
+            image.load()
+            description = f"{image.width}x{image.height} {image.mode}"
+    except IMAGE_ERRORS as error:
+        raise ValueError(f"{image_members[0]} does not decode: {error}") from error
+    if "txt" in sample:
+        sample["txt"].decode("utf-8")
+    if "cls" in sample:
+        int(sample["cls"])
+    if "json" in sample:
+        json.loads(sample["json"])
+    return description
+
+
+def inspect_shards(out_dir: Path, show: int) -> int:
+    """Print what a shard set holds and check every sample; returns the number of problems found."""
+    manifest = read_manifest(out_dir) or {}
+    shard_names = sorted(manifest.get("shards", {})) or sorted(path.name for path in out_dir.glob("*.tar"))
+    if not shard_names:
+        raise SourceError(f"{out_dir} has no manifest.json and no .tar shards")
+    classnames = manifest.get("classnames", {}).get("cls", [])
+    print(f"shard set {out_dir}")
+    for field in ("source", "licence", "created"):
+        if field in manifest:
+            print(f"  {field}: {manifest[field]}")
+    problems: list[str] = []
+    members: Counter[str] = Counter()
+    split_counts: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}
+    print(f"  {'shard':<24} {'split':<8} {'samples':>8} {'manifest':>9}")
+    for name in shard_names:
+        expected = manifest.get("shards", {}).get(name)
+        split = expected["split"] if expected else name.rpartition("-")[0]
+        found_keys = []
+        try:
+            for key, sample in iterate_shard(out_dir / name):
+                found_keys.append(key)
+                members.update(sample.keys())
+                try:
+                    description = _check_sample(sample)
+                except ValueError as error:
+                    problems.append(f"{name} {key}: {error}")
+                    continue
+                if len(examples.setdefault(split, [])) < show:
+                    examples[split].append(_describe_example(key, sample, description, classnames))
+        except (OSError, tarfile.TarError, SourceError) as error:
+            problems.append(f"{name}: cannot be read ({error})")
+        split_counts[split] += len(found_keys)
+        print(f"  {name:<24} {split:<8} {len(found_keys):>8} {expected['count'] if expected else '-':>9}")
+        if expected and found_keys != expected["keys"]:
+            problems.append(f"{name}: its {len(found_keys)} keys differ from the {expected['count']} in manifest.json")
+    print("  splits: " + ", ".join(f"{split} {count}" for split, count in sorted(split_counts.items())))
+    print("  members: " + ", ".join(f"{member} {count}" for member, count in sorted(members.items())))
+    for split, lines in sorted(examples.items()):
+        print(f"  examples from {split}:")
+        for line in lines:
+            print(f"    {line}")
+    if manifest.get("skipped"):
+        print(f"  skipped while building: {len(manifest['skipped'])} (listed under 'skipped' in manifest.json)")
+    print(f"  bad samples: {len(problems)}" + "".join(f"\n    {problem}" for problem in problems))
+    return len(problems)
+
+
+def _describe_example(key: str, sample: dict[str, bytes], description: str, classnames: list[str]) -> str:
+    parts = [key, description]
+    if "cls" in sample:
+        label = int(sample["cls"])
+        parts.append(f"cls {label}" + (f" ({classnames[label]})" if 0 <= label < len(classnames) else ""))
+    if "txt" in sample:
+        caption = sample["txt"].decode("utf-8").replace("\n", " | ")
+        parts.append(repr(caption if len(caption) <= 80 else caption[:77] + "..."))
+    return "  ".join(parts)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _build_command(
+    commands: argparse._SubParsersAction,
+    name: str,
+    summary: str,
+    input_help: str | None = None,
+    resize: int | None = None,
+) -> argparse.ArgumentParser:
+    """A build sub-command: its input (when it takes one), OUT, and the options every build shares."""
+    command = commands.add_parser(name, help=summary, description=summary)
+    if input_help is not None:
+        command.add_argument("input", type=Path, metavar="SRC" if name == "folder" else "FILE", help=input_help)
+    command.add_argument("out", type=Path, metavar="OUT", help="output folder for the shards and manifest.json")
+    command.add_argument(
+        "--maxcount", type=_positive_int, default=1000, help="samples per shard (default: %(default)s)"
+    )
+    command.add_argument(
+        "--split", default="train=1", help="fractions per split, e.g. train=0.9,val=0.1 (default: %(default)s)"
+    )
+    command.add_argument("--seed", type=int, default=0, help="seed of the split assignment (default: %(default)s)")
+    command.add_argument(
+        "--resize",
+        type=_positive_int,
+        default=resize,
+        metavar="N",
+        help=f"scale images down so the shorter side is at most N (default: {resize or 'keep their size'})",
+    )
+    command.add_argument("--force", action="store_true", help="rebuild even when OUT is up to date")
+    return command
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The `vlp-data` command line: one sub-command per source, plus `inspect`."""
+    parser = argparse.ArgumentParser(
+        prog="vlp-data",
+        description="Build WebDataset shards (png + txt caption + cls label + json) with a manifest for vlp_lightning.",
+        epilog=(
+            "examples:\n"
+            "  vlp-data folder photos/ shards/ --split train=0.9,val=0.1\n"
+            "  vlp-data csv captions.csv shards/ --image-col filepath --caption-col title\n"
+            "  vlp-data emoji shards/emoji-twitter --style twitter\n"
+            "  vlp-data inspect shards/\n"
+            "then train on them:\n"
+            "  vlp fit --config experiments/clip/emoji_tiny.yaml \\\n"
+            "    --data.train_shards 'shards/train-{000000..000003}.tar' --data.val_shards shards/val-000000.tar\n"
+            "`vlp-data COMMAND --help` lists the options of a command."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    folder = _build_command(
+        commands, "folder", "images with same-name .txt captions and/or class subfolders", "folder of images"
+    )
+    folder.add_argument(
+        "--caption-template",
+        default=None,
+        help='caption from the class folder for images without .txt, e.g. "a photo of a {}."',
+    )
+    folder.add_argument("--licence", default="unknown", help="licence recorded in the manifest (default: %(default)s)")
+    folder.set_defaults(make_source=lambda a: folder_source(a.input, a.caption_template, a.licence))
+
+    for kind, column, make in (("csv", "col", csv_source), ("jsonl", "field", jsonl_source)):
+        table = _build_command(
+            commands, kind, f"a {kind.upper()} table of image paths, captions and labels", f"{kind.upper()} file"
+        )
+        table.add_argument(
+            f"--image-{column}",
+            dest="image_name",
+            default="image",
+            metavar="NAME",
+            help="image path (default: %(default)s)",
+        )
+        table.add_argument(
+            f"--caption-{column}",
+            dest="caption_name",
+            default="caption",
+            metavar="NAME",
+            help="caption (default: %(default)s)",
+        )
+        table.add_argument(
+            f"--label-{column}",
+            dest="label_name",
+            default=None,
+            metavar="NAME",
+            help="class label, integers or names (default: no labels)",
+        )
+        table.add_argument(
+            "--image-root",
+            type=Path,
+            default=None,
+            metavar="DIR",
+            help="folder the image paths are relative to (default: the file's folder)",
+        )
+        table.add_argument(
+            "--licence", default="unknown", help="licence recorded in the manifest (default: %(default)s)"
+        )
+        table.set_defaults(
+            make_source=lambda a, make=make: make(
+                a.input, a.image_name, a.caption_name, a.label_name, a.image_root, a.licence
+            )
+        )
+
+    emoji = _build_command(
+        commands, "emoji", f"emoji images and names from npm emoji-datasource-<style>@{EMOJI_VERSION}"
+    )
+    emoji.add_argument(
+        "--style",
+        choices=STYLES,
+        default="twitter",
+        help="drawing style; twitter is CC-BY 4.0, google Apache-2.0 (default: %(default)s)",
+    )
+    emoji.add_argument(
+        "--package-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="an unpacked emoji-datasource-<style> package instead of fetching one",
+    )
+    emoji.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(platformdirs.user_cache_dir("vlp-lightning")) / "npm",
+        metavar="DIR",
+        help="where fetched packages are kept (default: %(default)s)",
+    )
+    emoji.set_defaults(make_source=lambda a: emoji_source(a.style, a.package_dir, a.cache_dir))
+
+    fashion = _build_command(commands, "fashion-mnist", "Fashion-MNIST from the Debian package dataset-fashion-mnist")
+    fashion.add_argument(
+        "--root",
+        type=Path,
+        default=FASHION_MNIST_ROOT,
+        metavar="DIR",
+        help="folder with the IDX files (default: %(default)s)",
+    )
+    fashion.add_argument(
+        "--caption-template", default="a photo of a {}.", help="caption made from the class name (default: %(default)s)"
+    )
+    fashion.set_defaults(make_source=lambda a: fashion_mnist_source(a.root, a.caption_template))
+
+    clipart = _build_command(
+        commands, "openclipart", "clip art with titles and keywords from Debian openclipart-png / -svg", resize=512
+    )
+    clipart.add_argument(
+        "--root",
+        type=Path,
+        default=OPENCLIPART_ROOT,
+        metavar="DIR",
+        help="folder holding png/ and svg/ (default: %(default)s)",
+    )
+    clipart.set_defaults(make_source=lambda a: openclipart_source(a.root))
+
+    inspect_summary = "counts, members, examples and a decode check of every sample"
+    inspect = commands.add_parser("inspect", help=inspect_summary, description=inspect_summary)
+    inspect.add_argument("out", type=Path, metavar="OUT", help="shard folder")
+    inspect.add_argument("--show", type=int, default=3, help="example samples printed per split (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `vlp-data` console script; returns the exit status."""
+    args = make_parser().parse_args(argv)
+    try:
+        if args.command == "inspect":
+            return 1 if inspect_shards(args.out, args.show) else 0
+        build_shards(
+            args.make_source(args),
+            args.out,
+            maxcount=args.maxcount,
+            split_fractions=parse_split(args.split),
+            seed=args.seed,
+            resize=args.resize,
+            force=args.force,
+        )
+    except SourceError as error:
+        print(f"vlp-data: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
