@@ -89,7 +89,7 @@ class VLPCLI(LightningCLI):
             "share runs/<method>/<experiment>/checkpoints so `--ckpt_path last` resumes it.",
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.save_top_k": 1})
         parser.add_lightning_class_args(NonFiniteLossGuard, "non_finite")
 
     def before_instantiate_classes(self) -> None:

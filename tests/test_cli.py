@@ -1,0 +1,84 @@
+"""The `vlp` command as a user runs it: recipes train, methods swap by class path, bad input gets one sentence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vlp_lightning.cli import available_methods, main
+
+CLIP_TINY = str(Path(__file__).parents[1] / "experiments/clip/emoji_tiny.yaml")
+TINY_MODEL = [  # shrink the recipe further so each run takes seconds
+    "--model.init_args.vision.init_args.img_size", "32",
+    "--model.init_args.vision.init_args.depth", "2",
+    "--model.init_args.text.init_args.layers", "1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch, tmp_path):
+    """The CLI reads sys.argv when given no args; keep pytest's own arguments out of it; runs/ goes to tmp."""
+    monkeypatch.setattr("sys.argv", ["vlp"])
+    monkeypatch.chdir(tmp_path)
+
+
+def run_vlp(*args: str) -> None:
+    main(list(args))
+
+
+def fit_args(shards, *extra: str) -> list[str]:
+    return ["fit", "--config", CLIP_TINY, "--data.train_shards", shards.pattern, "--data.val_shards", "null",
+            "--data.batch_size", "8", "--data.num_workers", "0", "--trainer.max_steps", "2",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *TINY_MODEL, *extra]
+
+
+def error_of(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_vlp(*args)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1, message  # one sentence, no traceback wall
+    return message[0]
+
+
+def test_clip_recipe_trains_and_writes_checkpoint_and_tensorboard(make_shards, tmp_path, monkeypatch):
+    shards = make_shards(tmp_path / "shards", n=32, per_shard=16)
+    run_vlp(*fit_args(shards))
+    assert (tmp_path / "runs/clip/emoji_tiny/checkpoints/last.ckpt").is_file()
+    assert list((tmp_path / "runs/clip/emoji_tiny").glob("version_*/events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("method", ["vlp_lightning.methods.ConVIRT", "vlp_lightning.methods.SwAV",
+                                    "vlp_lightning.methods.MAE"])
+def test_swap_method_by_class_path_alone(method, make_shards, tmp_path, monkeypatch):
+    if method not in available_methods():
+        pytest.skip(f"{method} is not in the methods index")
+    shards = make_shards(tmp_path / "shards", n=32, per_shard=16)
+    run_vlp(*fit_args(shards, "--model", method))
+    name = method.rsplit(".", 1)[-1].lower()
+    assert (tmp_path / f"runs/{name}/emoji_tiny/checkpoints/last.ckpt").is_file()
+
+
+def test_unknown_method_lists_the_available_ones(capsys):
+    message = error_of(capsys, "fit", "--config", CLIP_TINY, "--model", "vlp_lightning.methods.NoSuchMethod")
+    assert "unknown method 'vlp_lightning.methods.NoSuchMethod'" in message
+    assert "vlp_lightning.methods.CLIP" in message and "vlp_lightning.methods.ConVIRT" in message
+
+
+def test_wrong_argument_type_names_the_key(capsys):
+    message = error_of(capsys, "fit", "--config", CLIP_TINY, "--data.batch_size", "many")
+    assert "data.batch_size" in message and "many" in message
+
+
+def test_missing_shards_path_says_how_to_build_them(capsys, tmp_path):
+    missing = str(tmp_path / "nowhere/train-{000000..000001}.tar")
+    message = error_of(capsys, "fit", "--config", CLIP_TINY, "--data.train_shards", missing, "--data.val_shards",
+                       "null", *TINY_MODEL)
+    assert "train_shards" in message and "vlp-data" in message
+
+
+def test_text_less_data_under_clip_names_the_missing_key(capsys, make_shards, tmp_path):
+    shards = make_shards(tmp_path / "shards", n=16, per_shard=16, with_text=False)
+    message = error_of(capsys, *fit_args(shards))
+    assert "text" in message and "SwAV" in message

@@ -1,0 +1,96 @@
+"""Shared tests every method in the index must pass (solo-learn / timm style: parametrized over the registry).
+
+Each method is built with its constructor defaults (which are tiny by contract), fed batches made by its own
+`train_views()` and tokenizer, and must: give a finite loss, overfit a fixed batch (the loss falls), encode images to
+[N, D], and run a Lightning `fast_dev_run`.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from vlp_lightning import methods
+from vlp_lightning.methods.base import VLPMethod
+
+METHOD_NAMES = [name for name in methods.__all__ if name not in {"VLPMethod", "WarmupCosineLR"}]
+CAPTIONS = ["red apple", "grinning face", "blue car", "green tree", "cat face", "smiling sun", "rain cloud", "dog"]
+
+
+def make_batch(method: VLPMethod, batch_size: int = 8, seed: int = 0) -> dict:
+    """A batch as the data modules produce it, through the method's own views and tokenizer."""
+    rng = np.random.default_rng(seed)
+    transform = method.train_views().build(method.image_size)
+    views = []
+    for index in range(batch_size):
+        pixels = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)
+        pixels[..., index % 3] = 255  # give images some structure to match with captions
+        views.append(transform(Image.fromarray(pixels)))
+    if isinstance(views[0], (list, tuple)):
+        images = [torch.stack([v[i] for v in views]) for i in range(len(views[0]))]
+    else:
+        images = torch.stack(views)
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch_size)]
+    batch = {"image": images, "caption": captions, "label": torch.arange(batch_size) % 4,
+             "__key__": [f"{i:04d}" for i in range(batch_size)]}
+    if method.tokenizer is not None:
+        batch["text"] = method.tokenizer(captions)
+    return batch
+
+
+@pytest.fixture(params=METHOD_NAMES)
+def method(request) -> VLPMethod:
+    torch.manual_seed(0)
+    return getattr(methods, request.param)()
+
+
+def test_forward_loss_is_finite_and_named(method):
+    outputs = method.forward_loss(make_batch(method))
+    assert "loss" in outputs and outputs["loss"].ndim == 0
+    assert all(torch.isfinite(value).all() for value in outputs.values())
+
+
+def test_loss_falls_on_a_fixed_batch(method):
+    batch = make_batch(method)
+    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
+    method.train()
+    losses = []
+    for _ in range(12):
+        torch.manual_seed(0)  # same masks / crops each step: an overfitting check, not a noise check
+        loss = method.forward_loss(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert min(losses[-3:]) < losses[0], losses
+
+
+def test_encode_image_shape(method):
+    method.eval()
+    images = torch.randn(3, 3, method.image_size, method.image_size)
+    with torch.no_grad():
+        features = method.encode_image(images)
+    assert features.ndim == 2 and features.shape[0] == 3 and torch.isfinite(features).all()
+
+
+def test_fast_dev_run(method, tmp_path):
+    batches = [make_batch(method, seed=i) for i in range(2)]
+    loader = DataLoader(batches, batch_size=None)
+    trainer = pl.Trainer(fast_dev_run=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, default_root_dir=tmp_path)
+    before = [p.detach().clone() for p in method.parameters() if p.requires_grad]
+    trainer.fit(method, train_dataloaders=loader)
+    after = [p.detach() for p in method.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after)), "fast_dev_run did not update any weight"
+
+
+def test_weight_decay_groups_exclude_norms_biases_and_temperatures(method):
+    groups = method.parameter_groups()
+    no_decay = {id(p) for group in groups if group.get("weight_decay") == 0.0 for p in group["params"]}
+    for name, param in method.named_parameters():
+        if param.requires_grad and (param.ndim <= 1 or "logit_scale" in name or "prototypes" in name):
+            assert id(param) in no_decay, name
