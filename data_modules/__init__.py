@@ -1,0 +1,30 @@
+"""WebDataset DataModules, views and the `vlp-data` shard builder.
+
+The names below load their module on first use (PEP 562), so `vlp-data` and DataLoader workers do not import
+Lightning just by importing this package.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ImageTextDataModule": "data_modules.datamodules",
+    "ImageDataModule": "data_modules.datamodules",
+    "DataConfigError": "data_modules.pipeline",
+    "BadSampleError": "data_modules.pipeline",
+    "make_eval_loader": "data_modules.pipeline",
+    "Views": "data_modules.views",
+    "Augment": "data_modules.views",
+    "SingleCrop": "data_modules.views",
+    "TwoCrops": "data_modules.views",
+    "MultiCrop": "data_modules.views",
+    "EvalView": "data_modules.views",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'data_modules' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,0 +1,393 @@
+"""LightningDataModules streaming WebDataset shards: `ImageTextDataModule` (image-caption pairs, CLIP family) and
+`ImageDataModule` (images, with labels when the shards have them).
+
+Both build every split with the one pipeline of `data_modules.pipeline`. At `setup` they ask the attached method
+for what was left unset (`image_size`, `train_views()`, `tokenizer`), check that the shards exist and hold what the
+method's `required_keys` need, and stop with one `DataConfigError` sentence naming the argument and the fix when
+they do not. Rank and world size come from the trainer.
+
+Validation and test loaders use the training views with a fixed epoch, so their augmentations (and the method's
+validation loss) are the same at every evaluation, and they pad to equal batches on every rank like training.
+
+Exact resume: `state_dict()` (saved by Lightning in every checkpoint) records, per rank, how far each loader worker
+had read when the trainer took its last batch; `load_state_dict()` makes the next pass of that epoch continue from
+there, so a run stopped mid-epoch and resumed sees exactly the samples it had not seen yet (same world size and
+`num_workers`; otherwise it resumes approximately, after the same number of batches, and says so).
+
+Bad samples are skipped and counted: `skipped_count()` (this rank's count), logged as `data/skipped` to the
+trainer's loggers whenever it changes and summarised in one line at teardown.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+
+import torch.distributed as dist
+from lightning.pytorch import LightningDataModule
+
+from data_modules.manifest import local_path
+from data_modules.pipeline import (
+    IMAGE_MEMBERS,
+    STREAM_FIELD,
+    DataConfigError,
+    ResumePoint,
+    SampleDecoder,
+    StreamingLoader,
+    expand_shards,
+    make_loader,
+    manifest_of,
+    resolve_counts,
+    shard_members,
+)
+from data_modules.views import Views
+from vlp_lightning.modules.tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+_BUILD_HINT = "build shards with `vlp-data` (e.g. `vlp-data emoji data/emoji`; `vlp-data --help` lists the sources)"
+_IMAGE_ONLY_HINT = "choose an image-only method such as vlp_lightning.methods.SwAV"
+
+
+class _Split:
+    """One resolved split: shard URLs, per-shard counts and the members the shards hold."""
+
+    def __init__(self, argument: str, shards: str) -> None:
+        self.argument = argument
+        self.shards = shards
+        self.urls = expand_shards(shards)
+        if not self.urls:
+            raise DataConfigError(f"{argument}={shards!r} matches no shard file; {_BUILD_HINT}")
+        for url in self.urls:
+            path = local_path(url)
+            if path is not None and not path.is_file():
+                raise DataConfigError(f"{argument}={shards!r}: shard {path} does not exist; {_BUILD_HINT}")
+        self.manifest = manifest_of(self.urls)
+        self.counts = resolve_counts(self.urls)
+        self.members = shard_members(self.urls, self.manifest)
+        if not self.members & set(IMAGE_MEMBERS):
+            raise DataConfigError(
+                f"{argument}={shards!r} has no image members (.png/.jpg/.jpeg/.webp), only {sorted(self.members)}"
+            )
+
+    def describe(self) -> str:
+        return f"{self.argument}={self.shards!r}"
+
+
+class StreamingDataModule(LightningDataModule):
+    """What both DataModules share; subclasses say whether captions are part of a sample.
+
+    Args:
+        train_shards / val_shards / test_shards: shard patterns (paths, globs, `{000000..000009}` braces, URLs).
+        batch_size: per-rank batch size.
+        num_workers: DataLoader worker processes per rank.
+        image_size: crop size; None asks the method (`method.image_size`).
+        views: training views; None asks the method (`method.train_views()`).
+        samples_per_epoch: training samples per epoch over all ranks; None = the training shards' total.
+        shuffle_buffer: samples in the shuffle buffer of each worker.
+        resampled: draw training shards with replacement (open_clip `--dataset-resampled`) instead of epoch passes.
+        seed: seed of shard order, sample shuffle and augmentations (independent of the global seed).
+        strict: stop at the first bad sample instead of skipping it.
+    """
+
+    #: a sample's caption (`.txt`) is part of the batch (`caption`, and `text` tokens).
+    with_caption = False
+
+    def __init__(
+        self,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        test_shards: str | None = None,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        image_size: int | None = None,
+        views: Views | None = None,
+        samples_per_epoch: int | None = None,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        seed: int = 0,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        self.train_shards = train_shards
+        self.val_shards = val_shards
+        self.test_shards = test_shards
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.views = views
+        self.samples_per_epoch = samples_per_epoch
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        self.seed = seed
+        self.strict = strict
+        self.splits: dict[str, _Split] = {}
+        self.decoders: dict[str, SampleDecoder] = {}
+        self._train_loader: StreamingLoader | None = None
+        self._resume: ResumePoint | None = None
+        # Training progress of this rank in the current epoch: epoch, batches used, worker -> (read, skipped).
+        self._epoch = -1
+        self._batches = 0
+        self._workers: dict[int, tuple[int, int]] = {}
+        # Bad-sample counts: (stage, pass or epoch, worker) -> cumulative count, plus what a checkpoint carried.
+        self._skipped: dict[tuple[str, int, int], int] = {}
+        self._skipped_before_resume = 0
+        self._skipped_logged = -1
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        wanted = {
+            "fit": [("train", "train_shards"), ("val", "val_shards")],
+            "validate": [("val", "val_shards")],
+            "test": [("test", "test_shards")],
+        }.get(stage, [])
+        if not wanted:
+            return
+        method = self.trainer.lightning_module if self.trainer is not None else None
+        for split, argument in wanted:
+            shards = getattr(self, argument)
+            if shards is None:
+                if split == "val" and stage == "fit":
+                    continue
+                raise DataConfigError(f"`{stage}` needs {argument}, which is not set; {_BUILD_HINT}")
+            self.splits[split] = _Split(argument, shards)
+            self._check_keys(self.splits[split], method)
+        transform = self._views(method).build(self._image_size(method))
+        tokenizer = self._tokenizer(method)
+        for split, data in self.splits.items():
+            self.decoders[split] = SampleDecoder(
+                transform,
+                with_caption=self.with_caption,
+                with_label="cls" in data.members,
+                tokenizer=tokenizer,
+            )
+
+    def _check_keys(self, split: _Split, method: object | None) -> None:
+        """Stop when the method needs a batch key this data cannot provide; one sentence with the fix."""
+        required = getattr(method, "required_keys", ("image",))
+        name = type(method).__name__
+        if self.with_caption and "txt" not in split.members:
+            if "text" in required:
+                raise DataConfigError(
+                    f"{name} needs captions (`text`) but {split.describe()} has no .txt members; point it at "
+                    f"captioned shards or use ImageDataModule and {_IMAGE_ONLY_HINT}"
+                )
+            raise DataConfigError(
+                f"{type(self).__name__} needs captions but {split.describe()} has no .txt members; use "
+                "ImageDataModule for image-only data"
+            )
+        if "text" in required and not self.with_caption:
+            raise DataConfigError(
+                f"{name} needs captions (`text`) but {type(self).__name__} does not provide them; use "
+                f"ImageTextDataModule with captioned shards or {_IMAGE_ONLY_HINT}"
+            )
+        if "label" in required and "cls" not in split.members:
+            raise DataConfigError(
+                f"{name} needs class labels (`label`) but {split.describe()} has no .cls members; use labelled "
+                "shards (e.g. `vlp-data fashion-mnist`) or a method that does not need labels"
+            )
+
+    def _image_size(self, method: object | None) -> int:
+        if self.image_size is not None:
+            return self.image_size
+        if method is None:
+            raise DataConfigError(f"{type(self).__name__}: image_size is not set and no method is attached to ask")
+        return method.image_size
+
+    def _views(self, method: object | None) -> Views:
+        if self.views is not None:
+            return self.views
+        if method is None:
+            raise DataConfigError(f"{type(self).__name__}: views is not set and no method is attached to ask")
+        return method.train_views()
+
+    def _tokenizer(self, method: object | None) -> Tokenizer | None:
+        return None
+
+    # ------------------------------------------------------------------ loaders
+    @property
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    @property
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch
+
+    def _loader(
+        self,
+        split: str,
+        epoch_source: Callable[[], int] | None,
+        shuffle: bool = False,
+        samples_per_epoch: int | None = None,
+        resampled: bool = False,
+    ) -> StreamingLoader:
+        if split not in self.splits:
+            raise DataConfigError(f"no {split} shards: set {split}_shards (setup() resolves them)")
+        data = self.splits[split]
+        return make_loader(
+            data.urls,
+            self.decoders[split],
+            self.batch_size,
+            counts=data.counts,
+            rank=self._rank,
+            world_size=self._world_size,
+            num_workers=self.num_workers,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            strict=self.strict,
+            shuffle=shuffle,
+            samples_per_epoch=samples_per_epoch,
+            resampled=resampled,
+            epoch_source=epoch_source,
+        )
+
+    def train_dataloader(self) -> StreamingLoader:
+        # Without a trainer (scripts, tests) the loader counts its own passes as epochs.
+        epoch_source = self._current_epoch if self.trainer is not None else None
+        self._train_loader = self._loader(
+            "train", epoch_source, shuffle=True, samples_per_epoch=self.samples_per_epoch, resampled=self.resampled
+        )
+        if self._resume is not None:
+            self._train_loader.resume_from(self._resume)
+        return self._train_loader
+
+    def val_dataloader(self) -> StreamingLoader | list:
+        if "val" not in self.splits:
+            return []
+        return self._loader("val", _first_epoch)
+
+    def test_dataloader(self) -> StreamingLoader:
+        return self._loader("test", _first_epoch)
+
+    # ------------------------------------------------------------------ progress, skipped samples
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Runs once per batch the trainer actually uses (after Lightning's one-batch prefetch): record progress."""
+        info = batch.pop(STREAM_FIELD, None)
+        if info is None:
+            return batch
+        training = self.trainer is None or self.trainer.training
+        self._record(info, "train" if training else self.trainer.state.stage.value)
+        return batch
+
+    def _record(self, info: dict, stage: str) -> None:
+        """Account for one used batch from its `__stream__` field (what `on_before_batch_transfer` does)."""
+        worker = info["worker"]
+        if stage == "train":
+            if info["epoch"] != self._epoch:
+                self._epoch, self._batches, self._workers = info["epoch"], 0, {}
+            self._batches += 1
+            self._workers[worker] = (info["position"], info["skipped"])
+            self._skipped[("train", info["epoch"], worker)] = info["skipped"]
+        else:
+            self._skipped[(stage, info["pass"], worker)] = info["skipped"]
+        skipped = self.skipped_count()
+        if self.trainer is not None and skipped != self._skipped_logged:
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"data/skipped": skipped}, step=self.trainer.global_step)
+            self._skipped_logged = skipped
+
+    def skipped_count(self) -> int:
+        """Bad samples this rank has dropped (each training epoch and evaluation pass counts its own)."""
+        return self._skipped_before_resume + sum(self._skipped.values())
+
+    def teardown(self, stage: str) -> None:
+        skipped = self.skipped_count()
+        (log.warning if skipped else log.info)(
+            "%s (rank %d): %d bad samples skipped", type(self).__name__, self._rank, skipped
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        in_this_epoch = sum(skipped for _, skipped in self._workers.values())
+        local = {"workers": dict(self._workers), "skipped_before": self.skipped_count() - in_this_epoch}
+        ranks = [local]
+        if dist.is_available() and dist.is_initialized() and self._world_size > 1:
+            ranks = [None] * self._world_size
+            dist.all_gather_object(ranks, local)  # Lightning calls state_dict on every rank when checkpointing
+        return {
+            "epoch": self._epoch,
+            "batches": self._batches,
+            "world_size": self._world_size,
+            "streams_per_rank": max(1, self.num_workers),
+            "ranks": ranks,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        layout = (self._world_size, max(1, self.num_workers))
+        saved_layout = (state_dict["world_size"], state_dict["streams_per_rank"])
+        local = state_dict["ranks"][self._rank] if layout == saved_layout else {"workers": {}, "skipped_before": 0}
+        if layout != saved_layout:
+            log.warning(
+                "resuming with (world_size, loader streams per rank) = %s instead of %s: the epoch continues after "
+                "the same number of batches, but which samples remain is approximate", layout, saved_layout,
+            )
+        self._epoch, self._batches = state_dict["epoch"], state_dict["batches"]
+        self._workers = {int(worker): tuple(value) for worker, value in local["workers"].items()}
+        self._skipped = {("train", self._epoch, worker): skipped for worker, (_, skipped) in self._workers.items()}
+        self._skipped_before_resume = local["skipped_before"]
+        self._resume = ResumePoint(self._epoch, self._batches, dict(self._workers))
+        # Lightning warns that a loader without its own state_dict cannot resume mid-epoch; this one resumes
+        # exactly through the DataModule, so the warning would only mislead.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        if self._train_loader is not None:
+            self._train_loader.resume_from(self._resume)
+
+
+class ImageTextDataModule(StreamingDataModule):
+    """Image-caption pairs: batches carry `image`, `caption`, `text` tokens (and `label` when the shards have it).
+
+    Args:
+        tokenizer: caption tokenizer; None uses the attached method's (`method.tokenizer`). Image-only methods
+            (e.g. SwAV) need none and get captions as strings only.
+        (the rest: see `StreamingDataModule`)
+    """
+
+    with_caption = True
+
+    def __init__(
+        self,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        test_shards: str | None = None,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        image_size: int | None = None,
+        views: Views | None = None,
+        tokenizer: Tokenizer | None = None,
+        samples_per_epoch: int | None = None,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        seed: int = 0,
+        strict: bool = False,
+    ) -> None:
+        super().__init__(
+            train_shards, val_shards, test_shards, batch_size, num_workers, image_size, views,
+            samples_per_epoch, shuffle_buffer, resampled, seed, strict,
+        )
+        self.tokenizer = tokenizer
+
+    def _tokenizer(self, method: object | None) -> Tokenizer | None:
+        tokenizer = self.tokenizer or getattr(method, "tokenizer", None)
+        if tokenizer is None and "text" in getattr(method, "required_keys", ()):
+            raise DataConfigError(
+                f"{type(method).__name__} needs caption tokens (`text`) but neither ImageTextDataModule.tokenizer "
+                "nor the method's tokenizer is set; pass data.init_args.tokenizer"
+            )
+        return tokenizer
+
+
+class ImageDataModule(StreamingDataModule):
+    """Images (and `label` when the shards have `.cls` members), for image-only methods (SwAV, MAE, ...).
+
+    Args: see `StreamingDataModule`.
+    """
+
+
+def _first_epoch() -> int:
+    """Evaluation passes always use epoch 0: the same order and augmentations every time."""
+    return 0
+

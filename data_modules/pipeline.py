@@ -1,0 +1,652 @@
+"""The one streaming WebDataset pipeline behind every DataModule and `make_eval_loader`.
+
+Stage order (open_clip's, with sample-exact splitting):
+
+1. shard list: local paths, globs, brace patterns `a-{000000..000003}.tar`, `::`-joined lists and any URL
+   webdataset opens (`pipe:`, `http:`...); per-shard sample counts from `manifest.json` (a shard without one is
+   counted once by reading its tar headers);
+2. shard order: shuffled per epoch with `(seed, epoch)` (or, with `resampled=True`, shards drawn with replacement,
+   independently per rank and worker);
+3. split by node, then by worker: the epoch's shards laid end to end form one sequence of sample positions; rank
+   `r` takes the `r`-th contiguous run of `batches_per_rank * batch_size` positions and its DataLoader workers cut
+   that run in the order the DataLoader visits them (worker `w` makes the rank's batches `w, w+W, w+2W, ...`).
+   A stream therefore starts inside a shard when shard sizes do not divide evenly, and every rank gets exactly
+   `batches_per_rank` batches: the sequence wraps around to the start of the epoch's order when the epoch needs
+   more samples than there are (padding by repetition, at most `world_size * batch_size - 1` samples), so DDP
+   never waits on a rank that ran dry;
+4. tar reading with an error handler (a truncated or unreadable shard is counted and the stream goes on); only
+   `.png/.jpg/.jpeg/.webp/.txt/.cls/.json` members are read at all, so a `.pyd`, `.pickle` or `.pth` member is
+   never even loaded, let alone unpickled;
+5. sample shuffle buffer seeded with `(seed, epoch, rank, worker)`;
+6. safe decode (images through PIL with an allow-list of formats, text as UTF-8, labels as int, JSON) and the
+   per-sample crop of the views;
+7. batching inside the pipeline (the per-batch half of the views and the tokenizer run once per batch);
+8. `webdataset.WebLoader` (a DataLoader with `batch_size=None`), wrapped by `StreamingLoader` for the explicit
+   length and epoch.
+
+Determinism and exact resume: a batch is a pure function of (seed, epoch, rank, worker, batch index), including its
+augmentations. Every batch carries `batch["__stream__"] = {"pass", "epoch", "worker", "position", "skipped"}`:
+the samples its worker has read this epoch and those it dropped as bad. A consumer that records the batches it
+actually used (the DataModule does, in `on_before_batch_transfer`, because Lightning fetches one batch ahead)
+can resume mid-epoch with `StreamingLoader.resume_from(ResumePoint)`: each worker fast-forwards over the samples it
+had read (tar bytes only, nothing decoded) and continues, and the worker processes swap roles so that the one the
+DataLoader asks first makes the next batch; the resumed run sees exactly the batches the uninterrupted run would
+have produced (same world size and number of workers).
+
+Bad data: an undecodable image, a missing image / caption / label or unreadable JSON drops the sample and counts it;
+`strict=True` raises `BadSampleError` naming the shard and key instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import logging
+import math
+import random
+import re
+import tarfile
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
+from itertools import chain, islice
+from typing import TYPE_CHECKING, BinaryIO
+
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset import WebLoader, gopen
+from webdataset.shardlists import expand_urls
+
+from data_modules.manifest import local_path, read_manifest, shard_counts
+from data_modules.views import EvalView, Views, ViewTransform
+
+if TYPE_CHECKING:  # the tokenizers module pulls in the model packages; workers need none of them
+    from vlp_lightning.modules.tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
+#: tar members the pipeline reads; anything else (.pyd, .pickle, .pth, ...) is passed over unread.
+READ_MEMBERS = frozenset((*IMAGE_MEMBERS, "txt", "cls", "json"))
+#: formats PIL may decode; an allow-list so a shard cannot reach a rarely used (less audited) decoder.
+PIL_FORMATS = ("PNG", "JPEG", "WEBP")
+STREAM_FIELD = "__stream__"
+# `dir/key.ext.more` -> (`dir/key`, `ext.more`), webdataset's rule.
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+# What a missing, truncated or corrupt tar (or a failing `pipe:` command) raises.
+_READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
+
+
+class DataConfigError(ValueError):
+    """The data configuration cannot work (missing shards, a method needing keys the data lacks); raised at setup."""
+
+
+class BadSampleError(RuntimeError):
+    """A bad sample in `strict` mode."""
+
+
+class _BadSample(Exception):
+    """A sample to drop; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------- shard lists
+
+
+def expand_shards(shards: str | Sequence[str]) -> list[str]:
+    """Shard URLs from a pattern (or several): `::` lists, `{000..009}` braces, then local globs (sorted)."""
+    urls: list[str] = []
+    for pattern in [shards] if isinstance(shards, str) else shards:
+        for url in expand_urls(pattern):
+            path = local_path(url)
+            if path is not None and any(char in str(path) for char in "*?["):
+                urls.extend(sorted(glob.glob(str(path))))
+            else:
+                urls.append(url)
+    return urls
+
+
+def resolve_counts(urls: list[str]) -> list[int]:
+    """Samples per shard: from the manifests, else counted once from the tar headers (no member is read)."""
+    counts = shard_counts(urls)
+    missing = [url for url, count in zip(urls, counts) if count is None]
+    if missing:
+        log.warning("counting samples of %d shards without manifest.json (build shards with `vlp-data` to skip this)",
+                    len(missing))
+    return [count if count is not None else count_tar_samples(url) for url, count in zip(urls, counts)]
+
+
+def count_tar_samples(url: str) -> int:
+    """Number of samples (distinct consecutive keys) in one shard, reading headers only."""
+    return sum(1 for _ in read_tar_samples(url, _warn_unreadable, members=frozenset()))
+
+
+def shard_members(urls: list[str], manifest: dict | None) -> set[str]:
+    """Member extensions the shards hold: the manifest's `members`, else those of the first sample."""
+    if manifest is not None and "members" in manifest:
+        return set(manifest["members"])
+    for sample in read_tar_samples(urls[0], _raise_on_error):
+        return {name for name in sample if not name.startswith("__")}
+    return set()
+
+
+def _warn_unreadable(url: str, key: str | None, reason: str) -> None:
+    log.warning("shard %s is unreadable after key %r (%s); counting the samples before it", url, key, reason)
+
+
+def _raise_on_error(url: str, key: str | None, reason: str) -> None:
+    raise DataConfigError(f"cannot read shard {url} (at key {key!r}): {reason}")
+
+
+def read_tar_samples(
+    url: str,
+    on_error: Callable[[str, str | None, str], None],
+    skip: int = 0,
+    members: frozenset[str] = READ_MEMBERS,
+) -> Iterator[dict]:
+    """Samples of one shard in file order, members grouped by key, `{"__key__", "__url__", ext: bytes...}`.
+
+    Only `members` are read; the first `skip` samples are passed over without reading any. A read error
+    (truncated or corrupt tar, failing `pipe:`) is reported to `on_error(url, key, reason)`, the sample being read
+    is dropped and the shard ends there.
+    """
+    sample: dict | None = None
+    seen = 0
+    key = None
+    try:
+        with closing(gopen(url)) as stream:
+            archive = gzip.GzipFile(fileobj=stream) if url.endswith((".gz", ".tgz")) else stream
+            for name, read in tar_entries(archive):
+                match = _MEMBER_NAME.match(name)
+                if match is None:
+                    continue
+                key, extension = match.group(1), match.group(2).lower()
+                if sample is None or key != sample["__key__"]:
+                    if sample is not None and seen > skip:
+                        yield sample
+                    seen += 1
+                    sample = {"__key__": key, "__url__": url}
+                if seen > skip and extension in members:
+                    sample[extension] = read()
+    except _READ_ERRORS as error:
+        on_error(url, key, f"unreadable tar: {error!r}")
+        return
+    if sample is not None and seen > skip:
+        yield sample
+
+
+def tar_entries(stream: BinaryIO) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """`(name, read)` for every regular file of a tar stream; the data is read only if `read()` is called.
+
+    A minimal reader of the POSIX ustar format with GNU long names and pax `path` records: Python's `tarfile`
+    spends about as long parsing a member header as PIL spends decoding a 64 px PNG. Raises `tarfile.ReadError`
+    on a truncated archive or a header whose checksum does not match.
+    """
+    long_name = None
+    seekable = getattr(stream, "seekable", lambda: False)()  # a `pipe:` stream is not
+    while True:
+        header = stream.read(_BLOCK)
+        if len(header) < _BLOCK or header == _ZERO_BLOCK:
+            if 0 < len(header) < _BLOCK:
+                raise tarfile.ReadError("truncated tar header")
+            return
+        if not _tar_checksum_matches(header):
+            raise tarfile.ReadError("tar header checksum mismatch")
+        size = _tar_number(header[124:136])
+        padded = -(-size // _BLOCK) * _BLOCK
+        kind = header[156:157]
+        if kind in (b"L", b"x"):  # GNU long name / pax extended header for the next member
+            data = _read_exactly(stream, padded)[:size]
+            long_name = data.rstrip(b"\0").decode("utf-8", "replace") if kind == b"L" else _pax_path(data)
+            continue
+        name, long_name = long_name or _tar_name(header), None
+        consumed = False
+
+        def read() -> bytes:
+            nonlocal consumed
+            consumed = True
+            return _read_exactly(stream, padded)[:size]
+
+        if kind in (b"0", b"\0", b"7"):
+            yield name, read
+        if not consumed and padded:
+            if seekable:
+                stream.seek(padded, io.SEEK_CUR)
+            else:
+                _read_exactly(stream, padded)
+
+
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytes:
+    data = stream.read(size)
+    if len(data) < size:
+        raise tarfile.ReadError(f"truncated tar member ({len(data)} of {size} bytes)")
+    return data
+
+
+def _tar_number(field: bytes) -> int:
+    """Octal (NUL/space padded) or GNU base-256 header number."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    return int(field.replace(b"\0", b" ").strip() or b"0", 8)
+
+
+def _tar_checksum_matches(header: bytes) -> bool:
+    """The stored checksum equals the sum of the header bytes with the checksum field counted as spaces.
+
+    Compared modulo 65521 because the sum comes from zlib's Adler-32, whose low half is 1 + the byte sum mod 65521:
+    twenty times faster than `sum(header)` and, for 512 bytes, as good a check.
+    """
+    field = header[148:156]
+    computed = (zlib.adler32(header) & 0xFFFF) - 1 - sum(field) + 8 * 32
+    return (computed - _tar_number(field)) % 65521 == 0
+
+
+def _tar_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "replace")
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The `path` of a pax extended header (`"<length> <key>=<value>\\n"` records), None when it has none."""
+    while records:
+        length = int(records.split(b" ", 1)[0])
+        key, _, value = records[:length].split(b" ", 1)[1].rstrip(b"\n").partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "replace")
+        records = records[length:]
+    return None
+
+
+def buffer_shuffle(samples: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Shuffle within a buffer of `size` samples (webdataset's `shuffle`, with an explicit RNG)."""
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(size)
+        buffer[index], sample = sample, buffer[index]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+# ---------------------------------------------------------------------------------------------- samples
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """PNG / JPEG / WebP bytes -> RGB image; transparency is flattened onto white (as `vlp-data` stores it)."""
+    image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if image.mode == "RGB":
+        image.load()
+        return image
+    return image.convert("RGB")
+
+
+@dataclass
+class SampleDecoder:
+    """Raw tar sample -> decoded sample (per image), and decoded samples -> batch dict (per batch).
+
+    `with_caption` / `with_label` make `.txt` / `.cls` required (a sample without them is dropped); `.json` is
+    decoded into `meta` when present. Captions become `text` tokens when a tokenizer is given.
+    """
+
+    transform: ViewTransform
+    with_caption: bool = False
+    with_label: bool = False
+    tokenizer: Tokenizer | None = None
+
+    def decode(self, raw: dict, rng: random.Random) -> dict:
+        image_member = next((raw[name] for name in IMAGE_MEMBERS if name in raw), None)
+        if image_member is None:
+            raise _BadSample("no image member (.png/.jpg/.jpeg/.webp)")
+        try:
+            crops = self.transform.crop(decode_image(image_member), rng)
+        except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+            raise _BadSample(f"undecodable image: {error!r}") from error
+        sample = {"__key__": raw["__key__"], "crops": crops}
+        try:
+            if self.with_caption:
+                caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
+                if not caption:
+                    raise _BadSample("missing caption (.txt)")
+                sample["caption"] = caption
+            if self.with_label:
+                if "cls" not in raw:
+                    raise _BadSample("missing label (.cls)")
+                sample["label"] = int(raw["cls"])
+            if "json" in raw:
+                sample["meta"] = json.loads(raw["json"])
+        except (UnicodeDecodeError, ValueError) as error:
+            raise _BadSample(f"undecodable member: {error!r}") from error
+        return sample
+
+    def collate(self, samples: list[dict], generator: torch.Generator) -> dict:
+        batch: dict = {
+            "__key__": [sample["__key__"] for sample in samples],
+            "image": self.transform.finish([sample["crops"] for sample in samples], generator),
+        }
+        if self.with_caption:
+            batch["caption"] = [sample["caption"] for sample in samples]
+            if self.tokenizer is not None:
+                batch["text"] = self.tokenizer(batch["caption"])
+        if self.with_label:
+            batch["label"] = torch.tensor([sample["label"] for sample in samples], dtype=torch.long)
+        if any("meta" in sample for sample in samples):
+            batch["meta"] = [sample.get("meta", {}) for sample in samples]
+        return batch
+
+
+class SkipCounter:
+    """Counts (and logs the first few) bad samples of one stream; in strict mode raises at the first."""
+
+    log_first = 5
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.count = 0
+
+    def __call__(self, url: str, key: str | None, reason: str) -> None:
+        if self.strict:
+            raise BadSampleError(f"bad sample {key!r} in shard {url}: {reason} (strict=True stops at the first)")
+        self.count += 1
+        if self.count <= self.log_first:
+            log.warning("skipping sample %r of %s: %s", key, url, reason)
+
+
+# ---------------------------------------------------------------------------------------------- streams
+
+
+def worker_batches(batches: int, worker: int, num_workers: int) -> int:
+    """How many of a rank's first `batches` batches worker `worker` makes (the DataLoader visits workers in turn)."""
+    return len(range(worker, batches, num_workers))
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where one rank stopped inside an epoch: batches the trainer used, and per worker (samples read, skipped)."""
+
+    epoch: int
+    batches: int
+    workers: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+class ShardStream(IterableDataset):
+    """One rank's share of a shard set as a stream of batches; each DataLoader worker makes its slice (module doc).
+
+    `pad=True` (training, validation): exactly `batches_per_rank` full batches per rank, the sample sequence wrapping
+    around when needed and bad samples replaced by the next ones. `pad=False` (evaluation, one process): every
+    sample once, the last batch of a worker may be short.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        counts: list[int],
+        decoder: SampleDecoder,
+        batch_size: int,
+        batches_per_rank: int,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        pad: bool = True,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        if sum(counts) == 0:
+            raise DataConfigError(f"the shards {urls[:3]}{'...' if len(urls) > 3 else ''} hold no samples")
+        self.urls = urls
+        self.counts = counts
+        self.decoder = decoder
+        self.batch_size = batch_size
+        self.batches_per_rank = batches_per_rank
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        self.pad = pad
+        self.strict = strict
+        # Set by StreamingLoader before each pass; DataLoader workers receive a copy when they start.
+        self.epoch = 0
+        self.pass_index = 0
+        self.resume: ResumePoint | None = None
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        resume = self.resume if self.resume is not None and self.resume.epoch == self.epoch else None
+        batch_index, position, skipped = 0, 0, 0
+        if resume is not None:
+            # The DataLoader asks worker 0 first, but the next batch belongs to stream `batches % num_workers`:
+            # rotate which stream each worker process plays so the sequence continues unchanged.
+            worker = (worker + resume.batches) % num_workers
+            batch_index = worker_batches(resume.batches, worker, num_workers)
+            position, skipped = resume.workers.get(worker, (batch_index * self.batch_size, 0))
+        quota = worker_batches(self.batches_per_rank, worker, num_workers)
+        batches_before = self.rank * self.batches_per_rank + sum(
+            worker_batches(self.batches_per_rank, other, num_workers) for other in range(worker)
+        )
+        counter = SkipCounter(self.strict)
+        raw = self._raw_samples(worker, batches_before * self.batch_size, quota * self.batch_size, counter)
+        deque(islice(raw, position), maxlen=0)  # fast-forward: tar bytes only, nothing decoded
+        counter.count = skipped  # read errors met while fast-forwarding were counted before the stop
+        while batch_index < quota:
+            rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}:{batch_index}")
+            samples = []
+            for raw_sample in raw:
+                position += 1
+                try:
+                    samples.append(self.decoder.decode(raw_sample, rng))
+                except _BadSample as error:
+                    counter(raw_sample["__url__"], raw_sample["__key__"], str(error))
+                if len(samples) == self.batch_size:
+                    break
+            if not samples:
+                return
+            batch = self.decoder.collate(samples, torch.Generator().manual_seed(rng.getrandbits(63)))
+            batch[STREAM_FIELD] = {
+                "pass": self.pass_index,
+                "epoch": self.epoch,
+                "worker": worker,
+                "position": position,
+                "skipped": counter.count,
+            }
+            yield batch
+            batch_index += 1
+
+    def _raw_samples(self, worker: int, start: int, length: int, counter: SkipCounter) -> Iterator[dict]:
+        """This stream's raw samples in order: its own run of the epoch (shuffled), then what follows it."""
+        if self.resampled:
+            rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}:resample")
+            return buffer_shuffle(self._resampled(rng, counter), max(1, self.shuffle_buffer), rng)
+        order = list(range(len(self.urls)))
+        if self.shuffle:
+            random.Random(f"{self.seed}:{self.epoch}:shards").shuffle(order)
+        if not self.pad:
+            length = max(0, min(length, sum(self.counts) - start))
+        sequence = self._sequence(order, start, counter)
+        own = islice(sequence, length)
+        if self.shuffle and self.shuffle_buffer > 1:
+            rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}:buffer")
+            own = buffer_shuffle(own, self.shuffle_buffer, rng)
+        return chain(own, sequence) if self.pad else own
+
+    def _sequence(self, order: list[int], start: int, counter: SkipCounter) -> Iterator[dict]:
+        """Samples from position `start` of the shards laid end to end in `order`; endless (wrapping) when padding."""
+        total = sum(self.counts)
+        position = start % total if self.pad else start
+        index = 0
+        while index < len(order) and position >= self.counts[order[index]]:
+            position -= self.counts[order[index]]
+            index += 1
+        shards_without_samples = 0
+        while True:
+            if index == len(order):
+                if not self.pad:
+                    return
+                index = 0
+            read_any = False
+            for sample in read_tar_samples(self.urls[order[index]], counter, skip=position):
+                read_any = True
+                yield sample
+            shards_without_samples = 0 if read_any else shards_without_samples + 1
+            if shards_without_samples > len(order):
+                raise BadSampleError(f"no readable sample in any of the {len(order)} shards ({self.urls[0]}, ...)")
+            position = 0
+            index += 1
+
+    def _resampled(self, rng: random.Random, counter: SkipCounter) -> Iterator[dict]:
+        """Endless samples of whole shards drawn uniformly with replacement (open_clip's ResampledShards)."""
+        shards_without_samples = 0
+        while True:
+            read_any = False
+            for sample in read_tar_samples(self.urls[rng.randrange(len(self.urls))], counter):
+                read_any = True
+                yield sample
+            shards_without_samples = 0 if read_any else shards_without_samples + 1
+            if shards_without_samples > 10 * len(self.urls):
+                raise BadSampleError(f"no readable sample in any of the {len(self.urls)} shards ({self.urls[0]}, ...)")
+
+
+class StreamingLoader:
+    """Iterable of batches with an explicit length: a `webdataset.WebLoader` over a `ShardStream`.
+
+    The epoch of each pass comes from `epoch_source` (the trainer's current epoch in the DataModules) or, without
+    one, counts the passes. `__iter__` is lazy: no worker starts before the first batch is asked for.
+    """
+
+    def __init__(
+        self, stream: ShardStream, num_workers: int = 0, epoch_source: Callable[[], int] | None = None
+    ) -> None:
+        self.stream = stream
+        self.num_workers = num_workers
+        self.epoch_source = epoch_source
+        self.passes = 0
+        self.loader = WebLoader(
+            stream, batch_size=None, shuffle=False, num_workers=num_workers, persistent_workers=False
+        )
+
+    def __len__(self) -> int:
+        """Batches per pass; without padding the stream's last batch is short (bad samples may shorten it more)."""
+        return self.stream.batches_per_rank
+
+    def resume_from(self, point: ResumePoint) -> None:
+        """Continue epoch `point.epoch` after the batches already used (applied when that epoch's pass starts;
+        without an `epoch_source` the next pass is that epoch)."""
+        self.stream.resume = point
+        if self.epoch_source is None:
+            self.passes = point.epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        self.stream.epoch = self.epoch_source() if self.epoch_source is not None else self.passes
+        self.passes += 1
+        self.stream.pass_index = self.passes
+        try:
+            yield from self.loader
+        finally:
+            if self.stream.resume is not None and self.stream.resume.epoch <= self.stream.epoch:
+                self.stream.resume = None
+
+
+def make_loader(
+    shards: str | Sequence[str],
+    decoder: SampleDecoder,
+    batch_size: int,
+    *,
+    counts: list[int] | None = None,
+    samples_per_epoch: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    seed: int = 0,
+    shuffle: bool = True,
+    shuffle_buffer: int = 1000,
+    resampled: bool = False,
+    pad: bool = True,
+    strict: bool = False,
+    epoch_source: Callable[[], int] | None = None,
+) -> StreamingLoader:
+    """Build the pipeline for one split; `samples_per_epoch` defaults to the shards' total."""
+    urls = expand_shards(shards)
+    counts = counts if counts is not None else resolve_counts(urls)
+    samples = samples_per_epoch or sum(counts)
+    global_batch = batch_size * (world_size if pad else 1)
+    stream = ShardStream(
+        urls,
+        counts,
+        decoder,
+        batch_size,
+        batches_per_rank=max(1, math.ceil(samples / global_batch)),
+        rank=rank,
+        seed=seed,
+        shuffle=shuffle,
+        shuffle_buffer=shuffle_buffer,
+        resampled=resampled,
+        pad=pad,
+        strict=strict,
+    )
+    return StreamingLoader(stream, num_workers=num_workers, epoch_source=epoch_source)
+
+
+class _WithoutStreamField:
+    """Batches of a loader without the bookkeeping field (evaluation has no resume)."""
+
+    def __init__(self, loader: StreamingLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            batch.pop(STREAM_FIELD)
+            yield batch
+
+
+def make_eval_loader(
+    shards: str,
+    image_size: int,
+    batch_size: int,
+    tokenizer: Tokenizer | None = None,
+    num_workers: int = 0,
+    view: Views | None = None,
+) -> Iterable[dict]:
+    """Evaluation batches: every sample exactly once, in shard order (per worker), one deterministic `EvalView`
+    crop (or `view`); captions (tokenized when `tokenizer` is given) and labels when the shards hold them."""
+    urls = expand_shards(shards)
+    if not urls:
+        raise DataConfigError(f"make_eval_loader: shards={shards!r} matches no shard")
+    manifest = manifest_of(urls)
+    members = shard_members(urls, manifest)
+    decoder = SampleDecoder(
+        (view or EvalView()).build(image_size),
+        with_caption="txt" in members,
+        with_label="cls" in members,
+        tokenizer=tokenizer,
+    )
+    loader = make_loader(urls, decoder, batch_size, num_workers=num_workers, shuffle=False, pad=False)
+    return _WithoutStreamField(loader)
+
+
+def manifest_of(urls: list[str]) -> dict | None:
+    """The manifest of the first local shard's folder (members and class names are the same for a whole set)."""
+    path = local_path(urls[0])
+    return read_manifest(path.parent) if path is not None else None

@@ -1,0 +1,154 @@
+"""Shared fixtures: tiny generated WebDataset shard sets in `tmp_path` (no network, no real data).
+
+`make_shards(tmp_path, n=40, per_shard=10, ...)` writes `{split}-{index:06d}.tar` shards of class-coloured shapes
+(class k = a colour and a shape, caption "a photo of a <colour> <shape>", so a tiny model can learn them) plus a
+`manifest.json` in the `vlp-data` format, and returns a `GeneratedShards` describing what it wrote.
+`write_tar(path, samples)` writes arbitrary members (for corrupt or malicious shards).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from data_modules.manifest import write_manifest
+
+CLASSNAMES = [
+    "red square", "green circle", "blue triangle", "yellow cross",
+    "magenta square", "cyan circle", "orange triangle", "white cross",
+]
+_COLOURS = {
+    "red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40),
+    "magenta": (200, 40, 200), "cyan": (40, 200, 210), "orange": (240, 140, 20), "white": (245, 245, 245),
+}
+
+
+@dataclass
+class GeneratedShards:
+    directory: Path
+    urls: list[str]          # one local path per shard, in order
+    pattern: str             # brace pattern matching exactly `urls`
+    keys: list[str]          # every sample key, in shard order
+    captions: dict[str, str]
+    labels: dict[str, int]
+    classnames: list[str]
+
+
+def draw_sample(label: int, image_size: int, rng: random.Random) -> Image.Image:
+    """A shape of class `label` at a random position and size on a grey background with pixel noise."""
+    colour_name, shape = CLASSNAMES[label % len(CLASSNAMES)].split()
+    image = Image.new("RGB", (image_size, image_size), (90, 90, 90))
+    draw = ImageDraw.Draw(image)
+    extent = rng.uniform(0.45, 0.8) * image_size
+    left = rng.uniform(0, image_size - extent)
+    top = rng.uniform(0, image_size - extent)
+    box = (left, top, left + extent, top + extent)
+    colour = _COLOURS[colour_name]
+    if shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(left, top + extent), (left + extent / 2, top), (left + extent, top + extent)], fill=colour)
+    else:
+        width = extent / 4
+        draw.rectangle((left + extent / 2 - width, top, left + extent / 2 + width, top + extent), fill=colour)
+        draw.rectangle((left, top + extent / 2 - width, left + extent, top + extent / 2 + width), fill=colour)
+    for _ in range(image_size):
+        image.putpixel((rng.randrange(image_size), rng.randrange(image_size)), tuple(rng.randrange(256) for _ in "rgb"))
+    return image
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, samples: list[dict[str, bytes]]) -> Path:
+    """Write `[{"__key__": "k", "png": b"...", "txt": b"..."}, ...]` as `k.png`, `k.txt`, ... members."""
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for extension, data in sample.items():
+                if extension == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{sample['__key__']}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def generate_shards(
+    directory: Path,
+    n: int = 40,
+    per_shard: int = 10,
+    with_text: bool = True,
+    with_label: bool = True,
+    with_json: bool = False,
+    image_size: int = 16,
+    num_classes: int = 4,
+    split: str = "train",
+    manifest: bool = True,
+    seed: int = 0,
+) -> GeneratedShards:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    classnames = [f"a photo of a {name}" for name in CLASSNAMES[:num_classes]]
+    keys, captions, labels, urls, shard_entries = [], {}, {}, [], {}
+    for shard_index, first in enumerate(range(0, n, per_shard)):
+        samples = []
+        for index in range(first, min(n, first + per_shard)):
+            key = f"{split}{index:06d}"
+            label = rng.randrange(num_classes)
+            sample = {"__key__": key, "png": png_bytes(draw_sample(label, image_size, rng))}
+            if with_text:
+                sample["txt"] = classnames[label].encode()
+            if with_label:
+                sample["cls"] = str(label).encode()
+            if with_json:
+                sample["json"] = json.dumps({"index": index, "class": CLASSNAMES[label]}).encode()
+            keys.append(key)
+            captions[key] = classnames[label]
+            labels[key] = label
+            samples.append(sample)
+        name = f"{split}-{shard_index:06d}.tar"
+        urls.append(str(write_tar(directory / name, samples)))
+        shard_entries[name] = {"split": split, "count": len(samples), "keys": [s["__key__"] for s in samples]}
+    members = ["png"] + ["txt"] * with_text + ["cls"] * with_label + ["json"] * with_json
+    if manifest:
+        write_manifest(directory, {
+            "format": 1, "source": "generated shapes (tests)", "licence": "CC0", "created": "2024-01-01",
+            "seed": seed, "shards": shard_entries, "splits": {split: n}, "members": sorted(members),
+            "classnames": {"cls": [name.removeprefix("a photo of a ") for name in classnames]},
+        })
+    pattern = str(directory / f"{split}-{{{0:06d}..{len(urls) - 1:06d}}}.tar")
+    return GeneratedShards(directory, urls, pattern, keys, captions, labels, classnames)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    """Tests run side by side on a small CPU; intra-op threads only add contention at these sizes."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def make_shards() -> Callable[..., GeneratedShards]:
+    """`make_shards(tmp_path, n=40, per_shard=10, with_text=True, with_label=True, with_json=False,
+    image_size=16, num_classes=4, split="train", manifest=True, seed=0) -> GeneratedShards`."""
+    return generate_shards
+
+
+@pytest.fixture(name="write_tar")
+def write_tar_fixture() -> Callable[[Path, list[dict[str, bytes]]], Path]:
+    """`write_tar(path, [{"__key__": ..., "<ext>": bytes, ...}])` for hand-made (corrupt, malicious) shards."""
+    return write_tar

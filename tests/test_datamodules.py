@@ -1,0 +1,304 @@
+"""DataModules: what they ask the method, the one-sentence configuration errors, exact resume through Lightning
+checkpoints, bad-sample accounting."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import Logger
+from torch import nn
+
+from data_modules import DataConfigError, ImageDataModule, ImageTextDataModule
+from data_modules.views import MultiCrop, SingleCrop
+from vlp_lightning.modules.tokenizers import ByteTokenizer
+
+
+class CLIP:
+    """Stand-in with the attributes the data modules ask of a CLIP-family method."""
+
+    required_keys = ("image", "text")
+    image_size = 16
+
+    def __init__(self) -> None:
+        self.tokenizer = ByteTokenizer(context_length=20)
+
+    def train_views(self) -> SingleCrop:
+        return SingleCrop(scale=(0.9, 1.0))
+
+
+class SwAV:
+    required_keys = ("image",)
+    image_size = 16
+    tokenizer = None
+
+    def train_views(self) -> MultiCrop:
+        return MultiCrop(num_global=2, num_local=2, local_size=8)
+
+
+def attach(datamodule, method, rank: int = 0, world_size: int = 1):
+    """What a Trainer provides to a DataModule, without starting one."""
+    datamodule.trainer = SimpleNamespace(
+        lightning_module=method, global_rank=rank, world_size=world_size, current_epoch=0, training=True, loggers=[]
+    )
+    return datamodule
+
+
+def test_image_text_batches_take_size_views_and_tokenizer_from_the_method(make_shards, tmp_path):
+    shards = make_shards(tmp_path, n=12, per_shard=6)
+    method = CLIP()
+    datamodule = attach(ImageTextDataModule(train_shards=shards.pattern, batch_size=4, num_workers=0), method)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    batch = datamodule.on_before_batch_transfer(batch, 0)
+    assert set(batch) == {"__key__", "image", "caption", "text", "label"}
+    assert batch["image"].shape == (4, 3, 16, 16)
+    assert torch.equal(batch["text"]["input_ids"], method.tokenizer(batch["caption"])["input_ids"])
+    assert batch["label"].tolist() == [shards.labels[key] for key in batch["__key__"]]
+
+
+def test_image_only_method_swaps_in_on_captioned_data(make_shards, tmp_path):
+    shards = make_shards(tmp_path, n=12, per_shard=6)
+    datamodule = attach(ImageTextDataModule(train_shards=shards.pattern, batch_size=4, num_workers=0), SwAV())
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert [view.shape[-1] for view in batch["image"]] == [16, 16, 8, 8]
+    assert "text" not in batch and len(batch["caption"]) == 4
+
+
+def test_missing_shards_name_the_argument_the_path_and_vlp_data(tmp_path):
+    missing = tmp_path / "nowhere" / "train-000000.tar"
+    datamodule = attach(ImageDataModule(train_shards=str(missing)), SwAV())
+    with pytest.raises(DataConfigError, match=rf"train_shards=.*shard {missing} does not exist; build shards with `vlp-data`"):
+        datamodule.setup("fit")
+    datamodule = attach(ImageDataModule(train_shards=str(tmp_path / "*.tar")), SwAV())
+    with pytest.raises(DataConfigError, match=r"matches no shard file; build shards with `vlp-data`"):
+        datamodule.setup("fit")
+    with pytest.raises(DataConfigError, match=r"`test` needs test_shards, which is not set"):
+        attach(ImageDataModule(), SwAV()).setup("test")
+
+
+def test_clip_on_image_data_module_says_what_to_do(make_shards, tmp_path):
+    shards = make_shards(tmp_path, n=6, per_shard=6)
+    datamodule = attach(ImageDataModule(train_shards=shards.pattern), CLIP())
+    with pytest.raises(DataConfigError) as error:
+        datamodule.setup("fit")
+    assert str(error.value) == (
+        "CLIP needs captions (`text`) but ImageDataModule does not provide them; use ImageTextDataModule with "
+        "captioned shards or choose an image-only method such as vlp_lightning.methods.SwAV"
+    )
+
+
+def test_clip_on_shards_without_captions_says_what_to_do(make_shards, tmp_path):
+    shards = make_shards(tmp_path, n=6, per_shard=6, with_text=False)
+    datamodule = attach(ImageTextDataModule(train_shards=shards.pattern), CLIP())
+    with pytest.raises(DataConfigError) as error:
+        datamodule.setup("fit")
+    assert str(error.value) == (
+        f"CLIP needs captions (`text`) but train_shards={shards.pattern!r} has no .txt members; point it at "
+        "captioned shards or use ImageDataModule and choose an image-only method such as vlp_lightning.methods.SwAV"
+    )
+
+
+def test_image_only_method_on_captionless_shards_points_to_image_data_module(make_shards, tmp_path):
+    shards = make_shards(tmp_path, n=6, per_shard=6, with_text=False)
+    with pytest.raises(DataConfigError) as error:
+        attach(ImageTextDataModule(train_shards=shards.pattern), SwAV()).setup("fit")
+    assert str(error.value) == (
+        f"ImageTextDataModule needs captions but train_shards={shards.pattern!r} has no .txt members; use "
+        "ImageDataModule for image-only data"
+    )
+
+
+def test_labels_required_but_absent_and_no_method_to_ask(make_shards, tmp_path):
+    shards = make_shards(tmp_path, n=6, per_shard=6, with_label=False)
+    classifier = SimpleNamespace(required_keys=("image", "label"), image_size=16, train_views=SingleCrop)
+    with pytest.raises(DataConfigError, match=r"SimpleNamespace needs class labels \(`label`\) but train_shards="):
+        attach(ImageDataModule(train_shards=shards.pattern), classifier).setup("fit")
+    with pytest.raises(DataConfigError, match=r"image_size is not set and no method is attached to ask"):
+        ImageDataModule(train_shards=shards.pattern, views=SingleCrop()).setup("fit")
+
+
+def test_ranks_get_equal_batches_and_validation_is_deterministic(make_shards, tmp_path):
+    shards = make_shards(tmp_path, n=30, per_shard=8)
+    val = make_shards(tmp_path / "val", n=9, per_shard=4, split="val")
+    keys = []
+    for rank in range(2):
+        datamodule = attach(
+            ImageDataModule(train_shards=shards.pattern, val_shards=val.pattern, batch_size=4, num_workers=0),
+            SwAV(), rank=rank, world_size=2,
+        )
+        datamodule.setup("fit")
+        train = datamodule.train_dataloader()
+        batches = list(train)
+        assert len(batches) == len(train) == 4  # ceil(30 / 8) on both ranks
+        keys += [key for batch in batches for key in batch["__key__"]]
+        passes = [[batch["image"][0] for batch in datamodule.val_dataloader()] for _ in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(*passes))
+    assert set(keys) == set(shards.keys)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_state_dict_resume_mid_epoch_equals_uninterrupted(make_shards, tmp_path, num_workers):
+    shards = make_shards(tmp_path, n=50, per_shard=9)
+
+    def fresh() -> ImageDataModule:
+        datamodule = ImageDataModule(
+            train_shards=shards.pattern, batch_size=4, num_workers=num_workers, image_size=16, views=SingleCrop(),
+            shuffle_buffer=5,
+        )
+        datamodule.setup("fit")
+        return datamodule
+
+    reference = fresh().train_dataloader()
+    uninterrupted = [[batch["__key__"] for batch in reference] for _ in range(2)]  # epochs 0 and 1
+    datamodule = fresh()
+    loader = datamodule.train_dataloader()
+    list(loader)  # epoch 0
+    head = []
+    for batch in loader:  # epoch 1, stopped after 7 batches
+        head.append(datamodule.on_before_batch_transfer(batch, 0)["__key__"])
+        if len(head) == 7:
+            break
+    state = datamodule.state_dict()
+    resumed = fresh()
+    resumed.load_state_dict(state)
+    tail = [batch["__key__"] for batch in resumed.train_dataloader()]
+    assert head + tail == uninterrupted[1]
+
+
+class KeyRecorder(LightningModule):
+    """A tiny image model that remembers the keys of every training batch."""
+
+    required_keys = ("image",)
+    image_size = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 1)
+        self.seen: list[list[str]] = []
+
+    def train_views(self) -> SingleCrop:
+        return SingleCrop()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.seen.append(batch["__key__"])
+        return self.layer(batch["image"].mean((2, 3))).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class SaveAtStep(Callback):
+    def __init__(self, step: int, path: Path) -> None:
+        self.step = step
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+class MetricsRecorder(Logger):
+    name = "recorder"
+    version = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: list[dict] = []
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        self.metrics.append(metrics)
+
+
+def corrupt_one_image(shard: str, key: str) -> None:
+    with tarfile.open(shard) as tar:
+        members = [(member.name, tar.extractfile(member).read()) for member in tar]
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members:
+            data = b"corrupt" if name == f"{key}.png" else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_lightning_checkpoint_resume_mid_epoch_sees_exactly_the_rest(make_shards, tmp_path):
+    shards = make_shards(tmp_path / "data", n=44, per_shard=10)
+    corrupt_one_image(shards.urls[2], shards.keys[23])
+    checkpoint = tmp_path / "mid-epoch.ckpt"
+
+    def run(callbacks: list[Callback], ckpt_path: Path | None) -> tuple[KeyRecorder, ImageDataModule, MetricsRecorder]:
+        model = KeyRecorder()
+        datamodule = ImageDataModule(train_shards=shards.pattern, batch_size=4, num_workers=2, shuffle_buffer=6)
+        logger = MetricsRecorder()
+        trainer = Trainer(
+            max_epochs=2, logger=logger, callbacks=callbacks, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+        )
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        return model, datamodule, logger
+
+    full, full_data, full_logger = run([SaveAtStep(7, checkpoint)], None)
+    assert len(full.seen) == 2 * 11 and checkpoint.exists()
+    resumed, resumed_data, _ = run([], checkpoint)
+    assert resumed.seen == full.seen[7:]
+    assert full_data.skipped_count() == 2  # the corrupt image, once per epoch
+    assert resumed_data.skipped_count() == 2
+    assert {"data/skipped": 2} in full_logger.metrics
+
+
+def _ddp_rank(rank: int, port: int, pattern: str, results) -> None:
+    """One rank of a 2-process gloo group: consume 3 batches, checkpoint (all ranks gather), resume, compare."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        def fresh() -> ImageDataModule:
+            datamodule = attach(
+                ImageDataModule(train_shards=pattern, batch_size=3, num_workers=0, image_size=16, views=SingleCrop()),
+                SwAV(), rank=rank, world_size=2,
+            )
+            datamodule.setup("fit")
+            return datamodule
+
+        uninterrupted = [batch["__key__"] for batch in fresh().train_dataloader()]
+        datamodule = fresh()
+        head = []
+        for batch in datamodule.train_dataloader():
+            head.append(datamodule.on_before_batch_transfer(batch, 0)["__key__"])
+            if len(head) == 3:
+                break
+        state = datamodule.state_dict()
+        resumed = fresh()
+        resumed.load_state_dict(state)
+        tail = [batch["__key__"] for batch in resumed.train_dataloader()]
+        results[rank] = (len(state["ranks"]), head + tail == uninterrupted, len(uninterrupted))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_checkpoint_state_gathers_every_rank_under_ddp(make_shards, tmp_path):
+    import multiprocessing
+    import socket
+
+    shards = make_shards(tmp_path, n=31, per_shard=7)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    results = context.Manager().dict()
+    processes = [context.Process(target=_ddp_rank, args=(rank, port, shards.pattern, results)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=60)
+    assert [process.exitcode for process in processes] == [0, 0]
+    assert dict(results) == {0: (2, True, 6), 1: (2, True, 6)}  # ceil(31 / 6) batches on both ranks

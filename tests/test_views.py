@@ -1,0 +1,133 @@
+"""Views: shapes of every recipe, the crop sampling rule, batched photometric ops against references."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from data_modules.views import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Augment,
+    Crop,
+    EvalView,
+    MultiCrop,
+    SingleCrop,
+    TwoCrops,
+    ViewTransform,
+    _color_jitter,
+    _gaussian_blur,
+)
+
+
+def noise_image(width: int = 40, height: int = 30, seed: int = 0) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
+    return Image.fromarray(pixels.numpy())
+
+
+def test_recipes_give_the_declared_crops():
+    image = noise_image()
+    single = SingleCrop().build(24)(image)
+    assert single.shape == (3, 24, 24) and single.dtype == torch.float32
+    two = TwoCrops().build(24)(image)
+    assert [view.shape for view in two] == [(3, 24, 24)] * 2
+    multi = MultiCrop(num_global=2, num_local=3, local_size=10).build(24)(image)
+    assert [view.shape for view in multi] == [(3, 24, 24)] * 2 + [(3, 10, 10)] * 3
+    assert MultiCrop().crops(224)[-1].size == 96  # SwAV's 224 / 96
+
+
+def test_random_resized_crop_follows_scale_and_ratio():
+    crop = Crop(16, scale=(0.2, 0.5), ratio=(0.5, 2.0))
+    rng = random.Random(0)
+    for _ in range(300):
+        top, left, height, width = crop.box(64, 48, rng)
+        assert 0 <= top <= 48 - height and 0 <= left <= 64 - width
+        assert 0.2 * 0.9 <= height * width / (64 * 48) <= 0.5 * 1.1  # rounding to whole pixels
+        assert 0.5 * 0.9 <= width / height <= 2.0 * 1.1
+
+
+def test_eval_view_is_the_centre_square_resized_then_imagenet_normalisation():
+    image = noise_image(40, 30)
+    got = EvalView().build(20)(image)
+    # PIL's box resize: the centred 30x30 square, filtered with its true neighbours at the border
+    resized = image.resize((20, 20), Image.BILINEAR, box=(5, 0, 35, 30))
+    expected = TF.normalize(TF.pil_to_tensor(resized).float() / 255, list(IMAGENET_MEAN), list(IMAGENET_STD))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.equal(got, EvalView().build(20)(image))  # deterministic
+
+
+def test_batched_views_are_reproducible_from_the_generators():
+    transform = TwoCrops().build(16)
+    images = [noise_image(seed=seed) for seed in range(4)]
+
+    def run(seed: int) -> list[torch.Tensor]:
+        rng = random.Random(seed)
+        return transform.finish([transform.crop(image, rng) for image in images], torch.Generator().manual_seed(seed))
+
+    assert all(torch.equal(a, b) for a, b in zip(run(0), run(0)))
+    assert not torch.equal(run(0)[0], run(1)[0])
+
+
+def plain(**augment: float) -> ViewTransform:
+    """A whole-image crop (no geometry) with the given photometric ops, normalised with mean 0 / std 1."""
+    return ViewTransform((Crop(8, scale=(1.0, 1.0), ratio=(1.0, 1.0), augment=Augment(
+        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **{"hflip_prob": 0.0, **augment})),), single=True)
+
+
+def test_flip_grayscale_and_solarize_match_their_definitions():
+    image = noise_image(8, 8)
+    crops = [plain().crop(image, random.Random(0))]
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    reference = plain().finish(crops, generator())[0]
+    assert torch.allclose(reference, TF.pil_to_tensor(image).float() / 255)
+    assert torch.equal(plain(hflip_prob=1.0).finish(crops, generator())[0], reference.flip(-1))
+    gray = plain(grayscale_prob=1.0).finish(crops, generator())[0]
+    luma = (reference * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0)
+    assert torch.allclose(gray, luma.expand(3, -1, -1), atol=1e-6)
+    solarized = plain(solarize_prob=1.0).finish(crops, generator())[0]
+    assert torch.allclose(solarized, torch.where(reference >= 0.5, 1 - reference, reference), atol=1e-6)
+
+
+def test_color_jitter_matches_torchvision_steps_and_keeps_gray_gray():
+    pixels = 0.3 + 0.3 * torch.rand(3, 3, 8, 8)  # mid-range: no step saturates, so no intermediate clamp matters
+    brightness, contrast, saturation = torch.tensor([1.0, 1.2, 0.8]), torch.tensor([1.0, 0.9, 1.15]), torch.tensor(
+        [1.0, 1.1, 0.85])
+    jittered = _color_jitter(pixels, brightness, contrast, saturation, torch.zeros(3))
+    for index in range(3):
+        expected = TF.adjust_brightness(pixels[index], brightness[index].item())
+        expected = TF.adjust_contrast(expected, contrast[index].item())
+        expected = TF.adjust_saturation(expected, saturation[index].item())
+        assert torch.allclose(jittered[index], expected, atol=1e-3)
+    assert torch.allclose(jittered[0], pixels[0], atol=1e-6)  # factors 1: identity
+    hue_only = _color_jitter(pixels, torch.ones(3), torch.ones(3), torch.ones(3), torch.tensor([0.0, 0.1, -0.2]))
+    assert torch.allclose(hue_only[0], pixels[0], atol=1e-5) and not torch.allclose(hue_only[1], pixels[1], atol=1e-2)
+    gray = torch.full((2, 3, 4, 4), 0.5)  # hue and saturation cannot colour a gray image
+    gray_jittered = _color_jitter(gray, torch.ones(2), torch.ones(2), torch.tensor([1.5, 0.5]), torch.tensor([0.2, -0.1]))
+    assert torch.allclose(gray_jittered, gray, atol=1e-5)
+
+
+def test_gaussian_blur_matches_torchvision_kernel():
+    pixels = torch.rand(2, 3, 20, 20)
+    sigma = torch.tensor([0.8, 1.7])
+    blurred = _gaussian_blur(pixels, sigma)
+    for index in range(2):
+        expected = TF.gaussian_blur(pixels[index], kernel_size=[3, 3], sigma=[sigma[index].item()] * 2)
+        assert torch.allclose(blurred[index], expected, atol=1e-5)
+    assert blurred.std() < pixels.std()
+
+
+@pytest.mark.parametrize("views", [SingleCrop(), TwoCrops(), MultiCrop(num_local=2)])
+def test_views_output_is_normalised_and_finite(views):
+    output = views.build(16)(noise_image())
+    output = output if isinstance(output, list) else [output]
+    for view in output:
+        assert torch.isfinite(view).all()
+        assert view.min() >= (0 - max(IMAGENET_MEAN)) / min(IMAGENET_STD) - 1e-4
+        assert view.max() <= (1 - min(IMAGENET_MEAN)) / min(IMAGENET_STD) + 1e-4
+    assert not math.isclose(float(output[0].std()), 0.0)
