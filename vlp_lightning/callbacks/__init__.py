@@ -1,0 +1,40 @@
+"""Evaluation and monitoring callbacks, configured under `trainer.callbacks` in YAML.
+
+Evaluation (`features.EvaluationCallback`: end of validate / test, and every `every_n_epochs` during fit):
+`ZeroShotClassification`, `Retrieval`, `KNNClassifier`, `LinearProbe`, `EmbeddingProjector`.
+Monitoring: `ThroughputMonitor` (samples/s, data wait, MFU), `NonFiniteLossGuard`.
+"""
+
+from vlp_lightning.callbacks.embedding_projector import EmbeddingProjector
+from vlp_lightning.callbacks.features import EvalFeatures, EvaluationCallback, extract_features
+from vlp_lightning.callbacks.knn import KNNClassifier, weighted_knn_scores
+from vlp_lightning.callbacks.linear_probe import LinearProbe, fit_logistic_regression
+from vlp_lightning.callbacks.non_finite_loss import NonFiniteLossGuard
+from vlp_lightning.callbacks.retrieval import Retrieval, retrieval_metrics, retrieval_ranks
+from vlp_lightning.callbacks.throughput import ThroughputMonitor
+from vlp_lightning.callbacks.zero_shot import (
+    TEMPLATE_SETS,
+    ZeroShotClassification,
+    ZeroShotDataset,
+    build_zero_shot_classifier,
+)
+
+__all__ = [
+    "EmbeddingProjector",
+    "EvalFeatures",
+    "EvaluationCallback",
+    "KNNClassifier",
+    "LinearProbe",
+    "NonFiniteLossGuard",
+    "Retrieval",
+    "TEMPLATE_SETS",
+    "ThroughputMonitor",
+    "ZeroShotClassification",
+    "ZeroShotDataset",
+    "build_zero_shot_classifier",
+    "extract_features",
+    "fit_logistic_regression",
+    "retrieval_metrics",
+    "retrieval_ranks",
+    "weighted_knn_scores",
+]

@@ -1,0 +1,160 @@
+"""Image <-> text retrieval: recall at K and median rank on a captioned shard set.
+
+The protocol of CLIP (Radford et al. 2021) sec. 3.1.5 / table 13 and of the Flickr30k / MSCOCO benchmarks
+(Karpathy split): every image is a query over all captions, every caption a query over all images, ranked by cosine
+similarity. Image -> text R@K is the fraction of images with at least one of their own captions in the top K;
+text -> image R@K the fraction of captions whose image is in the top K; the median rank is 1-based.
+
+Several captions per image: a sample's `.txt` may hold several lines, each one caption of that image (how COCO and
+Flickr30k's five captions are stored). Scores that tie with the ground truth do not push it down (ranks count the
+strictly better candidates), so identical captions of different images all count as hits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from vlp_lightning.callbacks.features import (
+    THUMBNAIL_SIZE,
+    EvaluationCallback,
+    encode_texts,
+    font,
+    has_text_tower,
+    log_picture,
+)
+
+RECALL_AT = (1, 5, 10)
+
+
+def split_captions(caption: str) -> list[str]:
+    """The captions of one sample: the non-empty lines of its `.txt`."""
+    return [line.strip() for line in caption.splitlines() if line.strip()]
+
+
+def retrieval_ranks(
+    image_features: Tensor, text_features: Tensor, text_to_image: Tensor, chunk_size: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """0-based ranks by cosine similarity: per image [N] that of its best-ranked own caption among all M texts, per
+    text [M] that of its image among all N images. `text_to_image` [M] is the image index of each text.
+
+    Works in chunks of `chunk_size` queries, so memory is chunk x (N or M), never N x M."""
+    images = F.normalize(image_features.float(), dim=-1)
+    texts = F.normalize(text_features.float(), dim=-1)
+    image_ranks = []
+    for start in range(0, images.shape[0], chunk_size):
+        scores = images[start : start + chunk_size] @ texts.T  # [b, M]
+        own = text_to_image[None, :] == torch.arange(start, start + scores.shape[0])[:, None]  # [b, M]
+        best_own = scores.masked_fill(~own, -torch.inf).amax(1, keepdim=True)  # [b, 1]
+        image_ranks.append((scores > best_own).sum(1))
+    text_ranks = []
+    for start in range(0, texts.shape[0], chunk_size):
+        scores = texts[start : start + chunk_size] @ images.T  # [b, N]
+        own = scores.gather(1, text_to_image[start : start + chunk_size, None])  # [b, 1]
+        text_ranks.append((scores > own).sum(1))
+    return torch.cat(image_ranks), torch.cat(text_ranks)
+
+
+def retrieval_metrics(image_ranks: Tensor, text_ranks: Tensor) -> dict[str, float]:
+    """`i2t_R@1/5/10`, `i2t_median_rank`, `t2i_R@1/5/10`, `t2i_median_rank` from the 0-based ranks."""
+    metrics = {}
+    for direction, ranks in (("i2t", image_ranks), ("t2i", text_ranks)):
+        for k in RECALL_AT:
+            metrics[f"{direction}_R@{k}"] = (ranks < k).float().mean().item()
+        metrics[f"{direction}_median_rank"] = (ranks + 1).float().median().item()
+    return metrics
+
+
+def examples_picture(thumbnails: Tensor, lines_per_query: list[list[tuple[str, bool]]]) -> np.ndarray:
+    """One row per query: its thumbnail, then its text lines, ground-truth ones green with a `*`. [H, W, 3] uint8."""
+    line_height, text_width, gap = 14, 520, 8
+    row_height = max(THUMBNAIL_SIZE, line_height * max(len(lines) for lines in lines_per_query)) + gap
+    canvas = Image.new("RGB", (THUMBNAIL_SIZE + 2 * gap + text_width, row_height * len(lines_per_query)), "white")
+    draw = ImageDraw.Draw(canvas)
+    typeface = font(11)
+    for row, (thumbnail, lines) in enumerate(zip(thumbnails, lines_per_query)):
+        top = row * row_height + gap // 2
+        canvas.paste(Image.fromarray(thumbnail.permute(1, 2, 0).numpy()), (gap // 2, top))
+        for place, (line, is_ground_truth) in enumerate(lines):
+            shown = line if len(line) <= 80 else line[:77] + "..."
+            marker = "*" if is_ground_truth else " "
+            colour = (0, 140, 40) if is_ground_truth else (60, 60, 60)
+            draw.text((THUMBNAIL_SIZE + gap, top + place * line_height), f"{marker}{shown}", fill=colour, font=typeface)
+    return np.asarray(canvas)
+
+
+def ranked_caption_lines(
+    top_texts: Tensor, texts: list[str], text_to_image: Tensor
+) -> list[list[tuple[str, bool]]]:
+    """Per query image (row of `top_texts` [Q, K], text indices best first): `1. caption` lines flagged when the
+    caption is the query's own, plus a `truth: ...` line when none of the K is."""
+    lines_per_query = []
+    for query, ranked in enumerate(top_texts.tolist()):
+        lines = [
+            (f"{place + 1}. {texts[text]}", int(text_to_image[text]) == query) for place, text in enumerate(ranked)
+        ]
+        if not any(is_ground_truth for _, is_ground_truth in lines):
+            own = int((text_to_image == query).nonzero()[0])
+            lines.append((f"truth: {texts[own]}", True))
+        lines_per_query.append(lines)
+    return lines_per_query
+
+
+class Retrieval(EvaluationCallback):
+    """Image -> text and text -> image R@1/5/10 and median rank, logged as `retrieval/<name>/i2t_R@1`, ...,
+    `retrieval/<name>/t2i_median_rank`, plus a TensorBoard picture `retrieval/<name>/examples`: the first
+    `num_examples` images with their top-5 captions, ground truth marked (and shown when not among them).
+
+    Needs a method with a text tower (`encode_text`) and a tokenizer; other methods skip it with one warning.
+
+    Args:
+        shards: captioned shard pattern (`.txt`; several lines = several captions of the image).
+        name: metric prefix.
+        max_samples: evaluate the first this many images (None: all).
+        num_examples: images shown in the TensorBoard picture.
+        every_n_epochs, batch_size, num_workers: see `EvaluationCallback`.
+    """
+
+    def __init__(
+        self,
+        shards: str,
+        name: str = "retrieval",
+        max_samples: int | None = None,
+        num_examples: int = 4,
+        every_n_epochs: int = 1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(every_n_epochs=every_n_epochs, batch_size=batch_size, num_workers=num_workers)
+        self.shards = shards
+        self.name = name
+        self.max_samples = max_samples
+        self.num_examples = num_examples
+
+    def evaluate(self, trainer: Trainer, method: LightningModule) -> dict[str, float]:
+        if not has_text_tower(method):
+            self.warn_once(f"Retrieval skipped: {type(method).__name__} has no text tower (encode_text)")
+            return {}
+        features = self.features(method, self.shards, self.max_samples)
+        if features.captions is None:
+            raise ValueError(f"Retrieval {self.name!r}: the shards {self.shards} have no .txt captions")
+        captions_per_image = [split_captions(caption) for caption in features.captions]
+        texts = [caption for captions in captions_per_image for caption in captions]
+        text_to_image = torch.tensor([image for image, captions in enumerate(captions_per_image) for _ in captions])
+        text_features = encode_texts(method, method.tokenizer, texts, self.batch_size)
+        image_ranks, text_ranks = retrieval_ranks(features.image, text_features, text_to_image)
+        metrics = retrieval_metrics(image_ranks, text_ranks)
+
+        def draw() -> np.ndarray:
+            queries = F.normalize(features.image[: self.num_examples], dim=-1)
+            top = (queries @ F.normalize(text_features, dim=-1).T).topk(min(5, len(texts)), dim=1).indices  # [Q, 5]
+            lines = ranked_caption_lines(top, texts, text_to_image)
+            return examples_picture(features.thumbnails[: self.num_examples], lines)
+
+        if self.num_examples > 0:
+            log_picture(trainer, f"retrieval/{self.name}/examples", draw)
+        return {f"retrieval/{self.name}/{metric}": value for metric, value in metrics.items()}
