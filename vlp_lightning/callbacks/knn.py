@@ -32,7 +32,7 @@ def weighted_knn_scores(
     votes = []
     for start in range(0, test.shape[0], chunk_size):
         similarity, neighbours = (test[start : start + chunk_size] @ train.T).topk(k, dim=1)  # [b, k]
-        weights = (similarity / temperature).exp()
+        weights = (similarity.float() / temperature).exp()  # float even under autocast: scatter needs one dtype
         chunk_votes = torch.zeros(similarity.shape[0], num_classes)
         votes.append(chunk_votes.scatter_add_(1, train_labels[neighbours], weights))
     return torch.cat(votes)

@@ -3,5 +3,6 @@
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.clip import CLIP
 from vlp_lightning.methods.convirt import ConVIRT
+from vlp_lightning.methods.swav import SwAV
 
-__all__ = ["VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT"]
+__all__ = ["VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "SwAV"]
