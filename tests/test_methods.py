@@ -94,3 +94,18 @@ def test_weight_decay_groups_exclude_norms_biases_and_temperatures(method):
     for name, param in method.named_parameters():
         if param.requires_grad and (param.ndim <= 1 or "logit_scale" in name or "prototypes" in name):
             assert id(param) in no_decay, name
+
+
+def test_clip_memoises_a_locked_text_tower_and_matches_the_uncached_features():
+    from vlp_lightning.modules import TextTransformer
+
+    torch.manual_seed(0)
+    method = methods.CLIP(text=TextTransformer(vocab_size=258, context_length=32, width=32, layers=1, heads=2,
+                                               locked=True))
+    tokens = method.tokenizer(["red apple", "blue car", "red apple"])
+    direct = method.text(tokens)
+    calls = []
+    method.text.register_forward_hook(lambda module, inputs, output: calls.append(output.shape[0]))
+    assert torch.allclose(method.text_features(tokens), direct, atol=1e-6)
+    assert torch.allclose(method.text_features(tokens), direct, atol=1e-6)
+    assert calls == [2]  # two distinct captions, encoded once

@@ -27,6 +27,10 @@ from vlp_lightning.modules.tokenizers import ByteTokenizer, Tokenizer
 from vlp_lightning.modules.vision import VisionEncoder
 
 
+#: most token sequences whose locked-text-tower features are kept (about 200 MB at width 512).
+TEXT_CACHE_SIZE = 100_000
+
+
 class CLIP(VLPMethod):
     """Dual-encoder contrastive image-text pretraining.
 
@@ -70,6 +74,7 @@ class CLIP(VLPMethod):
         self.max_logit_scale = max_logit_scale
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
+        self._locked_text_cache: dict[bytes, Tensor] = {}
 
     def projection_head(self, in_features: int, embed_dim: int) -> nn.Module:
         """CLIP uses a linear projection without bias into the joint space (sec. 2.4)."""
@@ -87,7 +92,26 @@ class CLIP(VLPMethod):
         return F.normalize(self.image_projection(self.vision(images)), dim=-1)
 
     def encode_text(self, text: dict[str, Tensor]) -> Tensor:
-        return F.normalize(self.text_projection(self.text(text)), dim=-1)
+        return F.normalize(self.text_projection(self.text_features(text)), dim=-1)
+
+    def text_features(self, text: dict[str, Tensor]) -> Tensor:
+        """Text tower output [N, width]. A locked tower (LiT-style) is a fixed function of the tokens, so its
+        outputs are memoised per token sequence (up to `TEXT_CACHE_SIZE` sequences): a pretrained text tower then
+        costs one forward per distinct caption instead of one per step."""
+        if not getattr(self.text, "locked", False):
+            return self.text(text)
+        input_ids, mask = text["input_ids"], text["attention_mask"]
+        keys = [row.tobytes() for row in input_ids.cpu().numpy()]
+        first_index = {key: index for index, key in reversed(list(enumerate(keys)))}
+        missing = sorted(index for key, index in first_index.items() if key not in self._locked_text_cache)
+        if missing:
+            rows = torch.tensor(missing, device=input_ids.device)
+            with torch.no_grad():
+                computed = self.text({"input_ids": input_ids[rows], "attention_mask": mask[rows]}).float()
+            if len(self._locked_text_cache) + len(missing) > TEXT_CACHE_SIZE:
+                self._locked_text_cache.clear()
+            self._locked_text_cache.update({keys[index]: row for index, row in zip(missing, computed)})
+        return torch.stack([self._locked_text_cache[key] for key in keys])
 
     def contrastive_loss(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         logit_scale = self.logit_scale.float().exp().clamp(max=self.max_logit_scale)
