@@ -1,0 +1,57 @@
+"""Every recipe in experiments/ parses with the CLI; every tiny one trains a step on generated shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vlp_lightning.cli import main
+
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+RECIPES = sorted(path for path in EXPERIMENTS.glob("*/*.yaml") if path.parent.name != "trainer")
+TINY = [path for path in RECIPES if path.stem.endswith("_tiny")]
+FRAGMENTS = sorted((EXPERIMENTS / "trainer").glob("*.yaml"))
+
+
+def recipe_id(path: Path) -> str:
+    return f"{path.parent.name}/{path.stem}"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    monkeypatch.setattr("sys.argv", ["vlp"])
+    monkeypatch.chdir(tmp_path)
+
+
+def test_there_are_recipes_for_every_method_family():
+    families = {path.parent.name for path in TINY}
+    assert {"clip", "convirt", "align", "swav", "mae", "selfie", "sit"} <= families
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=recipe_id)
+def test_recipe_parses(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "class_path" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda path: path.stem)
+def test_trainer_fragment_stacks_on_a_recipe(fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(EXPERIMENTS / "clip/emoji_tiny.yaml"), "--config", str(fragment),
+              "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "strategy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", TINY, ids=recipe_id)
+def test_tiny_recipe_trains_a_step(recipe, make_shards, tmp_path):
+    shards = make_shards(tmp_path / "shards", n=16, per_shard=16, image_size=32)
+    main(["fit", "--config", str(recipe), "--data.train_shards", shards.pattern, "--data.val_shards", "null",
+          "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.max_steps", "1",
+          "--trainer.callbacks", "[]", "--trainer.val_check_interval", "1.0", "--trainer.check_val_every_n_epoch", "1",
+          "--trainer.enable_progress_bar", "false",
+          "--trainer.enable_model_summary", "false"])
+    assert list((tmp_path / "runs").glob("*/*/checkpoints/last.ckpt"))
