@@ -8,10 +8,13 @@ bar and a fixed seed. Bad input ends with one sentence and exit code 2, never a 
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 from pathlib import Path
 
+import torch
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -19,7 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from data_modules import DataConfigError
 from vlp_lightning import methods
 from vlp_lightning.callbacks.non_finite_loss import NonFiniteLossError, NonFiniteLossGuard
-from vlp_lightning.methods.base import VLPMethod
+from vlp_lightning.methods.base import CheckpointMismatchError, VLPMethod
 
 DESCRIPTION = (
     "vlp_lightning: train and evaluate vision / vision-language pretraining methods. "
@@ -105,6 +108,39 @@ class VLPCLI(LightningCLI):
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(run_dir / "checkpoints")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would overlay a checkpoint's saved hyper-parameters on the config, silently replacing the method
+        or arguments the user set. Here the config stays the truth and a checkpoint that contradicts it is refused
+        in one sentence (weight shapes are checked again when it loads, in `VLPMethod.on_load_checkpoint`)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():  # "last", or a sharded checkpoint folder
+            return
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        conflict = _hyper_parameter_conflict(checkpoint.get("hyper_parameters", {}), self.config[subcommand].model)
+        if conflict:
+            raise CheckpointMismatchError(
+                f"{ckpt_path} {conflict}; resume with the method and arguments it was trained with, or start a new "
+                "run with --experiment <name>"
+            )
+
+
+def _hyper_parameter_conflict(saved: dict, model: Namespace) -> str | None:
+    """What the checkpoint's saved hyper-parameters contradict in the model config, in words, or None."""
+    saved_class = saved.get("_class_path")
+    if saved_class and _import_class(saved_class) is not _import_class(model.class_path):
+        return f"was written by {saved_class}, not {model.class_path}"
+    for name, value in saved.items():
+        configured = (model.init_args or {}).get(name, value)
+        if not name.startswith("_") and configured != value:
+            return f"was trained with model.init_args.{name}={value!r}, but the config sets {configured!r}"
+    return None
+
+
+def _import_class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
 
 def _config_stem(config) -> str | None:
     paths = config.get("config") or []
@@ -115,7 +151,7 @@ def main(args: list[str] | None = None) -> None:
     """Console entry point of `vlp`."""
     try:
         VLPCLI(args=args)
-    except DataConfigError as error:
+    except (DataConfigError, CheckpointMismatchError) as error:
         sys.stderr.write(f"vlp: error: {error}\n")
         sys.exit(2)
     except NonFiniteLossError as error:

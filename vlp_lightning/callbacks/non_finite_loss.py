@@ -9,6 +9,7 @@ how many steps it skipped (`train/skipped_non_finite_steps`).
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
@@ -35,22 +36,40 @@ class NonFiniteLossGuard(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
         if "16-mixed" == str(trainer.precision):
             return  # fp16's GradScaler skips inf steps itself and lowers the scale
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads or all(torch.isfinite(g).all() for g in grads):
+        bad = _non_finite_gradients(pl_module)
+        # Sharded gradients (FSDP) put a NaN on one rank only: every rank must take the same decision.
+        if trainer.strategy.reduce_boolean_decision(not bad, all=True):
             return
         if self.action == "skip" and self.skipped < self.max_skipped:
             self.skipped += 1
             optimizer.zero_grad(set_to_none=True)
             pl_module.log("train/skipped_non_finite_steps", float(self.skipped))
             return
+        where = f" ({len(bad)} gradient tensors, first {bad[0]})" if bad else " (on another rank)"
         raise NonFiniteLossError(
-            f"non-finite loss or gradients at step {trainer.global_step} (epoch {trainer.current_epoch}); "
+            f"non-finite loss or gradients at step {trainer.global_step} (epoch {trainer.current_epoch}){where}; "
             f"the last good checkpoint is {_last_checkpoint(trainer)} and was left untouched. Lower the learning "
             "rate, use bf16 instead of fp16, or set --non_finite.action skip to drop such steps."
         )
 
 
+def _non_finite_gradients(module: LightningModule) -> list[str]:
+    """Names of the parameters whose (local shard of the) gradient holds a NaN or Inf; one host sync per step."""
+    named = [(name, p.grad) for name, p in module.named_parameters() if p.grad is not None]
+    if not named:
+        return []
+    local = [grad.to_local() if hasattr(grad, "to_local") else grad for _, grad in named]  # DTensor under FSDP2
+    finite = torch.stack([torch.isfinite(grad).all() for grad in local])
+    if bool(finite.all()):
+        return []
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+
+
 def _last_checkpoint(trainer: Trainer) -> str:
+    """The last saved checkpoint; `last.ckpt` is a link (`save_last: link`), so name the file it points to as well."""
     callback = trainer.checkpoint_callback
     path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-    return path or "none (no checkpoint was saved yet)"
+    if not path:
+        return "none (no checkpoint was saved yet)"
+    target = os.path.realpath(path)
+    return path if target == os.path.abspath(path) else f"{path} (-> {os.path.basename(target)})"

@@ -17,9 +17,12 @@ methods; the training / validation / test steps are here, once.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -63,7 +66,7 @@ class VLPMethod(LightningModule):
         optimizer: callable building the optimizer from parameter groups (default AdamW; set `lr`, `weight_decay`
             in YAML under `model.init_args.optimizer.init_args`).
         lr_scheduler: callable building a per-step scheduler from the optimizer (default `WarmupCosineLR`).
-        compile: wrap the encoders with `torch.compile` in `configure_model`.
+        compile: compile the encoders with `torch.compile` (in place, same state-dict keys) in `configure_model`.
     """
 
     #: batch keys this method needs from the data; the data module checks them at setup.
@@ -90,6 +93,8 @@ class VLPMethod(LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.compile_encoders = compile
         self.tokenizer = None
+        self._scale_configured = False
+        self._pending_rng_states: dict | None = None
 
     # ------------------------------------------------------------------ protocol
     @property
@@ -133,6 +138,7 @@ class VLPMethod(LightningModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        self._restore_rng_states()
         return self._step(batch, "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -174,21 +180,132 @@ class VLPMethod(LightningModule):
                 yield module
 
     def configure_model(self) -> None:
-        """Apply FSDP2 sharding (ModelParallelStrategy) block by block, then optional torch.compile."""
-        mesh = getattr(self, "device_mesh", None)
+        """Shard with FSDP2 under ModelParallelStrategy, then optionally compile the encoders.
+
+        No method uses tensor parallelism, so every process is a data-parallel rank. Mesh dimensions of size 1 are
+        dropped: what remains is one dimension (FSDP: shard over all processes) or, with Lightning's default
+        `data_parallel_size: auto` (= nodes) x `tensor_parallel_size: auto` (= devices per node), two (HSDP:
+        replicate across nodes, shard within a node). Each transformer block is a unit of its own, then each
+        trainable child, so only one block's full weights exist at a time. Lightning calls this hook at every
+        fit/validate/test, hence the guard.
+        """
+        if self._scale_configured:
+            return
+        self._scale_configured = True
+        mesh = self._device_mesh
         if mesh is not None:
             from torch.distributed.fsdp import fully_shard
 
-            data_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+            used = tuple(name for name in mesh.mesh_dim_names if mesh[name].size() > 1)
+            shard_mesh = mesh[used] if used else mesh[mesh.mesh_dim_names[0]]
             for block in self.encoder_blocks():
-                fully_shard(block, mesh=data_mesh)
+                fully_shard(block, mesh=shard_mesh)
             for child in self.children():
                 if any(p.requires_grad for p in child.parameters()):
-                    fully_shard(child, mesh=data_mesh)
+                    fully_shard(child, mesh=shard_mesh)
         if self.compile_encoders:
-            for name, child in list(self.named_children()):
+            for name, child in self.named_children():
                 if name in {"vision", "text"}:
-                    setattr(self, name, torch.compile(child))
+                    child.compile()  # in place: state-dict keys stay the same as without compile
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Under FSDP2, parameters of the method itself (CLIP's logit scale, learned tokens) sit outside every
+        sharded module, so nothing synchronises them: average their gradients across ranks as DDP would, or each
+        rank's copy drifts apart. Such parameters take part in every step on every rank (a gradient dropped by the
+        non-finite guard is dropped on all ranks alike)."""
+        if self._device_mesh is None or self._device_mesh.size() == 1:
+            return
+        from torch.distributed.tensor import DTensor
+
+        for param in self.parameters():
+            if param.grad is not None and not isinstance(param, DTensor):
+                dist.all_reduce(param.grad)  # SUM: gloo has no AVG
+                param.grad /= self._device_mesh.size()
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record which method wrote the checkpoint and every rank's RNG states (exact resume of random masking,
+        noise, ...). Lightning calls this on every rank, so the gather is collective."""
+        states = [_rng_states()]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, _rng_states())
+        checkpoint["vlp"] = {"method": _class_path(self), "rng_states": states}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse, in one sentence, a checkpoint of another method or another architecture (before Lightning's
+        strict load would print a list of keys); keep this rank's RNG states for the first training step."""
+        attached = self._trainer is not None  # load_from_checkpoint calls this hook without a trainer
+        source = self.trainer.ckpt_path if attached else "the checkpoint"
+        stored = checkpoint.get("vlp", {})
+        written_by = stored.get("method")
+        if written_by is not None and written_by != _class_path(self):
+            raise CheckpointMismatchError(
+                f"{source} was written by {written_by}, not {_class_path(self)}; resume with the method that wrote "
+                "it, or start a new run with --experiment <name>"
+            )
+        if "state_dict" in checkpoint:
+            differences = _state_dict_differences(checkpoint["state_dict"], self.state_dict(), self.strict_loading)
+            if differences:
+                raise CheckpointMismatchError(
+                    f"{source} does not fit this {type(self).__name__}: the architecture changed since it was saved "
+                    f"({len(differences)} tensors differ, e.g. {'; '.join(differences[:3])}); resume with the model "
+                    "arguments it was trained with, or start a new run with --experiment <name>"
+                )
+        states = stored.get("rng_states") or []
+        rank, world_size = (self.global_rank, self.trainer.world_size) if attached else (0, 1)
+        self._pending_rng_states = states[rank] if len(states) == world_size else None
+
+    def _restore_rng_states(self) -> None:
+        """Set the RNG states a checkpoint carried right before the first resumed step: later than
+        on_load_checkpoint, because creating the data loader iterator draws from the global RNG."""
+        if self._pending_rng_states is not None:
+            _set_rng_states(self._pending_rng_states)
+            self._pending_rng_states = None
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint written by another method or for another architecture; the CLI prints it in one line."""
+
+
+def _class_path(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _state_dict_differences(stored: dict[str, Tensor], current: dict[str, Tensor], strict: bool) -> list[str]:
+    """Human-readable differences between a stored and the current state dict: shapes, then missing/extra keys."""
+    differences = [
+        f"{key} is {list(stored[key].shape)} in the checkpoint but {list(value.shape)} now"
+        for key, value in current.items()
+        if key in stored and stored[key].shape != value.shape
+    ]
+    if strict:
+        differences += [f"{key} is missing from the checkpoint" for key in current if key not in stored]
+        differences += [f"{key} is not in this model" for key in stored if key not in current]
+    return differences
+
+
+def _rng_states() -> dict:
+    """The global RNGs (torch, CUDA, numpy, python) as types `torch.load(weights_only=True)` accepts."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, keys.tolist(), position, has_gauss, cached_gaussian),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"].cpu())
+    kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _batch_size(batch: dict) -> int:
