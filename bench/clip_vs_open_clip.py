@@ -28,7 +28,8 @@ batches during the others' turns, as it would during a solo run's compute). MFU 
 contender in its first turn; the best of the group is the machine's ceiling).
 
 Causes: the CPU time of each optimizer update is clocked (optimizer step hooks; in Lightning from
-`on_before_optimizer_step`, after the closure's forward and backward), and the last warm-up step is profiled with
+`on_before_optimizer_step`, after the closure's forward and backward), so is the time Lightning's callbacks take
+between backward and update (the suite's NaN guard runs there), and the last warm-up step is profiled with
 torch.profiler: the share of matmul-like kernels (matmul, attention, convolution) and the top operators.
 
 Usage: python bench/clip_vs_open_clip.py [--quick] [--threads 1] [--workers 1] [--clock cpu] [--only bare ...]
@@ -98,9 +99,10 @@ def recommended_precision() -> str:
 def recommended_overrides() -> list[str]:
     """`vlp fit` arguments that make the tiny CLIP train fastest on a CPU (measured with this bench).
 
-    Fused AdamW updates all parameters in one kernel per group; the default for-loop AdamW launches a dozen
-    kernels for each of 140 tensors (the 9.5 M-entry token embedding among them) and took about a fifth of a CPU
-    step. torch.compile is not here: compiling took minutes on 2 cores and gave no measurable gain on this model.
+    Fused AdamW updates all parameters in one kernel per group; the default for-loop AdamW runs eight kernels for
+    each of 134 tensors (the 9.5 M-entry token embedding among them) and took 11 % of a CPU step at batch 64 (20 % at
+    batch 32), fused 1 %. torch.compile is not here: compiling took four minutes on 2 cores and gave no measurable
+    gain on this model. Thread count and workers stay those of every contender (see `--threads`).
     """
     return ["--model.init_args.optimizer.init_args.fused=true"]
 
@@ -211,6 +213,8 @@ class TurnClock:
         self.probes = StepProbes(args.warmup, count_flops)
         self.ceiling: dict[str, float] = {}
         self.steps: list[StepTime] = []
+        #: Lightning only: CPU seconds from the end of backward to the optimizer update (other callbacks' hooks).
+        self.pre_update_hooks: list[float] = []
         self._turn_start = self._ready = Instant.now()
 
     def begin(self) -> None:
@@ -280,7 +284,11 @@ def run_vlp_fit(
     from vlp_lightning.cli import VLPCLI
 
     class TurnClockCallback(Callback):
-        """Lightning fetches the next batch between `on_train_batch_end` and `on_train_batch_start`."""
+        """Lightning fetches the next batch between `on_train_batch_end` and `on_train_batch_start`. Being the last
+        callback, its `on_before_optimizer_step` runs after every other callback's (the suite's NaN guard)."""
+
+        def __init__(self) -> None:
+            self._backward_done = 0.0
 
         def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
             clock.begin()
@@ -288,7 +296,11 @@ def run_vlp_fit(
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             clock.batch_ready()
 
+        def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+            self._backward_done = time.process_time()
+
         def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            clock.pre_update_hooks.append(time.process_time() - self._backward_done)
             updates.start()
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -404,36 +416,38 @@ def contender_process(
         "profile": clock.probes.profile,
         "steps": [vars(step) for step in clock.steps[args.warmup :]],
         "update_cpu_s": updates.seconds[args.warmup :],
+        "pre_update_hooks_cpu_s": clock.pre_update_hooks[args.warmup :],
         "load_average_1min": os.getloadavg()[0],
     }
     (args.workdir / f"{run_name}.json").write_text(json.dumps(result))
 
 
 def run_group(contenders: list[str], precision: str, args: argparse.Namespace) -> list[dict]:
-    """Fork one process per contender, let them run in lockstep, collect their results. When one fails, the others
-    are stopped (they would wait for its turns) and its log is shown."""
+    """Fork one process per contender, let them run in lockstep, collect their results. When one fails (or this
+    process is interrupted) the others are stopped, since they would wait for its turns, and its log is shown."""
     lockstep = Lockstep(len(contenders), timeout=args.turn_timeout)
     context = multiprocessing.get_context("fork")
-    children = [
-        context.Process(target=contender_process, args=(contender, precision, lockstep, index, args))
+    children = {
+        contender: context.Process(target=contender_process, args=(contender, precision, lockstep, index, args))
         for index, contender in enumerate(contenders)
-    ]
-    for child in children:
+    }
+    for child in children.values():
         child.start()
-    while any(child.is_alive() for child in children):
-        failed = [(contender, child) for contender, child in zip(contenders, children) if child.exitcode]
-        if failed:
-            for child in children:
-                if child.is_alive():
-                    child.terminate()
-            contender, child = failed[0]
-            sys.stdout.write((args.workdir / f"{contender}-{precision}.log").read_text()[-4000:])
-            raise RuntimeError(f"{contender} ({precision}) failed with exit code {child.exitcode} (log above)")
-        time.sleep(0.5)
-    for contender, child in zip(contenders, children):
-        if child.exitcode != 0:
-            sys.stdout.write((args.workdir / f"{contender}-{precision}.log").read_text()[-4000:])
-            raise RuntimeError(f"{contender} ({precision}) failed with exit code {child.exitcode} (log above)")
+    try:
+        running = True
+        while running:
+            time.sleep(0.5)
+            running = any(child.is_alive() for child in children.values())
+            for contender, child in children.items():
+                if child.exitcode:
+                    log = args.workdir / f"{contender}-{precision}.log"
+                    sys.stdout.write(log.read_text()[-4000:])
+                    raise RuntimeError(f"{contender} ({precision}) failed with exit code {child.exitcode} (log above)")
+    finally:
+        for child in children.values():
+            if child.is_alive():
+                child.terminate()
+                child.join()
     return [json.loads((args.workdir / f"{contender}-{precision}.json").read_text()) for contender in contenders]
 
 
@@ -533,6 +547,7 @@ def summarise(runs: list[dict], batch_size: int, clock: str) -> dict[str, dict]:
         ceiling = ceilings[run["precision"]]
         achieved = run["flops_per_step"] / summary[f"median_step_{clock}_s"] if run["flops_per_step"] else None
         update = statistics.median(run["update_cpu_s"])
+        hooks = statistics.median(run["pre_update_hooks_cpu_s"]) if run["pre_update_hooks_cpu_s"] else 0.0
         summaries[f"{run['contender']}/{run['precision']}"] = {
             "contender": run["contender"],
             "precision": run["precision"],
@@ -543,6 +558,8 @@ def summarise(runs: list[dict], batch_size: int, clock: str) -> dict[str, dict]:
             "mfu": achieved / ceiling[clock] if achieved else None,
             "median_update_cpu_s": update,
             "update_share_of_step_cpu": update / summary["median_step_cpu_s"],
+            "median_pre_update_hooks_cpu_s": hooks,
+            "pre_update_hooks_share_of_step_cpu": hooks / summary["median_step_cpu_s"],
             "profile": run["profile"],
             "load_average_1min": run["load_average_1min"],
         }
@@ -576,7 +593,7 @@ def find_targets(summaries: dict[str, dict], clock: str) -> list[Target]:
 def print_table(summaries: dict[str, dict], clock: str) -> None:
     print(
         f"\n{'contender':<20} {'prec':<5} {'samples/s':>9} {'wall':>6} {'vs open_clip':>12} {'data wait':>9} "
-        f"{'GFLOP/s':>7} {'ceiling':>7} {'MFU':>5} {'update':>6} {'matmul':>6}"
+        f"{'GFLOP/s':>7} {'ceiling':>7} {'MFU':>5} {'update':>6} {'hooks':>5} {'matmul':>6}"
     )
     for summary in summaries.values():
         reference = summaries.get(f"open_clip/{summary['precision']}") or summaries.get("open_clip/fp32")
@@ -590,11 +607,13 @@ def print_table(summaries: dict[str, dict], clock: str) -> None:
             f"{summary['samples_per_s_wall']:>6.1f} {vs_open_clip:>12} {summary['data_wait_fraction']:>9.1%} "
             f"{(summary[f'achieved_flops_{clock}'] or 0) / 1e9:>7.1f} "
             f"{summary['matmul_ceiling_flops'][clock] / 1e9:>7.1f} {summary['mfu'] or 0:>5.2f} "
-            f"{summary['update_share_of_step_cpu']:>6.0%} {matmul_share:>6.0%}"
+            f"{summary['update_share_of_step_cpu']:>6.0%} {summary['pre_update_hooks_share_of_step_cpu']:>5.0%} "
+            f"{matmul_share:>6.0%}"
         )
     print(
         f"samples/s, vs open_clip (same precision), GFLOP/s, ceiling and MFU on the {clock} clock; wall = samples/s "
-        "on the wall clock; update = optimizer update / step (CPU); matmul = matmul-like kernels / profiled step"
+        "on the wall clock; update = optimizer update / step (CPU); hooks = Lightning callbacks between backward "
+        "and update / step (CPU); matmul = matmul-like kernels / profiled step"
     )
 
 
