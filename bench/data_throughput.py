@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
-import platform
 import random
 import resource
 import sys
@@ -32,6 +29,8 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import Target, write_result  # noqa: E402
 
 from data_modules.manifest import write_manifest  # noqa: E402
 from data_modules.pipeline import SampleDecoder, make_loader  # noqa: E402
@@ -118,7 +117,6 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=None, help="samples per epoch (default 3000, quick 1500)")
     parser.add_argument("--views", choices=sorted(VIEWS), default="single")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "data_throughput.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     count = args.samples or (1500 if args.quick else 3000)
@@ -138,30 +136,27 @@ def main() -> int:
                          "per_worker_per_cpu_s": worker_rate, "per_worker_fraction_of_raw": worker_rate / raw})
             print(f"{num_workers:>8} {raw:>13.0f} {wall_rate:>16.0f} {worker_rate:>13.0f} {worker_rate / raw:>15.2f}")
 
-    targets = []
-    for row in rows:
-        name = f"decode+augment per worker / raw decode, {row['num_workers']} workers"
-        measured = row["per_worker_fraction_of_raw"]
-        targets.append({"name": name, "measured": measured, "goal": GOAL_FRACTION, "pass": measured >= GOAL_FRACTION})
-    result = {
-        "benchmark": "data_throughput",
-        "quick": args.quick,
-        "samples": count,
-        "image_size": IMAGE_SIZE,
-        "views": args.views,
-        "batch_size": args.batch_size,
-        "clock": "process_time (num_workers=0) / RUSAGE_CHILDREN (workers)",
-        "machine": {"processor": platform.processor(), "python": platform.python_version(),
-                    "torch": torch.__version__, "cpus": os.cpu_count()},
-        "rows": rows,
-        "targets": targets,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    targets = [
+        Target(f"decode+augment per worker / raw decode, {row['num_workers']} workers",
+               row["per_worker_fraction_of_raw"], GOAL_FRACTION)
+        for row in rows
+    ]
+    path = write_result(
+        "data_throughput",
+        {
+            "quick": args.quick,
+            "samples": count,
+            "image_size": IMAGE_SIZE,
+            "views": args.views,
+            "batch_size": args.batch_size,
+            "clock": "process_time (num_workers=0) / RUSAGE_CHILDREN (workers)",
+            "rows": rows,
+            "targets": [target.as_dict() for target in targets],
+        },
+    )
+    print(f"wrote {path}")
     for target in targets:
-        verdict = "PASS" if target["pass"] else "MISS"
-        print(f"target {target['name']}: {target['measured']:.2f} (goal >= {target['goal']:.2f}) {verdict}")
+        print(target.line())
     return 0
 
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import platform
 import random
 import sys
 import tarfile
@@ -37,6 +35,8 @@ from lightning.pytorch import Trainer
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import Target, write_result  # noqa: E402
 
 from data_modules.manifest import write_manifest  # noqa: E402
 from data_modules.pipeline import make_eval_loader  # noqa: E402
@@ -127,7 +127,6 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default=None, help="default: bf16-mixed on cuda, 32-true on cpu")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "eval_throughput.json")
     args = parser.parse_args()
     count = args.images or (192 if args.quick else 2048)
     precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
@@ -168,27 +167,22 @@ def main() -> None:
                               "fraction": fraction}
                 print(f"{name:>10}: callback {callback_rate:8.1f} {unit}, bare loop {bare_rate:8.1f} {unit}, "
                       f"fraction {fraction:.2f}")
-                targets.append({"name": f"{name}_vs_bare_loop", "measured": fraction, "goal": GOAL_FRACTION,
-                                "pass": fraction >= GOAL_FRACTION})
+                targets.append(Target(f"{name}_vs_bare_loop", fraction, GOAL_FRACTION))
 
-    report = {
-        "benchmark": "eval_throughput",
-        "quick": args.quick,
-        "config": {"images": count, "image_size": IMAGE_SIZE, "batch_size": args.batch_size, "repeats": repeats,
-                   "device": args.device, "clock": clock.__name__, "unit": unit, "threads": args.threads,
-                   "precision": precision, "model": "CLIP tiny"},
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
-        "results": rows,
-        "targets": targets,
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_result(
+        "eval_throughput",
+        {
+            "quick": args.quick,
+            "config": {"images": count, "image_size": IMAGE_SIZE, "batch_size": args.batch_size, "repeats": repeats,
+                       "device": args.device, "clock": clock.__name__, "unit": unit, "threads": args.threads,
+                       "precision": precision, "model": "CLIP tiny"},
+            "results": rows,
+            "targets": [target.as_dict() for target in targets],
+        },
+    )
     for target in targets:
-        verdict = "PASS" if target["pass"] else "MISS"
-        print(f"target {target['name']}: {target['measured']:.2f} (goal >= {target['goal']:.2f}) {verdict}")
-    print(f"wrote {args.output}")
-
+        print(target.line())
+    print(f"wrote {path}")
 
 if __name__ == "__main__":
     main()

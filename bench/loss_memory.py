@@ -17,19 +17,17 @@ Usage: python bench/loss_memory.py [--quick]   (writes bench/results/loss_memory
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing
 import os
-import platform
 import resource
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import Target, write_result
 
 from vlp_lightning.losses.contrastive import weighted_two_way_infonce
 
@@ -152,7 +150,6 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256, help="embedding width")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--max-gib", type=float, default=6.0, help="skip points whose estimated peak exceeds this")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "loss_memory.json")
     args = parser.parse_args()
 
     largest = 8 * 1024 if args.quick else 32 * 1024
@@ -171,28 +168,24 @@ def main() -> None:
     )
 
     print()
-    targets = []
-    for mode, (goal, comparison) in SLOPE_GOALS.items():
-        measured = fixed_local["slopes"].get(mode, {}).get("memory")
-        passed = measured is not None and (measured <= goal if comparison == "<=" else measured >= goal)
-        shown = "n/a" if measured is None else f"{measured:.2f}"
-        name = f"{mode}_memory_slope"
-        print(f"target {name}: {shown} (goal {comparison}{goal}) {'PASS' if passed else 'MISS'}")
-        targets.append({"name": name, "measured": measured, "goal": f"{comparison}{goal}", "passed": passed})
-
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "benchmark": "loss_memory",
-        "quick": args.quick,
-        "config": {"local_batch": args.local_batch, "dim": args.dim, "threads": args.threads, "max_gib": args.max_gib},
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
-        "fixed_local_batch": fixed_local,
-        "two_processes": two_processes,
-        "targets": targets,
-    }
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
-
+    targets = [
+        Target(f"{mode}_memory_slope", fixed_local["slopes"].get(mode, {}).get("memory"), goal, comparison)
+        for mode, (goal, comparison) in SLOPE_GOALS.items()
+    ]
+    path = write_result(
+        "loss_memory",
+        {
+            "quick": args.quick,
+            "config": {"local_batch": args.local_batch, "dim": args.dim, "threads": args.threads,
+                       "max_gib": args.max_gib},
+            "fixed_local_batch": fixed_local,
+            "two_processes": two_processes,
+            "targets": [target.as_dict() for target in targets],
+        },
+    )
+    print(f"wrote {path}")
+    for target in targets:
+        print(target.line())
 
 if __name__ == "__main__":
     main()

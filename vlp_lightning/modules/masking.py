@@ -91,10 +91,14 @@ def vit_tokens(vit: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def vit_transformer(vit: nn.Module, tokens: Tensor) -> Tensor:
-    """Run a timm ViT's blocks and final norm on any token sequence [N, T, width] (honours grad checkpointing)."""
+    """Run a timm ViT's blocks and final norm on any token sequence [N, T, width] (honours grad checkpointing).
+
+    With `global_pool="avg"` timm moves the final LayerNorm after the pooling (`fc_norm`, `norm` is Identity);
+    it is applied to every token here, so a decoder still reads normalised tokens."""
     if vit.grad_checkpointing and torch.is_grad_enabled():
         tokens = checkpoint_seq(vit.blocks, tokens)
     else:
         tokens = vit.blocks(tokens)
-    return vit.norm(tokens)
+    norm = vit.norm if not isinstance(vit.norm, nn.Identity) else getattr(vit, "fc_norm", vit.norm)
+    return norm(tokens)
 
