@@ -25,7 +25,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vlp_lightning.methods.base import _batch_size
+from vlp_lightning.methods.base import batch_size_of
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -116,7 +116,7 @@ class ThroughputMonitor(Callback):
         else:
             self._window_step += now - self._batch_start
             self._window_batches += 1
-            self._window_samples += _batch_size(batch)
+            self._window_samples += batch_size_of(batch)
             if self._window_batches >= self.every_n_steps:
                 self._log_window(trainer, pl_module)
         self._last_end = time.perf_counter()

@@ -126,7 +126,7 @@ class VLPMethod(LightningModule):
         outputs = self.forward_loss(batch)
         loss = outputs["loss"]
         options = dict(
-            batch_size=_batch_size(batch),
+            batch_size=batch_size_of(batch),
             on_step=stage == "train",
             on_epoch=stage != "train",
             sync_dist=stage != "train",
@@ -308,7 +308,8 @@ def _set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _batch_size(batch: dict) -> int:
+def batch_size_of(batch: dict) -> int:
+    """Samples in a batch: rows of its image tensor (of the first view for multi-view batches), else its keys."""
     images = batch.get("image")
     if isinstance(images, (list, tuple)):
         images = images[0]

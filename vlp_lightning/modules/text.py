@@ -155,7 +155,12 @@ class HFTextEncoder(LockableEncoder):
             # we pool ourselves; an unused pooler would leave parameters without gradients (an error under DDP)
             self.model.pooler = None
         if grad_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5 renamed it (the old name warns and goes in v6); 4.x has only the old one
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.pooling = pooling
         self.num_features: int = self.model.config.hidden_size
         if locked:
