@@ -91,12 +91,12 @@ SSL_RECIPES = ["swav/emoji_tiny", "mae/fashion_mnist_tiny"]
 @pytest.mark.parametrize("recipe", SSL_RECIPES)
 @pytest.mark.parametrize("method", SSL_METHODS)
 def test_self_supervised_methods_swap_into_emoji_and_fashion_mnist_recipes(recipe, method, make_shards, tmp_path):
-    """Only the data paths are overridden (generated shards); the method changes by `--model` alone, and its
+    """Only the data (16 generated samples) is overridden; the method changes by `--model` alone, and its
     views, resolution and optimizer come from the recipe and the method's own defaults."""
     shards = make_shards(tmp_path / "shards", n=16, per_shard=16, image_size=32)
     run_vlp("fit", "--config", str(Path(__file__).parents[1] / f"experiments/{recipe}.yaml"),
             "--model", f"vlp_lightning.methods.{method}",
             "--data.train_shards", shards.pattern, "--data.val_shards", "null", "--data.batch_size", "4",
             "--data.num_workers", "0", "--trainer.max_steps", "1", "--trainer.callbacks", "[]",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false")
+            "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false")
     assert (tmp_path / f"runs/{method.lower()}/{recipe.split('/')[1]}/checkpoints/last.ckpt").is_file()
