@@ -41,7 +41,7 @@ from data_modules.pipeline import make_eval_loader  # noqa: E402
 from vlp_lightning.callbacks import EvaluationCallback, extract_features  # noqa: E402
 from vlp_lightning.callbacks.features import classification_metrics, evaluation_mode  # noqa: E402
 from vlp_lightning.callbacks.knn import weighted_knn_scores  # noqa: E402
-from vlp_lightning.callbacks.linear_probe import fit_logistic_regression  # noqa: E402
+from vlp_lightning.callbacks.linear_probe import linear_probe_scores  # noqa: E402
 from vlp_lightning.cli import VLPCLI  # noqa: E402
 
 METHODS = ("swav", "mae", "selfie", "sit")
@@ -136,9 +136,7 @@ def pretrain(method: str, budget_s: float, steps: int | None = None) -> tuple[VL
 def probe_scores(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor):
     """kNN and linear-probe top-1 on one feature set."""
     knn = weighted_knn_scores(train, train_labels, test, NUM_CLASSES, k=20, temperature=0.07)
-    mean, std = train.double().mean(0), train.double().std(0).clamp_min(1e-6)
-    weight, bias = fit_logistic_regression((train - mean) / std, train_labels, NUM_CLASSES, 1.0, max_iter=1000)
-    linear = ((test.double() - mean) / std) @ weight.T + bias
+    linear = linear_probe_scores(train, train_labels, test, NUM_CLASSES, standardize=True)
     return {
         "knn_top1": classification_metrics(knn, test_labels, NUM_CLASSES)["top1"],
         "linear_top1": classification_metrics(linear, test_labels, NUM_CLASSES)["top1"],

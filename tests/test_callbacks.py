@@ -40,6 +40,7 @@ from vlp_lightning.callbacks import (
     ZeroShotDataset,
     build_zero_shot_classifier,
     fit_logistic_regression,
+    linear_probe_scores,
     retrieval_metrics,
     retrieval_ranks,
     weighted_knn_scores,
@@ -273,6 +274,16 @@ def test_linear_probe_matches_scikit_learn_logistic_regression() -> None:
     np.testing.assert_allclose(probabilities.numpy(), reference.predict_proba(features.double().numpy()), atol=1e-5)
     np.testing.assert_allclose(weight.numpy(), reference.coef_, atol=1e-4)  # the penalty fixes W (rows sum to 0)
     assert (probabilities.argmax(1) == labels).float().mean() > 0.7
+
+
+def test_standardized_linear_probe_matches_scikit_learn_on_standardized_features_whatever_the_feature_scale() -> None:
+    _, features, labels = clustered_features(3, 40, 8, noise=0.8, seed=8)
+    features = features.double()
+    scaled = features * torch.logspace(-3, 3, 8, dtype=torch.float64) + 50.0  # wildly different scales, offsets
+    scores = linear_probe_scores(scaled, labels, scaled, num_classes=3, standardize=True)
+    standardized = ((features - features.mean(0)) / features.std(0)).double().numpy()
+    reference = LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit(standardized, labels.numpy())
+    np.testing.assert_allclose(torch.softmax(scores, 1).numpy(), reference.predict_proba(standardized), atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- distributed

@@ -98,5 +98,6 @@ def test_self_supervised_methods_swap_into_emoji_and_fashion_mnist_recipes(recip
             "--model", f"vlp_lightning.methods.{method}",
             "--data.train_shards", shards.pattern, "--data.val_shards", "null", "--data.batch_size", "4",
             "--data.num_workers", "0", "--trainer.max_steps", "1", "--trainer.callbacks", "[]",
-            "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false")
+            "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false")
     assert (tmp_path / f"runs/{method.lower()}/{recipe.split('/')[1]}/checkpoints/last.ckpt").is_file()

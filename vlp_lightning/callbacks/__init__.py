@@ -8,7 +8,7 @@ Monitoring: `ThroughputMonitor` (samples/s, data wait, MFU), `NonFiniteLossGuard
 from vlp_lightning.callbacks.embedding_projector import EmbeddingProjector
 from vlp_lightning.callbacks.features import EvalFeatures, EvaluationCallback, extract_features
 from vlp_lightning.callbacks.knn import KNNClassifier, weighted_knn_scores
-from vlp_lightning.callbacks.linear_probe import LinearProbe, fit_logistic_regression
+from vlp_lightning.callbacks.linear_probe import LinearProbe, fit_logistic_regression, linear_probe_scores
 from vlp_lightning.callbacks.non_finite_loss import NonFiniteLossGuard
 from vlp_lightning.callbacks.retrieval import Retrieval, retrieval_metrics, retrieval_ranks
 from vlp_lightning.callbacks.throughput import ThroughputMonitor
@@ -34,6 +34,7 @@ __all__ = [
     "build_zero_shot_classifier",
     "extract_features",
     "fit_logistic_regression",
+    "linear_probe_scores",
     "retrieval_metrics",
     "retrieval_ranks",
     "weighted_knn_scores",

@@ -7,7 +7,9 @@ regression; this is the same model and objective, solved in torch so it runs whe
 
 with `C` = `inverse_regularization` as in scikit-learn's `LogisticRegression(C=...)`. It is solved full-batch by
 L-BFGS with a strong-Wolfe line search from zero weights in float64, so the result is deterministic (no seed, no
-sampling) and matches scikit-learn's on the same features.
+sampling) and matches scikit-learn's on the same features. `standardize=True` first scales every feature to zero
+mean and unit deviation over the training set, as MAE's linear probe does with a BatchNorm without affine
+(He et al. 2021, App. A.2).
 """
 
 from __future__ import annotations
@@ -64,6 +66,23 @@ def _fit_logistic_regression(
     return weight.detach(), bias.detach()
 
 
+def linear_probe_scores(
+    train: Tensor,
+    train_labels: Tensor,
+    test: Tensor,
+    num_classes: int,
+    inverse_regularization: float = 1.0,
+    max_iter: int = 1000,
+    standardize: bool = False,
+) -> Tensor:
+    """Class scores [N_test, C] (float64, on `test.device`) of a logistic regression fitted on `train`."""
+    if standardize:
+        mean, std = train.double().mean(0), train.double().std(0).clamp_min(1e-6)
+        train, test = (train.double() - mean) / std, (test.double() - mean) / std
+    weight, bias = fit_logistic_regression(train, train_labels, num_classes, inverse_regularization, max_iter)
+    return test.double().to(weight.device) @ weight.T + bias
+
+
 class LinearProbe(EvaluationCallback):
     """Logistic regression trained on `train_shards` features, top-1 / top-5 accuracy on `test_shards`, logged as
     `linear_probe/<name>/top1`, `.../top5`.
@@ -108,9 +127,13 @@ class LinearProbe(EvaluationCallback):
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
         device = module_device(method)
         with torch.autocast(device.type, enabled=False):
-            weight, bias = fit_logistic_regression(
-                train.image.to(device), train_labels.to(device), num_classes, self.inverse_regularization, self.max_iter
-            )
-        scores = (test.image.double().to(device) @ weight.T + bias).cpu()
+            scores = linear_probe_scores(
+                train.image.to(device),
+                train_labels.to(device),
+                test.image,
+                num_classes,
+                self.inverse_regularization,
+                self.max_iter,
+            ).cpu()
         metrics = classification_metrics(scores, test_labels, num_classes)
         return {f"linear_probe/{self.name}/{metric}": value for metric, value in metrics.items()}
