@@ -187,5 +187,5 @@ def test_sit_loss_and_each_task_fall():
 
 def test_sit_encode_image_and_fast_dev_run(tmp_path):
     sit = tiny_sit()
-    assert sit.encode_image(ramps(3)).shape == (3, 192)
+    assert sit.encode_image(ramps(3)).shape == (3, 2 * 192)  # rotation + contrastive token
     fast_dev_run(sit, [{"image": [ramps(4, seed=seed), ramps(4, seed=seed).flip(-1)]} for seed in range(2)], tmp_path)

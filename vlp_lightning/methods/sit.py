@@ -14,8 +14,9 @@ A ViT is trained on three tasks at once (sec. 3), each view of an image being ro
 The three losses are combined with learned uncertainty weights (Kendall et al. 2018), as in the released code:
 exp(-s) * L + s/2 for the two classification tasks and 0.5 * exp(-s) * L + s/2 for the l1 reconstruction.
 
-The rotation token is the ViT's own class token; the contrastive token is added after it. `encode_image` returns the
-contrastive token of the unrotated, uncorrupted image.
+The rotation token is the ViT's own class token; the contrastive token is added after it. `encode_image` returns both
+tokens of the unrotated, uncorrupted image, concatenated: the released evaluation puts one linear head on each token
+and averages their logits, which is one linear classifier on the concatenation.
 """
 
 from __future__ import annotations
@@ -106,7 +107,9 @@ class SiT(VLPMethod):
         return vit_transformer(self.vision.model, torch.cat([prefix, contrastive, patches], dim=1))
 
     def encode_image(self, images: Tensor) -> Tensor:
-        return self.forward_tokens(images)[:, self.vision.model.num_prefix_tokens]
+        """[N, 2 * width]: the rotation (class) token and the contrastive token."""
+        tokens = self.forward_tokens(images)
+        return torch.cat([tokens[:, 0], tokens[:, self.vision.model.num_prefix_tokens]], dim=1)
 
     def corrupt(self, images: Tensor) -> Tensor:
         """Replace a random `corruption_ratio` of each image's patches by noise or by another image's patch."""
