@@ -41,7 +41,7 @@ from data_modules.pipeline import (
     resolve_counts,
     shard_members,
 )
-from data_modules.views import Views
+from data_modules.views import Views, finish_views
 from vlp_lightning.modules.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -243,6 +243,8 @@ class StreamingDataModule(LightningDataModule):
             samples_per_epoch=samples_per_epoch,
             resampled=resampled,
             epoch_source=epoch_source,
+            # with a trainer the views are finished on its device, in on_after_batch_transfer
+            finish=self.trainer is None,
         )
 
     def train_dataloader(self) -> StreamingLoader:
@@ -272,6 +274,10 @@ class StreamingDataModule(LightningDataModule):
         training = self.trainer is None or self.trainer.training
         self._record(info, "train" if training else self.trainer.state.stage.value)
         return batch
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """The photometric half of the views (flip, colour, blur, normalisation), batched on the trainer's device."""
+        return finish_views(batch)
 
     def _record(self, info: dict, stage: str) -> None:
         """Account for one used batch from its `__stream__` field (what `on_before_batch_transfer` does)."""

@@ -18,11 +18,14 @@ Stage order (open_clip's, with sample-exact splitting):
    `.png/.jpg/.jpeg/.webp/.txt/.cls/.json` members are read at all, so a `.pyd`, `.pickle` or `.pth` member is
    never even loaded, let alone unpickled;
 5. sample shuffle buffer seeded with `(seed, epoch, rank, worker)`;
-6. safe decode (images through PIL with an allow-list of formats, text as UTF-8, labels as int, JSON) and the
-   per-sample crop of the views;
-7. batching inside the pipeline (the per-batch half of the views and the tokenizer run once per batch);
+6. safe decode (formats by their signatures: opaque PNG through libspng, JPEG through OpenCV, WebP and images
+   with alpha through PIL; the pixel count checked from the header before decoding; text as UTF-8, labels as int, JSON) and
+   the per-sample crop of the views;
+7. batching inside the pipeline: crops packed as uint8 tensors, the tokenizer run once per batch;
 8. `webdataset.WebLoader` (a DataLoader with `batch_size=None`), wrapped by `StreamingLoader` for the explicit
-   length and epoch.
+   length and epoch. The photometric half of the views (`finish_views`) runs on the batch after it leaves the
+   worker: in training on the device, in the DataModule's `on_after_batch_transfer` (`finish=False`), else in
+   `StreamingLoader`'s process.
 
 Determinism and exact resume: a batch is a pure function of (seed, epoch, rank, worker, batch index), including its
 augmentations. Every batch carries `batch["__stream__"] = {"pass", "epoch", "worker", "position", "skipped"}`:
@@ -46,7 +49,7 @@ import json
 import logging
 import math
 import random
-import re
+import struct
 import tarfile
 import zlib
 from collections import deque
@@ -56,6 +59,9 @@ from dataclasses import dataclass, field
 from itertools import chain, islice
 from typing import TYPE_CHECKING, BinaryIO
 
+import cv2
+import numpy as np
+import pyspng
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
@@ -63,7 +69,7 @@ from webdataset import WebLoader, gopen
 from webdataset.shardlists import expand_urls
 
 from data_modules.manifest import local_path, read_manifest, shard_counts
-from data_modules.views import EvalView, Views, ViewTransform
+from data_modules.views import VIEWS_FIELD, EvalView, Views, ViewTransform, finish_views
 
 if TYPE_CHECKING:  # the tokenizers module pulls in the model packages; workers need none of them
     from vlp_lightning.modules.tokenizers import Tokenizer
@@ -75,9 +81,14 @@ IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
 READ_MEMBERS = frozenset((*IMAGE_MEMBERS, "txt", "cls", "json"))
 #: formats PIL may decode; an allow-list so a shard cannot reach a rarely used (less audited) decoder.
 PIL_FORMATS = ("PNG", "JPEG", "WEBP")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+# JPEG start-of-frame markers (every coding process); their segment holds the image size.
+_JPEG_FRAME_MARKERS = frozenset((*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)))
+# RGB out, and the stored pixel order kept (PIL ignores the EXIF orientation too, so both decoders agree).
+_OPENCV_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # bad samples are counted and logged by us
 STREAM_FIELD = "__stream__"
-# `dir/key.ext.more` -> (`dir/key`, `ext.more`), webdataset's rule.
-_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 # What a missing, truncated or corrupt tar (or a failing `pipe:` command) raises.
 _READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
 
@@ -161,10 +172,12 @@ def read_tar_samples(
         with closing(gopen(url)) as stream:
             archive = gzip.GzipFile(fileobj=stream) if url.endswith((".gz", ".tgz")) else stream
             for name, read in tar_entries(archive):
-                match = _MEMBER_NAME.match(name)
-                if match is None:
+                # webdataset's rule: `dir/key.ext.more` -> (`dir/key`, `ext.more`), the key at least one character
+                start = name.rfind("/") + 1
+                dot = name.find(".", start)
+                if dot <= start:
                     continue
-                key, extension = match.group(1), match.group(2).lower()
+                key, extension = name[:dot], name[dot + 1 :].lower()
                 if sample is None or key != sample["__key__"]:
                     if sample is not None and seen > skip:
                         yield sample
@@ -188,8 +201,9 @@ def tar_entries(stream: BinaryIO) -> Iterator[tuple[str, Callable[[], bytes]]]:
     """
     long_name = None
     seekable = getattr(stream, "seekable", lambda: False)()  # a `pipe:` stream is not
+    read_bytes = stream.read
     while True:
-        header = stream.read(_BLOCK)
+        header = read_bytes(_BLOCK)
         if len(header) < _BLOCK or header == _ZERO_BLOCK:
             if 0 < len(header) < _BLOCK:
                 raise tarfile.ReadError("truncated tar header")
@@ -197,11 +211,11 @@ def tar_entries(stream: BinaryIO) -> Iterator[tuple[str, Callable[[], bytes]]]:
         if not _tar_checksum_matches(header):
             raise tarfile.ReadError("tar header checksum mismatch")
         size = _tar_number(header[124:136])
-        padded = -(-size // _BLOCK) * _BLOCK
-        kind = header[156:157]
-        if kind in (b"L", b"x"):  # GNU long name / pax extended header for the next member
+        padded = (size + _BLOCK - 1) & -_BLOCK
+        kind = header[156]
+        if kind in (_LONG_NAME, _PAX_HEADER):  # for the next member
             data = _read_exactly(stream, padded)[:size]
-            long_name = data.rstrip(b"\0").decode("utf-8", "replace") if kind == b"L" else _pax_path(data)
+            long_name = data.rstrip(b"\0").decode("utf-8", "replace") if kind == _LONG_NAME else _pax_path(data)
             continue
         name, long_name = long_name or _tar_name(header), None
         consumed = False
@@ -211,7 +225,7 @@ def tar_entries(stream: BinaryIO) -> Iterator[tuple[str, Callable[[], bytes]]]:
             consumed = True
             return _read_exactly(stream, padded)[:size]
 
-        if kind in (b"0", b"\0", b"7"):
+        if kind in _REGULAR_FILES:
             yield name, read
         if not consumed and padded:
             if seekable:
@@ -222,6 +236,8 @@ def tar_entries(stream: BinaryIO) -> Iterator[tuple[str, Callable[[], bytes]]]:
 
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
+_REGULAR_FILES = frozenset(b"0\x007")  # type flags: regular file (and its old NUL form), contiguous file
+_LONG_NAME, _PAX_HEADER = ord("L"), ord("x")  # GNU long name, pax extended header
 
 
 def _read_exactly(stream: BinaryIO, size: int) -> bytes:
@@ -235,7 +251,7 @@ def _tar_number(field: bytes) -> int:
     """Octal (NUL/space padded) or GNU base-256 header number."""
     if field[0] & 0x80:
         return int.from_bytes(field[1:], "big")
-    return int(field.replace(b"\0", b" ").strip() or b"0", 8)
+    return int(field.rstrip(b"\0 ") or b"0", 8)
 
 
 def _tar_checksum_matches(header: bytes) -> bool:
@@ -251,7 +267,7 @@ def _tar_checksum_matches(header: bytes) -> bool:
 
 def _tar_name(header: bytes) -> str:
     name = header[:100].split(b"\0", 1)[0]
-    if header[257:262] == b"ustar":
+    if header[345] and header[257:262] == b"ustar":
         prefix = header[345:500].split(b"\0", 1)[0]
         if prefix:
             name = prefix + b"/" + name
@@ -286,16 +302,61 @@ def buffer_shuffle(samples: Iterable[dict], size: int, rng: random.Random) -> It
 # ---------------------------------------------------------------------------------------------- samples
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """PNG / JPEG / WebP bytes -> RGB image; transparency is flattened onto white (as `vlp-data` stores it)."""
+def decode_image(data: bytes) -> np.ndarray:
+    """PNG / JPEG / WebP bytes -> RGB uint8 array [H, W, 3]; transparency is flattened onto white (as `vlp-data`
+    stores it).
+
+    Opaque PNG goes through libspng (pyspng; 2.5x PIL's speed on small images, see bench/data_throughput.py),
+    JPEG through OpenCV (libjpeg-turbo, as PIL), WebP and images with alpha through PIL. The format is taken from
+    the signature and nothing else is decoded; the pixel count is read from the header and refused, before any
+    decoding, above PIL's decompression-bomb limit. (16-bit PNGs keep their high byte; PIL would clip them.)
+    """
+    if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        # colour types 4 and 6 carry alpha, a tRNS chunk (before the image data) makes a colour transparent
+        opaque = data[25] in (0, 2, 3) and b"tRNS" not in data[: data.find(b"IDAT")]
+    elif data.startswith(_JPEG_SIGNATURE):
+        width, height = _jpeg_size(data)
+        opaque = True
+    else:
+        return _decode_with_pil(data)
+    if width * height > 2 * Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(
+            f"image of {width}x{height} pixels exceeds the limit of {2 * Image.MAX_IMAGE_PIXELS} (PIL's)"
+        )
+    if not opaque:
+        return _decode_with_pil(data)
+    if data.startswith(_PNG_SIGNATURE):
+        return pyspng.load(data, "RGB")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), _OPENCV_FLAGS)
+    if image is None:
+        raise ValueError("truncated or corrupt image data")
+    return image
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's start-of-frame segment, walking the marker segments before it."""
+    index = 2
+    while index + 9 <= len(data):
+        if data[index] != 0xFF:
+            break
+        marker = data[index + 1]
+        if marker == 0xFF:  # fill byte
+            index += 1
+            continue
+        if marker in _JPEG_FRAME_MARKERS:
+            height, width = struct.unpack(">HH", data[index + 5 : index + 9])
+            return width, height
+        index += 2 + int.from_bytes(data[index + 2 : index + 4], "big")
+    raise ValueError("JPEG without a readable frame header")
+
+
+def _decode_with_pil(data: bytes) -> np.ndarray:
     image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    if image.mode == "RGB":
-        image.load()
-        return image
-    return image.convert("RGB")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(image.convert("RGB"))
 
 
 @dataclass
@@ -310,6 +371,11 @@ class SampleDecoder:
     with_caption: bool = False
     with_label: bool = False
     tokenizer: Tokenizer | None = None
+
+    @property
+    def image_bytes(self) -> int:
+        """Bytes of one sample's packed uint8 crops."""
+        return sum(crop.size * crop.size * 3 for crop in self.transform.crops)
 
     def decode(self, raw: dict, rng: random.Random) -> dict:
         image_member = next((raw[name] for name in IMAGE_MEMBERS if name in raw), None)
@@ -336,11 +402,10 @@ class SampleDecoder:
             raise _BadSample(f"undecodable member: {error!r}") from error
         return sample
 
-    def collate(self, samples: list[dict], generator: torch.Generator) -> dict:
-        batch: dict = {
-            "__key__": [sample["__key__"] for sample in samples],
-            "image": self.transform.finish([sample["crops"] for sample in samples], generator),
-        }
+    def collate(self, samples: list[dict], seed: int) -> dict:
+        """Decoded samples -> batch; `image` holds the packed uint8 crops until `finish_views` (module doc)."""
+        images, recipe = self.transform.pack([sample["crops"] for sample in samples], seed)
+        batch: dict = {"__key__": [sample["__key__"] for sample in samples], "image": images, VIEWS_FIELD: recipe}
         if self.with_caption:
             batch["caption"] = [sample["caption"] for sample in samples]
             if self.tokenizer is not None:
@@ -428,6 +493,7 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.pass_index = 0
         self.resume: ResumePoint | None = None
+        self.handover: Handover | None = None
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -461,7 +527,7 @@ class ShardStream(IterableDataset):
                     break
             if not samples:
                 return
-            batch = self.decoder.collate(samples, torch.Generator().manual_seed(rng.getrandbits(63)))
+            batch = self.decoder.collate(samples, rng.getrandbits(63))
             batch[STREAM_FIELD] = {
                 "pass": self.pass_index,
                 "epoch": self.epoch,
@@ -469,7 +535,7 @@ class ShardStream(IterableDataset):
                 "position": position,
                 "skipped": counter.count,
             }
-            yield batch
+            yield batch if info is None or self.handover is None else self.handover.pack(info.id, batch)
             batch_index += 1
 
     def _raw_samples(self, worker: int, start: int, length: int, counter: SkipCounter) -> Iterator[dict]:
@@ -526,22 +592,117 @@ class ShardStream(IterableDataset):
                 raise BadSampleError(f"no readable sample in any of the {len(self.urls)} shards ({self.urls[0]}, ...)")
 
 
+class _InSlot:
+    """Where a worker left a batch's packed images: its slot, the slot's sequence number and the tensor shapes."""
+
+    __slots__ = ("worker", "slot", "sequence", "shapes")
+
+    def __init__(self, worker: int, slot: int, sequence: int, shapes: list[tuple[int, ...]]) -> None:
+        self.worker, self.slot, self.sequence, self.shapes = worker, slot, sequence, shapes
+
+    def __getstate__(self) -> tuple:
+        return self.worker, self.slot, self.sequence, self.shapes
+
+    def __setstate__(self, state: tuple) -> None:
+        self.worker, self.slot, self.sequence, self.shapes = state
+
+
+class Handover:
+    """Worker -> main process handover of batches through a ring of shared-memory slots per worker.
+
+    PyTorch hands every tensor a worker yields over in a shared-memory segment of its own, created, filled, passed
+    as a file descriptor through a socket and mapped again for each batch: about a millisecond of CPU per tensor on
+    each side, plus a page fault per 4 kB, which for small images costs as much as decoding them. Here the main
+    process maps `slots` slots per worker once, before the workers start; a worker copies the packed uint8 images
+    into its next slot and yields only the slot's address, the other tensors travel as numpy arrays inside the
+    pickled batch (a few hundred bytes), and the main process copies the images out and marks the slot free.
+
+    Each slot keeps two sequence numbers (written, released): a worker writes a slot only when the batch it held was
+    released, else (the consumer is further behind than the DataLoader's prefetching allows) it falls back to
+    PyTorch's own handover for that batch, so a slot is never overwritten while in use.
+    """
+
+    def __init__(self, num_workers: int, slots: int, slot_bytes: int) -> None:
+        self.slots = slots
+        self.slot_bytes = slot_bytes
+        self.data = torch.empty(num_workers, slots, slot_bytes, dtype=torch.uint8).share_memory_()
+        self.state = torch.zeros(num_workers, slots, 2, dtype=torch.int64).share_memory_()
+        self.sequence = 0  # per process: each worker counts its own batches
+
+    def pack(self, worker: int, batch: dict) -> dict:
+        """In the worker: the images into the next slot (when free), every other tensor to numpy."""
+        images = batch["image"]
+        if isinstance(images, list) and all(isinstance(tensor, torch.Tensor) for tensor in images):
+            self.sequence += 1
+            slot = self.sequence % self.slots
+            written, released = self.state[worker, slot].tolist()
+            if written == released and sum(tensor.numel() for tensor in images) <= self.slot_bytes:
+                flat, offset = self.data[worker, slot], 0
+                for tensor in images:
+                    flat[offset : offset + tensor.numel()].view(tensor.shape).copy_(tensor)
+                    offset += tensor.numel()
+                self.state[worker, slot, 0] = self.sequence
+                batch["image"] = _InSlot(worker, slot, self.sequence, [tuple(tensor.shape) for tensor in images])
+        return {name: _tensors_to_numpy(value) if name != "image" else value for name, value in batch.items()}
+
+    def unpack(self, batch: dict) -> dict:
+        """In the main process: the images copied out of their slot (which is then free), numpy back to tensors."""
+        batch = {name: _numpy_to_tensors(value) for name, value in batch.items()}
+        where = batch["image"]
+        if isinstance(where, _InSlot):
+            flat, offset, images = self.data[where.worker, where.slot], 0, []
+            for shape in where.shapes:
+                count = math.prod(shape)
+                images.append(flat[offset : offset + count].view(shape).clone())
+                offset += count
+            self.state[where.worker, where.slot, 1] = where.sequence
+            batch["image"] = images
+        return batch
+
+
+def _tensors_to_numpy(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if type(value) is dict:
+        return {name: _tensors_to_numpy(item) for name, item in value.items()}
+    return value
+
+
+def _numpy_to_tensors(value: object) -> object:
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if type(value) is dict:
+        return {name: _numpy_to_tensors(item) for name, item in value.items()}
+    return value
+
+
+def _keep(batch: dict) -> dict:
+    """The DataLoader's collate function: batches are made in the pipeline and must cross over as they are."""
+    return batch
+
+
 class StreamingLoader:
     """Iterable of batches with an explicit length: a `webdataset.WebLoader` over a `ShardStream`.
 
     The epoch of each pass comes from `epoch_source` (the trainer's current epoch in the DataModules) or, without
-    one, counts the passes. `__iter__` is lazy: no worker starts before the first batch is asked for.
+    one, counts the passes. `__iter__` is lazy: no worker starts before the first batch is asked for. With
+    `finish=False` the batches keep their packed uint8 crops for the consumer to `finish_views` (on its device).
     """
 
     def __init__(
-        self, stream: ShardStream, num_workers: int = 0, epoch_source: Callable[[], int] | None = None
+        self,
+        stream: ShardStream,
+        num_workers: int = 0,
+        epoch_source: Callable[[], int] | None = None,
+        finish: bool = True,
     ) -> None:
         self.stream = stream
         self.num_workers = num_workers
         self.epoch_source = epoch_source
+        self.finish = finish
         self.passes = 0
         self.loader = WebLoader(
-            stream, batch_size=None, shuffle=False, num_workers=num_workers, persistent_workers=False
+            stream, batch_size=None, shuffle=False, num_workers=num_workers, persistent_workers=False, collate_fn=_keep
         )
 
     def __len__(self) -> int:
@@ -559,9 +720,20 @@ class StreamingLoader:
         self.stream.epoch = self.epoch_source() if self.epoch_source is not None else self.passes
         self.passes += 1
         self.stream.pass_index = self.passes
+        # A fresh set of slots each pass (the workers of a pass map it when they start), sized for the packed
+        # images of one batch; the DataLoader keeps at most `prefetch_factor` (2) batches per worker in flight.
+        handover = self.stream.handover = (
+            Handover(self.num_workers, slots=4, slot_bytes=self.stream.batch_size * self.stream.decoder.image_bytes)
+            if self.num_workers > 0
+            else None
+        )
         try:
-            yield from self.loader
+            for batch in self.loader:
+                if handover is not None:
+                    batch = handover.unpack(batch)
+                yield finish_views(batch) if self.finish else batch
         finally:
+            self.stream.handover = None
             if self.stream.resume is not None and self.stream.resume.epoch <= self.stream.epoch:
                 self.stream.resume = None
 
@@ -583,8 +755,10 @@ def make_loader(
     pad: bool = True,
     strict: bool = False,
     epoch_source: Callable[[], int] | None = None,
+    finish: bool = True,
 ) -> StreamingLoader:
-    """Build the pipeline for one split; `samples_per_epoch` defaults to the shards' total."""
+    """Build the pipeline for one split; `samples_per_epoch` defaults to the shards' total; `finish=False` leaves
+    the views' photometric half to the consumer (`finish_views`)."""
     urls = expand_shards(shards)
     counts = counts if counts is not None else resolve_counts(urls)
     samples = samples_per_epoch or sum(counts)
@@ -603,14 +777,16 @@ def make_loader(
         pad=pad,
         strict=strict,
     )
-    return StreamingLoader(stream, num_workers=num_workers, epoch_source=epoch_source)
+    return StreamingLoader(stream, num_workers=num_workers, epoch_source=epoch_source, finish=finish)
 
 
-class _WithoutStreamField:
-    """Batches of a loader without the bookkeeping field (evaluation has no resume)."""
+class _EvalBatches:
+    """Batches of an unfinished loader without the bookkeeping field (evaluation has no resume), the images moved
+    to `device` (when given) as uint8 and finished there."""
 
-    def __init__(self, loader: StreamingLoader) -> None:
+    def __init__(self, loader: StreamingLoader, device: torch.device | str | None) -> None:
         self.loader = loader
+        self.device = device
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -618,7 +794,9 @@ class _WithoutStreamField:
     def __iter__(self) -> Iterator[dict]:
         for batch in self.loader:
             batch.pop(STREAM_FIELD)
-            yield batch
+            if self.device is not None:
+                batch["image"] = [images.to(self.device, non_blocking=True) for images in batch["image"]]
+            yield finish_views(batch)
 
 
 def make_eval_loader(
@@ -628,9 +806,11 @@ def make_eval_loader(
     tokenizer: Tokenizer | None = None,
     num_workers: int = 0,
     view: Views | None = None,
+    device: torch.device | str | None = None,
 ) -> Iterable[dict]:
     """Evaluation batches: every sample exactly once, in shard order (per worker), one deterministic `EvalView`
-    crop (or `view`); captions (tokenized when `tokenizer` is given) and labels when the shards hold them."""
+    crop (or `view`); captions (tokenized when `tokenizer` is given) and labels when the shards hold them.
+    With `device` the images arrive there (normalised on it), everything else stays on the CPU."""
     urls = expand_shards(shards)
     if not urls:
         raise DataConfigError(f"make_eval_loader: shards={shards!r} matches no shard")
@@ -642,8 +822,8 @@ def make_eval_loader(
         with_label="cls" in members,
         tokenizer=tokenizer,
     )
-    loader = make_loader(urls, decoder, batch_size, num_workers=num_workers, shuffle=False, pad=False)
-    return _WithoutStreamField(loader)
+    loader = make_loader(urls, decoder, batch_size, num_workers=num_workers, shuffle=False, pad=False, finish=False)
+    return _EvalBatches(loader, device)
 
 
 def manifest_of(urls: list[str]) -> dict | None:

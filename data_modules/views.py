@@ -1,22 +1,30 @@
 """Views: the crops one image becomes (one crop, two crops, multi-crop, or the deterministic evaluation crop).
 
 A method declares its views (`method.train_views()`) and the data module builds them at the method's resolution:
-`views.build(image_size)` returns a `ViewTransform`, a callable `PIL.Image -> Tensor | list[Tensor]` of normalised
+`views.build(image_size)` returns a `ViewTransform`; calling it on one image (PIL or uint8 RGB array) gives normalised
 float images `[3, S, S]` (a list for multi-view recipes).
 
-Speed: on this class of CPU a 64 px PNG decodes in ~0.1 ms, about what one bilinear resize costs, and every
-elementwise pass over a float image costs another ~10%, so every view is split in two halves and all but the
-resize runs once per batch, vectorised, instead of once per image:
+Speed: a loader worker spends its time on the per-image work; everything else runs once per batch, vectorised, on
+the device the batch goes to. The work is split three ways:
 
-* `ViewTransform.crop(image, rng)` — per image: random resized crop (Inception-style, Szegedy et al. 2015; the
-  torchvision sampling rule) as one PIL antialiased bilinear resize of the crop box, to uint8;
-* `ViewTransform.finish(crops, generator)` — per batch, vectorised over the images with per-image random
-  parameters: horizontal flip, colour jitter, grayscale, Gaussian blur, solarisation (the SimCLR / BYOL recipe,
-  Chen et al. 2020 appendix A, Grill et al. 2020 table 6) and normalisation.
+* `ViewTransform.crop(image, rng)` — per image, in the worker: the random resized crop (Inception-style, Szegedy et
+  al. 2015; the torchvision sampling rule) of the uint8 RGB array, resized with OpenCV — bilinear when enlarging,
+  area averaging when shrinking (antialiased like PIL's resize) — to uint8 `[S, S, 3]`;
+* `ViewTransform.pack(crops, seed)` — per batch, in the worker: the crops, half of them flipped horizontally,
+  stacked into uint8 tensors (one per crop size, `[N, k, S, S, 3]`) and a `ViewRecipe` (the photometric options
+  and a random seed for their draws);
+* `finish_views(batch)` / `ViewRecipe.finish(images)` — per batch, wherever the batch is: on the accelerator in
+  training (the DataModule's `on_after_batch_transfer`), else in the loader's own process. Vectorised over the
+  images with per-image random parameters: colour jitter, grayscale, Gaussian blur, solarisation
+  (the SimCLR / BYOL recipe, Chen et al. 2020 appendix A, Grill et al. 2020 table 6) and normalisation.
 
-Randomness comes from the `random.Random` / `torch.Generator` the caller passes, so the pipeline can make every
-batch's augmentations a pure function of (seed, epoch, rank, worker, batch index) without touching global RNGs.
-Calling the transform on a single image draws its seed from torch's global RNG.
+A uint8 batch is a quarter of the bytes a float one is, through the worker's pipe and to the device, and float
+image arithmetic is free on a GPU (timm's PrefetchLoader normalises on the device for the same reason).
+
+Randomness comes from the `random.Random` (crop boxes) and the seed (photometric draws, made on the CPU whatever the
+device) the caller passes, so the pipeline can make every batch's augmentations a pure function of (seed, epoch,
+rank, worker, batch index) without touching global RNGs. Calling the transform on a single image draws its seed
+from torch's global RNG.
 """
 
 from __future__ import annotations
@@ -25,10 +33,15 @@ import math
 import random
 from dataclasses import dataclass, field, replace
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+
+# Loader workers are processes of their own: one OpenCV thread each, as torch's DataLoader does for torch.
+cv2.setNumThreads(1)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,12 +54,13 @@ _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
 @dataclass(frozen=True)
 class Augment:
-    """Per-crop photometric augmentation, applied batched by `ViewTransform.finish`.
+    """Per-crop augmentation after the crop: the flip (`hflip_prob`) when the crops are packed, the rest batched by
+    `ViewRecipe.finish`.
 
     `color_jitter` is the SimCLR strength s: brightness, contrast and saturation factors in [1-0.8s, 1+0.8s] and
     a hue shift in [-0.2s, 0.2s] of a turn, applied together with probability `color_jitter_prob` (composed into one
-    colour map, see `_color_jitter`; the hue shift rotates the YIQ chroma plane). The Gaussian blur kernel is 10% of the crop side with
-    sigma in [0.1, 2.0]; solarisation inverts values >= 0.5. `mean` / `std` normalise the [0, 1] image.
+    colour map, see `_color_jitter`; the hue shift rotates the YIQ chroma plane). The Gaussian blur kernel is 10%
+    of the crop side with sigma in [0.1, 2.0]; solarisation inverts values >= 0.5. `mean` / `std` normalise the [0, 1] image.
     """
 
     hflip_prob: float = 0.5
@@ -96,43 +110,101 @@ class Crop:
         return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
+class ViewRecipe:
+    """How to finish a packed batch of crops: the photometric options of every crop, which crops share a stacked
+    tensor, and the batch's seed for the per-image draws.
+
+    A plain object (not a dataclass) so that Lightning's batch transfer carries it over untouched.
+    """
+
+    __slots__ = ("augments", "groups", "single", "seed")
+
+    def __init__(self, augments: tuple[Augment, ...], groups: tuple[tuple[int, ...], ...], single: bool, seed: int):
+        self.augments = augments
+        self.groups = groups
+        self.single = single
+        self.seed = seed
+
+    def __getstate__(self) -> tuple:
+        return self.augments, self.groups, self.single, self.seed
+
+    def __setstate__(self, state: tuple) -> None:
+        self.augments, self.groups, self.single, self.seed = state
+
+    def finish(self, images: list[Tensor]) -> Tensor | list[Tensor]:
+        """Packed uint8 groups `[N, k, S, S, 3]` (any device) -> normalised float `[N, 3, S, S]` per crop."""
+        generator = torch.Generator().manual_seed(self.seed)
+        place = {crop: (group, slot) for group, crops in enumerate(self.groups) for slot, crop in enumerate(crops)}
+        views = []
+        for crop, augment in enumerate(self.augments):  # crop order: a fixed stream of draws
+            group, slot = place[crop]
+            views.append(_photometric(images[group][:, slot], augment, generator))
+        return views[0] if self.single else views
+
+
+#: the batch entry holding the `ViewRecipe` of a packed `image` entry until `finish_views` consumes it.
+VIEWS_FIELD = "__views__"
+
+
+def finish_views(batch: dict) -> dict:
+    """Finish a packed batch in place (uint8 crops -> augmented, normalised float views); no-op when finished."""
+    recipe = batch.pop(VIEWS_FIELD, None)
+    if recipe is not None:
+        batch["image"] = recipe.finish(batch["image"])
+    return batch
+
+
 class ViewTransform:
-    """`PIL.Image -> Tensor | list[Tensor]`, split into a per-image `crop` and a per-batch `finish` (module doc)."""
+    """One image -> its crops (per image, `crop`), crops of a batch -> packed uint8 tensors (`pack`), finished
+    per batch by `ViewRecipe.finish` (module doc)."""
 
     def __init__(self, crops: tuple[Crop, ...], single: bool) -> None:
         self.crops = crops
         self.single = single
+        sizes = list(dict.fromkeys(crop.size for crop in crops))
+        self.groups = tuple(tuple(index for index, crop in enumerate(crops) if crop.size == size) for size in sizes)
 
-    def crop(self, image: Image.Image, rng: random.Random) -> list[Tensor]:
-        """RGB image -> one uint8 tensor [size, size, 3] per crop (PIL's antialiased bilinear resize of the box,
-        as torchvision's RandomResizedCrop on PIL images; on this CPU class it beats the tensor kernels)."""
+    def crop(self, image: np.ndarray, rng: random.Random) -> list[np.ndarray]:
+        """uint8 RGB array [H, W, 3] -> one uint8 array [size, size, 3] per crop."""
+        height, width = image.shape[:2]
         crops = []
         for crop in self.crops:
-            top, left, crop_height, crop_width = crop.box(*image.size, rng)
-            box = (left, top, left + crop_width, top + crop_height)
-            if (crop_height, crop_width) == (crop.size, crop.size):
-                region = image.crop(box)
-            else:
-                region = image.resize((crop.size, crop.size), Image.BILINEAR, box=box)
-            crops.append(torch.frombuffer(bytearray(region.tobytes()), dtype=torch.uint8).view(crop.size, crop.size, 3))
+            top, left, crop_height, crop_width = crop.box(width, height, rng)
+            region = image[top : top + crop_height, left : left + crop_width]
+            if (crop_height, crop_width) != (crop.size, crop.size):
+                shrinking = crop_height > crop.size and crop_width > crop.size
+                region = cv2.resize(
+                    region, (crop.size, crop.size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+                )
+            crops.append(region)
         return crops
 
-    def finish(self, crops: list[list[Tensor]], generator: torch.Generator) -> Tensor | list[Tensor]:
-        """Per-image crops (outer list: images) -> normalised float batch [N, 3, S, S] per crop."""
-        views = [
-            _photometric(
-                # stacking [S, S, 3] crops is a plain copy; one transposing pass then makes [N, 3, S, S]
-                torch.stack([image_crops[index] for image_crops in crops]).permute(0, 3, 1, 2).contiguous(),
-                crop.augment,
-                generator,
-            )
-            for index, crop in enumerate(self.crops)
-        ]
-        return views[0] if self.single else views
+    def pack(self, crops: list[list[np.ndarray]], seed: int) -> tuple[list[Tensor], ViewRecipe]:
+        """Per-image crops (outer list: images) -> uint8 tensors `[N, k, S, S, 3]`, one per crop size, and their
+        recipe. The horizontal flips happen here, in the copy that stacks the crops anyway. Few tensors, because each
+        one costs a shared-memory handover between a worker and the main process."""
+        generator = torch.Generator().manual_seed(seed)
+        flips = [(torch.rand(len(crops), generator=generator) < crop.augment.hflip_prob).tolist() for crop in self.crops]
+        packed = []
+        for group in self.groups:
+            size = self.crops[group[0]].size
+            stacked = np.empty((len(crops), len(group), size, size, 3), dtype=np.uint8)
+            for row, image_crops in enumerate(crops):
+                for slot, index in enumerate(group):
+                    if flips[index][row]:
+                        cv2.flip(image_crops[index], 1, dst=stacked[row, slot])  # 10x numpy's reversed-stride copy
+                    else:
+                        stacked[row, slot] = image_crops[index]
+            packed.append(torch.from_numpy(stacked))
+        photometric_seed = int(torch.randint(2**62, (), generator=generator))
+        return packed, ViewRecipe(tuple(crop.augment for crop in self.crops), self.groups, self.single, photometric_seed)
 
-    def __call__(self, image: Image.Image) -> Tensor | list[Tensor]:
+    def __call__(self, image: Image.Image | np.ndarray) -> Tensor | list[Tensor]:
+        if isinstance(image, Image.Image):
+            image = np.asarray(image.convert("RGB"))
         seed = int(torch.randint(2**62, ()).item())
-        views = self.finish([self.crop(image.convert("RGB"), random.Random(seed))], torch.Generator().manual_seed(seed))
+        packed, recipe = self.pack([self.crop(image, random.Random(seed))], seed)
+        views = recipe.finish(packed)
         return views[0] if self.single else [view[0] for view in views]
 
 
@@ -296,18 +368,20 @@ class EvalView(Views):
 
 
 def _photometric(images: Tensor, augment: Augment, generator: torch.Generator) -> Tensor:
-    """uint8 [N, 3, S, S] -> augmented, normalised float [N, 3, S, S], each op with its own per-image draw."""
-    count = images.shape[0]
+    """uint8 [N, S, S, 3] (already flipped, see `ViewTransform.pack`) on any device -> augmented, normalised float
+    [N, 3, S, S], each op with its own per-image draw; the draws come from `generator` on the CPU (the same stream
+    whatever the device)."""
+    count, device = images.shape[0], images.device
 
-    def chosen(probability: float) -> Tensor:  # [N] bool, always drawn so the stream of draws is fixed
+    def chosen(probability: float) -> Tensor:  # [N] bool on the CPU, always drawn so the stream of draws is fixed
         return torch.rand(count, generator=generator) < probability
 
-    flip = chosen(augment.hflip_prob)
-    if flip.any():
-        images[flip] = images[flip].flip(-1)
-    pixels = images.float()
-    mean = torch.tensor(augment.mean).view(1, 3, 1, 1)
-    std = torch.tensor(augment.std).view(1, 3, 1, 1)
+    def rows(mask: Tensor) -> Tensor:
+        return mask.nonzero().squeeze(1).to(device)
+
+    pixels = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    mean = torch.tensor(augment.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(augment.std, device=device).view(1, 3, 1, 1)
     photometric = (augment.color_jitter, augment.grayscale_prob, augment.blur_prob, augment.solarize_prob)
     if not any(photometric):
         return pixels.mul_(1 / (255 * std)).sub_(mean / std)
@@ -325,20 +399,21 @@ def _photometric(images: Tensor, augment: Augment, generator: torch.Generator) -
         pixels = _color_jitter(pixels, brightness, contrast, saturation, hue)
     grayscale = chosen(augment.grayscale_prob)
     if grayscale.any():
-        pixels[grayscale] = _luma(pixels[grayscale]).expand(-1, 3, -1, -1)
+        pixels[rows(grayscale)] = _luma(pixels[rows(grayscale)]).expand(-1, 3, -1, -1)
     blur = chosen(augment.blur_prob)
     sigma = 0.1 + 1.9 * torch.rand(count, generator=generator)
     if blur.any():
-        pixels[blur] = _gaussian_blur(pixels[blur], sigma[blur])
+        pixels[rows(blur)] = _gaussian_blur(pixels[rows(blur)], sigma[blur])
     solarize = chosen(augment.solarize_prob)
     if solarize.any():
-        pixels[solarize] = torch.where(pixels[solarize] >= 0.5, 1 - pixels[solarize], pixels[solarize])
+        chosen_pixels = pixels[rows(solarize)]
+        pixels[rows(solarize)] = torch.where(chosen_pixels >= 0.5, 1 - chosen_pixels, chosen_pixels)
     return pixels.sub_(mean).div_(std)
 
 
 def _luma(pixels: Tensor) -> Tensor:
     """[N, 3, H, W] -> [N, 1, H, W]."""
-    weights = torch.tensor(_LUMA, dtype=pixels.dtype).view(1, 3, 1, 1)
+    weights = torch.tensor(_LUMA, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
     return (pixels * weights).sum(1, keepdim=True)
 
 
@@ -348,7 +423,7 @@ def _color_jitter(pixels: Tensor, brightness: Tensor, contrast: Tensor, saturati
     Brightness b scales, contrast c blends with the mean luma, saturation s blends each pixel with its luma, hue
     rotates the YIQ chroma plane by `hue` turns. All four are linear and keep gray gray, so together they are
     x -> c b H S x + (1 - c) b mean_luma(x), applied in one pass and clamped once to [0, 1]. (torchvision clamps after
-    every step; the two agree unless an intermediate step saturates.)
+    every step; the two agree unless an intermediate step saturates.) The factors live on the CPU, the pixels anywhere.
     """
     count = pixels.shape[0]
     luma = torch.tensor(_LUMA, dtype=pixels.dtype)
@@ -359,18 +434,19 @@ def _color_jitter(pixels: Tensor, brightness: Tensor, contrast: Tensor, saturati
     rotation[:, 1, 1] = rotation[:, 2, 2] = torch.cos(angle)
     rotation[:, 1, 2], rotation[:, 2, 1] = -torch.sin(angle), torch.sin(angle)
     rotate = _YIQ_TO_RGB @ rotation @ _RGB_TO_YIQ
-    matrix = (contrast * brightness).view(count, 1, 1) * (rotate @ saturate)  # [N, 3, 3]
-    offset = ((1 - contrast) * brightness).view(count, 1, 1, 1) * _luma(pixels).mean((2, 3), keepdim=True)
+    matrix = ((contrast * brightness).view(count, 1, 1) * (rotate @ saturate)).to(pixels)  # [N, 3, 3]
+    offset = ((1 - contrast) * brightness).view(count, 1, 1, 1).to(pixels) * _luma(pixels).mean((2, 3), keepdim=True)
     return torch.einsum("nij,njhw->nihw", matrix, pixels).add_(offset).clamp_(0, 1)
 
 
 def _gaussian_blur(pixels: Tensor, sigma: Tensor) -> Tensor:
-    """Separable Gaussian blur, kernel ~10% of the side (SimCLR appendix A), one sigma per image, reflect padding."""
+    """Separable Gaussian blur, kernel ~10% of the side (SimCLR appendix A), one sigma per image (on the CPU),
+    reflect padding."""
     count, channels, height, width = pixels.shape
     half = max(1, round(0.05 * min(height, width)))
-    offsets = torch.arange(-half, half + 1, dtype=pixels.dtype)
-    kernel = torch.exp(-(offsets[None] ** 2) / (2 * sigma[:, None] ** 2))  # [N, K]
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(channels, 0)  # [N*3, K]
+    offsets = torch.arange(-half, half + 1, dtype=torch.float32)
+    kernel = torch.exp(-(offsets[None] ** 2) / (2 * sigma[:, None].float() ** 2))  # [N, K]
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(channels, 0).to(pixels)  # [N*3, K]
     flat = F.pad(pixels.reshape(1, count * channels, height, width), (half, half, half, half), mode="reflect")
     flat = F.conv2d(flat, kernel[:, None, None, :], groups=count * channels)
     flat = F.conv2d(flat, kernel[:, None, :, None], groups=count * channels)

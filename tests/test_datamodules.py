@@ -55,7 +55,9 @@ def test_image_text_batches_take_size_views_and_tokenizer_from_the_method(make_s
     datamodule = attach(ImageTextDataModule(train_shards=shards.pattern, batch_size=4, num_workers=0), method)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
-    batch = datamodule.on_before_batch_transfer(batch, 0)
+    # with a trainer the batch leaves the loader as uint8 crops and is finished on the device, after the transfer
+    assert [(tuple(images.shape), images.dtype) for images in batch["image"]] == [((4, 1, 16, 16, 3), torch.uint8)]
+    batch = datamodule.on_after_batch_transfer(datamodule.on_before_batch_transfer(batch, 0), 0)
     assert set(batch) == {"__key__", "image", "caption", "text", "label"}
     assert batch["image"].shape == (4, 3, 16, 16)
     assert torch.equal(batch["text"]["input_ids"], method.tokenizer(batch["caption"])["input_ids"])
@@ -66,7 +68,7 @@ def test_image_only_method_swaps_in_on_captioned_data(make_shards, tmp_path):
     shards = make_shards(tmp_path, n=12, per_shard=6)
     datamodule = attach(ImageTextDataModule(train_shards=shards.pattern, batch_size=4, num_workers=0), SwAV())
     datamodule.setup("fit")
-    batch = next(iter(datamodule.train_dataloader()))
+    batch = datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
     assert [view.shape[-1] for view in batch["image"]] == [16, 16, 8, 8]
     assert "text" not in batch and len(batch["caption"]) == 4
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
 import tarfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,8 +19,10 @@ from data_modules.manifest import count_samples, shard_counts
 from data_modules.pipeline import (
     STREAM_FIELD,
     BadSampleError,
+    Handover,
     ResumePoint,
     SampleDecoder,
+    decode_image,
     expand_shards,
     make_eval_loader,
     make_loader,
@@ -203,6 +208,65 @@ def test_bad_and_malicious_members_are_skipped_and_never_unpickled(make_shards, 
     # four bad samples; the truncated shard has no manifest, so counting its headers already stopped at the cut
     assert batch[STREAM_FIELD]["skipped"] == 4
     assert not marker.exists()
+
+
+def _encoded(image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def test_decoders_agree_with_pil_flatten_alpha_and_refuse_bombs_and_other_formats():
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (21, 34, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()
+    image = Image.fromarray(pixels)
+    reference = lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # noqa: E731
+    for data in (_encoded(image, "PNG"), _encoded(image.convert("L"), "PNG"), _encoded(image.convert("P"), "PNG"),
+                 _encoded(image, "WEBP", lossless=True)):
+        assert np.array_equal(decode_image(data), reference(data))
+    # 16-bit PNGs keep their high byte (PIL would clip every value above 255 to white)
+    deep = Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)
+    assert np.array_equal(decode_image(_encoded(deep, "PNG")), np.repeat(pixels[..., :1], 3, axis=2))
+    jpeg = _encoded(image, "JPEG", quality=95)
+    assert np.abs(decode_image(jpeg).astype(int) - reference(jpeg)).max() <= 1  # both libjpeg-turbo
+    # transparency is flattened onto white: alpha channel, and a palette colour made transparent by tRNS
+    rgba = np.concatenate([pixels, np.full((21, 34, 1), 255, np.uint8)], axis=2)
+    rgba[0, 0, 3] = 0
+    assert decode_image(_encoded(Image.fromarray(rgba), "PNG"))[0, 0].tolist() == [255, 255, 255]
+    palette = Image.fromarray(pixels).convert("P")
+    assert decode_image(_encoded(palette, "PNG", transparency=palette.getpixel((0, 0))))[0, 0].tolist() == [255] * 3
+    # a header claiming 10^10 pixels is refused before any decoding (PNG and JPEG)
+    ihdr = struct.pack(">II5B", 100_000, 100_000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    with pytest.raises(Image.DecompressionBombError, match="100000x100000"):
+        decode_image(bomb)
+    frame = jpeg.index(b"\xff\xc0")
+    with pytest.raises(Image.DecompressionBombError, match="65535x65535"):
+        decode_image(jpeg[: frame + 5] + b"\xff\xff\xff\xff" + jpeg[frame + 9 :])
+    for data in (_encoded(image, "GIF"), _encoded(image, "BMP"), _encoded(image, "PNG")[:300], jpeg[: len(jpeg) // 2]):
+        with pytest.raises(Exception):
+            decode_image(data)
+
+
+def test_handover_slots_are_never_overwritten_before_release():
+    images = [torch.arange(2 * 4 * 4 * 3, dtype=torch.uint8).view(2, 1, 4, 4, 3)]
+
+    def batch(value: int) -> dict:
+        return {"image": [images[0] + value], "label": torch.tensor([value, value]), "__key__": ["a", "b"]}
+
+    handover = Handover(num_workers=1, slots=2, slot_bytes=images[0].numel())
+    first, second = handover.pack(0, batch(1)), handover.pack(0, batch(2))
+    assert isinstance(first["label"], np.ndarray)  # small tensors travel inside the pickled batch
+    third = handover.pack(0, batch(3))  # the slot of `first`, not yet released: PyTorch's own handover instead
+    assert isinstance(third["image"], list)
+    for sent, value in ((first, 1), (second, 2), (third, 3)):
+        received = handover.unpack(pickle.loads(pickle.dumps(sent)))
+        assert torch.equal(received["image"][0], images[0] + value) and received["label"].tolist() == [value] * 2
+    fourth = handover.pack(0, batch(4))  # released by now: through the slot again
+    assert not isinstance(fourth["image"], list) and torch.equal(handover.unpack(fourth)["image"][0], images[0] + 4)
+    too_big = {"image": [torch.zeros(3, 1, 4, 4, 3, dtype=torch.uint8)], "__key__": ["a", "b", "c"]}
+    assert isinstance(handover.pack(0, too_big)["image"], list)
 
 
 def test_strict_mode_names_shard_and_key(tmp_path, write_tar, make_shards):

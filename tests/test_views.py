@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+import pickle
 import random
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
@@ -18,10 +22,12 @@ from data_modules.views import (
     EvalView,
     MultiCrop,
     SingleCrop,
+    VIEWS_FIELD,
     TwoCrops,
     ViewTransform,
     _color_jitter,
     _gaussian_blur,
+    finish_views,
 )
 
 
@@ -54,12 +60,18 @@ def test_random_resized_crop_follows_scale_and_ratio():
 
 def test_eval_view_is_the_centre_square_resized_then_imagenet_normalisation():
     image = noise_image(40, 30)
-    got = EvalView().build(20)(image)
-    # PIL's box resize: the centred 30x30 square, filtered with its true neighbours at the border
-    resized = image.resize((20, 20), Image.BILINEAR, box=(5, 0, 35, 30))
-    expected = TF.normalize(TF.pil_to_tensor(resized).float() / 255, list(IMAGENET_MEAN), list(IMAGENET_STD))
-    assert torch.allclose(got, expected, atol=1e-5)
-    assert torch.equal(got, EvalView().build(20)(image))  # deterministic
+    centre = TF.pil_to_tensor(image)[None, :, :, 5:35].float() / 255  # the centred 30x30 square
+
+    def expected(pixels: torch.Tensor) -> torch.Tensor:
+        return TF.normalize(pixels[0], list(IMAGENET_MEAN), list(IMAGENET_STD))
+
+    one_level = 1 / 255 / min(IMAGENET_STD) + 1e-5  # the crops are uint8: rounding moves a pixel one level
+    # shrinking is area averaging: an exact 2x reduction is the mean of each 2x2 block
+    assert torch.allclose(EvalView().build(15)(image), expected(F.avg_pool2d(centre, 2)), atol=one_level)
+    # enlarging is bilinear with pixel centres aligned (torch's align_corners=False)
+    enlarged = F.interpolate(centre, size=(45, 45), mode="bilinear", align_corners=False)
+    assert torch.allclose(EvalView().build(45)(image), expected(enlarged), atol=one_level)
+    assert torch.equal(EvalView().build(20)(image), EvalView().build(20)(image))  # deterministic
 
 
 def test_batched_views_are_reproducible_from_the_generators():
@@ -68,10 +80,30 @@ def test_batched_views_are_reproducible_from_the_generators():
 
     def run(seed: int) -> list[torch.Tensor]:
         rng = random.Random(seed)
-        return transform.finish([transform.crop(image, rng) for image in images], torch.Generator().manual_seed(seed))
+        return finish(transform, [transform.crop(np.asarray(image), rng) for image in images], seed)
 
     assert all(torch.equal(a, b) for a, b in zip(run(0), run(0)))
     assert not torch.equal(run(0)[0], run(1)[0])
+
+
+def finish(transform: ViewTransform, crops: list[list[np.ndarray]], seed: int = 0) -> torch.Tensor | list[torch.Tensor]:
+    packed, recipe = transform.pack(crops, seed)
+    return recipe.finish(packed)
+
+
+def test_packed_batches_group_crops_by_size_and_survive_workers_and_device_transfer():
+    transform = MultiCrop(num_global=2, num_local=3, local_size=8).build(16)
+    crops = [transform.crop(np.asarray(noise_image(seed=seed)), random.Random(seed)) for seed in range(5)]
+    packed, recipe = transform.pack(crops, seed=7)
+    assert [(tuple(group.shape), group.dtype) for group in packed] == [
+        ((5, 2, 16, 16, 3), torch.uint8), ((5, 3, 8, 8, 3), torch.uint8)]
+    reference = recipe.finish(packed)
+    # a worker pickles the batch; Lightning's transfer walks it and must hand the recipe over untouched
+    batch = pickle.loads(pickle.dumps({"image": packed, VIEWS_FIELD: recipe}))
+    batch = finish_views(move_data_to_device(batch, torch.device("cpu")))
+    assert VIEWS_FIELD not in batch and [view.shape for view in batch["image"]] == [(5, 3, 16, 16)] * 2 + [(5, 3, 8, 8)] * 3
+    assert all(torch.equal(a, b) for a, b in zip(batch["image"], reference))
+    assert finish_views(batch) is batch  # finished batches pass through
 
 
 def plain(**augment: float) -> ViewTransform:
@@ -82,15 +114,14 @@ def plain(**augment: float) -> ViewTransform:
 
 def test_flip_grayscale_and_solarize_match_their_definitions():
     image = noise_image(8, 8)
-    crops = [plain().crop(image, random.Random(0))]
-    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    reference = plain().finish(crops, generator())[0]
+    crops = [plain().crop(np.asarray(image), random.Random(0))]
+    reference = finish(plain(), crops)[0]
     assert torch.allclose(reference, TF.pil_to_tensor(image).float() / 255)
-    assert torch.equal(plain(hflip_prob=1.0).finish(crops, generator())[0], reference.flip(-1))
-    gray = plain(grayscale_prob=1.0).finish(crops, generator())[0]
+    assert torch.equal(finish(plain(hflip_prob=1.0), crops)[0], reference.flip(-1))
+    gray = finish(plain(grayscale_prob=1.0), crops)[0]
     luma = (reference * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0)
     assert torch.allclose(gray, luma.expand(3, -1, -1), atol=1e-6)
-    solarized = plain(solarize_prob=1.0).finish(crops, generator())[0]
+    solarized = finish(plain(solarize_prob=1.0), crops)[0]
     assert torch.allclose(solarized, torch.where(reference >= 0.5, 1 - reference, reference), atol=1e-6)
 
 

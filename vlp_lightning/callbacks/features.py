@@ -148,8 +148,8 @@ def extract_features(
 ) -> EvalFeatures:
     """Image features of the first `max_samples` samples (all with None) of `shards`, with their labels, captions,
     meta and thumbnails. Call it inside `evaluation_mode`."""
-    loader = make_eval_loader(shards, method.image_size, batch_size, num_workers=num_workers)
     device = module_device(method)
+    loader = make_eval_loader(shards, method.image_size, batch_size, num_workers=num_workers, device=device)
     keys: list[str] = []
     captions: list[str] = []
     labels: list[Tensor] = []
