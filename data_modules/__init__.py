@@ -20,6 +20,7 @@ _EXPORTS = {
     "TwoCrops": "data_modules.views",
     "MultiCrop": "data_modules.views",
     "EvalView": "data_modules.views",
+    "finish_views": "data_modules.views",
 }
 __all__ = sorted(_EXPORTS)
 
