@@ -23,7 +23,7 @@ Stage order (open_clip's, with sample-exact splitting):
    the per-sample crop of the views;
 7. batching inside the pipeline: crops packed as uint8 tensors, the tokenizer run once per batch;
 8. `webdataset.WebLoader` (a DataLoader with `batch_size=None`), wrapped by `StreamingLoader` for the explicit
-   length and epoch. The photometric half of the views (`finish_views`) runs on the batch after it leaves the
+   length and epoch; batches leave the workers through shared-memory slots (`Handover`). The photometric half of the views (`finish_views`) runs on the batch after it leaves the
    worker: in training on the device, in the DataModule's `on_after_batch_transfer` (`finish=False`), else in
    `StreamingLoader`'s process.
 
@@ -619,7 +619,8 @@ class Handover:
 
     Each slot keeps two sequence numbers (written, released): a worker writes a slot only when the batch it held was
     released, else (the consumer is further behind than the DataLoader's prefetching allows) it falls back to
-    PyTorch's own handover for that batch, so a slot is never overwritten while in use.
+    PyTorch's own handover for that batch, so a slot is never overwritten while in use. The slots take
+    `num_workers * slots` batches of uint8 crops in /dev/shm (PyTorch's own handover needs about half that).
     """
 
     def __init__(self, num_workers: int, slots: int, slot_bytes: int) -> None:
