@@ -157,7 +157,8 @@ def main() -> int:
     parser.add_argument("--views", choices=sorted(VIEWS), default="single")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=None,
-                        help="raw/pipeline measurement pairs per worker count, the median ratio reported (default 3, quick 1)")
+                        help="raw/pipeline measurement pairs per worker count, the median ratio reported "
+                             "(default 3, quick 1)")
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(1)
@@ -184,7 +185,8 @@ def main() -> int:
             row = {**pairs[len(pairs) // 2], "repeats": repeats,
                    "fractions_of_raw": [pair["per_worker_fraction_of_raw"] for pair in pairs]}
             rows.append(row)
-            print(f"{num_workers:>8} {raw:>13.0f} {row['pipeline_per_wall_s']:>16.0f} {row['per_worker_per_cpu_s']:>13.0f} "
+            print(f"{num_workers:>8} {row['raw_decode_per_cpu_s']:>13.0f} {row['pipeline_per_wall_s']:>16.0f} "
+                  f"{row['per_worker_per_cpu_s']:>13.0f} "
                   f"{row['per_worker_fraction_of_raw']:>15.2f} {row['main_process_us_per_sample']:>15.0f} "
                   f"{row['finish_on_cpu_us_per_sample']:>24.0f}")
         print(f"decoders alone, one process: PIL {rows[0]['raw_decode_per_cpu_s']:.0f}/s, libspng {libspng:.0f}/s "
@@ -203,7 +205,8 @@ def main() -> int:
             "image_size": IMAGE_SIZE,
             "views": args.views,
             "batch_size": args.batch_size,
-            "clock": "process_time (num_workers=0) / RUSAGE_CHILDREN (workers); raw decode in num_workers processes at once",
+            "clock": "process_time (num_workers=0) / RUSAGE_CHILDREN (workers); "
+                     "raw decode in num_workers processes at once",
             "libspng_decode_per_cpu_s": libspng,
             "rows": rows,
             "targets": [target.as_dict() for target in targets],

@@ -60,7 +60,8 @@ class Augment:
     `color_jitter` is the SimCLR strength s: brightness, contrast and saturation factors in [1-0.8s, 1+0.8s] and
     a hue shift in [-0.2s, 0.2s] of a turn, applied together with probability `color_jitter_prob` (composed into one
     colour map, see `_color_jitter`; the hue shift rotates the YIQ chroma plane). The Gaussian blur kernel is 10%
-    of the crop side with sigma in [0.1, 2.0]; solarisation inverts values >= 0.5. `mean` / `std` normalise the [0, 1] image.
+    of the crop side with sigma in [0.1, 2.0]; solarisation inverts values >= 0.5. `mean` / `std` normalise the
+    [0, 1] image.
     """
 
     hflip_prob: float = 0.5
@@ -184,7 +185,9 @@ class ViewTransform:
         recipe. The horizontal flips happen here, in the copy that stacks the crops anyway. Few tensors, because each
         one costs a shared-memory handover between a worker and the main process."""
         generator = torch.Generator().manual_seed(seed)
-        flips = [(torch.rand(len(crops), generator=generator) < crop.augment.hflip_prob).tolist() for crop in self.crops]
+        flips = [
+            (torch.rand(len(crops), generator=generator) < crop.augment.hflip_prob).tolist() for crop in self.crops
+        ]
         packed = []
         for group in self.groups:
             size = self.crops[group[0]].size
@@ -197,7 +200,8 @@ class ViewTransform:
                         stacked[row, slot] = image_crops[index]
             packed.append(torch.from_numpy(stacked))
         photometric_seed = int(torch.randint(2**62, (), generator=generator))
-        return packed, ViewRecipe(tuple(crop.augment for crop in self.crops), self.groups, self.single, photometric_seed)
+        augments = tuple(crop.augment for crop in self.crops)
+        return packed, ViewRecipe(augments, self.groups, self.single, photometric_seed)
 
     def __call__(self, image: Image.Image | np.ndarray) -> Tensor | list[Tensor]:
         if isinstance(image, Image.Image):

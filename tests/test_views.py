@@ -101,7 +101,8 @@ def test_packed_batches_group_crops_by_size_and_survive_workers_and_device_trans
     # a worker pickles the batch; Lightning's transfer walks it and must hand the recipe over untouched
     batch = pickle.loads(pickle.dumps({"image": packed, VIEWS_FIELD: recipe}))
     batch = finish_views(move_data_to_device(batch, torch.device("cpu")))
-    assert VIEWS_FIELD not in batch and [view.shape for view in batch["image"]] == [(5, 3, 16, 16)] * 2 + [(5, 3, 8, 8)] * 3
+    assert VIEWS_FIELD not in batch
+    assert [view.shape for view in batch["image"]] == [(5, 3, 16, 16)] * 2 + [(5, 3, 8, 8)] * 3
     assert all(torch.equal(a, b) for a, b in zip(batch["image"], reference))
     assert finish_views(batch) is batch  # finished batches pass through
 
