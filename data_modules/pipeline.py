@@ -313,8 +313,7 @@ def decode_image(data: bytes) -> np.ndarray:
     """
     if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR":
         width, height = struct.unpack(">II", data[16:24])
-        # colour types 4 and 6 carry alpha, a tRNS chunk (before the image data) makes a colour transparent
-        opaque = data[25] in (0, 2, 3) and b"tRNS" not in data[: data.find(b"IDAT")]
+        opaque = _png_is_opaque(data)
     elif data.startswith(_JPEG_SIGNATURE):
         width, height = _jpeg_size(data)
         opaque = True
@@ -334,8 +333,25 @@ def decode_image(data: bytes) -> np.ndarray:
     return image
 
 
+def _png_is_opaque(data: bytes) -> bool:
+    """No alpha channel (colour types 4 and 6) and no tRNS chunk (a transparent colour) among the chunks before the
+    image data; walked chunk by chunk, since the bytes `IDAT` / `tRNS` may occur inside other chunks' data."""
+    if data[25] not in (0, 2, 3):
+        return False
+    position = 8
+    while position + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        if kind == b"IDAT":
+            return True
+        if kind == b"tRNS":
+            return False
+        position += 12 + length
+    return True  # no image data: the decoder will say so
+
+
 def _jpeg_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from a JPEG's start-of-frame segment, walking the marker segments before it."""
+    """(width, height) from a JPEG's start-of-frame segment, walking the marker segments before it (the markers
+    without a length, TEM and RST0-7, as libjpeg does, so that no segment can hide a frame header from this walk)."""
     index = 2
     while index + 9 <= len(data):
         if data[index] != 0xFF:
@@ -344,6 +360,11 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         if marker == 0xFF:  # fill byte
             index += 1
             continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # TEM, RST0-7, SOI: no length field
+            index += 2
+            continue
+        if marker == 0xD9:  # end of image before any frame
+            break
         if marker in _JPEG_FRAME_MARKERS:
             height, width = struct.unpack(">HH", data[index + 5 : index + 9])
             return width, height

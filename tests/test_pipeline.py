@@ -244,6 +244,20 @@ def test_decoders_agree_with_pil_flatten_alpha_and_refuse_bombs_and_other_format
     frame = jpeg.index(b"\xff\xc0")
     with pytest.raises(Image.DecompressionBombError, match="65535x65535"):
         decode_image(jpeg[: frame + 5] + b"\xff\xff\xff\xff" + jpeg[frame + 9 :])
+    # ... also when a length-less RST marker and comment segments try to hide the real frame header behind a fake
+    huge = jpeg[: frame + 5] + struct.pack(">HH", 20_000, 20_000) + jpeg[frame + 9 :]
+    fake_frame = b"\xff\xc0\x00\x11\x08" + struct.pack(">HH", 16, 16) + b"\x03" + bytes(9)
+    first = b"\xff\xfe" + struct.pack(">H", 60_000) + bytes(59_998)
+    second = bytearray(65_533)
+    second[65_538 - (4 + len(first) + 4) :][: len(fake_frame)] = fake_frame  # where a walk skipping 2 bytes lands
+    hidden = b"\xff\xd8\xff\xd0" + first + b"\xff\xfe\xff\xff" + bytes(second) + huge[2:]
+    with pytest.raises(Image.DecompressionBombError, match="20000x20000"):
+        decode_image(hidden)
+    # a tRNS chunk after another chunk whose text happens to contain "IDAT" still counts
+    text = struct.pack(">I", 9) + b"tEXt" + b"note\x00IDAT"
+    text += struct.pack(">I", zlib.crc32(b"tEXt" + b"note\x00IDAT"))
+    transparent = _encoded(palette, "PNG", transparency=palette.getpixel((0, 0)))
+    assert decode_image(transparent[:33] + text + transparent[33:])[0, 0].tolist() == [255] * 3
     for data in (_encoded(image, "GIF"), _encoded(image, "BMP"), _encoded(image, "PNG")[:300], jpeg[: len(jpeg) // 2]):
         with pytest.raises(Exception):
             decode_image(data)
