@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib
 import os
 
-# A backstop behind the pipeline's own header check: OpenCV refuses images above PIL's decompression-bomb limit
-# (read when OpenCV first decodes; its default allows 2^30 pixels). PIL's limit, 2 * 89,478,485 pixels, written out
-# so that this package does not import PIL just to be imported.
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(2 * 89_478_485))
+from PIL import Image
+
+# A backstop behind the pipeline's own header check: OpenCV refuses images above PIL's decompression-bomb limit.
+# OpenCV reads the variable once, when it is imported (its default allows 2^30 pixels), so it is set here, before
+# any module of this package imports cv2.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(2 * Image.MAX_IMAGE_PIXELS))
 
 _EXPORTS = {
     "ImageTextDataModule": "data_modules.datamodules",

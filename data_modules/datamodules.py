@@ -276,7 +276,7 @@ class StreamingDataModule(LightningDataModule):
         return batch
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """The photometric half of the views (flip, colour, blur, normalisation), batched on the trainer's device."""
+        """The photometric half of the views (colour, blur, normalisation), batched on the trainer's device."""
         return finish_views(batch)
 
     def _record(self, info: dict, stage: str) -> None:

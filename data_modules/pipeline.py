@@ -19,13 +19,13 @@ Stage order (open_clip's, with sample-exact splitting):
    never even loaded, let alone unpickled;
 5. sample shuffle buffer seeded with `(seed, epoch, rank, worker)`;
 6. safe decode (formats by their signatures: opaque PNG through libspng, JPEG through OpenCV, WebP and images
-   with alpha through PIL; the pixel count checked from the header before decoding; text as UTF-8, labels as int, JSON) and
-   the per-sample crop of the views;
+   with alpha through PIL; the pixel count checked from the header before decoding; text as UTF-8, labels as int,
+   JSON) and the per-sample crop of the views;
 7. batching inside the pipeline: crops packed as uint8 tensors, the tokenizer run once per batch;
 8. `webdataset.WebLoader` (a DataLoader with `batch_size=None`), wrapped by `StreamingLoader` for the explicit
-   length and epoch; batches leave the workers through shared-memory slots (`Handover`). The photometric half of the views (`finish_views`) runs on the batch after it leaves the
-   worker: in training on the device, in the DataModule's `on_after_batch_transfer` (`finish=False`), else in
-   `StreamingLoader`'s process.
+   length and epoch; batches leave the workers through shared-memory slots (`Handover`). The photometric half of
+   the views (`finish_views`) runs on the batch after it leaves the worker: in training on the device, in the
+   DataModule's `on_after_batch_transfer` (`finish=False`), else in `StreamingLoader`'s process.
 
 Determinism and exact resume: a batch is a pure function of (seed, epoch, rank, worker, batch index), including its
 augmentations. Every batch carries `batch["__stream__"] = {"pass", "epoch", "worker", "position", "skipped"}`:
@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from itertools import chain, islice
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 import cv2
 import numpy as np
@@ -313,20 +313,24 @@ def decode_image(data: bytes) -> np.ndarray:
     """
     if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR":
         width, height = struct.unpack(">II", data[16:24])
-        opaque = _png_is_opaque(data)
+        decode = _decode_png if _png_is_opaque(data) else _decode_with_pil
     elif data.startswith(_JPEG_SIGNATURE):
         width, height = _jpeg_size(data)
-        opaque = True
+        decode = _decode_jpeg
     else:
         return _decode_with_pil(data)
     if width * height > 2 * Image.MAX_IMAGE_PIXELS:
         raise Image.DecompressionBombError(
             f"image of {width}x{height} pixels exceeds the limit of {2 * Image.MAX_IMAGE_PIXELS} (PIL's)"
         )
-    if not opaque:
-        return _decode_with_pil(data)
-    if data.startswith(_PNG_SIGNATURE):
-        return pyspng.load(data, "RGB")
+    return decode(data)
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    return pyspng.load(data, "RGB")
+
+
+def _decode_jpeg(data: bytes) -> np.ndarray:
     image = cv2.imdecode(np.frombuffer(data, np.uint8), _OPENCV_FLAGS)
     if image is None:
         raise ValueError("truncated or corrupt image data")
@@ -613,19 +617,13 @@ class ShardStream(IterableDataset):
                 raise BadSampleError(f"no readable sample in any of the {len(self.urls)} shards ({self.urls[0]}, ...)")
 
 
-class _InSlot:
+class _InSlot(NamedTuple):
     """Where a worker left a batch's packed images: its slot, the slot's sequence number and the tensor shapes."""
 
-    __slots__ = ("worker", "slot", "sequence", "shapes")
-
-    def __init__(self, worker: int, slot: int, sequence: int, shapes: list[tuple[int, ...]]) -> None:
-        self.worker, self.slot, self.sequence, self.shapes = worker, slot, sequence, shapes
-
-    def __getstate__(self) -> tuple:
-        return self.worker, self.slot, self.sequence, self.shapes
-
-    def __setstate__(self, state: tuple) -> None:
-        self.worker, self.slot, self.sequence, self.shapes = state
+    worker: int
+    slot: int
+    sequence: int
+    shapes: list[tuple[int, ...]]
 
 
 class Handover:
@@ -654,7 +652,7 @@ class Handover:
     def pack(self, worker: int, batch: dict) -> dict:
         """In the worker: the images into the next slot (when free), every other tensor to numpy."""
         images = batch["image"]
-        if isinstance(images, list) and all(isinstance(tensor, torch.Tensor) for tensor in images):
+        if isinstance(images, list):
             self.sequence += 1
             slot = self.sequence % self.slots
             written, released = self.state[worker, slot].tolist()
@@ -665,11 +663,12 @@ class Handover:
                     offset += tensor.numel()
                 self.state[worker, slot, 0] = self.sequence
                 batch["image"] = _InSlot(worker, slot, self.sequence, [tuple(tensor.shape) for tensor in images])
-        return {name: _tensors_to_numpy(value) if name != "image" else value for name, value in batch.items()}
+        return {name: value if name == "image" else _convert(value, torch.Tensor, torch.Tensor.numpy)
+                for name, value in batch.items()}
 
     def unpack(self, batch: dict) -> dict:
         """In the main process: the images copied out of their slot (which is then free), numpy back to tensors."""
-        batch = {name: _numpy_to_tensors(value) for name, value in batch.items()}
+        batch = {name: _convert(value, np.ndarray, torch.from_numpy) for name, value in batch.items()}
         where = batch["image"]
         if isinstance(where, _InSlot):
             flat, offset, images = self.data[where.worker, where.slot], 0, []
@@ -682,19 +681,12 @@ class Handover:
         return batch
 
 
-def _tensors_to_numpy(value: object) -> object:
-    if isinstance(value, torch.Tensor):
-        return value.numpy()
+def _convert(value: object, kind: type, convert: Callable[[object], object]) -> object:
+    """`convert` every `kind` in `value`, a batch entry (plain dicts, such as tokens, are walked)."""
+    if isinstance(value, kind):
+        return convert(value)
     if type(value) is dict:
-        return {name: _tensors_to_numpy(item) for name, item in value.items()}
-    return value
-
-
-def _numpy_to_tensors(value: object) -> object:
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value)
-    if type(value) is dict:
-        return {name: _numpy_to_tensors(item) for name, item in value.items()}
+        return {name: _convert(item, kind, convert) for name, item in value.items()}
     return value
 
 

@@ -126,12 +126,6 @@ class ViewRecipe:
         self.single = single
         self.seed = seed
 
-    def __getstate__(self) -> tuple:
-        return self.augments, self.groups, self.single, self.seed
-
-    def __setstate__(self, state: tuple) -> None:
-        self.augments, self.groups, self.single, self.seed = state
-
     def finish(self, images: list[Tensor]) -> Tensor | list[Tensor]:
         """Packed uint8 groups `[N, k, S, S, 3]` (any device) -> normalised float `[N, 3, S, S]` per crop."""
         generator = torch.Generator().manual_seed(self.seed)
@@ -246,7 +240,7 @@ class Views:
         )
 
     def crops(self, image_size: int) -> tuple[Crop, ...]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define crops(image_size)")
 
     def build(self, image_size: int) -> ViewTransform:
         return ViewTransform(self.crops(image_size), self.single)
@@ -403,15 +397,17 @@ def _photometric(images: Tensor, augment: Augment, generator: torch.Generator) -
         pixels = _color_jitter(pixels, brightness, contrast, saturation, hue)
     grayscale = chosen(augment.grayscale_prob)
     if grayscale.any():
-        pixels[rows(grayscale)] = _luma(pixels[rows(grayscale)]).expand(-1, 3, -1, -1)
+        index = rows(grayscale)
+        pixels[index] = _luma(pixels[index]).expand(-1, 3, -1, -1)
     blur = chosen(augment.blur_prob)
     sigma = 0.1 + 1.9 * torch.rand(count, generator=generator)
     if blur.any():
-        pixels[rows(blur)] = _gaussian_blur(pixels[rows(blur)], sigma[blur])
+        index = rows(blur)
+        pixels[index] = _gaussian_blur(pixels[index], sigma[blur])
     solarize = chosen(augment.solarize_prob)
     if solarize.any():
-        chosen_pixels = pixels[rows(solarize)]
-        pixels[rows(solarize)] = torch.where(chosen_pixels >= 0.5, 1 - chosen_pixels, chosen_pixels)
+        index = rows(solarize)
+        pixels[index] = torch.where(pixels[index] >= 0.5, 1 - pixels[index], pixels[index])
     return pixels.sub_(mean).div_(std)
 
 

@@ -306,7 +306,7 @@ class EvaluationCallback(Callback):
         self._warned = False
 
     def evaluate(self, trainer: Trainer, method: LightningModule) -> dict[str, float]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define evaluate(trainer, method)")
 
     def features(self, method: LightningModule, shards: str, max_samples: int | None = None) -> EvalFeatures:
         """`extract_features` of the first `max_samples` samples of `shards`, computed once per evaluation pass."""

@@ -119,7 +119,7 @@ class VLPMethod(LightningModule):
 
     def forward_loss(self, batch: dict) -> dict[str, Tensor]:
         """Compute the method's objective on one batch; returns at least {"loss": scalar}."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define forward_loss(batch)")
 
     # ------------------------------------------------------------------ steps
     def _step(self, batch: dict, stage: str) -> Tensor:
