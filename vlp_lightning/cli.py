@@ -9,6 +9,9 @@ bar and a fixed seed. Bad input ends with one sentence and exit code 2, never a 
 from __future__ import annotations
 
 import importlib
+import logging
+import os
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -16,13 +19,23 @@ from pathlib import Path
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from data_modules import DataConfigError
 from vlp_lightning import methods
 from vlp_lightning.callbacks.non_finite_loss import NonFiniteLossError, NonFiniteLossGuard
+from vlp_lightning.checkpoints import (
+    AtomicModelCheckpoint,
+    ExperimentLock,
+    ExperimentLockedError,
+    newest_complete_checkpoint,
+    remove_partial_saves,
+    switch_link,
+)
 from vlp_lightning.methods.base import CheckpointMismatchError, VLPMethod
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = (
     "vlp_lightning: train and evaluate vision / vision-language pretraining methods. "
@@ -68,20 +81,25 @@ class VLPCLI(LightningCLI):
     """LightningCLI with the suite's defaults; see the module docstring."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
-        super().__init__(
-            model_class=VLPMethod,
-            datamodule_class=LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            parser_class=VLPArgumentParser,
-            parser_kwargs={"description": DESCRIPTION},
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step")]},
-            auto_configure_optimizers=False,
-            args=args,
-            run=run,
-        )
+        self.experiment_lock: ExperimentLock | None = None
+        try:
+            super().__init__(
+                model_class=VLPMethod,
+                datamodule_class=LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                seed_everything_default=0,
+                parser_class=VLPArgumentParser,
+                parser_kwargs={"description": DESCRIPTION},
+                save_config_kwargs={"overwrite": True},
+                trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step")]},
+                auto_configure_optimizers=False,
+                args=args,
+                run=run,
+            )
+        finally:
+            if self.experiment_lock is not None:
+                self.experiment_lock.release()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -89,35 +107,42 @@ class VLPCLI(LightningCLI):
             type=str | None,
             default=None,
             help="Run name under runs/<method>/ (default: the --config file's stem). Checkpoints of one experiment "
-            "share runs/<method>/<experiment>/checkpoints so `--ckpt_path last` resumes it.",
+            "share runs/<method>/<experiment>/checkpoints so `--ckpt_path last` resumes it. "
+            "--trainer.default_root_dir DIR puts the whole run in DIR instead (logs DIR/version_N, DIR/checkpoints).",
         )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_argument(
+            "--allow_fresh_start",
+            type=bool,
+            default=False,
+            help="With --ckpt_path last: start from step 0 when the experiment has no complete checkpoint yet "
+            "(without it, vlp stops and says so).",
+        )
+        parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.save_top_k": 1})
         parser.add_lightning_class_args(NonFiniteLossGuard, "non_finite")
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        method = config.model.class_path.rsplit(".", 1)[-1].lower()
-        experiment = config.experiment or _config_stem(config) or "default"
-        run_dir = Path("runs") / method / experiment
-        if config.trainer.logger in (None, True):
-            config.trainer.logger = {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "runs", "name": f"{method}/{experiment}"},
-            }
-        if config.checkpoint.dirpath is None:
-            config.checkpoint.dirpath = str(run_dir / "checkpoints")
-
     def _parse_ckpt_path(self) -> None:
-        """Lightning would overlay a checkpoint's saved hyper-parameters on the config, silently replacing the method
+        """Runs before anything is instantiated: fill in the run's folders, take the experiment lock (fit), resolve
+        `--ckpt_path last` to the newest complete checkpoint, and check an explicit checkpoint.
+
+        Lightning would overlay a checkpoint's saved hyper-parameters on the config, silently replacing the method
         or arguments the user set. Here the config stays the truth and a checkpoint that contradicts it is refused
         in one sentence (weight shapes are checked again when it loads, in `VLPMethod.on_load_checkpoint`)."""
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():  # "last", or a sharded checkpoint folder
+        config = self.config[subcommand] if subcommand else self.config
+        checkpoints = _set_run_folders(config)
+        if subcommand == "fit" and _launched_as_rank_zero():
+            self.experiment_lock = ExperimentLock(checkpoints)
+            self.experiment_lock.acquire()
+            for leftover in remove_partial_saves(checkpoints) if checkpoints.is_dir() else []:
+                log.warning("removed %s, a checkpoint save that was interrupted", leftover)
+        ckpt_path = config.get("ckpt_path") if subcommand else None
+        if ckpt_path == "last":
+            ckpt_path = config.ckpt_path = _resume_path(checkpoints, config.allow_fresh_start)
+        if not ckpt_path or ckpt_path.split(":")[0] in _LIGHTNING_CKPT_NAMES or Path(ckpt_path).is_dir():  # sharded
             return
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        conflict = _hyper_parameter_conflict(checkpoint.get("hyper_parameters", {}), self.config[subcommand].model)
+        checkpoint = load_checkpoint_for_check(ckpt_path)
+        conflict = _hyper_parameter_conflict(checkpoint.get("hyper_parameters", {}), config.model)
         if conflict:
             raise CheckpointMismatchError(
                 f"{ckpt_path} {conflict}; resume with the method and arguments it was trained with, or start a new "
@@ -125,11 +150,103 @@ class VLPCLI(LightningCLI):
             )
 
 
+_LIGHTNING_CKPT_NAMES = ("best", "hpc", "registry")
+
+
+def _set_run_folders(config: Namespace) -> Path:
+    """Default logger and checkpoint folder of the run; returns the checkpoint folder.
+
+    The run lives in `runs/<method>/<experiment>/`, or in `--trainer.default_root_dir` when that is given
+    (Lightning's convention: the folder of one run's logs and checkpoints)."""
+    method = config.model.class_path.rsplit(".", 1)[-1].lower()
+    experiment = config.experiment or _config_stem(config) or "default"
+    root = config.trainer.get("default_root_dir")
+    run_dir = Path(root) if root else Path("runs") / method / experiment
+    if config.trainer.logger in (None, True):
+        config.trainer.logger = {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": str(run_dir), "name": ""},
+        }
+    if config.checkpoint.dirpath is None:
+        config.checkpoint.dirpath = str(run_dir / "checkpoints")
+    return Path(config.checkpoint.dirpath)
+
+
+def _launched_as_rank_zero() -> bool:
+    """This process is global rank 0 (or not distributed): launchers set these before the script starts."""
+    return all(int(os.environ.get(name, 0)) == 0 for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def _resume_path(checkpoints: Path, allow_fresh_start: bool) -> str | None:
+    """`--ckpt_path last`: the newest complete checkpoint of the folder, reached through `last.ckpt` (re-pointed at
+    it when a kill or a full disk left the link dangling or on an incomplete file); None (start fresh) or an error
+    when there is none."""
+    newest, passed_over = newest_complete_checkpoint(checkpoints)
+    for path in passed_over:
+        log.warning("--ckpt_path last: passing over %s, which is not a complete checkpoint", path)
+    if newest is None:
+        if allow_fresh_start:
+            log.warning("--ckpt_path last: %s holds no complete checkpoint; starting from step 0", checkpoints)
+            return None
+        raise CheckpointError(
+            f"--ckpt_path last: {checkpoints} holds no complete checkpoint to resume; drop --ckpt_path to start the "
+            "experiment from step 0, or add --allow_fresh_start true to do so whenever there is nothing to resume"
+        )
+    link = checkpoints / "last.ckpt"
+    if link.resolve() != newest and (link.is_symlink() or not link.exists()) and _launched_as_rank_zero():
+        log.warning("--ckpt_path last: %s did not lead to the newest complete checkpoint; re-pointed it at %s",
+                    link, newest.name)
+        switch_link(newest, link)
+    return str(link if link.resolve() == newest else newest)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that cannot be resumed: missing, incomplete, unsafe, or nothing to resume."""
+
+
+def load_checkpoint_for_check(ckpt_path: str) -> dict:
+    """The checkpoint's contents (weights only, memory-mapped), or a `CheckpointError` sentence saying what is wrong
+    with the file and what to do."""
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise CheckpointError(
+            f"--ckpt_path {ckpt_path}: no such file; give the path of a checkpoint, or --ckpt_path last to resume "
+            "the experiment's newest one"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0] if "Weights only load failed" not in str(error) else ""
+        raise CheckpointError(
+            f"--ckpt_path {ckpt_path} holds pickled Python objects{f' ({reason})' if reason else ''}, which vlp "
+            "never loads (a checkpoint could run code); use a checkpoint written by vlp (tensors and plain values)"
+        ) from None
+    except Exception as error:
+        raise CheckpointError(
+            f"--ckpt_path {ckpt_path} is not a complete checkpoint ({type(error).__name__}: "
+            f"{(str(error).strip().splitlines() or ['empty file'])[0]}); resume from another one (--ckpt_path last "
+            "picks the newest complete checkpoint of the experiment)"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"--ckpt_path {ckpt_path} is not a Lightning checkpoint (no state_dict); give a checkpoint written by vlp"
+        )
+    return checkpoint
+
+
 def _hyper_parameter_conflict(saved: dict, model: Namespace) -> str | None:
-    """What the checkpoint's saved hyper-parameters contradict in the model config, in words, or None."""
+    """What the checkpoint's saved hyper-parameters contradict in the model config, in words, or None.
+
+    The saved class path is compared by name with the classes of the methods index and the configured one: a
+    checkpoint never chooses what is imported."""
     saved_class = saved.get("_class_path")
-    if saved_class and _import_class(saved_class) is not _import_class(model.class_path):
-        return f"was written by {saved_class}, not {model.class_path}"
+    if saved_class and saved_class != model.class_path:
+        known = _known_method_classes(model.class_path)
+        if saved_class not in known:
+            return (f"was written by {saved_class}, which is neither a method of vlp_lightning.methods nor the "
+                    f"configured {model.class_path}")
+        if known[saved_class] is not known[model.class_path]:
+            return f"was written by {saved_class}, not {model.class_path}"
     for name, value in saved.items():
         configured = (model.init_args or {}).get(name, value)
         if not name.startswith("_") and configured != value:
@@ -137,7 +254,17 @@ def _hyper_parameter_conflict(saved: dict, model: Namespace) -> str | None:
     return None
 
 
+def _known_method_classes(configured: str) -> dict[str, type]:
+    """Class path -> class for every class of the methods index (under both of its paths) and the configured one."""
+    classes = [getattr(methods, name) for name in methods.__all__] + [_import_class(configured)]
+    known = {f"vlp_lightning.methods.{cls.__name__}": cls for cls in classes if hasattr(methods, cls.__name__)}
+    known.update({f"{cls.__module__}.{cls.__qualname__}": cls for cls in classes})
+    known[configured] = classes[-1]
+    return known
+
+
 def _import_class(class_path: str) -> type:
+    """The class of a path the user gave (on the command line or in YAML), never one read from a checkpoint."""
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
 
@@ -151,7 +278,7 @@ def main(args: list[str] | None = None) -> None:
     """Console entry point of `vlp`."""
     try:
         VLPCLI(args=args)
-    except (DataConfigError, CheckpointMismatchError) as error:
+    except (DataConfigError, CheckpointMismatchError, CheckpointError, ExperimentLockedError) as error:
         sys.stderr.write(f"vlp: error: {error}\n")
         sys.exit(2)
     except NonFiniteLossError as error:
