@@ -7,13 +7,17 @@ in this process. Steps are recorded by `test_scale.StepRecorder` (per-step loss,
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +26,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from test_scale import fit_command, read_steps, subprocess_env, tiny_clip
+from vlp_lightning.checkpoints import checkpoint_is_complete
 from vlp_lightning.cli import main
 from vlp_lightning.methods.base import CheckpointMismatchError
 
@@ -49,6 +54,21 @@ class PoisonBatch(Callback):
             report = json.loads(self.report.read_text())
             self.report.write_text(json.dumps({**report, "unchanged_by_poisoned_step": unchanged}))
             self.weights_before = None
+
+
+class KillAfterCheckpointRemoval(Callback):
+    """SIGKILLs the run the moment the checkpoint callback has deleted the previous checkpoint (with
+    `save_top_k: 1`, right after saving a new one): the fixed moment of a kill during a save."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        checkpoint_io = trainer.strategy.checkpoint_io
+        remove = checkpoint_io.remove_checkpoint
+
+        def remove_then_die(path) -> None:
+            remove(path)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoint_io.remove_checkpoint = remove_then_die
 
 
 def sha256(path: Path) -> str:
@@ -212,3 +232,103 @@ def test_loading_a_checkpoint_of_another_method_outside_the_cli_names_both():
     with pytest.raises(CheckpointMismatchError, match=r"^the checkpoint was written by vlp_lightning\.methods\.swav\."
                                                       r"SwAV, not vlp_lightning\.methods\.clip\.CLIP; "):
         tiny_clip().on_load_checkpoint({"vlp": {"method": "vlp_lightning.methods.swav.SwAV"}})
+
+
+# ---------------------------------------------------------------------------------------------- kills during saves
+
+KILL_STEPS = 6  # 48 samples, batch 8: one epoch, a checkpoint after every step
+KILL_COMMON = ["--trainer.max_steps", str(KILL_STEPS), "--checkpoint.every_n_train_steps", "1",
+               "--data.num_workers", "1"]
+
+
+def start_fit(workdir: Path, shards: str, experiment: str, *extra: str) -> subprocess.Popen:
+    log = (workdir / f"{experiment}.log").open("a")
+    return subprocess.Popen(fit_command(workdir, shards, experiment, *KILL_COMMON, *extra), cwd=workdir,
+                            env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def resume_and_compare(workdir: Path, shards, experiment: str, reference: list[dict]) -> dict:
+    """Resume the killed `experiment` with `--ckpt_path last` and compare it with the uninterrupted `reference`.
+
+    Returns {"resumed_from": step of the checkpoint resumed, "exact": bool, "lost": samples of the epoch never
+    trained on}; exact means the steps after the resume saw the reference's samples, RNG draws and losses and the
+    final weights and optimizer state equal the reference's."""
+    killed_steps = len(read_steps(workdir, experiment).get(0, []))
+    resumed = subprocess.run(fit_command(workdir, shards.pattern, experiment, *KILL_COMMON, "--ckpt_path", "last"),
+                             cwd=workdir, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    records = read_steps(workdir, experiment)[0]
+    after = records[killed_steps:]
+    effective = records[: after[0]["step"] - 1] + after  # what the finished run's weights were trained on
+    final = load(checkpoints_dir(workdir, experiment) / "last.ckpt")
+    expected = load(checkpoints_dir(workdir, "reference") / "last.ckpt")
+    exact = (
+        [r["step"] for r in effective] == list(range(1, KILL_STEPS + 1))
+        and [r["keys"] for r in effective] == [r["keys"] for r in reference]
+        and [r["draw"] for r in effective] == [r["draw"] for r in reference]
+        and all(math.isclose(a["loss"], b["loss"], rel_tol=1e-5) for a, b in zip(effective, reference))
+        and final["global_step"] == KILL_STEPS
+        and all(torch.allclose(final["state_dict"][k], v, rtol=1e-5, atol=1e-6)
+                for k, v in expected["state_dict"].items())
+    )
+    lost = len(set(shards.keys) - {key for record in effective for key in record["keys"]})
+    return {"resumed_from": after[0]["step"] - 1, "exact": exact, "lost": lost}
+
+
+def run_reference(workdir: Path, shards) -> list[dict]:
+    assert start_fit(workdir, shards.pattern, "reference").wait(timeout=240) == 0
+    return read_steps(workdir, "reference")[0]
+
+
+def test_kill_right_after_a_save_deleted_the_previous_checkpoint_resumes_exactly(make_shards, tmp_path):
+    """Lightning deletes the previous checkpoint before it moves `last.ckpt` on: killed between the two, the link
+    dangled and `--ckpt_path last` started again from step 1. The link must already lead to the new checkpoint."""
+    shards = make_shards(tmp_path / "shards", n=48, per_shard=12, image_size=32)
+    reference = start_fit(tmp_path, shards.pattern, "reference")
+    killed = start_fit(tmp_path, shards.pattern, "killed", "--trainer.callbacks+=test_crash_resume.KillAfterCheckpointRemoval")
+    assert killed.wait(timeout=240) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-4000:]
+    last = checkpoints_dir(tmp_path, "killed") / "last.ckpt"
+    assert os.path.realpath(last).endswith("epoch=0-step=2.ckpt") and checkpoint_is_complete(Path(last))
+    assert reference.wait(timeout=240) == 0
+    outcome = resume_and_compare(tmp_path, shards, "killed", read_steps(tmp_path, "reference")[0])
+    assert outcome == {"resumed_from": 2, "exact": True, "lost": 0}
+
+
+def kill_around_a_save(process: subprocess.Popen, checkpoints: Path, step: int, delay: float) -> None:
+    """SIGKILL `process` `delay` seconds after the first file of the step-`step` save appears (partial or final)."""
+    while process.poll() is None:
+        if checkpoints.is_dir() and any(f"step={step}." in name for name in os.listdir(checkpoints)):
+            time.sleep(delay)
+            process.send_signal(signal.SIGKILL)
+            return
+        time.sleep(0.0002)
+
+
+@pytest.mark.slow
+def test_kills_at_random_moments_around_saves_resume_exactly(make_shards, tmp_path):
+    """A run saving after every step is SIGKILLed 0-5 ms after a save at a random step (2-5) began to write its
+    file (before, during or after the rename, the link switch and the deletion of the previous checkpoint), then
+    resumed with `--ckpt_path last`. Every resume must continue from a complete checkpoint at most one save back,
+    and end with the weights, samples, RNG draws and losses of a run never killed, no sample lost. The figures are
+    printed (and quoted in the README's crash-safety section)."""
+    shards = make_shards(tmp_path / "shards", n=48, per_shard=12, image_size=32)
+    reference = run_reference(tmp_path, shards)
+    rng = random.Random(22)
+    kills = int(os.environ.get("VLP_KILLS", "12"))
+    outcomes = []
+    for attempt in range(kills):
+        experiment, step, delay = f"kill{attempt}", rng.randint(2, KILL_STEPS - 1), rng.uniform(0, 0.005)
+        process = start_fit(tmp_path, shards.pattern, experiment)
+        killer = threading.Thread(target=kill_around_a_save,
+                                  args=(process, checkpoints_dir(tmp_path, experiment), step, delay))
+        killer.start()
+        process.wait(timeout=240)
+        killer.join()
+        assert process.returncode == -signal.SIGKILL, f"{experiment} finished before the kill"
+        outcome = resume_and_compare(tmp_path, shards, experiment, reference)
+        outcomes.append({"step": step, "delay_ms": round(delay * 1000, 2), **outcome})
+    summary = {"kills": len(outcomes), "resumed_exactly": sum(o["exact"] for o in outcomes),
+               "samples_lost": sum(o["lost"] for o in outcomes)}
+    print(json.dumps({"summary": summary, "kills": outcomes}, indent=1), file=sys.stderr)
+    assert all(o["resumed_from"] >= o["step"] - 1 for o in outcomes), outcomes
+    assert summary == {"kills": kills, "resumed_exactly": kills, "samples_lost": 0}, outcomes
