@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Callable
 
 import torch.distributed as dist
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningDataModule
 
 from data_modules.manifest import local_path
@@ -99,8 +100,8 @@ class StreamingDataModule(LightningDataModule):
         train_shards: str | None = None,
         val_shards: str | None = None,
         test_shards: str | None = None,
-        batch_size: int = 64,
-        num_workers: int = 2,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 2,
         image_size: int | None = None,
         views: Views | None = None,
         samples_per_epoch: int | None = None,
@@ -359,8 +360,8 @@ class ImageTextDataModule(StreamingDataModule):
         train_shards: str | None = None,
         val_shards: str | None = None,
         test_shards: str | None = None,
-        batch_size: int = 64,
-        num_workers: int = 2,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 2,
         image_size: int | None = None,
         views: Views | None = None,
         tokenizer: Tokenizer | None = None,

@@ -66,6 +66,9 @@ def concise_error(message: str) -> str:
     an unknown one."""
     given = re.search(r"Given value: (.+)$", message.strip())
     keys = re.findall(r'Parser key "([^"]+)"', message)
+    nested = re.search(r"Given value: NestedArg\(key='([^']+)', val='(.*)'\)$", message.strip())
+    if keys and nested:  # `--model.init_args.x v` / `--data.x v` under a class chosen by class_path
+        return _nested_argument_error(message, f"{keys[0]}.init_args.{nested.group(1)}", nested.group(2))
     if keys[:1] == ["model"] and re.search(r"has no attribute|No module named|not accessible", message) and given:
         listing = ", ".join(available_methods())
         return f"unknown method '{given.group(1)}'; available methods: {listing}."
@@ -75,6 +78,19 @@ def concise_error(message: str) -> str:
         return f"bad value for '{'.'.join(keys)}': {detail} (see --help or --print_config for the expected types)"
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     return " ".join(lines[:2])
+
+
+def _nested_argument_error(message: str, key: str, value: str) -> str:
+    """An unknown or badly typed argument of the chosen method or data module, from jsonargparse's Union report."""
+    key = key.replace(".init_args.init_args.", ".init_args.")
+    chosen = re.search(r"Problem with given class_path '([^']+)'", message)
+    owner = chosen.group(1) if chosen else key.split(".")[0]
+    if re.search(r"Option '[^']+' is not accepted|No action for key", message):
+        return f"unknown argument '{key}' for {owner}; `--print_config` lists the arguments it takes"
+    innermost = message[message.rfind("Parser key"):]
+    expected = [name for name in re.findall(r"Expected an? <class '([\w.]+)'>", innermost) if name != "NoneType"]
+    detail = f"expected {' or '.join(expected)}" if expected else innermost.splitlines()[1].strip(" -")
+    return f"bad value {value!r} for '{key}' of {owner}: {detail} (see --help or --print_config for the expected types)"
 
 
 class VLPCLI(LightningCLI):
