@@ -68,7 +68,7 @@ def test_unknown_method_lists_the_available_ones(capsys):
 
 def test_wrong_argument_type_names_the_key(capsys):
     message = error_of(capsys, "fit", "--config", CLIP_TINY, "--data.batch_size", "many")
-    assert "data.batch_size" in message and "many" in message
+    assert "data.init_args.batch_size" in message and "many" in message
 
 
 def test_missing_shards_path_says_how_to_build_them(capsys, tmp_path):
@@ -101,3 +101,66 @@ def test_self_supervised_methods_swap_into_emoji_and_fashion_mnist_recipes(recip
             "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false")
     assert (tmp_path / f"runs/{method.lower()}/{recipe.split('/')[1]}/checkpoints/last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("value", ["0", "-4"])
+def test_non_positive_batch_size_is_one_sentence(capsys, value):
+    message = error_of(capsys, "fit", "--config", CLIP_TINY, "--data.init_args.batch_size", value)
+    assert message == (f"vlp: error: bad value '{value}' for 'data.init_args.batch_size' of "
+                       f"data_modules.ImageTextDataModule: Not of type PositiveInt: {value} does not conform to "
+                       "restriction v>0 (see --help or --print_config for the expected types)")
+
+
+def test_nan_learning_rate_names_the_key_not_an_unknown_method(capsys):
+    message = error_of(capsys, "fit", "--config", CLIP_TINY, "--model.init_args.optimizer.init_args.lr", "nan")
+    assert message.startswith("vlp: error: bad value 'nan' for 'model.init_args.optimizer.init_args.lr' of "
+                              "vlp_lightning.methods.CLIP: expected float")
+    assert "unknown method" not in message
+
+
+def test_unknown_model_argument_is_named(capsys):
+    message = error_of(capsys, "fit", "--config", CLIP_TINY, "--model.init_args.no_such_knob", "3")
+    assert message == ("vlp: error: unknown argument 'model.init_args.no_such_knob' for vlp_lightning.methods.CLIP; "
+                       "`--print_config` lists the arguments it takes")
+
+
+def _bad_checkpoints(directory: Path) -> dict[str, Path]:
+    import argparse
+
+    import torch
+
+    good = directory / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "global_step": 1}, good)
+    files = {"truncated": good.read_bytes()[: len(good.read_bytes()) // 2], "zero-byte": b"",
+             "garbage": b"this is not a checkpoint at all\n" * 10}
+    paths = {}
+    for name, data in files.items():
+        paths[name] = directory / f"{name}.ckpt"
+        paths[name].write_bytes(data)
+    paths["pickled"] = directory / "pickled.ckpt"
+    torch.save({"state_dict": {}, "global_step": 1, "payload": argparse.Namespace(x=1)}, paths["pickled"])
+    return paths
+
+
+def test_unusable_checkpoints_are_one_sentence(capsys, tmp_path):
+    paths = _bad_checkpoints(tmp_path)
+    missing = tmp_path / "missing.ckpt"
+    assert error_of(capsys, "fit", "--config", CLIP_TINY, "--ckpt_path", str(missing)) == (
+        f"vlp: error: --ckpt_path {missing}: no such file; give the path of a checkpoint, or --ckpt_path last to "
+        "resume the experiment's newest one")
+    for name in ("truncated", "zero-byte", "garbage"):
+        message = error_of(capsys, "fit", "--config", CLIP_TINY, "--ckpt_path", str(paths[name]))
+        assert message.startswith(f"vlp: error: --ckpt_path {paths[name]} is not a complete checkpoint (")
+        assert message.endswith("resume from another one (--ckpt_path last picks the newest complete checkpoint of "
+                                "the experiment)")
+    message = error_of(capsys, "fit", "--config", CLIP_TINY, "--ckpt_path", str(paths["pickled"]))
+    assert message.startswith(f"vlp: error: --ckpt_path {paths['pickled']} holds pickled Python objects")
+    assert message.endswith("use a checkpoint written by vlp (tensors and plain values)")
+
+
+def test_default_root_dir_holds_the_whole_run(make_shards, tmp_path):
+    shards = make_shards(tmp_path / "shards", n=16, per_shard=16)
+    run_vlp(*fit_args(shards, "--trainer.default_root_dir", str(tmp_path / "elsewhere")))
+    assert (tmp_path / "elsewhere/checkpoints/last.ckpt").is_file()
+    assert list((tmp_path / "elsewhere").glob("version_*/events.out.tfevents.*"))
+    assert not (tmp_path / "runs").exists()

@@ -175,10 +175,12 @@ def test_skip_action_drops_the_non_finite_step_and_trains_on(make_shards, in_wor
     assert all(torch.isfinite(tensor).all() for tensor in final["state_dict"].values())
 
 
-def test_interrupted_checkpoint_write_never_replaces_last(make_shards, in_workdir, monkeypatch):
-    """Lightning writes a checkpoint to a temporary file and moves it into place; `last.ckpt` is a link updated only
-    after the move. Simulate the worst case, a cross-device move killed half-way through the copy at step 3: the
-    half-written file must not become `last.ckpt`, which still holds the complete step-2 checkpoint."""
+def test_interrupted_checkpoint_write_never_replaces_last_nor_leaves_a_partial_file(make_shards, in_workdir,
+                                                                                 monkeypatch):
+    """Lightning writes a checkpoint to a temporary file in TMPDIR and moves it into place; on another file system
+    the move is a copy. Simulate the worst case, that copy failing half-way (a full disk) at step 3: the half-written
+    file must not become `last.ckpt`, which still holds the complete step-2 checkpoint, and no final name may hold
+    incomplete bytes (Lightning left them under `epoch=0-step=3.ckpt`)."""
     shards = make_shards(in_workdir / "shards", n=48, per_shard=12, image_size=32)
     real_move = shutil.move
     seen: dict[str, str] = {}
@@ -190,7 +192,7 @@ def test_interrupted_checkpoint_write_never_replaces_last(make_shards, in_workdi
         seen["before"] = sha256(last)
         data = Path(source).read_bytes()
         Path(destination).write_bytes(data[: len(data) // 2])
-        raise OSError("killed while copying the checkpoint")
+        raise OSError(errno.ENOSPC, "killed while copying the checkpoint")
 
     monkeypatch.setattr(shutil, "move", move_killed_half_way)
     with pytest.raises(OSError, match="killed while copying"):
@@ -200,6 +202,8 @@ def test_interrupted_checkpoint_write_never_replaces_last(make_shards, in_workdi
     assert os.path.realpath(last).endswith("epoch=0-step=2.ckpt")
     assert sha256(last) == seen["before"]
     assert load(last)["global_step"] == 2
+    files = sorted(p.name for p in checkpoints_dir(in_workdir, "partial").iterdir())
+    assert files == ["epoch=0-step=2.ckpt", "last.ckpt"]
 
 
 def test_checkpoint_of_another_architecture_or_method_fails_in_one_sentence(make_shards, in_workdir, capsys):
@@ -332,3 +336,83 @@ def test_kills_at_random_moments_around_saves_resume_exactly(make_shards, tmp_pa
     print(json.dumps({"summary": summary, "kills": outcomes}, indent=1), file=sys.stderr)
     assert all(o["resumed_from"] >= o["step"] - 1 for o in outcomes), outcomes
     assert summary == {"kills": kills, "resumed_exactly": kills, "samples_lost": 0}, outcomes
+
+
+# ---------------------------------------------------------------------------------------------- concurrent runs, full disks
+
+def test_a_second_run_on_a_live_experiment_stops_and_a_killed_runs_lock_does_not_block(make_shards, in_workdir,
+                                                                                      capsys):
+    shards = make_shards(in_workdir / "shards", n=16, per_shard=16, image_size=32)
+    checkpoints = checkpoints_dir(in_workdir, "busy")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from vlp_lightning.checkpoints import ExperimentLock; "
+         f"ExperimentLock({str(checkpoints)!r}).acquire(); print('locked', flush=True); time.sleep(120)"],
+        env=subprocess_env(), stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as stopped:
+            in_process_fit(in_workdir, shards.pattern, "busy", "--trainer.max_steps", "1")
+        assert stopped.value.code == 2
+        message = capsys.readouterr().err.strip().splitlines()[-1]
+        assert message == (f"vlp: error: runs/clip/busy is being trained by pid {holder.pid} on "
+                           f"{os.uname().nodename} right now (lock file runs/clip/busy/checkpoints.lock); wait for "
+                           "that run to end, or start this one under another name with --experiment <name>")
+        assert not checkpoints.exists()  # nothing of the live run was touched
+    finally:
+        holder.kill()
+        holder.wait()
+    assert Path(f"{checkpoints}.lock").read_text().startswith(f"pid {holder.pid} ")  # stale: its pid is dead
+    in_process_fit(in_workdir, shards.pattern, "busy", "--trainer.max_steps", "1")
+    assert load(checkpoints / "last.ckpt")["global_step"] == 1
+
+
+def test_resume_passes_over_incomplete_files_a_full_disk_left(make_shards, in_workdir, caplog):
+    """A full disk left a truncated newest checkpoint and a 0-byte `last-v1.ckpt`; `--ckpt_path last` must resume
+    the newest complete checkpoint (Lightning took the newest `last*` file and failed with EOFError)."""
+    shards = make_shards(in_workdir / "shards", n=48, per_shard=12, image_size=32)
+    in_process_fit(in_workdir, shards.pattern, "full", "--trainer.max_steps", "2")
+    checkpoints = checkpoints_dir(in_workdir, "full")
+    complete = checkpoints / "epoch=0-step=2.ckpt"
+    (checkpoints / "epoch=0-step=3.ckpt").write_bytes(complete.read_bytes()[:5000])
+    time.sleep(0.01)
+    (checkpoints / "last-v1.ckpt").write_bytes(b"")
+    in_process_fit(in_workdir, shards.pattern, "full", "--trainer.max_steps", "4", "--ckpt_path", "last")
+    steps = [r["step"] for r in read_steps(in_workdir, "full")[0]]
+    assert steps == [1, 2, 3, 4]  # resumed after step 2, not from the start
+    assert "passing over" in caplog.text and "last-v1.ckpt" in caplog.text
+
+
+def test_ckpt_path_last_with_nothing_to_resume_stops_unless_asked_to_start_fresh(make_shards, in_workdir, capsys):
+    shards = make_shards(in_workdir / "shards", n=16, per_shard=16, image_size=32)
+    with pytest.raises(SystemExit) as stopped:
+        in_process_fit(in_workdir, shards.pattern, "empty", "--trainer.max_steps", "1", "--ckpt_path", "last")
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"vlp: error: --ckpt_path last: {Path('runs/clip/empty/checkpoints')} holds no complete checkpoint to "
+        "resume; drop --ckpt_path to start the experiment from step 0, or add --allow_fresh_start true to do so "
+        "whenever there is nothing to resume")
+    in_process_fit(in_workdir, shards.pattern, "empty", "--trainer.max_steps", "1", "--ckpt_path", "last",
+                   "--allow_fresh_start", "true")
+    assert [r["step"] for r in read_steps(in_workdir, "empty")[0]] == [1]
+
+
+def test_a_checkpoint_never_chooses_what_is_imported(make_shards, in_workdir, capsys):
+    """The saved `_class_path` is only compared by name: a checkpoint naming `this` used to print the Zen of
+    Python (importlib ran the module)."""
+    shards = make_shards(in_workdir / "shards", n=16, per_shard=16, image_size=32)
+    in_process_fit(in_workdir, shards.pattern, "source", "--trainer.max_steps", "1")
+    checkpoint = load(checkpoints_dir(in_workdir, "source") / "last.ckpt")
+    checkpoint["hyper_parameters"]["_class_path"] = "this.Zen"
+    hostile = in_workdir / "hostile.ckpt"
+    torch.save(checkpoint, hostile)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        in_process_fit(in_workdir, shards.pattern, "target", "--trainer.max_steps", "2", "--ckpt_path", str(hostile))
+    assert stopped.value.code == 2
+    out, err = capsys.readouterr()
+    assert "Beautiful is better than ugly" not in out + err
+    assert err.strip().splitlines()[-1].startswith(
+        f"vlp: error: {hostile} was written by this.Zen, which is neither a method of vlp_lightning.methods nor "
+        "the configured vlp_lightning.methods.CLIP")
+    assert "this" not in sys.modules
