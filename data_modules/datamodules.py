@@ -28,7 +28,7 @@ import torch.distributed as dist
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningDataModule
 
-from data_modules.manifest import local_path
+from data_modules.manifest import class_count, local_path
 from data_modules.pipeline import (
     IMAGE_MEMBERS,
     STREAM_FIELD,
@@ -162,6 +162,7 @@ class StreamingDataModule(LightningDataModule):
                 with_caption=self.with_caption,
                 with_label="cls" in data.members,
                 tokenizer=tokenizer,
+                num_classes=class_count(data.manifest),
             )
 
     def _check_keys(self, split: _Split, method: object | None) -> None:

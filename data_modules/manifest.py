@@ -71,3 +71,9 @@ def count_samples(shard_urls: list[str]) -> int | None:
     """Total samples of the shards according to their manifests; None when any shard's count is unknown."""
     counts = shard_counts(shard_urls)
     return None if any(count is None for count in counts) else sum(counts)
+
+
+def class_count(manifest: dict | None) -> int | None:
+    """Number of `.cls` classes the manifest names, None when it names none."""
+    names = (manifest or {}).get("classnames", {}).get("cls")
+    return len(names) if names else None

@@ -68,7 +68,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import WebLoader, gopen
 from webdataset.shardlists import expand_urls
 
-from data_modules.manifest import local_path, read_manifest, shard_counts
+from data_modules.manifest import class_count, local_path, read_manifest, shard_counts
 from data_modules.views import VIEWS_FIELD, EvalView, Views, ViewTransform, finish_views
 
 if TYPE_CHECKING:  # the tokenizers module pulls in the model packages; workers need none of them
@@ -89,6 +89,10 @@ _JPEG_FRAME_MARKERS = frozenset((*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(
 _OPENCV_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # bad samples are counted and logged by us
 STREAM_FIELD = "__stream__"
+#: a raw sample that cannot be used carries the reason here (a link member, a sample missing from its shard).
+ERROR_FIELD = "__error__"
+#: a tar member takes at least one 512-byte header: a shard of S bytes holds at most S // 512 samples.
+_MIN_SAMPLE_BYTES = 512
 # What a missing, truncated or corrupt tar (or a failing `pipe:` command) raises.
 _READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
 
@@ -122,8 +126,18 @@ def expand_shards(shards: str | Sequence[str]) -> list[str]:
 
 
 def resolve_counts(urls: list[str]) -> list[int]:
-    """Samples per shard: from the manifests, else counted once from the tar headers (no member is read)."""
+    """Samples per shard: from the manifests, else counted once from the tar headers (no member is read).
+
+    A manifest count the shard's size cannot hold (a lying or stale manifest, an emptied shard) is replaced by
+    the count read from the shard, with a warning naming both."""
     counts = shard_counts(urls)
+    for index, (url, count) in enumerate(zip(urls, counts)):
+        path = local_path(url)
+        if count is not None and path is not None and path.is_file() and count > path.stat().st_size // _MIN_SAMPLE_BYTES:
+            counts[index] = count_tar_samples(url)
+            log.warning("shard %s cannot hold the %d samples manifest.json lists (%d bytes); it holds %d: %d samples "
+                        "are missing (rebuild the shard set with vlp-data)", url, count, path.stat().st_size,
+                        counts[index], count - counts[index])
     missing = [url for url, count in zip(urls, counts) if count is None]
     if missing:
         log.warning("counting samples of %d shards without manifest.json (build shards with `vlp-data` to skip this)",
@@ -183,7 +197,9 @@ def read_tar_samples(
                         yield sample
                     seen += 1
                     sample = {"__key__": key, "__url__": url}
-                if seen > skip and extension in members:
+                if seen > skip and read is None:
+                    sample[ERROR_FIELD] = f"member {name!r} is a link or special file, not read"
+                elif seen > skip and extension in members:
                     sample[extension] = read()
     except _READ_ERRORS as error:
         on_error(url, key, f"unreadable tar: {error!r}")
@@ -192,8 +208,9 @@ def read_tar_samples(
         yield sample
 
 
-def tar_entries(stream: BinaryIO) -> Iterator[tuple[str, Callable[[], bytes]]]:
-    """`(name, read)` for every regular file of a tar stream; the data is read only if `read()` is called.
+def tar_entries(stream: BinaryIO) -> Iterator[tuple[str, Callable[[], bytes] | None]]:
+    """`(name, read)` for every regular file of a tar stream, the data read only if `read()` is called, and
+    `(name, None)` for links and special files (never followed: a sample must not reach outside its shard).
 
     A minimal reader of the POSIX ustar format with GNU long names and pax `path` records: Python's `tarfile`
     spends about as long parsing a member header as PIL spends decoding a 64 px PNG. Raises `tarfile.ReadError`
@@ -227,6 +244,8 @@ def tar_entries(stream: BinaryIO) -> Iterator[tuple[str, Callable[[], bytes]]]:
 
         if kind in _REGULAR_FILES:
             yield name, read
+        elif kind in _LINKS_AND_SPECIAL_FILES:
+            yield name, None
         if not consumed and padded:
             if seekable:
                 stream.seek(padded, io.SEEK_CUR)
@@ -237,6 +256,7 @@ def tar_entries(stream: BinaryIO) -> Iterator[tuple[str, Callable[[], bytes]]]:
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _REGULAR_FILES = frozenset(b"0\x007")  # type flags: regular file (and its old NUL form), contiguous file
+_LINKS_AND_SPECIAL_FILES = frozenset(b"12346")  # hard link, symbolic link, character / block device, FIFO
 _LONG_NAME, _PAX_HEADER = ord("L"), ord("x")  # GNU long name, pax extended header
 
 
@@ -313,6 +333,7 @@ def decode_image(data: bytes) -> np.ndarray:
     """
     if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR":
         width, height = struct.unpack(">II", data[16:24])
+        _check_png_data_fits_header(data, width, height)
         decode = _decode_png if _png_is_opaque(data) else _decode_with_pil
     elif data.startswith(_JPEG_SIGNATURE):
         width, height = _jpeg_size(data)
@@ -353,6 +374,23 @@ def _png_is_opaque(data: bytes) -> bool:
     return True  # no image data: the decoder will say so
 
 
+def _check_png_data_fits_header(data: bytes, width: int, height: int) -> None:
+    """Refuse a PNG whose compressed image data is larger than any encoding of the size its header claims (a
+    1x1 header over 32x32 pixels decodes as 1x1 otherwise; the decoders stop reading once the header's rows are
+    done). The bound is generous (stored or fixed-Huffman deflate of the filtered rows, Adam7 passes included),
+    so data merely a little larger, or highly compressible, is not caught; no pixel is decompressed here."""
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(data[25], 4)
+    row_bytes = 1 + math.ceil(width * channels * data[24] / 8)
+    raw = height * row_bytes * (2 if data[28] else 1) + 16 * (height + 8)
+    position, compressed = 8, 0
+    while position + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        compressed += length if kind == b"IDAT" else 0
+        position += 12 + length
+    if compressed > raw * 9 // 8 + 256:
+        raise ValueError(f"PNG image data ({compressed} bytes) is too large for its {width}x{height} header")
+
+
 def _jpeg_size(data: bytes) -> tuple[int, int]:
     """(width, height) from a JPEG's start-of-frame segment, walking the marker segments before it (the markers
     without a length, TEM and RST0-7, as libjpeg does, so that no segment can hide a frame header from this walk)."""
@@ -388,14 +426,16 @@ def _decode_with_pil(data: bytes) -> np.ndarray:
 class SampleDecoder:
     """Raw tar sample -> decoded sample (per image), and decoded samples -> batch dict (per batch).
 
-    `with_caption` / `with_label` make `.txt` / `.cls` required (a sample without them is dropped); `.json` is
-    decoded into `meta` when present. Captions become `text` tokens when a tokenizer is given.
+    `with_caption` / `with_label` make `.txt` / `.cls` required (a sample without them is dropped); a label must
+    lie in `[0, num_classes)` (the manifest's class count; without one, only negative labels are refused); `.json`
+    is decoded into `meta` when present. Captions become `text` tokens when a tokenizer is given.
     """
 
     transform: ViewTransform
     with_caption: bool = False
     with_label: bool = False
     tokenizer: Tokenizer | None = None
+    num_classes: int | None = None
 
     @property
     def image_bytes(self) -> int:
@@ -403,6 +443,8 @@ class SampleDecoder:
         return sum(crop.size * crop.size * 3 for crop in self.transform.crops)
 
     def decode(self, raw: dict, rng: random.Random) -> dict:
+        if ERROR_FIELD in raw:
+            raise _BadSample(raw[ERROR_FIELD])
         image_member = next((raw[name] for name in IMAGE_MEMBERS if name in raw), None)
         if image_member is None:
             raise _BadSample("no image member (.png/.jpg/.jpeg/.webp)")
@@ -421,6 +463,9 @@ class SampleDecoder:
                 if "cls" not in raw:
                     raise _BadSample("missing label (.cls)")
                 sample["label"] = int(raw["cls"])
+                if sample["label"] < 0 or (self.num_classes is not None and sample["label"] >= self.num_classes):
+                    classes = f"the {self.num_classes} classes of manifest.json" if self.num_classes else "0, 1, ..."
+                    raise _BadSample(f"label {sample['label']} (.cls) is not one of {classes}")
             if "json" in raw:
                 sample["meta"] = json.loads(raw["json"])
         except (UnicodeDecodeError, ValueError) as error:
@@ -451,10 +496,10 @@ class SkipCounter:
         self.strict = strict
         self.count = 0
 
-    def __call__(self, url: str, key: str | None, reason: str) -> None:
+    def __call__(self, url: str, key: str | None, reason: str, count: int = 1) -> None:
         if self.strict:
             raise BadSampleError(f"bad sample {key!r} in shard {url}: {reason} (strict=True stops at the first)")
-        self.count += 1
+        self.count += count
         if self.count <= self.log_first:
             log.warning("skipping sample %r of %s: %s", key, url, reason)
 
@@ -573,15 +618,21 @@ class ShardStream(IterableDataset):
             random.Random(f"{self.seed}:{self.epoch}:shards").shuffle(order)
         if not self.pad:
             length = max(0, min(length, sum(self.counts) - start))
-        sequence = self._sequence(order, start, counter)
+        sequence = self._sequence(order, start, counter, own=length)
         own = islice(sequence, length)
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}:buffer")
             own = buffer_shuffle(own, self.shuffle_buffer, rng)
         return chain(own, sequence) if self.pad else own
 
-    def _sequence(self, order: list[int], start: int, counter: SkipCounter) -> Iterator[dict]:
-        """Samples from position `start` of the shards laid end to end in `order`; endless (wrapping) when padding."""
+    def _sequence(self, order: list[int], start: int, counter: SkipCounter, own: int) -> Iterator[dict]:
+        """Samples from position `start` of the shards laid end to end in `order`; endless (wrapping) when padding.
+
+        Every shard fills exactly the positions its count gives it: the samples a short shard lacks (empty,
+        truncated, a manifest that claims too many) come as placeholders carrying the reason, dropped and counted
+        like any bad sample, and a shard holding more samples than its manifest lists is read only that far, the
+        rest counted. The stream whose first `own` positions end a shard reports its mismatch (once per pass).
+        """
         total = sum(self.counts)
         position = start % total if self.pad else start
         index = 0
@@ -589,20 +640,46 @@ class ShardStream(IterableDataset):
             position -= self.counts[order[index]]
             index += 1
         shards_without_samples = 0
+        emitted = 0
         while True:
             if index == len(order):
                 if not self.pad:
                     return
                 index = 0
-            read_any = False
-            for sample in read_tar_samples(self.urls[order[index]], counter, skip=position):
-                read_any = True
-                yield sample
-            shards_without_samples = 0 if read_any else shards_without_samples + 1
+            url, count = self.urls[order[index]], self.counts[order[index]]
+            errors: list[str] = []
+            wanted, got = count - position, 0
+            with closing(read_tar_samples(url, lambda _, __, reason: errors.append(reason), skip=position)) as samples:
+                for sample in islice(samples, wanted):
+                    got += 1
+                    # before yielding the shard's last listed sample, at which the consumer may stop
+                    if got == wanted and emitted < own and next(samples, None) is not None:
+                        self._count_surplus(url, count, counter)
+                    emitted += 1
+                    yield sample
+            missing = wanted - got
+            if missing:
+                reason = f"shard {url} ended after {position + got} of its {count} samples " + (
+                    f"({', '.join(errors) or 'the tar ends there'})"
+                )
+                if emitted + missing <= own:
+                    log.warning("%s; the %d missing samples are counted as skipped", reason, missing)
+                for offset in range(missing):
+                    emitted += 1
+                    yield {"__key__": f"{url}#{position + got + offset}", "__url__": url, ERROR_FIELD: reason}
+            shards_without_samples = 0 if got else shards_without_samples + 1
             if shards_without_samples > len(order):
                 raise BadSampleError(f"no readable sample in any of the {len(order)} shards ({self.urls[0]}, ...)")
             position = 0
             index += 1
+
+    @staticmethod
+    def _count_surplus(url: str, count: int, counter: SkipCounter) -> None:
+        """A shard holding more samples than its manifest lists: the rest is not read, and counted (headers only)."""
+        extra = count_tar_samples(url) - count
+        log.warning("shard %s holds %d samples more than the %d manifest.json lists; they are not read and counted as "
+                    "skipped (rebuild the shard set with vlp-data)", url, extra, count)
+        counter(url, None, f"beyond the {count} samples manifest.json lists", count=extra)
 
     def _resampled(self, rng: random.Random, counter: SkipCounter) -> Iterator[dict]:
         """Endless samples of whole shards drawn uniformly with replacement (open_clip's ResampledShards)."""
@@ -777,6 +854,11 @@ def make_loader(
     counts = counts if counts is not None else resolve_counts(urls)
     samples = samples_per_epoch or sum(counts)
     global_batch = batch_size * (world_size if pad else 1)
+    repeated = max(1, math.ceil(samples / global_batch)) * global_batch - sum(counts)
+    if pad and not resampled and repeated > 0 and rank == 0:
+        log.warning("the epoch takes %d samples (%d batches of %d on %d ranks) from %d in the shards: %d are repeated "
+                    "to fill it (%s, ...)", repeated + sum(counts), max(1, math.ceil(samples / global_batch)),
+                    batch_size, world_size, sum(counts), repeated, urls[0])
     stream = ShardStream(
         urls,
         counts,
@@ -835,6 +917,7 @@ def make_eval_loader(
         with_caption="txt" in members,
         with_label="cls" in members,
         tokenizer=tokenizer,
+        num_classes=class_count(manifest),
     )
     loader = make_loader(urls, decoder, batch_size, num_workers=num_workers, shuffle=False, pad=False, finish=False)
     return _EvalBatches(loader, device)

@@ -4,7 +4,10 @@ bad / malicious data, strict mode, evaluation loader."""
 from __future__ import annotations
 
 import io
+import json
 import pickle
+import random
+import re
 import struct
 import tarfile
 import zlib
@@ -14,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data_modules.manifest import count_samples, shard_counts
 from data_modules.pipeline import (
@@ -346,3 +350,109 @@ def test_tar_reader_matches_tarfile(tmp_path, tar_format):
     broken[600] ^= 0xFF  # inside the second header
     with pytest.raises(tarfile.ReadError, match="checksum"):
         list(tar_entries(io.BytesIO(bytes(broken))))
+
+
+# ---------------------------------------------------------------------------------------------- broken shards, lying manifests
+
+def _set_manifest_count(shards, shard_index: int, count: int) -> None:
+    path = shards.directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["shards"][Path(shards.urls[shard_index]).name]["count"] = count
+    path.write_text(json.dumps(manifest))
+
+
+def _one_pass(urls: list[str], batch_size: int, **options) -> tuple[list[str], int]:
+    """(keys, skipped) of one unshuffled pass, every position once (no padding)."""
+    keys, skipped = [], 0
+    for batch in make_loader(urls, decoder(), batch_size, shuffle=False, pad=False, **options):
+        keys += batch["__key__"]
+        skipped = batch[STREAM_FIELD]["skipped"]
+    return keys, skipped
+
+
+def test_a_truncated_shard_counts_every_sample_it_lost(make_shards, tmp_path, caplog):
+    shards = make_shards(tmp_path, n=32, per_shard=16)
+    data = Path(shards.urls[1]).read_bytes()
+    Path(shards.urls[1]).write_bytes(data[: len(data) // 2])
+    keys, skipped = _one_pass(shards.urls, 32)
+    assert keys[:16] == shards.keys[:16] and keys[16:] == shards.keys[16 : len(keys)]
+    assert 0 < len(keys) - 16 < 16 and skipped == 32 - len(keys)  # the sample cut in two and every one after it
+    assert re.search(rf"shard {re.escape(shards.urls[1])} ended after \d+ of its 16 samples", caplog.text)
+
+
+def test_an_empty_shard_is_not_believed_and_its_samples_are_reported_missing(make_shards, tmp_path, caplog):
+    shards = make_shards(tmp_path, n=32, per_shard=16)
+    Path(shards.urls[1]).write_bytes(b"")
+    assert resolve_counts(shards.urls) == [16, 0]
+    assert f"shard {shards.urls[1]} cannot hold the 16 samples manifest.json lists (0 bytes); it holds 0: 16" in caplog.text
+    loader = make_loader(shards.urls, decoder(), 8, counts=resolve_counts(shards.urls))
+    keys = [key for batch in loader for key in batch["__key__"]]
+    assert len(loader) == 2 and sorted(keys) == sorted(shards.keys[:16])  # no epoch padded with 16 repeats
+
+
+@pytest.mark.parametrize("claimed", [1000, 2])
+def test_a_manifest_count_that_differs_from_the_shard_is_reported_and_counted(make_shards, tmp_path, caplog, claimed):
+    shards = make_shards(tmp_path, n=16, per_shard=16)
+    _set_manifest_count(shards, 0, claimed)
+    counts = resolve_counts(shards.urls)
+    keys, skipped = _one_pass(shards.urls, 8, counts=counts)
+    if claimed == 1000:  # more than the file can hold: counted from the tar, a 2-step epoch, not 129
+        assert counts == [16] and sorted(keys) == sorted(shards.keys) and skipped == 0
+        assert "cannot hold the 1000 samples manifest.json lists" in caplog.text
+    else:  # 2 listed, 16 held: 2 read, the other 14 counted once
+        assert counts == [2] and keys == shards.keys[:2] and skipped == 14
+        assert caplog.text.count(f"shard {shards.urls[0]} holds 14 samples more than the 2 manifest.json lists") == 1
+
+
+def test_link_members_are_never_followed_and_their_samples_are_counted(make_shards, tmp_path, caplog):
+    shards = make_shards(tmp_path / "good", n=3, per_shard=3)
+    with tarfile.open(shards.urls[0]) as tar:
+        members = [(member.name, tar.extractfile(member).read()) for member in tar]
+    linked = tmp_path / "linked-000000.tar"
+    with tarfile.open(linked, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if name.startswith(shards.keys[1]) or name.startswith(shards.keys[2]):
+                info.type = tarfile.SYMTYPE if name.startswith(shards.keys[1]) else tarfile.LNKTYPE
+                info.linkname = "/etc/passwd" if info.type == tarfile.SYMTYPE else members[0][0]
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert resolve_counts([str(linked)]) == [3]
+    keys, skipped = _one_pass([str(linked)], 3, counts=[3])
+    assert keys == shards.keys[:1] and skipped == 2
+    assert "is a link or special file, not read" in caplog.text
+
+
+def test_an_epoch_padded_by_repetition_says_how_much(make_shards, tmp_path, caplog):
+    shards = make_shards(tmp_path, n=20, per_shard=10)
+    loader = make_loader(shards.urls, decoder(), 8)
+    assert len(loader) == 3
+    assert "the epoch takes 24 samples (3 batches of 8 on 1 ranks) from 20 in the shards: 4 are repeated" in caplog.text
+
+
+def test_labels_outside_the_manifest_classes_are_skipped(make_shards, tmp_path, write_tar):
+    shards = make_shards(tmp_path, n=4, per_shard=4, num_classes=4)
+    with tarfile.open(shards.urls[0]) as tar:
+        png = tar.extractfile(f"{shards.keys[0]}.png").read()
+    bad = write_tar(tmp_path / "train-000001.tar", [
+        {"__key__": "negative", "png": png, "txt": b"x", "cls": b"-1"},
+        {"__key__": "huge", "png": png, "txt": b"x", "cls": b"99999"},
+        {"__key__": "fine", "png": png, "txt": b"x", "cls": b"3"},
+    ])
+    batches = list(make_eval_loader(f"{shards.urls[0]}::{bad}", image_size=16, batch_size=8))
+    assert [key for batch in batches for key in batch["__key__"]] == [*shards.keys, "fine"]
+    lenient = SampleDecoder(SingleCrop().build(16), with_label=True, num_classes=None)
+    with pytest.raises(Exception, match="label -1"):
+        lenient.decode({"__key__": "negative", "png": png, "cls": b"-1"}, random.Random(0))
+
+
+def test_a_png_header_smaller_than_its_data_is_refused():
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    data = bytearray(_encoded(Image.fromarray(noise), "PNG"))
+    data[16:24] = struct.pack(">II", 1, 1)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    with pytest.raises(ValueError, match=r"too large for its 1x1 header"):
+        decode_image(bytes(data))
+    assert decode_image(_encoded(Image.fromarray(noise), "PNG")).shape == (32, 32, 3)
