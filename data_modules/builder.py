@@ -15,8 +15,11 @@ which does the rest the same way for all of them:
   shard, source, licence, classnames);
 - re-runs: the manifest records a fingerprint of the options and inputs (keys, captions, labels, and each input
   file's size and modification time); an unchanged input is reported as up to date, a changed one is rebuilt in
-  a hidden sibling folder that replaces OUT only once complete. Tar headers carry a fixed time, so the same
-  input always gives byte-identical shards.
+  a hidden sibling folder whose shards replace those of OUT only once complete (the manifest last). Only the files
+  the previous manifest lists (and the manifest) are replaced or removed: anything else in OUT is left alone.
+  Tar headers carry a fixed time, so the same input always gives byte-identical shards;
+- containment: table image paths stay under the table's folder (or `--image-root`) unless
+  `--allow-outside-root`, and `folder` reads no symbolic link unless `--follow-symlinks`.
 
 `vlp-data inspect OUT` reads every sample back and reports counts, members, examples and undecodable samples.
 """
@@ -27,6 +30,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import sys
@@ -42,7 +46,7 @@ import webdataset
 from PIL import Image
 from tqdm import tqdm
 
-from data_modules.manifest import read_manifest, write_manifest
+from data_modules.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from data_modules.sources import IMAGE_ERRORS, Record, SourceData, SourceError
 from data_modules.sources.emoji import STYLES, emoji_source
 from data_modules.sources.emoji import VERSION as EMOJI_VERSION
@@ -187,7 +191,7 @@ def build_shards(
             "build": {"fingerprint": fingerprint, "maxcount": maxcount, "split": split_fractions, "resize": resize},
         }
         write_manifest(staging, manifest)
-        _replace_folder(staging, out_dir)
+        _replace_shards(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _print_summary(out_dir, manifest, splits)
@@ -262,14 +266,24 @@ def _sample(record: Record, png: bytes) -> dict[str, str | bytes]:
     return sample
 
 
-def _replace_folder(staging: Path, out_dir: Path) -> None:
-    """Swap the finished staging folder in; the old shard set is removed only after the new one is in place."""
-    previous = out_dir.with_name(f".{out_dir.name}.previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(previous)
-    staging.rename(out_dir)
-    shutil.rmtree(previous, ignore_errors=True)
+def _replace_shards(staging: Path, out_dir: Path) -> None:
+    """Move the finished shards and manifest in; of the old set only the files its manifest lists are removed.
+
+    The old manifest goes first and the new one comes last, so a reader finds either no manifest or one whose
+    shards are all in place."""
+    previous = set((read_manifest(out_dir) or {}).get("shards", {})) if out_dir.is_dir() else set()
+    shards = sorted(path.name for path in staging.iterdir() if path.name != MANIFEST_NAME)
+    foreign = [name for name in shards if (out_dir / name).exists() and name not in previous]
+    if foreign:
+        raise SourceError(f"{out_dir / foreign[0]} was not written by vlp-data (its manifest does not list it); move "
+                          "it away or choose another output folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    for name in sorted(previous - set(shards)):
+        (out_dir / name).unlink(missing_ok=True)
+    for name in shards:
+        os.replace(staging / name, out_dir / name)
+    os.replace(staging / MANIFEST_NAME, out_dir / MANIFEST_NAME)
 
 
 def _print_summary(out_dir: Path, manifest: dict, splits: dict[str, list[Record]]) -> None:
@@ -366,8 +380,10 @@ def inspect_shards(out_dir: Path, show: int) -> int:
             problems.append(f"{name}: cannot be read ({error})")
         split_counts[split] += len(found_keys)
         print(f"  {name:<24} {split:<8} {len(found_keys):>8} {expected['count'] if expected else '-':>9}")
-        if expected and found_keys != expected["keys"]:
+        if expected and found_keys != expected.get("keys", found_keys):
             problems.append(f"{name}: its {len(found_keys)} keys differ from the {expected['count']} in manifest.json")
+        elif expected and len(found_keys) != expected["count"]:
+            problems.append(f"{name}: holds {len(found_keys)} samples, but manifest.json lists {expected['count']}")
     print("  splits: " + ", ".join(f"{split} {count}" for split, count in sorted(split_counts.items())))
     print("  members: " + ", ".join(f"{member} {count}" for member, count in sorted(members.items())))
     for split, lines in sorted(examples.items()):
@@ -457,7 +473,14 @@ def make_parser() -> argparse.ArgumentParser:
         help='caption from the class folder for images without .txt, e.g. "a photo of a {}."',
     )
     folder.add_argument("--licence", default="unknown", help="licence recorded in the manifest (default: %(default)s)")
-    folder.set_defaults(make_source=lambda a: folder_source(a.input, a.caption_template, a.licence))
+    folder.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="read images and captions that are symbolic links (default: skip and list them)",
+    )
+    folder.set_defaults(
+        make_source=lambda a: folder_source(a.input, a.caption_template, a.licence, a.follow_symlinks)
+    )
 
     for kind, column, make in (("csv", "col", csv_source), ("jsonl", "field", jsonl_source)):
         table = _build_command(
@@ -494,9 +517,14 @@ def make_parser() -> argparse.ArgumentParser:
         table.add_argument(
             "--licence", default="unknown", help="licence recorded in the manifest (default: %(default)s)"
         )
+        table.add_argument(
+            "--allow-outside-root",
+            action="store_true",
+            help="accept image paths outside the image root (../x, absolute paths; default: refuse them)",
+        )
         table.set_defaults(
             make_source=lambda a, make=make: make(
-                a.input, a.image_name, a.caption_name, a.label_name, a.image_root, a.licence
+                a.input, a.image_name, a.caption_name, a.label_name, a.image_root, a.licence, a.allow_outside_root
             )
         )
 

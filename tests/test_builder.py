@@ -638,3 +638,84 @@ def test_built_shards_feed_the_evaluation_loader(tmp_path: Path, capsys: pytest.
     labels = {key: int(label) for batch in batches for key, label in zip(batch["__key__"], batch["label"])}
     assert labels == {f"test_{index:05d}": index % 10 for index in range(5)}
     assert batches[0]["caption"][0].startswith("a photo of a ")
+
+
+# ---------------------------------------------------------------------------------------------- containment and bad input
+
+
+def test_csv_refuses_empty_image_cells_and_non_utf8_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    save_image(tmp_path / "one.png")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("image,caption\none.png,fine\n,no image here\n")
+    code, _, err = run_cli(capsys, "csv", empty, tmp_path / "out")
+    assert code == 2 and err == (f"vlp-data: error: {empty}: row 2 has an empty 'image' cell; give every row an image "
+                                 "path or remove the row\n")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("image,caption\none.png,caf\xe9\n".encode("latin-1"))
+    code, _, err = run_cli(capsys, "csv", latin, tmp_path / "out")
+    assert code == 2 and err.startswith(f"vlp-data: error: {latin} is not UTF-8 text (invalid continuation byte")
+    assert err.endswith("save it as UTF-8 and run again\n") and err.count("\n") == 1
+
+
+def test_csv_keeps_images_inside_its_folder_unless_allowed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    outside = save_image(tmp_path / "outside.png")
+    table = tmp_path / "data" / "table.csv"
+    save_image(tmp_path / "data" / "inside.png")
+    for image in ("../outside.png", str(outside)):
+        table.write_text(f"image,caption\ninside.png,in\n{image},out\n")
+        code, _, err = run_cli(capsys, "csv", table, tmp_path / "out")
+        assert code == 2 and err == (f"vlp-data: error: {table}: row 2 names {image!r}, outside {table.parent}; keep "
+                                     "the images under the table's folder (or --image-root), or pass "
+                                     "--allow-outside-root\n")
+    assert not (tmp_path / "out").exists()
+    code, _, _ = run_cli(capsys, "csv", table, tmp_path / "out", "--allow-outside-root")
+    assert code == 0 and manifest_of(tmp_path / "out")["splits"] == {"train": 2}
+
+
+def test_folder_reads_no_symlink_and_skips_non_utf8_captions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "src"
+    save_image(source / "plain.png")
+    (source / "plain.txt").write_text("a plain caption")
+    save_image(source / "linked.png")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0")
+    (source / "linked.txt").symlink_to(secret)
+    save_image(source / "latin.png")
+    (source / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    code, _, err = run_cli(capsys, "folder", source, tmp_path / "out")
+    assert code == 0
+    samples = read_samples(tmp_path / "out")
+    assert sorted(samples) == ["plain"] and b"root:x" not in b"".join(s.get("txt", b"") for s in samples.values())
+    skipped = manifest_of(tmp_path / "out")["skipped"]
+    assert "is a symbolic link (pass --follow-symlinks" in skipped["linked"]
+    assert "is not UTF-8" in skipped["latin"] and "skipped 2 images" in err
+    code, _, _ = run_cli(capsys, "folder", source, tmp_path / "followed", "--follow-symlinks")
+    assert read_samples(tmp_path / "followed")["linked"]["txt"] == b"root:x:0:0"
+
+
+def test_rebuilding_keeps_files_vlp_data_did_not_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "src"
+    for name in ("a", "b", "c"):
+        save_image(source / f"{name}.png")
+        (source / f"{name}.txt").write_text(f"caption {name}")
+    out = tmp_path / "out"
+    assert run_cli(capsys, "folder", source, out, "--maxcount", "1")[0] == 0
+    (out / "notes.txt").write_text("my notes")
+    assert run_cli(capsys, "folder", source, out, "--maxcount", "2", "--force")[0] == 0
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.txt", "train-000000.tar",
+                                                     "train-000001.tar"]
+
+
+def test_inspect_fails_on_a_manifest_count_that_lies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "src"
+    for name in ("a", "b"):
+        save_image(source / f"{name}.png")
+    out = tmp_path / "out"
+    assert run_cli(capsys, "folder", source, out)[0] == 0
+    manifest = manifest_of(out)
+    for claimed in (1000, 1):
+        manifest["shards"]["train-000000.tar"]["count"] = claimed
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        code, out_text, _ = run_cli(capsys, "inspect", out)
+        assert code == 1 and f"train-000000.tar: holds 2 samples, but manifest.json lists {claimed}" in out_text

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TextIO
@@ -21,10 +22,14 @@ from PIL import Image
 from data_modules.sources import Record, SourceData, SourceError, image_files, safe_key
 
 
-def folder_source(root: Path, caption_template: str | None, licence: str) -> SourceData:
+def folder_source(
+    root: Path, caption_template: str | None, licence: str, follow_symlinks: bool = False
+) -> SourceData:
     """Images under `root` with same-name `.txt` captions and/or class subfolders.
 
     `caption_template` (e.g. "a photo of a {}.") writes a caption from the class name for images without a `.txt`.
+    An image or caption that is a symbolic link (it could name any file of the system), or a caption that is not
+    UTF-8, makes its sample fail like an undecodable image: skipped and listed, unless `follow_symlinks`.
     """
     if not root.is_dir():
         raise SourceError(f"{root} is not a folder")
@@ -40,13 +45,21 @@ def folder_source(root: Path, caption_template: str | None, licence: str) -> Sou
     for path, relative in zip(paths, relative_paths):
         classname = relative.parts[0] if has_classes else None
         caption_file = path.with_suffix(".txt")
-        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
+        caption, problem = None, None
+        links = [file for file in (path, caption_file) if file.is_symlink()]
+        if links and not follow_symlinks:
+            problem = f"{links[0]} is a symbolic link (pass --follow-symlinks to read what it points at)"
+        elif caption_file.is_file():
+            try:
+                caption = caption_file.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as error:
+                problem = f"caption {caption_file} is not UTF-8 ({error.reason} at byte {error.start})"
         if caption is None and classname is not None and caption_template is not None:
             caption = caption_template.format(classname)
         records.append(
             Record(
                 key=safe_key(relative.with_suffix("").as_posix()),
-                open_image=partial(Image.open, path),
+                open_image=partial(_refuse, problem) if problem else partial(Image.open, path),
                 origin=str(path),
                 caption=caption or None,
                 label=classnames.index(classname) if classname is not None else None,
@@ -61,6 +74,10 @@ def folder_source(root: Path, caption_template: str | None, licence: str) -> Sou
     )
 
 
+def _refuse(problem: str) -> Image.Image:
+    raise ValueError(problem)
+
+
 def csv_source(
     table: Path,
     image_column: str,
@@ -68,11 +85,12 @@ def csv_source(
     label_column: str | None,
     image_root: Path | None,
     licence: str,
+    allow_outside_root: bool = False,
 ) -> SourceData:
     """Rows of a CSV file with a header; image paths are relative to `image_root` (default: the CSV's folder)."""
     with _open_table(table) as handle:
         reader = csv.DictReader(handle)
-        rows: list[dict[str, object]] = [dict(row) for row in reader]
+        rows: list[dict[str, object]] = _read_text(table, lambda: [dict(row) for row in reader])
         columns = reader.fieldnames or []
     for name, option in (
         (image_column, "--image-col"),
@@ -81,7 +99,9 @@ def csv_source(
     ):
         if name is not None and name not in columns:
             raise SourceError(f"{table} has no column {name!r} ({option}); its columns are {', '.join(columns)}")
-    return _table_source(rows, table, image_column, caption_column, label_column, image_root, licence, "csv")
+    return _table_source(
+        rows, table, image_column, caption_column, label_column, image_root, licence, "csv", allow_outside_root
+    )
 
 
 def jsonl_source(
@@ -91,11 +111,12 @@ def jsonl_source(
     label_field: str | None,
     image_root: Path | None,
     licence: str,
+    allow_outside_root: bool = False,
 ) -> SourceData:
     """One JSON object per line; a caption may be a string or a list of strings."""
     rows: list[dict[str, object]] = []
     with _open_table(table) as handle:
-        for line_number, line in enumerate(handle, start=1):
+        for line_number, line in enumerate(_read_text(table, handle.readlines), start=1):
             if not line.strip():
                 continue
             try:
@@ -105,7 +126,18 @@ def jsonl_source(
             if not isinstance(row, dict) or image_field not in row:
                 raise SourceError(f"{table}:{line_number} has no field {image_field!r} (--image-field)")
             rows.append(row)
-    return _table_source(rows, table, image_field, caption_field, label_field, image_root, licence, "jsonl")
+    return _table_source(
+        rows, table, image_field, caption_field, label_field, image_root, licence, "jsonl", allow_outside_root
+    )
+
+
+def _read_text(table: Path, read: Callable[[], list]) -> list:
+    try:
+        return read()
+    except UnicodeDecodeError as error:
+        raise SourceError(
+            f"{table} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8 and run again"
+        ) from None
 
 
 def _open_table(table: Path) -> TextIO:
@@ -123,12 +155,22 @@ def _table_source(
     image_root: Path | None,
     licence: str,
     kind: str,
+    allow_outside_root: bool = False,
 ) -> SourceData:
-    """Group rows by image (several captions per image), turn labels into integers and build the records."""
+    """Group rows by image (several captions per image), turn labels into integers and build the records.
+
+    Image paths must stay inside the root (no `../x`, no absolute path) unless `allow_outside_root`."""
     root = image_root if image_root is not None else table.parent
     grouped: dict[str, list[dict[str, object]]] = {}
-    for row in rows:
-        grouped.setdefault(str(row[image_field]), []).append(row)
+    for number, row in enumerate(rows, start=1):
+        image = str(row[image_field] if row[image_field] is not None else "").strip()
+        if not image:
+            raise SourceError(f"{table}: row {number} has an empty {image_field!r} cell; give every row an image "
+                              "path or remove the row")
+        if not allow_outside_root and not (root / image).resolve().is_relative_to(root.resolve()):
+            raise SourceError(f"{table}: row {number} names {image!r}, outside {root}; keep the images under the "
+                              "table's folder (or --image-root), or pass --allow-outside-root")
+        grouped.setdefault(image, []).append(row)
     if not grouped:
         raise SourceError(f"{table} has no rows")
     raw_labels = {image: _one_label(image, group, label_field) for image, group in grouped.items()}
