@@ -133,10 +133,11 @@ def resolve_counts(urls: list[str]) -> list[int]:
     counts = shard_counts(urls)
     for index, (url, count) in enumerate(zip(urls, counts)):
         path = local_path(url)
-        if count is not None and path is not None and path.is_file() and count > path.stat().st_size // _MIN_SAMPLE_BYTES:
+        size = path.stat().st_size if count is not None and path is not None and path.is_file() else None
+        if size is not None and count > size // _MIN_SAMPLE_BYTES:
             counts[index] = count_tar_samples(url)
             log.warning("shard %s cannot hold the %d samples manifest.json lists (%d bytes); it holds %d: %d samples "
-                        "are missing (rebuild the shard set with vlp-data)", url, count, path.stat().st_size,
+                        "are missing (rebuild the shard set with vlp-data)", url, count, size,
                         counts[index], count - counts[index])
     missing = [url for url, count in zip(urls, counts) if count is None]
     if missing:

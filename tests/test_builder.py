@@ -640,10 +640,12 @@ def test_built_shards_feed_the_evaluation_loader(tmp_path: Path, capsys: pytest.
     assert batches[0]["caption"][0].startswith("a photo of a ")
 
 
-# ---------------------------------------------------------------------------------------------- containment and bad input
+# ------------------------------------------------------------------------------ containment and bad input
 
 
-def test_csv_refuses_empty_image_cells_and_non_utf8_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_csv_refuses_empty_image_cells_and_non_utf8_tables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     save_image(tmp_path / "one.png")
     empty = tmp_path / "empty.csv"
     empty.write_text("image,caption\none.png,fine\n,no image here\n")
@@ -657,7 +659,9 @@ def test_csv_refuses_empty_image_cells_and_non_utf8_tables(tmp_path: Path, capsy
     assert err.endswith("save it as UTF-8 and run again\n") and err.count("\n") == 1
 
 
-def test_csv_keeps_images_inside_its_folder_unless_allowed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_csv_keeps_images_inside_its_folder_unless_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     outside = save_image(tmp_path / "outside.png")
     table = tmp_path / "data" / "table.csv"
     save_image(tmp_path / "data" / "inside.png")
@@ -672,7 +676,9 @@ def test_csv_keeps_images_inside_its_folder_unless_allowed(tmp_path: Path, capsy
     assert code == 0 and manifest_of(tmp_path / "out")["splits"] == {"train": 2}
 
 
-def test_folder_reads_no_symlink_and_skips_non_utf8_captions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_folder_reads_no_symlink_and_skips_non_utf8_captions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = tmp_path / "src"
     save_image(source / "plain.png")
     (source / "plain.txt").write_text("a plain caption")

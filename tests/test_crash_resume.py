@@ -289,7 +289,8 @@ def test_kill_right_after_a_save_deleted_the_previous_checkpoint_resumes_exactly
     dangled and `--ckpt_path last` started again from step 1. The link must already lead to the new checkpoint."""
     shards = make_shards(tmp_path / "shards", n=48, per_shard=12, image_size=32)
     reference = start_fit(tmp_path, shards.pattern, "reference")
-    killed = start_fit(tmp_path, shards.pattern, "killed", "--trainer.callbacks+=test_crash_resume.KillAfterCheckpointRemoval")
+    killed = start_fit(tmp_path, shards.pattern, "killed",
+                       "--trainer.callbacks+=test_crash_resume.KillAfterCheckpointRemoval")
     assert killed.wait(timeout=240) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-4000:]
     last = checkpoints_dir(tmp_path, "killed") / "last.ckpt"
     assert os.path.realpath(last).endswith("epoch=0-step=2.ckpt") and checkpoint_is_complete(Path(last))
@@ -338,7 +339,7 @@ def test_kills_at_random_moments_around_saves_resume_exactly(make_shards, tmp_pa
     assert summary == {"kills": kills, "resumed_exactly": kills, "samples_lost": 0}, outcomes
 
 
-# ---------------------------------------------------------------------------------------------- concurrent runs, full disks
+# ------------------------------------------------------------------------------ concurrent runs, full disks
 
 def test_a_second_run_on_a_live_experiment_stops_and_a_killed_runs_lock_does_not_block(make_shards, in_workdir,
                                                                                       capsys):

@@ -352,7 +352,7 @@ def test_tar_reader_matches_tarfile(tmp_path, tar_format):
         list(tar_entries(io.BytesIO(bytes(broken))))
 
 
-# ---------------------------------------------------------------------------------------------- broken shards, lying manifests
+# ------------------------------------------------------------------------------ broken shards, lying manifests
 
 def _set_manifest_count(shards, shard_index: int, count: int) -> None:
     path = shards.directory / "manifest.json"
@@ -384,14 +384,16 @@ def test_an_empty_shard_is_not_believed_and_its_samples_are_reported_missing(mak
     shards = make_shards(tmp_path, n=32, per_shard=16)
     Path(shards.urls[1]).write_bytes(b"")
     assert resolve_counts(shards.urls) == [16, 0]
-    assert f"shard {shards.urls[1]} cannot hold the 16 samples manifest.json lists (0 bytes); it holds 0: 16" in caplog.text
+    assert (f"shard {shards.urls[1]} cannot hold the 16 samples manifest.json lists (0 bytes); it holds 0: 16"
+            in caplog.text)
     loader = make_loader(shards.urls, decoder(), 8, counts=resolve_counts(shards.urls))
     keys = [key for batch in loader for key in batch["__key__"]]
     assert len(loader) == 2 and sorted(keys) == sorted(shards.keys[:16])  # no epoch padded with 16 repeats
 
 
 @pytest.mark.parametrize("claimed", [1000, 2])
-def test_a_manifest_count_that_differs_from_the_shard_is_reported_and_counted(make_shards, tmp_path, caplog, claimed):
+def test_a_manifest_count_that_differs_from_the_shard_is_reported_and_counted(make_shards, tmp_path, caplog,
+                                                                              claimed):
     shards = make_shards(tmp_path, n=16, per_shard=16)
     _set_manifest_count(shards, 0, claimed)
     counts = resolve_counts(shards.urls)

@@ -103,7 +103,8 @@ class AtomicModelCheckpoint(ModelCheckpoint):
 
     def _remove_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         """Lightning deletes the previous checkpoint before it moves the `last` link on; move the link first."""
-        link = self.last_model_path or str(Path(self.dirpath or ".") / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+        default_link = Path(self.dirpath or ".") / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        link = self.last_model_path or str(default_link)
         newest = self._last_checkpoint_saved
         if (
             trainer.is_global_zero
