@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from data_modules import DataConfigError
 from vlp_lightning import methods
+from vlp_lightning.callbacks.global_batch import GlobalBatchSize
 from vlp_lightning.callbacks.non_finite_loss import NonFiniteLossError, NonFiniteLossGuard
 from vlp_lightning.methods.base import CheckpointMismatchError, VLPMethod
 
@@ -94,6 +95,7 @@ class VLPCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.save_top_k": 1})
         parser.add_lightning_class_args(NonFiniteLossGuard, "non_finite")
+        parser.add_lightning_class_args(GlobalBatchSize, "global_batch")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
