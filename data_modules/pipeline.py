@@ -68,6 +68,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import WebLoader, gopen
 from webdataset.shardlists import expand_urls
 
+from data_modules.captions import CaptionSampling, sample_caption
 from data_modules.manifest import local_path, read_manifest, shard_counts
 from data_modules.views import VIEWS_FIELD, EvalView, Views, ViewTransform, finish_views
 
@@ -389,20 +390,23 @@ class SampleDecoder:
     """Raw tar sample -> decoded sample (per image), and decoded samples -> batch dict (per batch).
 
     `with_caption` / `with_label` make `.txt` / `.cls` required (a sample without them is dropped); `.json` is
-    decoded into `meta` when present. Captions become `text` tokens when a tokenizer is given.
+    decoded into `meta` when present. Captions become `text` tokens when a tokenizer is given; `caption_sampling`
+    picks the caption of each sample (`data_modules.captions`: all lines, one line, one sentence), with the seed
+    `decode` gets.
     """
 
     transform: ViewTransform
     with_caption: bool = False
     with_label: bool = False
     tokenizer: Tokenizer | None = None
+    caption_sampling: CaptionSampling = "all"
 
     @property
     def image_bytes(self) -> int:
         """Bytes of one sample's packed uint8 crops."""
         return sum(crop.size * crop.size * 3 for crop in self.transform.crops)
 
-    def decode(self, raw: dict, rng: random.Random) -> dict:
+    def decode(self, raw: dict, rng: random.Random, caption_seed: str = "") -> dict:
         image_member = next((raw[name] for name in IMAGE_MEMBERS if name in raw), None)
         if image_member is None:
             raise _BadSample("no image member (.png/.jpg/.jpeg/.webp)")
@@ -416,7 +420,7 @@ class SampleDecoder:
                 caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
                 if not caption:
                     raise _BadSample("missing caption (.txt)")
-                sample["caption"] = caption
+                sample["caption"] = sample_caption(caption, self.caption_sampling, caption_seed, raw["__key__"])
             if self.with_label:
                 if "cls" not in raw:
                     raise _BadSample("missing label (.cls)")
@@ -545,7 +549,7 @@ class ShardStream(IterableDataset):
             for raw_sample in raw:
                 position += 1
                 try:
-                    samples.append(self.decoder.decode(raw_sample, rng))
+                    samples.append(self.decoder.decode(raw_sample, rng, f"{self.seed}:{self.epoch}"))
                 except _BadSample as error:
                     counter(raw_sample["__url__"], raw_sample["__key__"], str(error))
                 if len(samples) == self.batch_size:

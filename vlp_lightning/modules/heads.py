@@ -5,6 +5,8 @@
 * `MLPHead` — the non-linear projection of SimCLR (Chen et al. 2020, sec. 2.1, g(.) = W2 ReLU(W1 h)), ConVIRT
   (Zhang et al. 2020, eq. 1) and SwAV (Caron et al. 2020, a 2-layer MLP with BatchNorm before the prototypes):
   hidden layers are Linear -> norm -> ReLU, the last layer is a plain Linear.
+* `GELUMLPProjection` — open_clip's `proj_type="mlp"` text projection, which BiomedCLIP's released model uses
+  (Zhang et al. 2023; open_clip `hf_model.py`): Linear -> GELU -> Linear, no biases, hidden width (in + out) // 2.
 """
 
 from __future__ import annotations
@@ -51,3 +53,14 @@ class MLPHead(nn.Sequential):
             width = hidden_features
         modules.append(nn.Linear(width, out_features))
         super().__init__(*modules)
+
+
+class GELUMLPProjection(nn.Sequential):
+    """Linear(in, (in + out) // 2) -> GELU -> Linear(-> out), without biases: open_clip's `proj_type="mlp"`, with
+    its state-dict keys (`0.weight`, `2.weight`) so released weights load unchanged."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        hidden = (in_features + out_features) // 2
+        super().__init__(
+            nn.Linear(in_features, hidden, bias=False), nn.GELU(), nn.Linear(hidden, out_features, bias=False)
+        )
