@@ -127,13 +127,12 @@ class DINO(MomentumMethod):
             self._teacher_logits = teacher
         return {"loss": loss, "teacher_temperature": torch.tensor(temperature)}
 
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        """Move the centre once this batch's loss is computed with the old one, as the official `DINOLoss` does."""
+    def on_after_backward(self) -> None:
+        """Move the centre once this batch's loss used the old one (as the official `DINOLoss` does), before a
+        checkpoint at the end of the batch can be written; and no update of the head's last layer during the first
+        steps (official `cancel_gradients_last_layer`)."""
         if self._teacher_logits is not None:
             self.centre.copy_(dino_centre(self.centre, self._teacher_logits, self.centre_momentum))
             self._teacher_logits = None
-
-    def on_after_backward(self) -> None:
-        """No update of the head's last layer during the first steps (official `cancel_gradients_last_layer`)."""
         if self.global_step < self.freeze_last_layer_steps:
             self.head.last_layer.weight.grad = None

@@ -100,8 +100,10 @@ class MoCoV2(MomentumMethod):
             self._keys_to_enqueue = keys
         return {"loss": loss}
 
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        """Enqueue this batch's keys once its loss is computed (MoCo's `_dequeue_and_enqueue`, Algorithm 1)."""
+    def on_after_backward(self) -> None:
+        """Enqueue this batch's keys once its loss went backward (MoCo's `_dequeue_and_enqueue`, Algorithm 1): not
+        earlier, because backward still reads the queue, and not later, so that a checkpoint written at the end of
+        the batch already holds them."""
         if self._keys_to_enqueue is not None:
             self.queue.enqueue(self._keys_to_enqueue)
             self._keys_to_enqueue = None
