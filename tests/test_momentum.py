@@ -109,3 +109,60 @@ def test_resumed_run_reproduces_the_uninterrupted_teacher(tmp_path, name):
     assert teacher_keys
     for key in teacher_keys:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+class TeacherRecorder(pl.Callback):
+    """Writes each rank's teacher at the start and the end of training to `<directory>/rank<r>.pt` (full tensors,
+    also under FSDP2)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.initial: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def teacher(pl_module) -> dict[str, torch.Tensor]:
+        from torch.distributed.tensor import DTensor
+
+        return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                for name, p in pl_module.target.named_parameters()}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self.initial = self.teacher(pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        state = {"initial": self.initial, "final": self.teacher(pl_module)}
+        torch.save(state, f"{self.directory}/rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_teacher_is_identical_on_two_gloo_ranks_and_moves(strategy, make_shards, tmp_path):
+    """BYOL's recipe on 2 CPU processes (DDP, and FSDP2 with the teacher's blocks sharded): after 2 steps both
+    ranks hold the same teacher, and it left its initial (= student's initial) weights."""
+    import subprocess
+    import sys
+
+    from test_scale import REPO, subprocess_env
+
+    shards = make_shards(tmp_path / "shards", n=32, per_shard=16, image_size=32)
+    fragment = {"ddp": ["--config", str(REPO / "experiments/trainer/ddp_cpu.yaml")],
+                "fsdp2": ["--config", str(REPO / "experiments/trainer/fsdp2.yaml"), "--trainer.devices", "2",
+                          "--trainer.strategy.init_args.tensor_parallel_size", "auto"]}[strategy]
+    vision = "--model.init_args.vision.init_args."
+    command = [
+        sys.executable, "-m", "vlp_lightning.cli", "fit", "--config", str(REPO / "experiments/byol/emoji_tiny.yaml"),
+        *fragment, "--data.train_shards", shards.pattern, "--data.val_shards", "null", "--data.batch_size", "4",
+        "--data.num_workers", "0", "--trainer.max_steps", "2", "--trainer.callbacks", "[]",
+        "--trainer.callbacks+=test_momentum.TeacherRecorder", "--trainer.callbacks.directory", str(tmp_path),
+        f"{vision}img_size", "32", f"{vision}depth", "2", f"{vision}width", "64", f"{vision}num_heads", "2",
+        "--model.init_args.hidden_dim", "32", "--model.init_args.projection_dim", "16",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    ]
+    completed = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    final = [r["final"] for r in ranks]
+    assert final[0].keys() == final[1].keys()
+    for name in final[0]:
+        assert torch.equal(final[0][name], final[1][name]), name
+    assert any(not torch.equal(final[0][name], ranks[0]["initial"][name]) for name in final[0])
