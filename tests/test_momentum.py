@@ -105,7 +105,8 @@ def test_resumed_run_reproduces_the_uninterrupted_teacher(tmp_path, name):
     (checkpoint,) = (tmp_path / "ckpt").glob("*step=2.ckpt")
     resumed = run(ckpt_path=checkpoint)
     expected, actual = uninterrupted.state_dict(), resumed.state_dict()
-    teacher_keys = [key for key in expected if key.startswith(("target.", "key_encoder.", "queue.", "teacher.", "centre"))]
+    teacher_state_prefixes = ("target.", "key_encoder.", "queue.", "teacher.", "centre")
+    teacher_keys = [key for key in expected if key.startswith(teacher_state_prefixes)]
     assert teacher_keys
     for key in teacher_keys:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)

@@ -69,7 +69,8 @@ def test_byol_loss_equals_two_plus_two_lightly_negative_cosine():
     lightly_loss = pytest.importorskip("lightly.loss")
     p, z = features(6, DIM), features(6, DIM, seed=1)
     torch.testing.assert_close(byol_regression_loss(p, z), 2 + 2 * lightly_loss.NegativeCosineSimilarity()(p, z))
-    torch.testing.assert_close(byol_regression_loss(p, z), F.mse_loss(F.normalize(p), F.normalize(z), reduction="none").sum(1).mean())
+    squared_distance = F.mse_loss(F.normalize(p), F.normalize(z), reduction="none").sum(1)
+    torch.testing.assert_close(byol_regression_loss(p, z), squared_distance.mean())
 
 
 def test_dino_loss_and_centre_equal_lightly():

@@ -22,7 +22,9 @@ from torch import Tensor
 from vlp_lightning.distributed import all_gather_with_grad
 
 
-def barlow_twins_loss(view_a: Tensor, view_b: Tensor, redundancy_weight: float = 5e-3, *, gather: bool = True) -> Tensor:
+def barlow_twins_loss(
+    view_a: Tensor, view_b: Tensor, redundancy_weight: float = 5e-3, *, gather: bool = True
+) -> Tensor:
     """Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij² with C the cross-correlation over the global batch (eq. 1-2).
 
     Args:

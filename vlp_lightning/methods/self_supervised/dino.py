@@ -5,7 +5,8 @@ A student (backbone + `DINOHead`) sees every crop of multi-crop (2 global, 8 loc
 of the student with τ from 0.996 to 1 on a cosine (sec. 3.1, "Teacher network"), sees the global crops only. The
 student matches the teacher's centred and sharpened distribution by cross-entropy over all pairs of different views
 (eq. 3, `dino_distillation_loss`); the centre is an EMA (m 0.9) of the teacher's mean output over the global batch
-(eq. 4, `dino_centre`: averaged across ranks), moved after each batch's loss. Training details of the paper and the official code:
+(eq. 4, `dino_centre`: averaged across ranks), moved after each batch's loss. Training details of the paper and the
+official code:
 
 * the teacher temperature warms up linearly from 0.04 to 0.07 over the first 30 epochs
   (`teacher_temperature_warmup_steps`), the student's is 0.1;
