@@ -28,6 +28,7 @@ import torch.distributed as dist
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningDataModule
 
+from data_modules.captions import CAPTION_SAMPLINGS, CaptionSampling
 from data_modules.manifest import class_count, local_path
 from data_modules.pipeline import (
     IMAGE_MEMBERS,
@@ -94,6 +95,8 @@ class StreamingDataModule(LightningDataModule):
 
     #: a sample's caption (`.txt`) is part of the batch (`caption`, and `text` tokens).
     with_caption = False
+    #: which text of a `.txt` member a sample's caption is (`data_modules.captions`).
+    caption_sampling: CaptionSampling = "all"
 
     def __init__(
         self,
@@ -163,6 +166,7 @@ class StreamingDataModule(LightningDataModule):
                 with_label="cls" in data.members,
                 tokenizer=tokenizer,
                 num_classes=class_count(data.manifest),
+                caption_sampling=self.caption_sampling,
             )
 
     def _check_keys(self, split: _Split, method: object | None) -> None:
@@ -199,6 +203,14 @@ class StreamingDataModule(LightningDataModule):
 
     def _views(self, method: object | None) -> Views:
         if self.views is not None:
+            # evaluation normalises as the method's own training views do: the two must agree
+            expected = method.train_views().normalization if method is not None else self.views.normalization
+            if self.views.normalization != expected:
+                raise DataConfigError(
+                    f"views normalise with (mean, std) = {self.views.normalization} but {type(method).__name__} "
+                    f"(its train_views(), which evaluation follows) with {expected}; give data.views the same mean "
+                    "and std (for the CLIP family, the image tower's `mean` / `std`)"
+                )
             return self.views
         if method is None:
             raise DataConfigError(f"{type(self).__name__}: views is not set and no method is attached to ask")
@@ -351,6 +363,9 @@ class ImageTextDataModule(StreamingDataModule):
     Args:
         tokenizer: caption tokenizer; None uses the attached method's (`method.tokenizer`). Image-only methods
             (e.g. SwAV) need none and get captions as strings only.
+        caption_sampling: the caption of a sample, from its `.txt` lines: "all" of them (joined, as stored), one
+            random "line", or one random "sentence" (ConVIRT, Zhang et al. 2020, sec. 3); the draw depends on
+            (seed, epoch, sample key) only, so it is deterministic and resumes exactly (`data_modules.captions`).
         (the rest: see `StreamingDataModule`)
     """
 
@@ -371,12 +386,16 @@ class ImageTextDataModule(StreamingDataModule):
         resampled: bool = False,
         seed: int = 0,
         strict: bool = False,
+        caption_sampling: CaptionSampling = "all",
     ) -> None:
         super().__init__(
             train_shards, val_shards, test_shards, batch_size, num_workers, image_size, views,
             samples_per_epoch, shuffle_buffer, resampled, seed, strict,
         )
+        if caption_sampling not in CAPTION_SAMPLINGS:
+            raise DataConfigError(f"caption_sampling must be one of {CAPTION_SAMPLINGS}, got {caption_sampling!r}")
         self.tokenizer = tokenizer
+        self.caption_sampling = caption_sampling
 
     def _tokenizer(self, method: object | None) -> Tokenizer | None:
         tokenizer = self.tokenizer or getattr(method, "tokenizer", None)

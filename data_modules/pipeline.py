@@ -68,6 +68,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import WebLoader, gopen
 from webdataset.shardlists import expand_urls
 
+from data_modules.captions import CaptionSampling, sample_caption
 from data_modules.manifest import class_count, local_path, read_manifest, shard_counts
 from data_modules.views import VIEWS_FIELD, EvalView, Views, ViewTransform, finish_views
 
@@ -429,7 +430,9 @@ class SampleDecoder:
 
     `with_caption` / `with_label` make `.txt` / `.cls` required (a sample without them is dropped); a label must
     lie in `[0, num_classes)` (the manifest's class count; without one, only negative labels are refused); `.json`
-    is decoded into `meta` when present. Captions become `text` tokens when a tokenizer is given.
+    is decoded into `meta` when present. Captions become `text` tokens when a tokenizer is given; `caption_sampling`
+    picks the caption of each sample (`data_modules.captions`: all lines, one line, one sentence), with the seed
+    `decode` gets.
     """
 
     transform: ViewTransform
@@ -437,13 +440,14 @@ class SampleDecoder:
     with_label: bool = False
     tokenizer: Tokenizer | None = None
     num_classes: int | None = None
+    caption_sampling: CaptionSampling = "all"
 
     @property
     def image_bytes(self) -> int:
         """Bytes of one sample's packed uint8 crops."""
         return sum(crop.size * crop.size * 3 for crop in self.transform.crops)
 
-    def decode(self, raw: dict, rng: random.Random) -> dict:
+    def decode(self, raw: dict, rng: random.Random, caption_seed: str = "") -> dict:
         if ERROR_FIELD in raw:
             raise _BadSample(raw[ERROR_FIELD])
         image_member = next((raw[name] for name in IMAGE_MEMBERS if name in raw), None)
@@ -459,7 +463,7 @@ class SampleDecoder:
                 caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
                 if not caption:
                     raise _BadSample("missing caption (.txt)")
-                sample["caption"] = caption
+                sample["caption"] = sample_caption(caption, self.caption_sampling, caption_seed, raw["__key__"])
             if self.with_label:
                 if "cls" not in raw:
                     raise _BadSample("missing label (.cls)")
@@ -591,7 +595,7 @@ class ShardStream(IterableDataset):
             for raw_sample in raw:
                 position += 1
                 try:
-                    samples.append(self.decoder.decode(raw_sample, rng))
+                    samples.append(self.decoder.decode(raw_sample, rng, f"{self.seed}:{self.epoch}"))
                 except _BadSample as error:
                     counter(raw_sample["__url__"], raw_sample["__key__"], str(error))
                 if len(samples) == self.batch_size:

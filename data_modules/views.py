@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -45,6 +46,9 @@ cv2.setNumThreads(1)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# OpenAI CLIP's image statistics (open_clip `OPENAI_DATASET_MEAN/STD`); the released BiomedCLIP normalises with them.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # ITU-R 601 luma, the weights torchvision's rgb_to_grayscale uses.
 _LUMA = (0.299, 0.587, 0.114)
 # RGB -> YIQ; a hue shift is a rotation of the (I, Q) chroma plane.
@@ -59,9 +63,12 @@ class Augment:
 
     `color_jitter` is the SimCLR strength s: brightness, contrast and saturation factors in [1-0.8s, 1+0.8s] and
     a hue shift in [-0.2s, 0.2s] of a turn, applied together with probability `color_jitter_prob` (composed into one
-    colour map, see `_color_jitter`; the hue shift rotates the YIQ chroma plane). The Gaussian blur kernel is 10%
-    of the crop side with sigma in [0.1, 2.0]; solarisation inverts values >= 0.5. `mean` / `std` normalise the
-    [0, 1] image.
+    colour map, see `_color_jitter`; the hue shift rotates the YIQ chroma plane). `jitter_saturation=False` keeps the
+    saturation (with `max_hue_shift=0`: brightness and contrast only, ConVIRT's jitter for monochrome X-rays). The
+    Gaussian blur kernel is 10% of the crop side with sigma uniform in `blur_sigma` (SimCLR's [0.1, 2.0] by
+    default); solarisation inverts values >= 0.5. `mean` / `std` normalise the [0, 1] image. `max_hue_shift`
+    overrides the hue range (None: SimCLR's 0.2s; 0: no hue shift, as timm's `create_transform` colour jitter that
+    DeiT-style recipes use).
     """
 
     hflip_prob: float = 0.5
@@ -72,6 +79,33 @@ class Augment:
     solarize_prob: float = 0.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    max_hue_shift: float | None = None
+    jitter_saturation: bool = True
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+
+@dataclass(frozen=True)
+class RandomAffine:
+    """A random affine map of a crop about its centre (torchvision's `RandomAffine`): rotation uniform in
+    [-degrees, degrees], horizontal and vertical shifts uniform in [-translate, translate] x the side, isotropic
+    scale uniform in `scale`; uncovered pixels are black. The defaults are ConVIRT's (Zhang et al. 2020, appendix,
+    image transformations: rotation [-20, 20] degrees, translation 0.1 of the size, scale [0.95, 1.05])."""
+
+    degrees: float = 20.0
+    translate: float = 0.1
+    scale: tuple[float, float] = (0.95, 1.05)
+
+    def apply(self, image: np.ndarray, rng: random.Random) -> np.ndarray:
+        """uint8 [H, W, 3] -> the same size, warped in one bilinear OpenCV pass."""
+        height, width = image.shape[:2]
+        angle = rng.uniform(-self.degrees, self.degrees)
+        shift_x = rng.uniform(-self.translate, self.translate) * width
+        shift_y = rng.uniform(-self.translate, self.translate) * height
+        matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), angle, rng.uniform(*self.scale))
+        matrix[:, 2] += (shift_x, shift_y)
+        return cv2.warpAffine(
+            image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+        )
 
 
 @dataclass(frozen=True)
@@ -80,6 +114,9 @@ class Crop:
 
     `scale=(lo, hi)` samples a random resized crop covering lo..hi of the image area with aspect ratio in `ratio`;
     `scale=None` takes the centred square of side `center_fraction` x the shorter side (resize + centre crop).
+    `interpolation` is the resize filter when enlarging (OpenCV's bilinear or bicubic, the latter as timm / DeiT
+    recipes crop); shrinking always averages areas. `affine` then warps the resized crop (a geometric op, so it
+    runs with the crop, in the loader worker).
     """
 
     size: int
@@ -87,6 +124,8 @@ class Crop:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     augment: Augment = field(default_factory=Augment)
     center_fraction: float = 1.0
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    affine: RandomAffine | None = None
 
     def box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
         """(top, left, crop_height, crop_width) of the region to resize."""
@@ -168,9 +207,12 @@ class ViewTransform:
             region = image[top : top + crop_height, left : left + crop_width]
             if (crop_height, crop_width) != (crop.size, crop.size):
                 shrinking = crop_height > crop.size and crop_width > crop.size
+                enlarge = cv2.INTER_CUBIC if crop.interpolation == "bicubic" else cv2.INTER_LINEAR
                 region = cv2.resize(
-                    region, (crop.size, crop.size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+                    region, (crop.size, crop.size), interpolation=cv2.INTER_AREA if shrinking else enlarge
                 )
+            if crop.affine is not None:
+                region = crop.affine.apply(region, rng)
             crops.append(region)
         return crops
 
@@ -239,6 +281,11 @@ class Views:
             std=tuple(std),
         )
 
+    @property
+    def normalization(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """(mean, std) these views normalise with; evaluation normalises the same way (`EvalView`)."""
+        return self.augment.mean, self.augment.std
+
     def crops(self, image_size: int) -> tuple[Crop, ...]:
         raise NotImplementedError(f"{type(self).__name__} must define crops(image_size)")
 
@@ -251,7 +298,9 @@ class Views:
 
 
 class SingleCrop(Views):
-    """One random resized crop: CLIP (`scale=(0.9, 1.0)` in open_clip), MAE (`scale=(0.2, 1.0)`)."""
+    """One random resized crop: CLIP (`scale=(0.9, 1.0)` in open_clip), MAE (`scale=(0.2, 1.0)`), ConVIRT (with an
+    `affine` warp, brightness / contrast jitter and blur sigma up to 3). `max_hue_shift`, `jitter_saturation` and
+    `blur_sigma` as in `Augment`, `affine` as in `Crop`."""
 
     single = True
 
@@ -267,19 +316,28 @@ class SingleCrop(Views):
         solarize_prob: float = 0.0,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        max_hue_shift: float | None = None,
+        jitter_saturation: bool = True,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        affine: RandomAffine | None = None,
     ) -> None:
         super().__init__(hflip, color_jitter, color_jitter_prob, grayscale_prob, blur_prob, solarize_prob, mean, std)
         self.scale = scale
         self.ratio = ratio
+        self.affine = affine
+        self.augment = replace(
+            self.augment, max_hue_shift=max_hue_shift, jitter_saturation=jitter_saturation, blur_sigma=tuple(blur_sigma)
+        )
 
     def crops(self, image_size: int) -> tuple[Crop, ...]:
-        return (Crop(image_size, self.scale, self.ratio, self.augment),)
+        return (Crop(image_size, self.scale, self.ratio, self.augment, affine=self.affine),)
 
 
 class TwoCrops(Views):
     """Two random resized crops of the same image (SimCLR, MoCo v2, BYOL), by default with MoCo v2's augmentation
     (jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale 0.2, blur 0.5). `second_blur_prob` / `second_solarize_prob` make
-    the second view differ (BYOL table 6: blur 1.0 / 0.1, solarise 0.0 / 0.2)."""
+    the second view differ (BYOL table 6: blur 1.0 / 0.1, solarise 0.0 / 0.2). `max_hue_shift` and
+    `interpolation` as in `Augment` / `Crop` (e.g. SiT's timm-style crops: no hue, bicubic)."""
 
     def __init__(
         self,
@@ -295,10 +353,14 @@ class TwoCrops(Views):
         std: tuple[float, float, float] = IMAGENET_STD,
         second_blur_prob: float | None = None,
         second_solarize_prob: float | None = None,
+        max_hue_shift: float | None = None,
+        interpolation: Literal["bilinear", "bicubic"] = "bilinear",
     ) -> None:
         super().__init__(hflip, color_jitter, color_jitter_prob, grayscale_prob, blur_prob, solarize_prob, mean, std)
         self.scale = scale
         self.ratio = ratio
+        self.interpolation = interpolation
+        self.augment = replace(self.augment, max_hue_shift=max_hue_shift)
         self.second_augment = replace(
             self.augment,
             blur_prob=blur_prob if second_blur_prob is None else second_blur_prob,
@@ -307,8 +369,8 @@ class TwoCrops(Views):
 
     def crops(self, image_size: int) -> tuple[Crop, ...]:
         return (
-            Crop(image_size, self.scale, self.ratio, self.augment),
-            Crop(image_size, self.scale, self.ratio, self.second_augment),
+            Crop(image_size, self.scale, self.ratio, self.augment, interpolation=self.interpolation),
+            Crop(image_size, self.scale, self.ratio, self.second_augment, interpolation=self.interpolation),
         )
 
 
@@ -393,14 +455,18 @@ def _photometric(images: Tensor, augment: Augment, generator: torch.Generator) -
             return torch.where(jitter, values, 1.0)
 
         brightness, contrast, saturation = factor(), factor(), factor()
-        hue = torch.where(jitter, 0.2 * augment.color_jitter * (2 * torch.rand(count, generator=generator) - 1), 0.0)
+        if not augment.jitter_saturation:  # drawn all the same, so the stream of draws does not change
+            saturation = torch.ones(count)
+        max_hue_shift = 0.2 * augment.color_jitter if augment.max_hue_shift is None else augment.max_hue_shift
+        hue = torch.where(jitter, max_hue_shift * (2 * torch.rand(count, generator=generator) - 1), 0.0)
         pixels = _color_jitter(pixels, brightness, contrast, saturation, hue)
     grayscale = chosen(augment.grayscale_prob)
     if grayscale.any():
         index = rows(grayscale)
         pixels[index] = _luma(pixels[index]).expand(-1, 3, -1, -1)
     blur = chosen(augment.blur_prob)
-    sigma = 0.1 + 1.9 * torch.rand(count, generator=generator)
+    low, high = augment.blur_sigma
+    sigma = low + (high - low) * torch.rand(count, generator=generator)
     if blur.any():
         index = rows(blur)
         pixels[index] = _gaussian_blur(pixels[index], sigma[blur])

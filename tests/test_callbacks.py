@@ -102,6 +102,11 @@ class ColourMethod(VLPMethod):
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         return ((images.float() * std + mean) * 255 - BACKGROUND).mean((2, 3)) + self.anchor
 
+    def probe_features(self, images: Tensor) -> Tensor:
+        """The same colour features, one dimension wider (a backbone wider than its joint space, like CLIP's)."""
+        features = self.encode_image(images)
+        return torch.cat([features, features[:, :1]], dim=1)
+
     def encode_text(self, text: dict[str, Tensor]) -> Tensor:
         return self.text_encoder.encode_text(text)
 
@@ -114,6 +119,10 @@ class ImageOnlyColourMethod(ColourMethod):
 
     required_keys = ("image",)
     encode_text = VLPMethod.encode_text
+    encode_image = VLPMethod.encode_image
+
+    def probe_features(self, images: Tensor) -> Tensor:
+        return ColourMethod.encode_image(self, images)
 
     def __init__(self) -> None:
         super().__init__(with_text=False)
@@ -351,7 +360,10 @@ def test_callbacks_inside_trainer_validate(make_shards, tmp_path: Path, caplog: 
     assert results["retrieval/shapes/i2t_R@1"] == 1.0  # captions of one class are identical: all count as hits
     assert results["retrieval/shapes/t2i_R@10"] >= 10 / 40  # and a caption's image is one of its class
     assert results["knn/shapes/top1"] >= 0.9 and results["linear_probe/shapes/top1"] >= 0.9
-    assert method.image_calls == 6  # 3 batches per shard set: each set encoded once for all five callbacks
+    # 3 batches per (shard set, representation): val in the joint space (zero-shot, retrieval, projector), train
+    # and val as probe features (kNN, linear probe); each encoded once for all five callbacks
+    assert method.image_calls == 9
+    assert results["knn/shapes/dim"] == 4 and results["linear_probe/shapes/dim"] == 4  # probe_features, not joint
     assert "zeroshot/shapes" in caplog.text and "linear_probe/shapes" in caplog.text  # the results table
 
     events = EventAccumulator(logger.log_dir).Reload()

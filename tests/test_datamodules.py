@@ -304,3 +304,86 @@ def test_checkpoint_state_gathers_every_rank_under_ddp(make_shards, tmp_path):
         process.join(timeout=60)
     assert [process.exitcode for process in processes] == [0, 0]
     assert dict(results) == {0: (2, True, 6), 1: (2, True, 6)}  # ceil(31 / 6) batches on both ranks
+
+
+def report_shards(tmp_path, write_tar, n: int = 30, per_shard: int = 7) -> tuple[str, dict[str, str], dict]:
+    """Shards whose captions are reports: two lines of three sentences each ("1.5 cm" must stay whole); returns
+    the pattern, the reports and their sentences by key."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (120, 60, 30)).save(buffer, format="PNG")
+    reports, sentences, shards = {}, {}, []
+    for start in range(0, n, per_shard):
+        samples = []
+        for index in range(start, min(n, start + per_shard)):
+            key = f"s{index:03d}"
+            sentences[key] = [f"Finding {index}-{line}-{part} is 1.5 cm." for line in range(2) for part in range(3)]
+            reports[key] = "\n".join(" ".join(sentences[key][3 * line : 3 * line + 3]) for line in range(2))
+            samples.append({"__key__": key, "png": buffer.getvalue(), "txt": reports[key].encode()})
+        shards.append(str(write_tar(tmp_path / f"reports-{start // per_shard:06d}.tar", samples)))
+    return "::".join(shards), reports, sentences
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_caption_sampling_draws_one_sentence_per_epoch_and_resumes_exactly(tmp_path, write_tar, num_workers):
+    """ConVIRT's text transformation (Zhang et al. 2020, sec. 3): one uniformly drawn sentence of the report per
+    step, a function of (seed, epoch, key): tokens match it, epochs differ, and a mid-epoch resume sees the same."""
+    pattern, reports, sentences = report_shards(tmp_path, write_tar)
+    method = CLIP()
+
+    def fresh(sampling: str = "sentence", seed: int = 0) -> ImageTextDataModule:
+        datamodule = ImageTextDataModule(
+            train_shards=pattern, batch_size=4, num_workers=num_workers, shuffle_buffer=5, caption_sampling=sampling,
+            seed=seed, image_size=16, views=method.train_views(), tokenizer=method.tokenizer,
+        )
+        datamodule.setup("fit")  # no trainer: the loader counts its passes as epochs
+        datamodule.trainer = None
+        return datamodule
+
+    def captions(batches) -> dict[str, str]:
+        return {key: caption for batch in batches for key, caption in zip(batch["__key__"], batch["caption"])}
+
+    datamodule = attach(ImageTextDataModule(train_shards=pattern, batch_size=4, caption_sampling="sentence"), method)
+    datamodule.setup("fit")
+    batch = datamodule.on_before_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
+    assert torch.equal(batch["text"]["input_ids"], method.tokenizer(batch["caption"])["input_ids"])
+
+    reference = fresh().train_dataloader()
+    epochs = [list(reference) for _ in range(2)]
+    first, second = captions(epochs[0]), captions(epochs[1])
+    assert all(first[key] in sentences[key] and second[key] in sentences[key] for key in first)
+    assert len(set(first.values())) > 10 and sum(first[key] != second[key] for key in first) > len(first) // 2
+    assert captions(fresh().train_dataloader()) == first  # deterministic
+    lines = captions(fresh("line").train_dataloader())
+    assert all(caption in reports[key].splitlines() for key, caption in lines.items())
+    assert captions(fresh("all").train_dataloader()) == {key: reports[key] for key in first}
+
+    interrupted = fresh()
+    loader = interrupted.train_dataloader()
+    list(loader)  # epoch 0
+    head = []
+    for batch in loader:  # epoch 1, stopped after 3 batches
+        head.append(interrupted.on_before_batch_transfer(batch, 0))
+        if len(head) == 3:
+            break
+    resumed = fresh()
+    resumed.load_state_dict(interrupted.state_dict())
+    tail = list(resumed.train_dataloader())
+    assert [b["caption"] for b in head + tail] == [b["caption"] for b in epochs[1]]
+
+
+def test_caption_sampling_rejects_unknown_modes():
+    with pytest.raises(DataConfigError, match="caption_sampling must be one of"):
+        ImageTextDataModule(train_shards="x.tar", caption_sampling="paragraph")
+
+
+def test_views_normalising_unlike_the_method_stop_at_setup(make_shards, tmp_path):
+    """Evaluation normalises as the method's train_views() do, so explicit views must agree with them."""
+    from data_modules.views import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    shards = make_shards(tmp_path, n=8, per_shard=8)
+    views = SingleCrop(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
+    datamodule = attach(ImageTextDataModule(train_shards=shards.pattern, views=views), CLIP())
+    with pytest.raises(DataConfigError, match=r"views normalise with .* but CLIP .* give data\.views the same mean"):
+        datamodule.setup("fit")

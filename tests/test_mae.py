@@ -116,6 +116,31 @@ def test_encoder_position_embedding_is_frozen_sine_cosine():
     assert id(pos_embed) not in trainable
 
 
+def test_weights_are_initialised_as_the_released_code():
+    """models_mae.py `initialize_weights`: xavier-uniform Linears with zero bias (timm's ViT draws N(0, 0.02), PyTorch's
+    Linear kaiming-uniform with a non-zero bias), the patch embedding as a Linear, tokens N(0, 0.02)."""
+    mae = tiny_mae()
+    vit = mae.vision.model
+    for linear in (vit.blocks[0].attn.qkv, vit.blocks[1].mlp.fc2, mae.decoder_embed, mae.decoder_blocks[0].mlp.fc1,
+                   mae.decoder_pred):
+        fan_out, fan_in = linear.weight.shape
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert linear.weight.abs().max() <= bound
+        assert linear.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)  # uniform(-b, b)
+        assert torch.equal(linear.bias, torch.zeros_like(linear.bias))
+    patch_weight = vit.patch_embed.proj.weight  # [192, 3, 8, 8] viewed as a Linear 192 -> 192
+    assert patch_weight.std().item() == pytest.approx((2 / (192 + 192)) ** 0.5, rel=0.05)
+    assert vit.cls_token.std().item() == pytest.approx(0.02, rel=0.25)
+    assert mae.mask_token.std().item() == pytest.approx(0.02, rel=0.25)
+    assert torch.equal(mae.decoder_norm.weight, torch.ones(128)) and torch.equal(vit.norm.bias, torch.zeros(192))
+    # a loaded checkpoint keeps its weights when asked
+    torch.manual_seed(0)
+    encoder = VisionEncoder("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    kept = encoder.model.blocks[0].attn.qkv.weight.detach().clone()
+    MAE(encoder, initialize_weights=False)
+    assert torch.equal(encoder.model.blocks[0].attn.qkv.weight, kept)
+
+
 def test_decoder_predicts_every_patch_in_grid_order():
     mae = tiny_mae().eval()
     torch.manual_seed(0)
@@ -149,4 +174,4 @@ def test_fast_dev_run_with_a_plain_dataloader(tmp_path):
     before = mae.decoder_pred.weight.detach().clone()
     trainer.fit(mae, train_dataloaders=DataLoader(batches, batch_size=None))
     assert not torch.equal(before, mae.decoder_pred.weight)
-    assert mae.encode_image(ramps(2)).shape == (2, 192)
+    assert mae.probe_features(ramps(2)).shape == (2, 192)

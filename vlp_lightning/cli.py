@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from data_modules import DataConfigError
 from vlp_lightning import methods
+from vlp_lightning.callbacks.global_batch import GlobalBatchSize
 from vlp_lightning.callbacks.non_finite_loss import NonFiniteLossError, NonFiniteLossGuard
 from vlp_lightning.checkpoints import (
     AtomicModelCheckpoint,
@@ -136,6 +137,7 @@ class VLPCLI(LightningCLI):
         parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.save_top_k": 1})
         parser.add_lightning_class_args(NonFiniteLossGuard, "non_finite")
+        parser.add_lightning_class_args(GlobalBatchSize, "global_batch")
 
     def _parse_ckpt_path(self) -> None:
         """Runs before anything is instantiated: fill in the run's folders, take the experiment lock (fit), resolve

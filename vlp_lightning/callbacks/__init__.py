@@ -3,10 +3,12 @@
 Evaluation (`features.EvaluationCallback`: end of validate / test, and every `every_n_epochs` during fit):
 `ZeroShotClassification`, `Retrieval`, `KNNClassifier`, `LinearProbe`, `EmbeddingProjector`.
 Monitoring: `ThroughputMonitor` (samples/s, data wait, MFU), `NonFiniteLossGuard`.
+Set-up: `GlobalBatchSize` (effective global batch vs the paper's, learning-rate scaling rule).
 """
 
 from vlp_lightning.callbacks.embedding_projector import EmbeddingProjector
 from vlp_lightning.callbacks.features import EvalFeatures, EvaluationCallback, extract_features
+from vlp_lightning.callbacks.global_batch import GlobalBatchSize, lr_scale_factor
 from vlp_lightning.callbacks.knn import KNNClassifier, weighted_knn_scores
 from vlp_lightning.callbacks.linear_probe import LinearProbe, fit_logistic_regression, linear_probe_scores
 from vlp_lightning.callbacks.non_finite_loss import NonFiniteLossGuard
@@ -23,6 +25,7 @@ __all__ = [
     "EmbeddingProjector",
     "EvalFeatures",
     "EvaluationCallback",
+    "GlobalBatchSize",
     "KNNClassifier",
     "LinearProbe",
     "NonFiniteLossGuard",
@@ -35,6 +38,7 @@ __all__ = [
     "extract_features",
     "fit_logistic_regression",
     "linear_probe_scores",
+    "lr_scale_factor",
     "retrieval_metrics",
     "retrieval_ranks",
     "weighted_knn_scores",

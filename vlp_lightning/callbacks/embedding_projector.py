@@ -10,7 +10,13 @@ from __future__ import annotations
 from lightning.pytorch import LightningModule, Trainer
 
 from data_modules.pipeline import expand_shards, manifest_of
-from vlp_lightning.callbacks.features import MAX_THUMBNAILS, EvalFeatures, EvaluationCallback, tensorboard_writers
+from vlp_lightning.callbacks.features import (
+    MAX_THUMBNAILS,
+    EvalFeatures,
+    EvaluationCallback,
+    has_joint_space,
+    tensorboard_writers,
+)
 
 
 def projector_metadata(
@@ -32,7 +38,8 @@ def projector_metadata(
 
 
 class EmbeddingProjector(EvaluationCallback):
-    """Writes the image features of the first `max_samples` samples of `shards` to TensorBoard's projector
+    """Writes the image embeddings (joint space where the method has one, else `probe_features`) of the first
+    `max_samples` samples of `shards` to TensorBoard's projector
     (`projector/<name>`), with thumbnails and labels / captions as metadata. Runs at the end of validate / test,
     and during fit every `every_n_epochs` epochs (default 0: never, projector data is large).
 
@@ -63,7 +70,8 @@ class EmbeddingProjector(EvaluationCallback):
         self.label_field = label_field
 
     def evaluate(self, trainer: Trainer, method: LightningModule) -> dict[str, float]:
-        features = self.features(method, self.shards, self.max_samples)
+        representation = "joint" if has_joint_space(method) else "probe"
+        features = self.features(method, self.shards, self.max_samples, representation)
         writers = tensorboard_writers(trainer)
         if writers:
             classnames = ((manifest_of(expand_shards(self.shards)) or {}).get("classnames") or {}).get(self.label_field)

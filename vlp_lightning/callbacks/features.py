@@ -1,6 +1,9 @@
 """What the evaluation callbacks share: one feature pass over a shard set, its schedule, and where results go.
 
-Feature extraction runs `method.encode_image` / `encode_text` in eval mode, without gradient, under the trainer's
+Two representations (DESIGN, "Representations"): kNN and the linear probe read `method.probe_features` (the layer
+each paper probes, e.g. CLIP's image features before the projection, App. A.3); zero-shot and retrieval read the
+joint-space `method.encode_image` / `encode_text`; the projector shows the joint space where the method has one and
+the probe features otherwise. Feature extraction runs them in eval mode, without gradient, under the trainer's
 precision context (the autocast of `bf16-mixed` / `16-mixed`), on batches from `make_eval_loader`.
 
 Distributed runs: `make_eval_loader` is not split by rank, so every rank reads every sample (decoding is cheap next
@@ -22,7 +25,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -36,7 +39,7 @@ from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from data_modules.pipeline import make_eval_loader
-from data_modules.views import IMAGENET_MEAN, IMAGENET_STD
+from data_modules.views import IMAGENET_MEAN, IMAGENET_STD, EvalView
 from vlp_lightning import distributed
 from vlp_lightning.methods.base import VLPMethod
 
@@ -46,6 +49,9 @@ InputT = TypeVar("InputT")
 THUMBNAIL_SIZE = 64
 #: thumbnails kept per feature pass (those of the first samples; 12 KiB each).
 MAX_THUMBNAILS = 1024
+
+#: which representation of the images a feature pass computes: `probe_features` or the joint-space `encode_image`.
+Representation = Literal["probe", "joint"]
 
 
 @dataclass
@@ -129,10 +135,16 @@ def encode_across_ranks(encode: Callable[[InputT], Tensor], batches: Iterable[tu
     return distributed.all_reduce_sum(gathered).cpu()
 
 
-def to_thumbnails(images: Tensor, size: int = THUMBNAIL_SIZE) -> Tensor:
-    """Normalised eval crops [N, 3, H, W] -> uint8 thumbnails [N, 3, size, size] (undoes the EvalView normalisation)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+def to_thumbnails(
+    images: Tensor,
+    size: int = THUMBNAIL_SIZE,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> Tensor:
+    """Normalised eval crops [N, 3, H, W] -> uint8 thumbnails [N, 3, size, size] (undoes the `EvalView`
+    normalisation `mean` / `std`)."""
+    mean = torch.tensor(mean).view(1, 3, 1, 1)
+    std = torch.tensor(std).view(1, 3, 1, 1)
     pixels = (images.float().cpu() * std + mean).clamp(0, 1)
     if pixels.shape[-1] != size:
         pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -145,11 +157,18 @@ def extract_features(
     batch_size: int = 64,
     num_workers: int = 0,
     max_samples: int | None = None,
+    representation: Representation = "probe",
 ) -> EvalFeatures:
     """Image features of the first `max_samples` samples (all with None) of `shards`, with their labels, captions,
-    meta and thumbnails. Call it inside `evaluation_mode`."""
+    meta and thumbnails: `method.probe_features` for "probe", `method.encode_image` for "joint". Call it inside
+    `evaluation_mode`."""
+    encode_images = {"probe": method.probe_features, "joint": method.encode_image}[representation]
     device = module_device(method)
-    loader = make_eval_loader(shards, method.image_size, batch_size, num_workers=num_workers, device=device)
+    # normalised as the method's training views are, so the encoders see the statistics they were trained on
+    mean, std = method.train_views().normalization
+    loader = make_eval_loader(
+        shards, method.image_size, batch_size, num_workers=num_workers, view=EvalView(mean=mean, std=std), device=device
+    )
     keys: list[str] = []
     captions: list[str] = []
     labels: list[Tensor] = []
@@ -169,11 +188,11 @@ def extract_features(
                 labels.append(batch["label"][:rows])
             meta.extend(batch.get("meta", [{}] * rows)[:rows])
             if kept_thumbnails < MAX_THUMBNAILS:
-                thumbnails.append(to_thumbnails(images[: MAX_THUMBNAILS - kept_thumbnails]))
+                thumbnails.append(to_thumbnails(images[: MAX_THUMBNAILS - kept_thumbnails], mean=mean, std=std))
                 kept_thumbnails += thumbnails[-1].shape[0]
             yield images, rows
 
-    image_features = encode_across_ranks(lambda images: method.encode_image(images.to(device)), batches())
+    image_features = encode_across_ranks(lambda images: encode_images(images.to(device)), batches())
     return EvalFeatures(
         image=image_features,
         keys=keys,
@@ -216,6 +235,11 @@ def classification_metrics(scores: Tensor, labels: Tensor, num_classes: int) -> 
     if num_classes >= 5:
         metrics["top5"] = multiclass_accuracy(scores, labels, num_classes, average="micro", top_k=5).item()
     return metrics
+
+
+def has_joint_space(method: LightningModule) -> bool:
+    """True when the method embeds images into a joint image-text space (`encode_image` defined)."""
+    return is_overridden("encode_image", method, parent=VLPMethod)
 
 
 def has_text_tower(method: LightningModule) -> bool:
@@ -270,10 +294,11 @@ class _CachedFeatures:
 
 
 class _EvaluationPass:
-    """What the callbacks of one evaluation pass share: features per (shards, image size), and the metrics."""
+    """What the callbacks of one evaluation pass share: features per (shards, image size, representation), and the
+    metrics."""
 
     def __init__(self) -> None:
-        self.features: dict[tuple[str, int], _CachedFeatures] = {}
+        self.features: dict[tuple[str, int, str], _CachedFeatures] = {}
         self.metrics: dict[str, float] = {}
 
     def clear(self) -> None:
@@ -308,14 +333,21 @@ class EvaluationCallback(Callback):
     def evaluate(self, trainer: Trainer, method: LightningModule) -> dict[str, float]:
         raise NotImplementedError(f"{type(self).__name__} must define evaluate(trainer, method)")
 
-    def features(self, method: LightningModule, shards: str, max_samples: int | None = None) -> EvalFeatures:
-        """`extract_features` of the first `max_samples` samples of `shards`, computed once per evaluation pass."""
-        key = (shards, method.image_size)
+    def features(
+        self,
+        method: LightningModule,
+        shards: str,
+        max_samples: int | None = None,
+        representation: Representation = "probe",
+    ) -> EvalFeatures:
+        """`extract_features` of the first `max_samples` samples of `shards`, computed once per evaluation pass and
+        representation."""
+        key = (shards, method.image_size, representation)
         cached = _PASS.features.get(key)
         if cached is None or not cached.covers(max_samples):
             if cached is not None and max_samples is not None:  # a second, larger request: serve both from now on
                 max_samples = None if cached.max_samples is None else max(max_samples, cached.max_samples)
-            features = extract_features(method, shards, self.batch_size, self.num_workers, max_samples)
+            features = extract_features(method, shards, self.batch_size, self.num_workers, max_samples, representation)
             cached = _PASS.features[key] = _CachedFeatures(features, max_samples)
         return cached.features.head(max_samples)
 

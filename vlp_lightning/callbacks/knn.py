@@ -39,7 +39,8 @@ def weighted_knn_scores(
 
 
 class KNNClassifier(EvaluationCallback):
-    """Weighted kNN top-1 / top-5 accuracy of `test_shards` against `train_shards`, logged as `knn/<name>/top1`.
+    """Weighted kNN top-1 / top-5 accuracy of `test_shards` against `train_shards`, logged as `knn/<name>/top1`,
+    with the feature width as `knn/<name>/dim`. The features are the method's `probe_features`.
 
     Args:
         train_shards: labelled shard pattern whose features are the neighbours.
@@ -80,5 +81,5 @@ class KNNClassifier(EvaluationCallback):
         train_labels, test_labels = train.labels_of(self.label_field), test.labels_of(self.label_field)
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
         scores = weighted_knn_scores(train.image, train_labels, test.image, num_classes, self.k, self.temperature)
-        metrics = classification_metrics(scores, test_labels, num_classes)
+        metrics = classification_metrics(scores, test_labels, num_classes) | {"dim": train.image.shape[1]}
         return {f"knn/{self.name}/{metric}": value for metric, value in metrics.items()}

@@ -85,7 +85,9 @@ def linear_probe_scores(
 
 class LinearProbe(EvaluationCallback):
     """Logistic regression trained on `train_shards` features, top-1 / top-5 accuracy on `test_shards`, logged as
-    `linear_probe/<name>/top1`, `.../top5`.
+    `linear_probe/<name>/top1`, `.../top5`, with the probed feature width as `.../dim`.
+
+    The features are the method's `probe_features` (the layer its paper probes), not the joint-space embeddings.
 
     Args:
         train_shards: labelled shard pattern to fit on.
@@ -95,6 +97,8 @@ class LinearProbe(EvaluationCallback):
         inverse_regularization: C of the objective (scikit-learn's C; CLIP sweeps it on a validation split).
         max_iter: L-BFGS iterations at most.
         max_train_samples: fit on the first this many training samples (None: all).
+        standardize: scale every feature to zero mean, unit deviation over the training set first (MAE's probe:
+            a BatchNorm without affine, He et al. 2021, App. A.2).
         every_n_epochs, batch_size, num_workers: see `EvaluationCallback`.
     """
 
@@ -107,6 +111,7 @@ class LinearProbe(EvaluationCallback):
         inverse_regularization: float = 1.0,
         max_iter: int = 1000,
         max_train_samples: int | None = None,
+        standardize: bool = False,
         every_n_epochs: int = 1,
         batch_size: int = 64,
         num_workers: int = 0,
@@ -119,6 +124,7 @@ class LinearProbe(EvaluationCallback):
         self.inverse_regularization = inverse_regularization
         self.max_iter = max_iter
         self.max_train_samples = max_train_samples
+        self.standardize = standardize
 
     def evaluate(self, trainer: Trainer, method: LightningModule) -> dict[str, float]:
         train = self.features(method, self.train_shards, self.max_train_samples)
@@ -134,6 +140,7 @@ class LinearProbe(EvaluationCallback):
                 num_classes,
                 self.inverse_regularization,
                 self.max_iter,
+                self.standardize,
             ).cpu()
-        metrics = classification_metrics(scores, test_labels, num_classes)
+        metrics = classification_metrics(scores, test_labels, num_classes) | {"dim": train.image.shape[1]}
         return {f"linear_probe/{self.name}/{metric}": value for metric, value in metrics.items()}

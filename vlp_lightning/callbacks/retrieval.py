@@ -139,7 +139,7 @@ class Retrieval(EvaluationCallback):
         if not has_text_tower(method):
             self.warn_once(f"Retrieval skipped: {type(method).__name__} has no text tower (encode_text)")
             return {}
-        features = self.features(method, self.shards, self.max_samples)
+        features = self.features(method, self.shards, self.max_samples, representation="joint")
         if features.captions is None:
             raise ValueError(f"Retrieval {self.name!r}: the shards {self.shards} have no .txt captions")
         captions_per_image = [split_captions(caption) for caption in features.captions]

@@ -184,7 +184,7 @@ class ZeroShotClassification(EvaluationCallback):
             return {}
         metrics: dict[str, float] = {}
         for dataset in self.datasets:
-            features = self.features(method, dataset.shards)
+            features = self.features(method, dataset.shards, representation="joint")
             labels = features.labels_of(dataset.label_field)
             classnames = dataset.classnames or read_classnames(dataset.shards, dataset.label_field)
             if int(labels.max()) >= len(classnames):

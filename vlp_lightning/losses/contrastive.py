@@ -47,11 +47,14 @@ def clip_contrastive_loss(
     gather: bool = True,
     local_loss: bool = False,
     gather_with_grad: bool = True,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """CLIP's symmetric cross-entropy over scaled cosine similarities (Radford et al. 2021, Fig. 3).
 
     The mean of the image→text and text→image cross-entropies of `logit_scale * image @ text.T`. ALIGN's normalised
-    softmax loss (Jia et al. 2021, sec. 4.1) is the same pair of cross-entropies with temperature 1/logit_scale.
+    softmax loss (Jia et al. 2021, sec. 4.1) is the same pair of cross-entropies with temperature 1/logit_scale,
+    each smoothed with `label_smoothing` = 0.1 (sec. 5): the target puts 1 - 0.1 on the pair and 0.1 spread evenly
+    over all G candidates (PyTorch's `cross_entropy(label_smoothing=...)`).
 
     Args:
         image_features: [N, D] L2-normalised image embeddings of the local batch.
@@ -60,6 +63,7 @@ def clip_contrastive_loss(
         gather: contrast against the pairs of every rank (module docstring); no effect in one process.
         local_loss: local rows against gathered columns, memory N·G instead of G².
         gather_with_grad: let the gradient flow through the other ranks' gathered features.
+        label_smoothing: ε of both cross-entropies (0: CLIP, 0.1: ALIGN).
     """
     return _two_way_infonce(
         image_features,
@@ -69,6 +73,7 @@ def clip_contrastive_loss(
         gather=gather,
         local_loss=local_loss,
         gather_with_grad=gather_with_grad,
+        label_smoothing=label_smoothing,
     )
 
 
@@ -135,6 +140,7 @@ def weighted_two_way_infonce(
     first_label: int,
     local_loss: bool,
     image_to_text_weight: float,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """The loss of one rank given the features it already gathered: w·CE(image→text) + (1-w)·CE(text→image).
 
@@ -153,9 +159,9 @@ def weighted_two_way_infonce(
             image_to_text = logit_scale * all_image_features.float() @ all_text_features.float().T  # [G, G]
             text_to_image = image_to_text.T
             labels = torch.arange(all_image_features.shape[0], device=image_features.device)
-        return image_to_text_weight * F.cross_entropy(image_to_text, labels) + (
-            1.0 - image_to_text_weight
-        ) * F.cross_entropy(text_to_image, labels)
+        image_to_text_loss = F.cross_entropy(image_to_text, labels, label_smoothing=label_smoothing)
+        text_to_image_loss = F.cross_entropy(text_to_image, labels, label_smoothing=label_smoothing)
+        return image_to_text_weight * image_to_text_loss + (1.0 - image_to_text_weight) * text_to_image_loss
 
 
 def _two_way_infonce(
@@ -167,7 +173,10 @@ def _two_way_infonce(
     gather: bool,
     local_loss: bool,
     gather_with_grad: bool,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}; ALIGN uses 0.1.")
     if image_features.shape != text_features.shape or image_features.ndim != 2:
         raise ValueError(
             "image_features and text_features must both be [N, D] with row i of one paired with row i of the other, "
@@ -183,6 +192,7 @@ def _two_way_infonce(
         first_label=first_label,
         local_loss=local_loss,
         image_to_text_weight=image_to_text_weight,
+        label_smoothing=label_smoothing,
     )
 
 

@@ -4,8 +4,18 @@ from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.clip import CLIP
 from vlp_lightning.methods.convirt import ConVIRT
 from vlp_lightning.methods.mae import MAE
+from vlp_lightning.methods.self_supervised.barlow_twins import BarlowTwins
+from vlp_lightning.methods.self_supervised.byol import BYOL
+from vlp_lightning.methods.self_supervised.dino import DINO
+from vlp_lightning.methods.self_supervised.mocov2 import MoCoV2
+from vlp_lightning.methods.self_supervised.mocov3 import MoCoV3
+from vlp_lightning.methods.self_supervised.simclr import SimCLR
+from vlp_lightning.methods.self_supervised.vicreg import VICReg
 from vlp_lightning.methods.selfie import Selfie
 from vlp_lightning.methods.sit import SiT
 from vlp_lightning.methods.swav import SwAV
 
-__all__ = ["VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "SwAV", "MAE", "Selfie", "SiT"]
+__all__ = [
+    "VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "SwAV", "MAE", "Selfie", "SiT",
+    "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg",
+]

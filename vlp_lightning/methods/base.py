@@ -4,9 +4,13 @@
 
 * the optimizer and LR schedule, injected as typed callables so YAML can swap them
   (`OptimizerCallable` / `LRSchedulerCallable`; default AdamW + linear-warmup cosine decay),
-* weight-decay parameter groups (no decay on norms, biases, temperatures, prototypes, position embeddings),
+* weight-decay parameter groups, following each paper (`decays_weight`: by default no decay on gains and biases),
+* a hook after every optimizer step (`after_optimizer_step`: parameter clamps, EMA teachers),
+* the learning-rate factor `lr_scale` that the `GlobalBatchSize` callback sets (linear / sqrt scaling rules),
 * logging names (`train/<name>`, `val/<name>`, `test/<name>`),
-* the representation protocol the evaluation callbacks use (`encode_image`, `encode_text`),
+* the two representations the evaluation callbacks use: `probe_features` (kNN, linear probe: the backbone's
+  features as each paper probes them) and `encode_image` / `encode_text` (the joint image-text space that
+  zero-shot, retrieval and the projector use; CLIP family),
 * what the data module asks of the attached method (`train_views`, `tokenizer`, `image_size`, `required_keys`),
 * optional memory savers shared by every method (`torch.compile`, FSDP2 `fully_shard` in `configure_model`).
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -32,10 +37,12 @@ from data_modules.views import Views
 
 
 class WarmupCosineLR(LambdaLR):
-    """Linear warmup then cosine decay to `min_lr_ratio` x base LR, stepped every optimizer step.
+    """Linear warmup then decay to `min_lr_ratio` x base LR, stepped every optimizer step.
 
-    The schedule CLIP (Radford et al. 2021, sec. 2.5), MAE and SwAV use. `warmup_steps` below 1 is a fraction of the
-    run; `total_steps=None` is filled in from the trainer's estimated stepping batches by `VLPMethod`.
+    Cosine decay is the schedule CLIP (Radford et al. 2021, sec. 2.5), MAE and SwAV use; `decay="linear"` is ALIGN's
+    (Jia et al. 2021, sec. 5). The warmup rises linearly from `warmup_start_ratio` x base LR (SwAV's official
+    `--start_warmup 0.3` at base 4.8 is 0.0625) to the base LR. `warmup_steps` below 1 is a fraction of the run;
+    `total_steps=None` is filled in from the trainer's estimated stepping batches by `VLPMethod`.
     """
 
     def __init__(
@@ -44,19 +51,26 @@ class WarmupCosineLR(LambdaLR):
         warmup_steps: float = 0.05,
         total_steps: int | None = None,
         min_lr_ratio: float = 0.0,
+        warmup_start_ratio: float = 0.0,
+        decay: Literal["cosine", "linear"] = "cosine",
     ) -> None:
+        if decay not in ("cosine", "linear"):
+            raise ValueError(f"WarmupCosineLR: decay={decay!r} is not one of 'cosine', 'linear'")
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_lr_ratio = min_lr_ratio
+        self.warmup_start_ratio = warmup_start_ratio
+        self.decay = decay
         super().__init__(optimizer, self._factor)
 
     def _factor(self, step: int) -> float:
         total = max(1, self.total_steps or 1)
         warmup = self.warmup_steps * total if self.warmup_steps < 1 else self.warmup_steps
         if step < warmup:
-            return (step + 1) / warmup
+            return self.warmup_start_ratio + (1 - self.warmup_start_ratio) * (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        remaining = 0.5 * (1 + math.cos(math.pi * progress)) if self.decay == "cosine" else 1 - progress
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * remaining
 
 
 class VLPMethod(LightningModule):
@@ -71,16 +85,12 @@ class VLPMethod(LightningModule):
 
     #: batch keys this method needs from the data; the data module checks them at setup.
     required_keys: tuple[str, ...] = ("image",)
-    #: parameter-name fragments that never get weight decay (besides every tensor with ndim <= 1).
-    no_weight_decay_names: tuple[str, ...] = (
-        "logit_scale",
-        "temperature",
-        "prototypes",
-        "pos_embed",
-        "positional_embedding",
-        "cls_token",
-        "mask_token",
-    )
+    #: gains, biases and scalars (every tensor with ndim <= 1) get no weight decay: CLIP's rule (Radford et al.
+    #: 2021, sec. 2.5: "weight decay ... to all weights that are not gains or biases") and timm's / MAE's
+    #: `param_groups_weight_decay`. A method whose paper decays everything (SwAV's LARS) sets it False.
+    exempt_gains_and_biases: bool = True
+    #: parameter-name fragments that also get no weight decay (none by default; each method names its paper's).
+    no_weight_decay_names: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -95,6 +105,8 @@ class VLPMethod(LightningModule):
         self.tokenizer = None
         self._scale_configured = False
         self._pending_rng_states: dict | None = None
+        #: factor on every parameter group's learning rate, set before the optimizer is built (GlobalBatchSize).
+        self.lr_scale = 1.0
 
     # ------------------------------------------------------------------ protocol
     @property
@@ -106,12 +118,27 @@ class VLPMethod(LightningModule):
         """The augmented views one training sample becomes (one crop, two crops, multi-crop...)."""
         raise NotImplementedError(f"{type(self).__name__} must define train_views()")
 
+    def probe_features(self, images: Tensor) -> Tensor:
+        """Images [N,3,H,W] -> the representation [N,D] kNN and the linear probe score: the layer each paper probes.
+
+        Default: the vision backbone's pooled features (`self.vision`), before any projection head, the layer CLIP
+        (Radford et al. 2021, App. A.3), ConVIRT (sec. 4) and SwAV (sec. 4.1) probe. A method whose paper probes
+        another layer overrides this and says why."""
+        vision = getattr(self, "vision", None)
+        if not isinstance(vision, nn.Module):
+            raise NotImplementedError(f"{type(self).__name__} has no `vision` backbone: define probe_features()")
+        return vision(images)
+
     def encode_image(self, images: Tensor) -> Tensor:
-        """Images [N,3,H,W] -> features [N,D] used by kNN, linear probe, zero-shot and retrieval."""
-        raise NotImplementedError(f"{type(self).__name__} does not learn visual features")
+        """Images [N,3,H,W] -> embeddings [N,D] in the joint image-text space, used by zero-shot and retrieval
+        (CLIP family only; methods without a joint space leave it undefined and the projector shows
+        `probe_features`)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no joint image-text space; zero-shot and retrieval need a CLIP-family method"
+        )
 
     def encode_text(self, text: dict[str, Tensor]) -> Tensor:
-        """Tokens -> features [N,D] in the image space (CLIP family only)."""
+        """Tokens -> embeddings [N,D] in the joint image-text space (CLIP family only)."""
         raise NotImplementedError(
             f"{type(self).__name__} has no text tower in the image space; "
             "zero-shot and retrieval need a CLIP-family method"
@@ -148,16 +175,18 @@ class VLPMethod(LightningModule):
         return self._step(batch, "test")
 
     # ------------------------------------------------------------------ optimisation
+    def decays_weight(self, name: str, param: nn.Parameter) -> bool:
+        """Whether `param` gets weight decay: the class's `exempt_gains_and_biases` and `no_weight_decay_names`."""
+        if self.exempt_gains_and_biases and param.ndim <= 1:
+            return False
+        return not any(fragment in name for fragment in self.no_weight_decay_names)
+
     def parameter_groups(self) -> list[dict]:
-        """Two groups: decayed weights, and norms/biases/temperatures/prototypes/embeddings with no decay."""
+        """Two groups: decayed weights, and those `decays_weight` exempts (weight_decay 0)."""
         decay, no_decay = [], []
         for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            if param.ndim <= 1 or any(fragment in name for fragment in self.no_weight_decay_names):
-                no_decay.append(param)
-            else:
-                decay.append(param)
+            if param.requires_grad:
+                (decay if self.decays_weight(name, param) else no_decay).append(param)
         groups = [{"params": decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -165,12 +194,23 @@ class VLPMethod(LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.lr_scale != 1.0:  # before the scheduler records its base learning rates
+            for group in optimizer.param_groups:
+                group["lr"] *= self.lr_scale
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
         if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
             scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Lightning's step, then `after_optimizer_step`: once per optimizer step, never per micro-batch."""
+        super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """Runs right after every optimizer step (parameter clamps, EMA teacher updates); nothing by default."""
 
     # ------------------------------------------------------------------ scale
     def encoder_blocks(self) -> Iterable[nn.Module]:

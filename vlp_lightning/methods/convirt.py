@@ -4,7 +4,12 @@
 Same dual-encoder shape as CLIP, with the paper's differences (sec. 2): non-linear projection heads (one hidden
 layer with ReLU, eq. 1), a fixed temperature tau instead of a learned one, and a bidirectional loss weighted
 lambda * l(image->text) + (1 - lambda) * l(text->image) (eq. 2-4; tau = 0.1, lambda = 0.75, embedding 512 in the
-paper). Its image views add flips, affine jitter, colour jitter and blur to the random crop (sec. 3, "Image encoder").
+paper). Its image views add a flip, an affine warp, brightness / contrast jitter and blur to the random crop, and
+its text side is one random sentence of the report per step (sec. 2 and appendix; see `train_views`, and the data
+module's `caption_sampling="sentence"` in the presets). The paper's text encoder is BERT max-pooled over all token
+outputs with its embeddings and first 6 layers frozen: `HFTextEncoder(pooling="max", frozen_layers=6)`.
+Probes (kNN, linear) score the image encoder's output with the projection g_v discarded, as the paper's linear
+evaluation does (sec. 4): `probe_features` is the base's default, the pooled backbone features.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from data_modules.views import SingleCrop, Views
+from data_modules.views import RandomAffine, SingleCrop, Views
 from vlp_lightning.losses.contrastive import convirt_contrastive_loss
 from vlp_lightning.methods.base import WarmupCosineLR
 from vlp_lightning.methods.clip import CLIP
@@ -66,7 +71,26 @@ class ConVIRT(CLIP):
         return MLPHead(in_features, in_features, embed_dim, layers=2, norm="none")
 
     def train_views(self) -> Views:
-        return SingleCrop(scale=(0.6, 1.0), hflip=True, color_jitter=0.4, color_jitter_prob=0.8, blur_prob=0.5)
+        """The paper's five image transformations (sec. 3, "Realization", and the appendix): a random crop of
+        0.6-1.0 of the image, a horizontal flip with p 0.5, a random affine map (rotation [-20, 20] degrees,
+        translation up to 0.1 of the side, scale [0.95, 1.05]), colour jitter of brightness and contrast only
+        (factors in [0.6, 1.4], i.e. SimCLR strength 0.5 without saturation and hue: the images are monochrome) and
+        a Gaussian blur with sigma in [0.1, 3.0]. The paper gives no probability but the flip's, so the others apply
+        to every image. The affine runs with the crop, before the flip: its distribution is mirror-symmetric, so the
+        order does not change the views. Normalised with the image tower's statistics."""
+        return SingleCrop(
+            scale=(0.6, 1.0),
+            hflip=True,
+            color_jitter=0.5,
+            color_jitter_prob=1.0,
+            max_hue_shift=0.0,
+            jitter_saturation=False,
+            blur_prob=1.0,
+            blur_sigma=(0.1, 3.0),
+            affine=RandomAffine(degrees=20.0, translate=0.1, scale=(0.95, 1.05)),
+            mean=self.vision.mean,
+            std=self.vision.std,
+        )
 
     def contrastive_loss(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         return convirt_contrastive_loss(

@@ -7,6 +7,15 @@ and predicts the pixels of every patch; the loss is the MSE on the masked patche
 normalised pixels (sec. 3 "Reconstruction target"). The encoder is a timm ViT driven piece by piece
 (`modules.masking.vit_tokens` / `vit_transformer`); the decoder is built from timm's `Block`.
 
+Initialisation follows the released code (models_mae.py, `MaskedAutoencoderViT.initialize_weights` /
+`_init_weights`), not timm's ViT init nor PyTorch's defaults: every Linear of encoder and decoder xavier-uniform with
+zero bias (as the JAX ViT), every LayerNorm weight 1 / bias 0, the patch-embedding convolution xavier-uniform on its
+weight viewed as a Linear [width, 3*p*p] (its bias keeps PyTorch's default, as there), class and mask tokens
+N(0, 0.02). Position embeddings are fixed 2D sine-cosine in encoder and decoder (`get_2d_sincos_pos_embed`, zeros at
+the class token); timm's `build_sincos2d_pos_embed` used here orders the same sin / cos channels differently
+(sin h, sin w, cos h, cos w instead of sin w, cos w, sin h, cos h), a fixed permutation of the width that the
+permutation-invariant init of the blocks cannot tell apart.
+
 The paper's learning rate rule is lr = base_lr * global_batch / 256 (App. A.1: base_lr 1.5e-4, AdamW beta2 0.95,
 weight decay 0.05); the YAML configs write the resulting lr with the arithmetic in a comment.
 """
@@ -46,6 +55,8 @@ class MAE(VLPMethod):
         normalize_target: per-patch normalised pixel targets (the paper's best setting, Table 1d).
         sincos_pos_embed: replace the encoder's learned position embedding by a frozen 2D sine-cosine one, as the
             paper does (App. A.1); turn off to keep a loaded checkpoint's position embedding.
+        initialize_weights: re-initialise encoder and decoder as the released code does (module doc); turn off to
+            keep a loaded checkpoint's encoder weights.
     """
 
     def __init__(
@@ -57,6 +68,7 @@ class MAE(VLPMethod):
         decoder_heads: int = 4,
         normalize_target: bool = True,
         sincos_pos_embed: bool = True,
+        initialize_weights: bool = True,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
         compile: bool = False,
@@ -88,6 +100,24 @@ class MAE(VLPMethod):
         self.decoder_norm = nn.LayerNorm(decoder_width)
         self.decoder_pred = nn.Linear(decoder_width, self.patch_size * self.patch_size * 3)
         nn.init.normal_(self.mask_token, std=0.02)
+        if initialize_weights:
+            self._initialize_weights()
+
+    def _initialize_weights(self) -> None:
+        """models_mae.py `initialize_weights` + `_init_weights` (module doc); position embeddings are set apart."""
+        weight = self.vision.model.patch_embed.proj.weight
+        nn.init.xavier_uniform_(weight.data.view(weight.shape[0], -1))  # the patch embedding as a Linear
+        if self.vision.model.cls_token is not None:
+            nn.init.normal_(self.vision.model.cls_token, std=0.02)  # the mask token is drawn so in __init__
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     @property
     def image_size(self) -> int:
@@ -95,9 +125,9 @@ class MAE(VLPMethod):
 
     def train_views(self) -> Views:
         """MAE trains with random resized crops (scale 0.2-1) and flips only (App. A.1: "no color jittering")."""
-        return SingleCrop(scale=(0.2, 1.0))
+        return SingleCrop(scale=(0.2, 1.0), mean=self.vision.mean, std=self.vision.std)
 
-    def encode_image(self, images: Tensor) -> Tensor:
+    def probe_features(self, images: Tensor) -> Tensor:
         """The encoder on the whole, unmasked image, pooled as configured (class token by default, as the paper's
         linear probe)."""
         return self.vision(images)

@@ -17,7 +17,14 @@ step. Note that with v_j = u + pos_j the summary adds the same logit u.h_k to ca
 image: telling the masked locations apart rests on pos_j.h_k, i.e. on what a patch's content says about where it
 belongs in this kind of image. The patch network is any timm model wrapped in `VisionEncoder` that pools its
 features (the paper uses the first three stages of ResNet-50; here the whole given network, a small ResNet by
-default). `encode_image` averages the patch-network features of all patches, the part the paper transfers.
+default).
+
+What is transferred is the patch network, run on the whole image: the paper finetunes a ResNet-50 on full images
+whose first blocks are the pretrained patch network (sec. 3, experimental setup). `probe_features` therefore applies
+the convolutional patch network to the whole image and pools it globally (`probe_representation="whole_image"`, the
+default); `"patch_mean"` averages the features of every patch encoded on its own instead, the pretraining-time view
+of the image. A frozen probe of the whole image reads batch norm statistics gathered on patches, which a finetuned
+ResNet re-estimates.
 
 On CPU, train Selfie in fp32 (`precision: 32-true`): PyTorch's bf16 CPU convolution sporadically returns non-finite
 weight gradients for a 3x3 stride-2 convolution on a 1x1 map, which is what the last stage of a stride-32 ResNet
@@ -25,6 +32,8 @@ sees on a patch smaller than 32 px.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -49,6 +58,8 @@ class Selfie(VLPMethod):
         mask_ratio: fraction of the patches masked per image (they are also each other's distractors).
         pooling_depth: Transformer blocks of the attention pooling network.
         pooling_heads: attention heads of the pooling network (must divide the patch network's num_features).
+        probe_representation: what kNN / linear probes read (module doc): the patch network on the whole image
+            ("whole_image", as the paper transfers it) or the mean of the per-patch features ("patch_mean").
     """
 
     no_weight_decay_names = (*VLPMethod.no_weight_decay_names, "row_embedding", "column_embedding", "summary_token")
@@ -60,6 +71,7 @@ class Selfie(VLPMethod):
         mask_ratio: float = 0.25,
         pooling_depth: int = 2,
         pooling_heads: int = 4,
+        probe_representation: Literal["whole_image", "patch_mean"] = "whole_image",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
         compile: bool = False,
@@ -75,6 +87,9 @@ class Selfie(VLPMethod):
         self.num_patches = self.grid_side**2
         num_masked_patches(self.num_patches, mask_ratio)  # fail at construction, not at the first step
         self.mask_ratio = mask_ratio
+        if probe_representation not in ("whole_image", "patch_mean"):
+            raise ValueError(f"probe_representation={probe_representation!r}: choose 'whole_image' or 'patch_mean'")
+        self.probe_representation = probe_representation
         width = self.vision.num_features
         self.row_embedding = nn.Parameter(torch.randn(self.grid_side, 1, width))
         self.column_embedding = nn.Parameter(torch.randn(1, self.grid_side, width))
@@ -91,7 +106,7 @@ class Selfie(VLPMethod):
     def train_views(self) -> Views:
         """One random resized crop with flips; the paper shifts CIFAR images by pad-and-crop (sec. 2.1) so that
         patch borders fall at random image positions."""
-        return SingleCrop(scale=(0.25, 1.0))
+        return SingleCrop(scale=(0.25, 1.0), mean=self.vision.mean, std=self.vision.std)
 
     def position_embeddings(self) -> Tensor:
         """pos [L, D] for the row-major grid: row embedding + column embedding (sec. 2.2)."""
@@ -108,9 +123,12 @@ class Selfie(VLPMethod):
         tokens = torch.cat([self.summary_token.expand(features.shape[0], -1, -1), features], dim=1)
         return self.pooling_norm(self.pooling_blocks(tokens))[:, 0]
 
-    def encode_image(self, images: Tensor) -> Tensor:
-        """Mean of the patch-network features of all patches: the patch network is what Selfie transfers."""
-        return self.encode_patches(images).mean(dim=1)
+    def probe_features(self, images: Tensor) -> Tensor:
+        """[N, D]: the patch network on the whole image, globally pooled (the network the paper finetunes on full
+        images, sec. 3), or the mean of its per-patch features (`probe_representation`)."""
+        if self.probe_representation == "patch_mean":
+            return self.encode_patches(images).mean(dim=1)
+        return self.vision(images)
 
     def queries_and_candidates(self, images: Tensor, mask: PatchMask) -> tuple[Tensor, Tensor]:
         """-> (queries v = u + pos [N, M, D] of the masked locations, candidates h [N, M, D] of the masked patches).

@@ -12,7 +12,12 @@ official implementation:
 * with small batches, features of past batches kept in a queue (`queue_length`, summed over ranks; about 3k in
   sec. 3.1, "Working with small batches") join the batch in Sinkhorn-Knopp only, once the queue is full; it is
   started after `queue_start_steps` (epoch 15 in the official batch-256 runs);
-* across ranks the codes are computed on the global batch by summing Sinkhorn-Knopp's statistics over ranks.
+* across ranks the codes are computed on the global batch by summing Sinkhorn-Knopp's statistics over ranks;
+* the prototype scores z^T C are computed in fp32 whatever the precision: they enter exp(s / ε) with ε = 0.05
+  (a bf16 score off by 2^-8 moves exp(s / ε) by 8 %), as the contrastive losses compute their logits in fp32;
+* the optimizer is LARS (`timm.optim.Lars`, trust coefficient 0.001, no clipping: the official LARC wrapper around
+  SGD) with weight decay on every parameter, biases, norms and prototypes included (the official
+  `main_swav.py` passes `model.parameters()` to SGD with `weight_decay=1e-6`): `exempt_gains_and_biases = False`.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ class SwAV(VLPMethod):
     """
 
     required_keys = ("image",)
+    exempt_gains_and_biases = False  # the official SGD + LARC decays every parameter (module doc)
 
     def __init__(
         self,
@@ -129,9 +135,11 @@ class SwAV(VLPMethod):
             num_global=self.num_global_crops,
             num_local=self.num_local_crops,
             local_size=self.local_crop_size,
+            mean=self.vision.mean,
+            std=self.vision.std,
         )
 
-    def encode_image(self, images: Tensor) -> Tensor:
+    def probe_features(self, images: Tensor) -> Tensor:
         """Backbone features: SwAV is evaluated on the pooled backbone output, not on z (sec. 4.1)."""
         return self.vision(images)
 
@@ -145,12 +153,17 @@ class SwAV(VLPMethod):
         features = [self.vision(torch.cat(list(group))) for _, group in itertools.groupby(views, key=lambda v: v.shape)]
         return F.normalize(self.projector(torch.cat(features)), dim=1)
 
+    def prototype_scores(self, embeddings: Tensor) -> Tensor:
+        """z [M, D] -> z^T C [M, K] in fp32, outside autocast (module doc: the scores feed exp(s / ε))."""
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            return F.linear(embeddings.float(), self.prototypes.weight.float())
+
     def codes(self, scores: Tensor, global_view: int) -> Tensor:
         """Sinkhorn-Knopp codes [N, K] of one global view; a full queue joins the batch (its rows are dropped after)."""
         batch_size = scores.shape[0]
         if self.training and self.queue is not None and self.queued_rows == self.queue.shape[1]:
             with torch.no_grad():
-                scores = torch.cat([self.prototypes(self.queue[global_view]), scores])
+                scores = torch.cat([self.prototype_scores(self.queue[global_view]), scores])
         return sinkhorn_knopp(scores, self.sinkhorn_epsilon, self.sinkhorn_iterations)[-batch_size:]
 
     @torch.no_grad()
@@ -174,7 +187,7 @@ class SwAV(VLPMethod):
             )
         batch_size = len(views[0])
         embeddings = self.embed_views(views)  # [V*N, D]
-        scores_per_view = self.prototypes(embeddings).split(batch_size)  # V x [N, K]
+        scores_per_view = self.prototype_scores(embeddings).split(batch_size)  # V x [N, K]
         codes_per_view = [self.codes(scores_per_view[view], view) for view in range(self.num_global_crops)]
         loss = swav_loss(scores_per_view, codes_per_view, self.temperature)
         if self.training and self.queue_length > 0 and self.global_step >= self.queue_start_steps:

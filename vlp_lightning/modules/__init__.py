@@ -1,6 +1,8 @@
-"""Building blocks shared by the methods: image towers (timm), text towers, tokenizers, projection heads."""
+"""Building blocks shared by the methods: image towers (timm), text towers, tokenizers, projection heads, the
+memory bank."""
 
-from vlp_lightning.modules.heads import MLPHead, ProjectionHead
+from vlp_lightning.modules.heads import GELUMLPProjection, MLPHead, ProjectionHead
+from vlp_lightning.modules.memory_bank import MemoryBank
 from vlp_lightning.modules.text import HFTextEncoder, TextTransformer
 from vlp_lightning.modules.tokenizers import ByteTokenizer, CLIPTokenizer, HFTokenizer, Tokenizer
 from vlp_lightning.modules.vision import VisionEncoder
@@ -8,9 +10,11 @@ from vlp_lightning.modules.vision import VisionEncoder
 __all__ = [
     "ByteTokenizer",
     "CLIPTokenizer",
+    "GELUMLPProjection",
     "HFTextEncoder",
     "HFTokenizer",
     "MLPHead",
+    "MemoryBank",
     "ProjectionHead",
     "TextTransformer",
     "Tokenizer",

