@@ -104,6 +104,7 @@ class DINO(MomentumMethod):
         return MultiCrop(
             num_global=2, num_local=self.num_local_crops, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),
             local_size=self.local_crop_size, color_jitter=0.5, grayscale_prob=0.2, blur_prob=0.5,
+            mean=self.vision.mean, std=self.vision.std,
         )
 
     def current_teacher_temperature(self) -> float:
