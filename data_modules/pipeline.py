@@ -70,6 +70,7 @@ from webdataset.shardlists import expand_urls
 
 from data_modules.captions import CaptionSampling, sample_caption
 from data_modules.manifest import local_path, read_manifest, shard_counts
+from data_modules.masks import MASK_MEMBER, crop_mask, decode_mask
 from data_modules.views import VIEWS_FIELD, EvalView, Views, ViewTransform, finish_views
 
 if TYPE_CHECKING:  # the tokenizers module pulls in the model packages; workers need none of them
@@ -79,7 +80,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
 #: tar members the pipeline reads; anything else (.pyd, .pickle, .pth, ...) is passed over unread.
-READ_MEMBERS = frozenset((*IMAGE_MEMBERS, "txt", "cls", "json"))
+READ_MEMBERS = frozenset((*IMAGE_MEMBERS, "txt", "cls", "json", MASK_MEMBER))
 #: formats PIL may decode; an allow-list so a shard cannot reach a rarely used (less audited) decoder.
 PIL_FORMATS = ("PNG", "JPEG", "WEBP")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -390,7 +391,9 @@ class SampleDecoder:
     """Raw tar sample -> decoded sample (per image), and decoded samples -> batch dict (per batch).
 
     `with_caption` / `with_label` make `.txt` / `.cls` required (a sample without them is dropped); `.json` is
-    decoded into `meta` when present. Captions become `text` tokens when a tokenizer is given; `caption_sampling`
+    decoded into `meta` when present. `with_mask` makes `.mask.png` required and returns it as `mask`, cropped as the
+    image (deterministic views only, `data_modules.masks`). Captions become `text` tokens when a tokenizer is given;
+    `caption_sampling`
     picks the caption of each sample (`data_modules.captions`: all lines, one line, one sentence), with the seed
     `decode` gets.
     """
@@ -398,6 +401,7 @@ class SampleDecoder:
     transform: ViewTransform
     with_caption: bool = False
     with_label: bool = False
+    with_mask: bool = False
     tokenizer: Tokenizer | None = None
     caption_sampling: CaptionSampling = "all"
 
@@ -427,7 +431,11 @@ class SampleDecoder:
                 sample["label"] = int(raw["cls"])
             if "json" in raw:
                 sample["meta"] = json.loads(raw["json"])
-        except (UnicodeDecodeError, ValueError) as error:
+            if self.with_mask:
+                if MASK_MEMBER not in raw:
+                    raise _BadSample("missing mask (.mask.png)")
+                sample["mask"] = crop_mask(decode_mask(raw[MASK_MEMBER]), self.transform.crops[0])
+        except (UnicodeDecodeError, ValueError, OSError) as error:
             raise _BadSample(f"undecodable member: {error!r}") from error
         return sample
 
@@ -443,6 +451,8 @@ class SampleDecoder:
             batch["label"] = torch.tensor([sample["label"] for sample in samples], dtype=torch.long)
         if any("meta" in sample for sample in samples):
             batch["meta"] = [sample.get("meta", {}) for sample in samples]
+        if self.with_mask:
+            batch["mask"] = torch.from_numpy(np.stack([sample["mask"] for sample in samples]))  # [N, S, S] bool
         return batch
 
 
@@ -827,7 +837,8 @@ def make_eval_loader(
     device: torch.device | str | None = None,
 ) -> Iterable[dict]:
     """Evaluation batches: every sample exactly once, in shard order (per worker), one deterministic `EvalView`
-    crop (or `view`); captions (tokenized when `tokenizer` is given) and labels when the shards hold them.
+    crop (or `view`); captions (tokenized when `tokenizer` is given), labels and foreground masks (`mask`
+    [N, S, S] bool, from `.mask.png`) when the shards hold them.
     With `device` the images arrive there (normalised on it), everything else stays on the CPU."""
     urls = expand_shards(shards)
     if not urls:
@@ -838,6 +849,7 @@ def make_eval_loader(
         (view or EvalView()).build(image_size),
         with_caption="txt" in members,
         with_label="cls" in members,
+        with_mask=MASK_MEMBER in members,
         tokenizer=tokenizer,
     )
     loader = make_loader(urls, decoder, batch_size, num_workers=num_workers, shuffle=False, pad=False, finish=False)
