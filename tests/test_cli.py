@@ -85,12 +85,12 @@ def test_text_less_data_under_clip_names_the_missing_key(capsys, make_shards, tm
 
 
 # Methods and the recipes of another method they must fit into: the older image methods into an SSL recipe on
-# emoji and one on Fashion-MNIST; the view-based methods (issue 14) into CLIP's emoji recipe.
+# emoji and one on Fashion-MNIST; the methods of issue 14 into CLIP's emoji recipe.
 SSL_SWAPS = [
     *[(method, recipe) for method in ("SwAV", "MAE", "Selfie", "SiT")
       for recipe in ("swav/emoji_tiny", "mae/fashion_mnist_tiny")],
     *[(method, "clip/emoji_tiny")
-      for method in ("BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg")],
+      for method in ("BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg", "MMC", "LOOK", "HVP")],
 ]
 
 
