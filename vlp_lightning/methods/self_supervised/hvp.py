@@ -5,7 +5,7 @@ detailed information of an image (image types, objects, part of semantic relatio
 masked image modelling "to learn pixel details" and contrastive learning "to learn patch correlations". The loss is
 their weighted sum,
 
-    L = classification_weight · BCE(sigmoid(W h(x)), y) + reconstruction_weight · L_MIM + contrast_weight · L_NT-Xent,
+    L = w_cls · BCE(sigmoid(W h(x)), y) + w_mim · L_MIM + w_con · L_NT-Xent   (the `*_weight` arguments),
 
 each term one of the suite's existing pieces: the classification is a linear head on the pooled features with a
 binary cross-entropy per class (multi-label; a `.cls` label is its one-hot target, the data here having one label
