@@ -70,6 +70,7 @@ from webdataset.shardlists import expand_urls
 
 from data_modules.captions import CaptionSampling, sample_caption
 from data_modules.manifest import class_count, local_path, read_manifest, shard_counts
+from data_modules.masks import MASK_MEMBER, crop_mask, decode_mask
 from data_modules.views import VIEWS_FIELD, EvalView, Views, ViewTransform, finish_views
 
 if TYPE_CHECKING:  # the tokenizers module pulls in the model packages; workers need none of them
@@ -79,7 +80,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
 #: tar members the pipeline reads; anything else (.pyd, .pickle, .pth, ...) is passed over unread.
-READ_MEMBERS = frozenset((*IMAGE_MEMBERS, "txt", "cls", "json"))
+READ_MEMBERS = frozenset((*IMAGE_MEMBERS, "txt", "cls", "json", MASK_MEMBER))
 #: formats PIL may decode; an allow-list so a shard cannot reach a rarely used (less audited) decoder.
 PIL_FORMATS = ("PNG", "JPEG", "WEBP")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -430,7 +431,9 @@ class SampleDecoder:
 
     `with_caption` / `with_label` make `.txt` / `.cls` required (a sample without them is dropped); a label must
     lie in `[0, num_classes)` (the manifest's class count; without one, only negative labels are refused); `.json`
-    is decoded into `meta` when present. Captions become `text` tokens when a tokenizer is given; `caption_sampling`
+    is decoded into `meta` when present. `with_mask` makes `.mask.png` required and returns it as `mask`, cropped as
+    the image (deterministic views only, `data_modules.masks`). Captions become `text` tokens when a tokenizer is
+    given; `caption_sampling`
     picks the caption of each sample (`data_modules.captions`: all lines, one line, one sentence), with the seed
     `decode` gets.
     """
@@ -438,6 +441,7 @@ class SampleDecoder:
     transform: ViewTransform
     with_caption: bool = False
     with_label: bool = False
+    with_mask: bool = False
     tokenizer: Tokenizer | None = None
     num_classes: int | None = None
     caption_sampling: CaptionSampling = "all"
@@ -473,7 +477,11 @@ class SampleDecoder:
                     raise _BadSample(f"label {sample['label']} (.cls) is not one of {classes}")
             if "json" in raw:
                 sample["meta"] = json.loads(raw["json"])
-        except (UnicodeDecodeError, ValueError) as error:
+            if self.with_mask:
+                if MASK_MEMBER not in raw:
+                    raise _BadSample("missing mask (.mask.png)")
+                sample["mask"] = crop_mask(decode_mask(raw[MASK_MEMBER]), self.transform.crops[0])
+        except (UnicodeDecodeError, ValueError, OSError) as error:
             raise _BadSample(f"undecodable member: {error!r}") from error
         return sample
 
@@ -489,6 +497,8 @@ class SampleDecoder:
             batch["label"] = torch.tensor([sample["label"] for sample in samples], dtype=torch.long)
         if any("meta" in sample for sample in samples):
             batch["meta"] = [sample.get("meta", {}) for sample in samples]
+        if self.with_mask:
+            batch["mask"] = torch.from_numpy(np.stack([sample["mask"] for sample in samples]))  # [N, S, S] bool
         return batch
 
 
@@ -910,7 +920,8 @@ def make_eval_loader(
     device: torch.device | str | None = None,
 ) -> Iterable[dict]:
     """Evaluation batches: every sample exactly once, in shard order (per worker), one deterministic `EvalView`
-    crop (or `view`); captions (tokenized when `tokenizer` is given) and labels when the shards hold them.
+    crop (or `view`); captions (tokenized when `tokenizer` is given), labels and foreground masks (`mask`
+    [N, S, S] bool, from `.mask.png`) when the shards hold them.
     With `device` the images arrive there (normalised on it), everything else stays on the CPU."""
     urls = expand_shards(shards)
     if not urls:
@@ -921,6 +932,7 @@ def make_eval_loader(
         (view or EvalView()).build(image_size),
         with_caption="txt" in members,
         with_label="cls" in members,
+        with_mask=MASK_MEMBER in members,
         tokenizer=tokenizer,
         num_classes=class_count(manifest),
     )

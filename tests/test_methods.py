@@ -93,6 +93,13 @@ def test_fast_dev_run(method, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, after)), "fast_dev_run did not update any weight"
 
 
+def test_train_views_normalise_with_the_image_towers_statistics(method):
+    """Views normalise as the tower expects (its `mean` / `std`, e.g. OpenAI CLIP's for BiomedCLIP), so training
+    and evaluation (which normalises as the training views do) see the statistics of the tower."""
+    method.vision.mean, method.vision.std = (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)
+    assert method.train_views().normalization == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+
+
 def test_weight_decay_groups_follow_the_method_rule(method):
     groups = method.parameter_groups()
     no_decay = {id(p) for group in groups if group.get("weight_decay") == 0.0 for p in group["params"]}

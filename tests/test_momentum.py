@@ -50,8 +50,18 @@ def test_two_micro_batches_of_accumulation_give_one_teacher_update(tmp_path, mon
     original = momentum.update_momentum
     monkeypatch.setattr(momentum, "update_momentum", lambda s, t, m: (updates.append(m), original(s, t, m)))
     trainer(tmp_path, max_steps=2, accumulate_grad_batches=2).fit(method, train_dataloaders=loader(method, 4))
-    # two optimizer steps of 2 micro-batches each: two updates, τ of steps 0 and 1 of the 2-step run
-    assert updates == [pytest.approx(0.996), pytest.approx(momentum_at(1, 2, 0.996))]
+    # two optimizer steps of 2 micro-batches each: two updates, the first with τ_base, the last with τ_final
+    assert updates == [pytest.approx(0.996), pytest.approx(1.0)]
+
+
+def test_first_and_last_teacher_updates_of_a_run_use_base_and_final_momentum(tmp_path, monkeypatch):
+    """A 3-step run: τ_base at the first update, τ_final at the last, the cosine's midpoint between."""
+    method = tiny("MoCoV3")  # τ 0.99 -> 1
+    updates = []
+    original = momentum.update_momentum
+    monkeypatch.setattr(momentum, "update_momentum", lambda s, t, m: (updates.append(m), original(s, t, m)))
+    trainer(tmp_path, max_steps=3).fit(method, train_dataloaders=loader(method, 3))
+    assert updates == [pytest.approx(0.99), pytest.approx(0.995), pytest.approx(1.0)]
 
 
 def test_teacher_is_outside_the_optimizer_and_moves_towards_the_student(tmp_path):

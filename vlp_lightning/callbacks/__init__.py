@@ -1,7 +1,8 @@
 """Evaluation and monitoring callbacks, configured under `trainer.callbacks` in YAML.
 
 Evaluation (`features.EvaluationCallback`: end of validate / test, and every `every_n_epochs` during fit):
-`ZeroShotClassification`, `Retrieval`, `KNNClassifier`, `LinearProbe`, `EmbeddingProjector`.
+`ZeroShotClassification`, `Retrieval`, `KNNClassifier`, `LinearProbe`, `EmbeddingProjector`,
+`ZeroShotSegmentation` (MMC's prompt-patch segmentation, scored on `.mask.png` foreground masks).
 Monitoring: `ThroughputMonitor` (samples/s, data wait, MFU), `NonFiniteLossGuard`.
 Set-up: `GlobalBatchSize` (effective global batch vs the paper's, learning-rate scaling rule).
 """
@@ -20,6 +21,7 @@ from vlp_lightning.callbacks.zero_shot import (
     ZeroShotDataset,
     build_zero_shot_classifier,
 )
+from vlp_lightning.callbacks.zero_shot_segmentation import ZeroShotSegmentation
 
 __all__ = [
     "EmbeddingProjector",
@@ -34,6 +36,7 @@ __all__ = [
     "ThroughputMonitor",
     "ZeroShotClassification",
     "ZeroShotDataset",
+    "ZeroShotSegmentation",
     "build_zero_shot_classifier",
     "extract_features",
     "fit_logistic_regression",

@@ -7,6 +7,9 @@ from vlp_lightning.methods.mae import MAE
 from vlp_lightning.methods.self_supervised.barlow_twins import BarlowTwins
 from vlp_lightning.methods.self_supervised.byol import BYOL
 from vlp_lightning.methods.self_supervised.dino import DINO
+from vlp_lightning.methods.self_supervised.hvp import HVP
+from vlp_lightning.methods.self_supervised.look import LOOK
+from vlp_lightning.methods.self_supervised.mmc import MMC
 from vlp_lightning.methods.self_supervised.mocov2 import MoCoV2
 from vlp_lightning.methods.self_supervised.mocov3 import MoCoV3
 from vlp_lightning.methods.self_supervised.simclr import SimCLR
@@ -17,5 +20,5 @@ from vlp_lightning.methods.swav import SwAV
 
 __all__ = [
     "VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "SwAV", "MAE", "Selfie", "SiT",
-    "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg",
+    "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg", "MMC", "LOOK", "HVP",
 ]

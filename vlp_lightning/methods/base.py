@@ -10,7 +10,8 @@
 * logging names (`train/<name>`, `val/<name>`, `test/<name>`),
 * the two representations the evaluation callbacks use: `probe_features` (kNN, linear probe: the backbone's
   features as each paper probes them) and `encode_image` / `encode_text` (the joint image-text space that
-  zero-shot, retrieval and the projector use; CLIP family),
+  zero-shot, retrieval and the projector use; CLIP family), and the patch features of dense evaluations
+  (`patch_features`),
 * what the data module asks of the attached method (`train_views`, `tokenizer`, `image_size`, `required_keys`),
 * optional memory savers shared by every method (`torch.compile`, FSDP2 `fully_shard` in `configure_model`).
 
@@ -128,6 +129,17 @@ class VLPMethod(LightningModule):
         if not isinstance(vision, nn.Module):
             raise NotImplementedError(f"{type(self).__name__} has no `vision` backbone: define probe_features()")
         return vision(images)
+
+    def patch_features(self, images: Tensor) -> Tensor:
+        """Images [N,3,H,W] -> one feature per patch [N, L, D], row-major over the patch grid, for dense evaluations
+        (MMC's zero-shot segmentation from a prompt patch, Wu et al. 2023, sec. 3).
+
+        Default: the spatial tokens of the vision backbone after its final norm (`VisionEncoder.forward_tokens`; a
+        CNN's last feature map). A method whose paper reads another layer overrides this."""
+        vision = getattr(self, "vision", None)
+        if not isinstance(vision, nn.Module) or not hasattr(vision, "forward_tokens"):
+            raise NotImplementedError(f"{type(self).__name__} has no `vision` backbone: define patch_features()")
+        return vision.forward_tokens(images)
 
     def encode_image(self, images: Tensor) -> Tensor:
         """Images [N,3,H,W] -> embeddings [N,D] in the joint image-text space, used by zero-shot and retrieval

@@ -7,9 +7,10 @@ runs it with `forward_teacher`; this base does the rest:
 * the teacher is an exponential moving average of its student, ξ ← τ ξ + (1 - τ) θ (BYOL, Grill et al. 2020, eq. 1;
   MoCo, He et al. 2020, eq. 2), updated once per *optimizer* step, right after it (`after_optimizer_step`), so the
   micro-batches of gradient accumulation do not each move it;
-* τ rises from `base_momentum` to `final_momentum` on a half cosine over the run's optimizer steps
-  (`trainer.estimated_stepping_batches`): τ_k = 1 - (1 - τ_base)(cos(π k / K) + 1) / 2 (BYOL sec. 3.2), k the
-  optimizer steps already taken, so the first update uses τ_base and τ reaches τ_final at the end of the run;
+* τ rises from `base_momentum` to `final_momentum` on a half cosine over the run's K optimizer steps
+  (`trainer.estimated_stepping_batches`): τ_k = 1 - (1 - τ_base)(cos(π k / (K - 1)) + 1) / 2 (BYOL sec. 3.2), k =
+  0..K-1 the index of the update, so the first update uses τ_base and the last one τ_final (BYOL's "k the current
+  training step, K the maximum number of training steps" leaves both ends open; these are the documented ends);
 * the teacher's weights and the update are fp32 whatever the precision (a bf16 weight cannot hold a 1e-3 step:
   its spacing near 1 is 2^-8), so under `bf16-true` the teachers are cast back to fp32 when fitting starts and
   `forward_teacher` feeds them fp32 inputs;
@@ -118,10 +119,12 @@ class MomentumMethod(VLPMethod):
                 teacher.float()
 
     def after_optimizer_step(self) -> None:
-        """One EMA update per optimizer step, with τ of the optimizer steps taken before this one."""
+        """One EMA update per optimizer step; τ of update k of K (module doc). Inside `optimizer_step` Lightning's
+        `global_step` still counts the steps before this one (its automatic loop marks the step completed after the
+        hook returns), so it is k."""
         super().after_optimizer_step()
-        total_steps = float(self.trainer.estimated_stepping_batches)
-        self.momentum = momentum_at(self.trainer.global_step, total_steps, self.base_momentum, self.final_momentum)
+        last_update = float(self.trainer.estimated_stepping_batches) - 1
+        self.momentum = momentum_at(self.trainer.global_step, last_update, self.base_momentum, self.final_momentum)
         for student, teacher in self.momentum_pairs:
             update_momentum(student, teacher, self.momentum)
         self.log("train/momentum", self.momentum, on_step=True, on_epoch=False)

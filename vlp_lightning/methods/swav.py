@@ -27,7 +27,6 @@ import itertools
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from data_modules.views import MultiCrop, Views
@@ -35,7 +34,7 @@ from vlp_lightning.distributed import world_size
 from vlp_lightning.losses.swav import sinkhorn_knopp, swav_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.modules.heads import MLPHead
-from vlp_lightning.modules.vision import VisionEncoder
+from vlp_lightning.modules.vision import VisionEncoder, multi_crop_local_size
 
 
 class SwAV(VLPMethod):
@@ -99,12 +98,7 @@ class SwAV(VLPMethod):
         self.queue_start_steps = queue_start_steps
         self.num_global_crops = num_global_crops
         self.num_local_crops = num_local_crops
-        if local_crop_size not in (None, self.image_size) and not takes_any_input_size(self.vision):
-            raise ValueError(
-                f"SwAV local crops of {local_crop_size} px need a backbone that takes several input sizes, but "
-                f"this ViT only takes {self.image_size} px; build it with dynamic_img_size=true"
-            )
-        self.local_crop_size = local_crop_size or self.default_local_crop_size()
+        self.local_crop_size = multi_crop_local_size(self.vision, local_crop_size, "SwAV")
         # [num_global_crops, queue_length / world size, projection_dim], newest first; allocated when the queue starts.
         self.register_buffer("queue", None, persistent=False)
         self.queued_rows = 0
@@ -113,21 +107,6 @@ class SwAV(VLPMethod):
     @property
     def image_size(self) -> int:
         return self.vision.img_size
-
-    def default_local_crop_size(self) -> int:
-        """96/224 of the global size as in the paper (sec. 3.2), in whole patches for a ViT.
-
-        A ViT built for one input size (e.g. a CLIP recipe's tower when the method is swapped by class path) gets
-        local crops at the global size instead: still small regions of the image, at more compute.
-        """
-        if not takes_any_input_size(self.vision):
-            rank_zero_warn(
-                f"SwAV: the ViT only takes {self.image_size} px inputs, so the local crops are {self.image_size} px "
-                "too; build it with dynamic_img_size=true for the paper's smaller local crops"
-            )
-            return self.image_size
-        patch = self.vision.patch_size or 1
-        return max(patch, self.image_size * 96 // 224 // patch * patch)
 
     def train_views(self) -> Views:
         """2 global crops (scale 0.14-1) and 6 local crops (scale 0.05-0.14) at 96/224 of the size (sec. 3.2, A.1)."""
@@ -206,7 +185,3 @@ class SwAV(VLPMethod):
         if self.global_step < self.freeze_prototypes_steps:
             self.prototypes.weight.grad = None
 
-
-def takes_any_input_size(vision: VisionEncoder) -> bool:
-    """CNNs take any resolution; a timm ViT only when built with `dynamic_img_size`."""
-    return vision.patch_size is None or getattr(vision.model, "dynamic_img_size", False)

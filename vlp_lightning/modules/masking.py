@@ -8,6 +8,10 @@
 * `vit_tokens` / `vit_transformer`: the pieces of a timm `VisionTransformer` (patch_embed with its position
   embedding and prefix tokens, blocks, norm) so that a method can drop patches (MAE's encoder sees visible patches
   only) or insert its own tokens (SiT's contrastive token) between embedding and blocks, without re-implementing a ViT.
+* `vit_forward_with_mask_tokens` / `pool_tokens`: the SimMIM-style masked forward (Xie et al. 2022, sec. 3.1: masked
+  patches are replaced by one learned mask token and the encoder sees every position), and the pooled
+  representation of its output as the model pools it, for methods that add a masked view to other objectives (MMC,
+  HVP).
 """
 
 from __future__ import annotations
@@ -102,3 +106,24 @@ def vit_transformer(vit: nn.Module, tokens: Tensor) -> Tensor:
     norm = vit.norm if not isinstance(vit.norm, nn.Identity) else getattr(vit, "fc_norm", vit.norm)
     return norm(tokens)
 
+
+
+def vit_forward_with_mask_tokens(vit: nn.Module, images: Tensor, mask: Tensor, mask_token: Tensor) -> Tensor:
+    """images [N, 3, H, W], mask [N, L] (1 = masked), mask_token [1, 1, width] -> encoded tokens [N, P + L, width].
+
+    The patch embedding of each masked position is replaced by `mask_token` before the position embedding is
+    added (SimMIM's order: the token marks "masked", the position embedding says where)."""
+    patches = vit.patch_embed(images)  # [N, L, width], or [N, h, w, width] for a dynamic-size ViT
+    shape = patches.shape
+    flat = patches.reshape(shape[0], -1, shape[-1])
+    flat = torch.where(mask.unsqueeze(-1).bool(), mask_token.to(flat.dtype), flat)
+    tokens = vit.norm_pre(vit._pos_embed(flat.reshape(shape)))
+    return vit_transformer(vit, tokens)
+
+
+def pool_tokens(vit: nn.Module, tokens: Tensor) -> Tensor:
+    """`vit_transformer` output [N, P + L, width] -> pooled [N, width] as the ViT pools (class token or the mean of
+    the patch tokens; the final norm is already applied to every token)."""
+    if vit.global_pool == "token":
+        return tokens[:, 0]
+    return tokens[:, vit.num_prefix_tokens :].mean(dim=1)

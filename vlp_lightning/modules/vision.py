@@ -12,6 +12,7 @@ import os
 from typing import Literal
 
 import timm
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from data_modules.views import IMAGENET_MEAN, IMAGENET_STD
@@ -142,6 +143,35 @@ class VisionEncoder(LockableEncoder):
         if features.ndim == 4:  # CNN: [N, C, H, W] -> [N, H*W, C]
             return features.flatten(2).transpose(1, 2)
         return features[:, self.model.num_prefix_tokens :]
+
+
+def takes_any_input_size(vision: VisionEncoder) -> bool:
+    """CNNs take any resolution; a timm ViT only when built with `dynamic_img_size`."""
+    return vision.patch_size is None or getattr(vision.model, "dynamic_img_size", False)
+
+
+def multi_crop_local_size(vision: VisionEncoder, local_crop_size: int | None, method: str) -> int:
+    """The local crops' side for multi-crop methods (SwAV, DINO): `local_crop_size`, or by default 96/224 of the
+    global size as in SwAV (sec. 3.2) and DINO (sec. 3.1), in whole patches for a ViT.
+
+    A ViT built for one input size (e.g. a CLIP recipe's tower when the method is swapped by class path) gets local
+    crops at the global size instead, with a warning: still small regions of the image, at more compute. Asking such
+    a ViT for other sizes is one error naming the fix.
+    """
+    size = vision.img_size
+    if takes_any_input_size(vision):
+        patch = vision.patch_size or 1
+        return local_crop_size or max(patch, size * 96 // 224 // patch * patch)
+    if local_crop_size not in (None, size):
+        raise ValueError(
+            f"{method} local crops of {local_crop_size} px need a backbone that takes several input sizes, but "
+            f"this ViT only takes {size} px; build it with dynamic_img_size=true"
+        )
+    rank_zero_warn(
+        f"{method}: the ViT only takes {size} px inputs, so the local crops are {size} px too; build it with "
+        "dynamic_img_size=true for the paper's smaller local crops"
+    )
+    return size
 
 
 def load_timm_checkpoint(model: nn.Module, path: str) -> None:

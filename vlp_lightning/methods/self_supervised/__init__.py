@@ -1,2 +1,3 @@
 """Image-only self-supervised methods on two or more views of each image (SimCLR, MoCo v2 / v3, BYOL, DINO,
-Barlow Twins, VICReg); the index of names stays `vlp_lightning.methods`."""
+Barlow Twins, VICReg, MMC) and the label-using pretraining methods built on the same blocks (LOOK, HVP); the index
+of names stays `vlp_lightning.methods`."""

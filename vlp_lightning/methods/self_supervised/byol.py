@@ -65,7 +65,7 @@ class BYOL(MomentumMethod):
         as the paper; its saturation is 0.4 here, 0.2 in the paper: `Augment` has one strength for all three.)"""
         return TwoCrops(
             scale=(0.08, 1.0), color_jitter=0.5, grayscale_prob=0.2, blur_prob=1.0, second_blur_prob=0.1,
-            solarize_prob=0.0, second_solarize_prob=0.2,
+            solarize_prob=0.0, second_solarize_prob=0.2, mean=self.vision.mean, std=self.vision.std,
         )
 
     def forward_loss(self, batch: dict) -> dict[str, Tensor]:

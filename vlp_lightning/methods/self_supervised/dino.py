@@ -30,7 +30,7 @@ from vlp_lightning.methods.base import WarmupCosineLR
 from vlp_lightning.methods.momentum import MomentumMethod, momentum_copy
 from vlp_lightning.methods.self_supervised.common import expect_views, tiny_vit
 from vlp_lightning.modules.heads import DINOHead
-from vlp_lightning.modules.vision import VisionEncoder
+from vlp_lightning.modules.vision import VisionEncoder, multi_crop_local_size
 
 
 class DINO(MomentumMethod):
@@ -48,7 +48,8 @@ class DINO(MomentumMethod):
         centre_momentum: m of the centre (0.9).
         freeze_last_layer_steps: optimizer steps without updates of the head's last layer (1 epoch).
         num_local_crops: local crops (8 in the paper's best setting; 2 x 224 + 10 x 96 in the ViT-S recipe).
-        local_crop_size: side of the local crops; default 96/224 of `image_size` in whole patches.
+        local_crop_size: side of the local crops; default 96/224 of `image_size` in whole patches (the global size
+            for a ViT that takes one input size, `multi_crop_local_size`).
         base_momentum: τ_base of the teacher (0.996), rising to `final_momentum` (1.0).
     """
 
@@ -86,8 +87,7 @@ class DINO(MomentumMethod):
         self.freeze_last_layer_steps = freeze_last_layer_steps
         self.num_local_crops = num_local_crops
         self._teacher_logits: tuple[Tensor, ...] | None = None
-        patch = self.vision.patch_size or 1
-        self.local_crop_size = local_crop_size or max(patch, self.image_size * 96 // 224 // patch * patch)
+        self.local_crop_size = multi_crop_local_size(self.vision, local_crop_size, "DINO")
 
     @property
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -104,6 +104,7 @@ class DINO(MomentumMethod):
         return MultiCrop(
             num_global=2, num_local=self.num_local_crops, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),
             local_size=self.local_crop_size, color_jitter=0.5, grayscale_prob=0.2, blur_prob=0.5,
+            mean=self.vision.mean, std=self.vision.std,
         )
 
     def current_teacher_temperature(self) -> float:

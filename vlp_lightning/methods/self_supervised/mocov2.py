@@ -78,7 +78,7 @@ class MoCoV2(MomentumMethod):
     def train_views(self) -> Views:
         """MoCo v2's augmentation (sec. 2; `TwoCrops` defaults): scale 0.2-1, jitter 0.4/0.4/0.4/0.1 with p 0.8,
         grayscale 0.2, blur 0.5."""
-        return TwoCrops()
+        return TwoCrops(mean=self.vision.mean, std=self.vision.std)
 
     def encode_keys(self, images: Tensor) -> Tensor:
         """L2-normalised keys [N, D] of the key encoder, its batch shuffled across ranks when asked (ShuffleBN)."""

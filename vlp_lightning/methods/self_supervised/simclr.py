@@ -57,7 +57,10 @@ class SimCLR(VLPMethod):
     def train_views(self) -> Views:
         """Two crops (scale 0.08-1) with colour distortion strength 1.0 (p 0.8), grayscale 0.2 and blur 0.5
         (appendix A)."""
-        return TwoCrops(scale=(0.08, 1.0), color_jitter=1.0, grayscale_prob=0.2, blur_prob=0.5)
+        return TwoCrops(
+            scale=(0.08, 1.0), color_jitter=1.0, grayscale_prob=0.2, blur_prob=0.5, mean=self.vision.mean,
+            std=self.vision.std,
+        )
 
     def forward_loss(self, batch: dict) -> dict[str, Tensor]:
         views = expect_views(batch, 2, "SimCLR", "TwoCrops")
