@@ -145,7 +145,7 @@ class TeacherRecorder(pl.Callback):
         torch.save(state, f"{self.directory}/rank{trainer.global_rank}.pt")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow)])  # fsdp2: +20 s
 def test_teacher_is_identical_on_two_gloo_ranks_and_moves(strategy, make_shards, tmp_path):
     """BYOL's recipe on 2 CPU processes (DDP, and FSDP2 with the teacher's blocks sharded): after 2 steps both
     ranks hold the same teacher, and it left its initial (= student's initial) weights."""

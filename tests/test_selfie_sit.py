@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_modules.views import Crop, TwoCrops, ViewTransform
-from vlp_lightning.losses.masked_modeling import nt_xent_loss, patch_selection_loss, uncertainty_weighted_sum
+from vlp_lightning.losses.instance_contrastive import nt_xent_loss
+from vlp_lightning.losses.masked_modeling import patch_selection_loss, uncertainty_weighted_sum
 from vlp_lightning.methods.selfie import Selfie
 from vlp_lightning.methods.sit import SiT, random_gaussian_blur, rectangle_masks, rotate_quarter_turns
 from vlp_lightning.modules.masking import patchify, random_masking, unpatchify

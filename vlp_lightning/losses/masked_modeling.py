@@ -6,8 +6,7 @@
 * `patch_selection_loss` — Selfie (Trinh et al. 2019, sec. 2): for each masked location the query (summary of the
   visible patches + position embedding of the location) must pick the true patch among the other masked patches of
   the same image, a softmax cross-entropy over (scaled) dot products (CPC-style classification among distractors).
-* `nt_xent_loss` — the normalised temperature-scaled cross-entropy of SimCLR (Chen et al. 2020, eq. 1), which SiT
-  (Ahmed et al. 2021) uses on its contrastive token of two views.
+* (SiT's contrastive token of two views uses SimCLR's NT-Xent, `losses.instance_contrastive.nt_xent_loss`.)
 * `uncertainty_weighted_sum` — task weighting by learned homoscedastic uncertainty (Kendall et al. 2018, eq. 7 / 10),
   how SiT combines its rotation, contrastive and reconstruction losses.
 
@@ -22,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlp_lightning.distributed import all_gather_with_grad
 
 
 def masked_reconstruction_loss(
@@ -72,29 +70,6 @@ def patch_selection_loss(queries: Tensor, candidates: Tensor) -> tuple[Tensor, T
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
     accuracy = (logits.argmax(dim=-1) == labels).float().mean()
     return loss, accuracy
-
-
-def nt_xent_loss(first: Tensor, second: Tensor, temperature: float = 0.5, *, gather: bool = True) -> Tensor:
-    """SimCLR's NT-Xent over 2G embeddings (two views of G images): each embedding must pick its other view among
-    the 2G-1 others (the 2G-2 embeddings of other images are the negatives, Chen et al. 2020, eq. 1).
-
-    Args:
-        first, second: [N, D] embeddings of the two views of the local batch (normalised here).
-        temperature: tau (0.5 in SiT's released code).
-        gather: contrast against the views of every rank. The gathered features carry gradients and every rank
-            computes the loss of the whole global batch, so after DDP's gradient averaging the gradient equals that
-            of one process on the concatenated batch (the "naive" mode of `losses.contrastive`).
-    """
-    first, second = F.normalize(first.float(), dim=-1), F.normalize(second.float(), dim=-1)
-    if gather:
-        first, second = all_gather_with_grad(first), all_gather_with_grad(second)
-    embeddings = torch.cat([first, second])  # [2G, D]
-    logits = embeddings @ embeddings.T / temperature
-    itself = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
-    logits = logits.masked_fill(itself, float("-inf"))  # an embedding is not its own candidate
-    size = first.shape[0]
-    labels = torch.cat([torch.arange(size, 2 * size), torch.arange(size)]).to(logits.device)
-    return F.cross_entropy(logits, labels)
 
 
 def uncertainty_weighted_sum(losses: Sequence[Tensor], log_variances: Tensor, scales: Sequence[float]) -> Tensor:

@@ -112,8 +112,16 @@ class VLPMethod(LightningModule):
     # ------------------------------------------------------------------ protocol
     @property
     def image_size(self) -> int:
-        """Input resolution of the vision tower; the data module crops to it unless told otherwise."""
-        raise NotImplementedError(f"{type(self).__name__} must define image_size")
+        """Input resolution of the vision tower (default: `self.vision.img_size`); the data module crops to it
+        unless told otherwise."""
+        return self._vision_backbone("image_size").img_size
+
+    def _vision_backbone(self, needed_by: str) -> nn.Module:
+        """The method's `vision` tower, which the protocol defaults use; one sentence when there is none."""
+        vision = getattr(self, "vision", None)
+        if not isinstance(vision, nn.Module):
+            raise NotImplementedError(f"{type(self).__name__} has no `vision` backbone: define {needed_by}")
+        return vision
 
     def train_views(self) -> Views:
         """The augmented views one training sample becomes (one crop, two crops, multi-crop...)."""
@@ -125,10 +133,7 @@ class VLPMethod(LightningModule):
         Default: the vision backbone's pooled features (`self.vision`), before any projection head, the layer CLIP
         (Radford et al. 2021, App. A.3), ConVIRT (sec. 4) and SwAV (sec. 4.1) probe. A method whose paper probes
         another layer overrides this and says why."""
-        vision = getattr(self, "vision", None)
-        if not isinstance(vision, nn.Module):
-            raise NotImplementedError(f"{type(self).__name__} has no `vision` backbone: define probe_features()")
-        return vision(images)
+        return self._vision_backbone("probe_features()")(images)
 
     def patch_features(self, images: Tensor) -> Tensor:
         """Images [N,3,H,W] -> one feature per patch [N, L, D], row-major over the patch grid, for dense evaluations

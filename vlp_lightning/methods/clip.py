@@ -115,10 +115,6 @@ class CLIP(VLPMethod):
         """CLIP uses a linear projection without bias into the joint space (sec. 2.4)."""
         return nn.Linear(in_features, embed_dim, bias=False)
 
-    @property
-    def image_size(self) -> int:
-        return self.vision.img_size
-
     def train_views(self) -> Views:
         """CLIP trains on one random square crop per image (sec. 2.5: random square crop is the only augmentation)."""
         return SingleCrop(scale=(0.9, 1.0), hflip=False, mean=self.vision.mean, std=self.vision.std)

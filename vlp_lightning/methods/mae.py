@@ -119,10 +119,6 @@ class MAE(VLPMethod):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    @property
-    def image_size(self) -> int:
-        return self.vision.img_size
-
     def train_views(self) -> Views:
         """MAE trains with random resized crops (scale 0.2-1) and flips only (App. A.1: "no color jittering")."""
         return SingleCrop(scale=(0.2, 1.0), mean=self.vision.mean, std=self.vision.std)

@@ -99,10 +99,6 @@ class Selfie(VLPMethod):
         )
         self.pooling_norm = nn.LayerNorm(width)
 
-    @property
-    def image_size(self) -> int:
-        return self.vision.img_size
-
     def train_views(self) -> Views:
         """One random resized crop with flips; the paper shifts CIFAR images by pad-and-crop (sec. 2.1) so that
         patch borders fall at random image positions."""

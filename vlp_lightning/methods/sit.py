@@ -51,7 +51,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from data_modules.views import TwoCrops, Views
-from vlp_lightning.losses.masked_modeling import nt_xent_loss, uncertainty_weighted_sum
+from vlp_lightning.losses.instance_contrastive import nt_xent_loss
+from vlp_lightning.losses.masked_modeling import uncertainty_weighted_sum
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.modules.masking import unpatchify, vit_tokens, vit_transformer
 from vlp_lightning.modules.vision import VisionEncoder
@@ -117,10 +118,6 @@ class SiT(VLPMethod):
         self.contrastive_head = nn.Linear(width, contrastive_dim)
         self.reconstruction_head = nn.Linear(width, self.patch_size * self.patch_size * 3)
         self.log_variances = nn.Parameter(torch.full((len(TASK_SCALES),), init_log_variance))
-
-    @property
-    def image_size(self) -> int:
-        return self.vision.img_size
 
     def train_views(self) -> Views:
         """Two crops of each image as the released code augments them (module doc): crop 0.08-1 bicubic, flip, colour

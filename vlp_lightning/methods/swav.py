@@ -104,10 +104,6 @@ class SwAV(VLPMethod):
         self.queued_rows = 0
 
     # ------------------------------------------------------------------ protocol
-    @property
-    def image_size(self) -> int:
-        return self.vision.img_size
-
     def train_views(self) -> Views:
         """2 global crops (scale 0.14-1) and 6 local crops (scale 0.05-0.14) at 96/224 of the size (sec. 3.2, A.1)."""
         return MultiCrop(

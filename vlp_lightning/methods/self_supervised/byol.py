@@ -14,11 +14,11 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from data_modules.views import TwoCrops, Views
+from data_modules.views import Views
 from vlp_lightning.losses.self_distillation import byol_regression_loss
 from vlp_lightning.methods.base import WarmupCosineLR
 from vlp_lightning.methods.momentum import MomentumMethod, momentum_copy
-from vlp_lightning.methods.self_supervised.common import expect_views, tiny_vit
+from vlp_lightning.methods.self_supervised.common import byol_views, expect_views, tiny_vit
 from vlp_lightning.modules.heads import MLPHead
 from vlp_lightning.modules.vision import VisionEncoder
 
@@ -55,18 +55,11 @@ class BYOL(MomentumMethod):
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(nn.Sequential(self.vision, self.projector), self.target)]
 
-    @property
-    def image_size(self) -> int:
-        return self.vision.img_size
-
     def train_views(self) -> Views:
         """Two crops (scale 0.08-1) with BYOL's asymmetric augmentation (table 6): colour jitter p 0.8, grayscale
         0.2, blur 1.0 / 0.1, solarisation 0.0 / 0.2. (Jitter strength 0.5 gives brightness / contrast 0.4 and hue 0.1
         as the paper; its saturation is 0.4 here, 0.2 in the paper: `Augment` has one strength for all three.)"""
-        return TwoCrops(
-            scale=(0.08, 1.0), color_jitter=0.5, grayscale_prob=0.2, blur_prob=1.0, second_blur_prob=0.1,
-            solarize_prob=0.0, second_solarize_prob=0.2, mean=self.vision.mean, std=self.vision.std,
-        )
+        return byol_views(self.vision)
 
     def forward_loss(self, batch: dict) -> dict[str, Tensor]:
         views = expect_views(batch, 2, "BYOL", "TwoCrops")

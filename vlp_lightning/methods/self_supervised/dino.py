@@ -93,10 +93,6 @@ class DINO(MomentumMethod):
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(nn.Sequential(self.vision, self.head), self.teacher)]
 
-    @property
-    def image_size(self) -> int:
-        return self.vision.img_size
-
     def train_views(self) -> Views:
         """2 global crops (scale 0.4-1) and the local crops (scale 0.05-0.4) at 96/224 of the size, with BYOL's
         colour distortion (the official `DataAugmentationDINO`; its per-crop blur 1.0 / 0.1 / 0.5 and solarisation

@@ -98,10 +98,6 @@ class HVP(VLPMethod):
         self.contrast_weight = contrast_weight
         self.gather = gather
 
-    @property
-    def image_size(self) -> int:
-        return self.vision.img_size
-
     def train_views(self) -> Views:
         """Two crops (scale 0.2-1) with SimCLR's colour distortion at half strength (not verified, module doc)."""
         return TwoCrops(

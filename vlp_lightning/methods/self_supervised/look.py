@@ -67,10 +67,6 @@ class LOOK(VLPMethod):
         self.temperature = temperature
         self._to_enqueue: tuple[Tensor, Tensor] | None = None
 
-    @property
-    def image_size(self) -> int:
-        return self.vision.img_size
-
     def train_views(self) -> Views:
         """A random resized crop (scale 0.08-1) and a flip, the supervised ImageNet recipe (module doc)."""
         return SingleCrop(scale=(0.08, 1.0), mean=self.vision.mean, std=self.vision.std)

@@ -71,10 +71,6 @@ class MoCoV2(MomentumMethod):
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(nn.Sequential(self.vision, self.projector), self.key_encoder)]
 
-    @property
-    def image_size(self) -> int:
-        return self.vision.img_size
-
     def train_views(self) -> Views:
         """MoCo v2's augmentation (sec. 2; `TwoCrops` defaults): scale 0.2-1, jitter 0.4/0.4/0.4/0.1 with p 0.8,
         grayscale 0.2, blur 0.5."""

@@ -15,11 +15,11 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from data_modules.views import TwoCrops, Views
+from data_modules.views import Views
 from vlp_lightning.losses.instance_contrastive import moco_v3_contrastive_loss
 from vlp_lightning.methods.base import WarmupCosineLR
 from vlp_lightning.methods.momentum import MomentumMethod, momentum_copy
-from vlp_lightning.methods.self_supervised.common import expect_views, tiny_vit
+from vlp_lightning.methods.self_supervised.common import byol_views, expect_views, tiny_vit
 from vlp_lightning.modules.heads import MLPHead
 from vlp_lightning.modules.vision import VisionEncoder
 
@@ -68,16 +68,9 @@ class MoCoV3(MomentumMethod):
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(nn.Sequential(self.vision, self.projector), self.momentum_encoder)]
 
-    @property
-    def image_size(self) -> int:
-        return self.vision.img_size
-
     def train_views(self) -> Views:
         """BYOL's augmentation, which MoCo v3 adopts (appendix): scale 0.08-1, blur 1.0 / 0.1, solarise 0 / 0.2."""
-        return TwoCrops(
-            scale=(0.08, 1.0), color_jitter=0.5, grayscale_prob=0.2, blur_prob=1.0, second_blur_prob=0.1,
-            solarize_prob=0.0, second_solarize_prob=0.2, mean=self.vision.mean, std=self.vision.std,
-        )
+        return byol_views(self.vision)
 
     def forward_loss(self, batch: dict) -> dict[str, Tensor]:
         views = expect_views(batch, 2, "MoCoV3", "TwoCrops")

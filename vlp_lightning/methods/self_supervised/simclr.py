@@ -16,7 +16,7 @@ from torch import Tensor
 from data_modules.views import TwoCrops, Views
 from vlp_lightning.losses.instance_contrastive import nt_xent_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
-from vlp_lightning.methods.self_supervised.common import expect_views, tiny_vit
+from vlp_lightning.methods.self_supervised.common import tiny_vit, two_view_embeddings
 from vlp_lightning.modules.heads import MLPHead
 from vlp_lightning.modules.vision import VisionEncoder
 
@@ -50,10 +50,6 @@ class SimCLR(VLPMethod):
         self.temperature = temperature
         self.gather = gather
 
-    @property
-    def image_size(self) -> int:
-        return self.vision.img_size
-
     def train_views(self) -> Views:
         """Two crops (scale 0.08-1) with colour distortion strength 1.0 (p 0.8), grayscale 0.2 and blur 0.5
         (appendix A)."""
@@ -63,7 +59,5 @@ class SimCLR(VLPMethod):
         )
 
     def forward_loss(self, batch: dict) -> dict[str, Tensor]:
-        views = expect_views(batch, 2, "SimCLR", "TwoCrops")
-        projections = self.projector(self.vision(torch.cat(views)))  # [2N, D]
-        view_a, view_b = projections.split(len(views[0]))
+        view_a, view_b = two_view_embeddings(batch, "SimCLR", lambda images: self.projector(self.vision(images)))
         return {"loss": nt_xent_loss(view_a, view_b, self.temperature, gather=self.gather)}

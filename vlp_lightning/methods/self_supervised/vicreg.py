@@ -13,10 +13,10 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from data_modules.views import TwoCrops, Views
+from data_modules.views import Views
 from vlp_lightning.losses.redundancy_reduction import vicreg_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
-from vlp_lightning.methods.self_supervised.common import expect_views, tiny_vit
+from vlp_lightning.methods.self_supervised.common import byol_views, tiny_vit, two_view_embeddings
 from vlp_lightning.modules.heads import MLPHead
 from vlp_lightning.modules.vision import VisionEncoder
 
@@ -54,21 +54,12 @@ class VICReg(VLPMethod):
         self.covariance_weight = covariance_weight
         self.gather = gather
 
-    @property
-    def image_size(self) -> int:
-        return self.vision.img_size
-
     def train_views(self) -> Views:
         """BYOL's augmentation (appendix C): scale 0.08-1, blur 1.0 / 0.1, solarise 0 / 0.2."""
-        return TwoCrops(
-            scale=(0.08, 1.0), color_jitter=0.5, grayscale_prob=0.2, blur_prob=1.0, second_blur_prob=0.1,
-            solarize_prob=0.0, second_solarize_prob=0.2, mean=self.vision.mean, std=self.vision.std,
-        )
+        return byol_views(self.vision)
 
     def forward_loss(self, batch: dict) -> dict[str, Tensor]:
-        views = expect_views(batch, 2, "VICReg", "TwoCrops")
-        embeddings = self.expander(self.vision(torch.cat(views)))  # [2N, D]
-        view_a, view_b = embeddings.split(len(views[0]))
+        view_a, view_b = two_view_embeddings(batch, "VICReg", lambda images: self.expander(self.vision(images)))
         loss = vicreg_loss(
             view_a, view_b, self.invariance_weight, self.variance_weight, self.covariance_weight, gather=self.gather
         )
