@@ -1,7 +1,10 @@
 """Self-supervised pretraining on Fashion-MNIST for the same minutes per method, then kNN and linear probe.
 
-Each method (SwAV, MAE, Selfie, SiT) trains from its `experiments/<method>/fashion_mnist_tiny.yaml`, as `vlp fit`
-would run it, for the same wall-clock budget (`--minutes`): a short calibration run measures the method's step
+Every self-supervised method of the methods index (those that need neither captions nor labels, read from
+`vlp_lightning.methods`, so a new method appears here without edits) trains from its
+`experiments/<method>/fashion_mnist_tiny.yaml` when it has one, else by `--model` swap into
+`experiments/mae/fashion_mnist_tiny.yaml` with its own tiny constructor defaults, as `vlp fit` would run it, for the
+same wall-clock budget (`--minutes`): a short calibration run measures the method's step
 time, the step count is set so that the run fills the budget (the warm-up + cosine schedule then completes), and a
 callback stops the run if it overshoots. The trained encoder is then scored on frozen features of the 10,000 test
 images against the first `--train-samples` training images:
@@ -16,13 +19,14 @@ A method has learned something when its probe beats its own random encoder by at
 error of an accuracy near 0.8 on 10k images is 0.4 points); that is the target per method.
 
 Shards: `data/fashion-mnist`, built with `vlp-data fashion-mnist` when missing (Debian `dataset-fashion-mnist`).
-Usage: python bench/ssl_fashion_mnist.py [--quick] [--minutes 7] [--methods swav mae selfie sit]
+Usage: python bench/ssl_fashion_mnist.py [--quick] [--minutes 7] [--methods swav mae selfie sit byol ...]
 (writes bench/results/ssl_fashion_mnist.json; `python bench/run_all.py --readme-only` updates bench/README.md)
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -42,9 +46,34 @@ from vlp_lightning.callbacks import EvaluationCallback, extract_features  # noqa
 from vlp_lightning.callbacks.features import classification_metrics, evaluation_mode  # noqa: E402
 from vlp_lightning.callbacks.knn import weighted_knn_scores  # noqa: E402
 from vlp_lightning.callbacks.linear_probe import linear_probe_scores  # noqa: E402
+from vlp_lightning import methods as method_index  # noqa: E402
 from vlp_lightning.cli import VLPCLI  # noqa: E402
+from vlp_lightning.methods.base import VLPMethod  # noqa: E402
 
-METHODS = ("swav", "mae", "selfie", "sit")
+
+def self_supervised_methods() -> dict[str, str]:
+    """{recipe folder name: class name} of every index method that learns from images alone."""
+    found = {}
+    for name in method_index.__all__:
+        method = getattr(method_index, name)
+        if isinstance(method, type) and issubclass(method, VLPMethod) and method is not VLPMethod:
+            if set(method.required_keys) <= {"image"}:
+                found[recipe_folder(name)] = name
+    return found
+
+
+def recipe_folder(name: str) -> str:
+    """The `experiments/` folder whose recipes train `vlp_lightning.methods.<name>` (its lower-case name if none)."""
+    pattern = re.compile(rf"class_path: vlp_lightning\.methods\.{name}\s")
+    for folder in sorted((REPO_ROOT / "experiments").iterdir()):
+        if any(pattern.search(recipe.read_text()) for recipe in folder.glob("*.yaml")):
+            return folder.name
+    return name.lower()
+
+
+METHODS = self_supervised_methods()
+#: the recipe a method without a Fashion-MNIST recipe of its own is swapped into (data, schedule, trainer).
+SWAP_RECIPE = REPO_ROOT / "experiments" / "mae" / "fashion_mnist_tiny.yaml"
 SHARDS = Path("data/fashion-mnist")
 TRAIN = str(SHARDS / "train-{000000..000059}.tar")
 TEST = str(SHARDS / "test-{000000..000009}.tar")
@@ -85,9 +114,12 @@ class StepTimer(Callback):
 def make_cli(method: str, max_steps: int) -> VLPCLI:
     """The method's Fashion-MNIST experiment, as `vlp fit` builds it, without validation or in-run probes
     (logs and checkpoint in runs/<method>/bench_ssl_fashion_mnist)."""
+    recipe = REPO_ROOT / "experiments" / method / "fashion_mnist_tiny.yaml"
+    swap = [] if recipe.exists() else [f"--model=vlp_lightning.methods.{METHODS[method]}"]
     cli = VLPCLI(
         args=[
-            "--config", str(REPO_ROOT / "experiments" / method / "fashion_mnist_tiny.yaml"),
+            "--config", str(recipe if recipe.exists() else SWAP_RECIPE),
+            *swap,
             f"--data.init_args.train_shards={TRAIN}",
             "--data.init_args.val_shards=null",
             f"--trainer.max_steps={max_steps}",
