@@ -141,9 +141,9 @@ class VLPMethod(LightningModule):
 
         Default: the spatial tokens of the vision backbone after its final norm (`VisionEncoder.forward_tokens`; a
         CNN's last feature map). A method whose paper reads another layer overrides this."""
-        vision = getattr(self, "vision", None)
-        if not isinstance(vision, nn.Module) or not hasattr(vision, "forward_tokens"):
-            raise NotImplementedError(f"{type(self).__name__} has no `vision` backbone: define patch_features()")
+        vision = self._vision_backbone("patch_features()")
+        if not hasattr(vision, "forward_tokens"):
+            raise NotImplementedError(f"{type(self).__name__}'s backbone has no patch tokens: define patch_features()")
         return vision.forward_tokens(images)
 
     def encode_image(self, images: Tensor) -> Tensor:
