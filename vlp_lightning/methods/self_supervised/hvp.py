@@ -5,12 +5,15 @@ detailed information of an image (image types, objects, part of semantic relatio
 masked image modelling "to learn pixel details" and contrastive learning "to learn patch correlations". The loss is
 their weighted sum,
 
-    L = w_cls · BCE(sigmoid(W h(x)), y) + w_mim · L_MIM + w_con · L_NT-Xent   (the `*_weight` arguments),
+    L = w_cls · Σ_c BCE(sigmoid(W h(x))_c, y_c) + w_mim · L_MIM + w_con · L_NT-Xent   (the `*_weight` arguments),
 
 each term one of the suite's existing pieces: the classification is a linear head on the pooled features with a
-binary cross-entropy per class (multi-label; a `.cls` label is its one-hot target, the data here having one label
-per image); MIM replaces a share of the first crop's patches by a mask token and regresses their pixels with a linear
-head (SimMIM-style, `vit_forward_with_mask_tokens` + `masked_reconstruction_loss`); the contrast is NT-Xent between
+binary cross-entropy per class, summed over the classes and averaged over the images (multi-label; a `.cls` label
+is its one-hot target, the data here having one label per image; a mean over the C classes as well would shrink the
+supervised gradient C-fold next to the other two terms at equal weights); MIM replaces a share of the first crop's
+patches by a mask token in the encoder and regresses their pixels with a linear head (SimMIM's mask token and head,
+`vit_forward_with_mask_tokens`, with MAE's MSE on per-patch normalised pixels, `masked_reconstruction_loss`, where
+SimMIM has an L1 loss on raw pixels); the contrast is NT-Xent between
 projections of the two crops (`nt_xent_loss`, SimCLR). The first crop's masked pass serves the MIM, the contrast and
 the classification (the second crop is unmasked and serves the last two).
 
@@ -119,7 +122,8 @@ class HVP(VLPMethod):
         )
         features = torch.cat([pool_tokens(vit, tokens), self.vision(view)])  # [2N, width]
         targets = F.one_hot(labels, self.num_classes).float().repeat(2, 1)  # [2N, C]
-        classification = F.binary_cross_entropy_with_logits(self.classifier(features).float(), targets)
+        logits = self.classifier(features).float()
+        classification = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(logits)
         projection_a, projection_b = self.projector(features).split(len(view))
         contrast = nt_xent_loss(projection_a, projection_b, self.temperature, gather=self.gather)
         loss = (

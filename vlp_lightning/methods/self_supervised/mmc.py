@@ -11,8 +11,8 @@ The abstract names three objectives on one ViT, summed here (`LM + LD + LC`, wei
   on the other global crop and on every local crop (DINO's multi-crop objective, `dino_distillation_loss`; the
   local-to-global correspondence of Caron et al. 2021, sec. 3.1), so MMC is DINO plus the two terms below;
 * global **C**ontrast "for promoting semantics of global features": InfoNCE between the student's projection of one
-  global crop and the teacher's of the other, over the global batch, symmetrised (MoCo v3's
-  `moco_v3_contrastive_loss`).
+  global crop and the teacher's of the other, over the global batch, symmetrised (MoCo v3's loss,
+  `moco_v3_contrastive_loss`, without MoCo v3's predictor on the query side: the abstract names none).
 
 One student pass over the masked global crops serves all three terms (as iBOT's student sees masked crops only);
 the local crops are not masked.
