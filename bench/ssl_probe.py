@@ -27,8 +27,8 @@ linear probe beats its own random encoder by at least a point; that is the targe
 Shards: `data/fashion-mnist` (built with `vlp-data fashion-mnist` from Debian's `dataset-fashion-mnist` when
 missing), `data/emoji-google` and `data/emoji-twitter` (`vlp-data emoji`, as `make demo` builds them).
 Usage: python bench/ssl_probe.py [--quick] [--datasets fashion-mnist emoji] [--methods byol dino ...] [--minutes M]
-       [--merge]
-(writes bench/results/ssl_probe.json, `--merge` keeps the rows of methods not rerun; prints the Markdown table of
+       [--merge] [--table]
+(writes bench/results/ssl_probe.json after every method, `--merge` keeps the rows of methods not rerun; prints the Markdown table of
 every row; `python bench/run_all.py --readme-only` updates bench/README.md's targets)
 """
 
@@ -125,7 +125,7 @@ DATASETS = {
         pretrain=EMOJI_SEEN, probe_train=EMOJI_SEEN,
         test="data/emoji-google/unseen-*.tar::data/emoji-twitter/unseen-*.tar",
         manifests=("data/emoji-google/manifest.json", "data/emoji-twitter/manifest.json"), build=build_emoji,
-        minutes=3.0, train_samples=None, raw_size=32, raw_channels=3,  # the methods' 32 px RGB input
+        minutes=2.5, train_samples=None, raw_size=32, raw_channels=3,  # the methods' 32 px RGB input
     ),
 }
 METHODS = self_supervised_methods()
@@ -270,8 +270,9 @@ def ensure_shards(data: Dataset) -> None:
 
 
 def run_dataset(name: str, methods: list[str], minutes: float | None, train_samples: int | None,
-                quick: bool) -> dict:
-    """Raw pixels, then every method's random and pretrained encoder on one dataset: {config, rows, runs}."""
+                quick: bool, save: Callable[[dict], None]) -> dict:
+    """Raw pixels, then every method's random and pretrained encoder on one dataset: {config, rows, runs}, handed
+    to `save` after every method (a crash or an interrupt keeps the methods already measured)."""
     data = DATASETS[name]
     ensure_shards(data)
     minutes = minutes or data.minutes
@@ -281,7 +282,10 @@ def run_dataset(name: str, methods: list[str], minutes: float | None, train_samp
     test_pixels, test_labels = raw_pixels(data, data.test, test_samples)
     rows = {"raw_pixels": probe_scores(train_pixels, train_labels, test_pixels, test_labels, data.num_classes)}
     print(f"[{name} raw pixels] {rows['raw_pixels']}", flush=True)
-    runs = {}
+    runs: dict[str, dict] = {}
+    config = {"minutes_per_method": minutes, "train_samples": len(train_labels), "test_samples": len(test_labels),
+              "quick_steps": QUICK["steps"] if quick else None}
+    result = {"config": config, "rows": rows, "runs": runs}
     for method in methods:
         random_cli = make_cli(method, name, 1)
         rows[f"{method}/random"] = encoder_scores(random_cli, data, train_samples, test_samples)
@@ -291,9 +295,8 @@ def run_dataset(name: str, methods: list[str], minutes: float | None, train_samp
         rows[f"{method}/pretrained"] = encoder_scores(cli, data, train_samples, test_samples)
         print(f"[{name} {method} pretrained] {rows[f'{method}/pretrained']}", flush=True)
         del cli
-    config = {"minutes_per_method": minutes, "train_samples": len(train_labels), "test_samples": len(test_labels),
-              "quick_steps": QUICK["steps"] if quick else None}
-    return {"config": config, "rows": rows, "runs": runs}
+        save(result)
+    return result
 
 
 def merged(previous: dict, fresh: dict) -> dict:
@@ -324,28 +327,27 @@ def targets_of(datasets: dict) -> list[Target]:
 
 
 def markdown_table(datasets: dict) -> str:
-    """One row per method: kNN and linear top-1 of its random and pretrained encoder on every dataset."""
+    """One row per method and dataset columns: kNN and linear top-1 of its random -> pretrained encoder, the linear
+    gain in points, and the steps x batch it trained for."""
     names = list(datasets)
-    header = "| encoder | " + " | ".join(f"{name} kNN | {name} linear | {name} linear - random" for name in names)
-    lines = [header + " |", "|---|" + "---|---|---|" * len(names)]
-    labels = {"raw_pixels": "raw pixels"}
-    for method in METHODS:
-        labels[f"{method}/random"] = f"{METHODS[method]}, random weights"
-        labels[f"{method}/pretrained"] = f"{METHODS[method]}, pretrained"
-    for key, label in labels.items():
-        cells, present = [], False
+    columns = [f"{name} {column}" for name in names for column in ("kNN", "linear", "gain", "steps x batch")]
+    lines = ["| encoder | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    raw = [f"{datasets[name]['rows']['raw_pixels']['knn_top1']:.3f} | "
+           f"{datasets[name]['rows']['raw_pixels']['linear_top1']:.3f} | - | -" for name in names]
+    lines.append("| raw pixels | " + " | ".join(raw) + " |")
+    for method, label in METHODS.items():
+        cells = []
         for name in names:
-            rows = datasets[name]["rows"]
-            row = rows.get(key)
-            if row is None:
-                cells.append("- | - | -")
+            rows, run = datasets[name]["rows"], datasets[name]["runs"].get(method)
+            random, trained = rows.get(f"{method}/random"), rows.get(f"{method}/pretrained")
+            if random is None or trained is None:
+                cells.append("- | - | - | -")
                 continue
-            present = True
-            delta = "-"
-            if key.endswith("/pretrained") and key.replace("pretrained", "random") in rows:
-                delta = f"{100 * (row['linear_top1'] - rows[key.replace('pretrained', 'random')]['linear_top1']):+.1f}"
-            cells.append(f"{row['knn_top1']:.3f} | {row['linear_top1']:.3f} | {delta}")
-        if present:
+            gain = 100 * (trained["linear_top1"] - random["linear_top1"])
+            steps = f"{run['steps']} x {run['batch_size']}" if run else "-"
+            cells.append(f"{random['knn_top1']:.3f} -> {trained['knn_top1']:.3f} | "
+                         f"{random['linear_top1']:.3f} -> {trained['linear_top1']:.3f} | {gain:+.1f} | {steps}")
+        if any(cell != "- | - | - | -" for cell in cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -356,33 +358,39 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--minutes", type=float, default=None,
-                        help="training budget per method (default: 7 on fashion-mnist, 3 on emoji)")
+                        help="training budget per method (default: 7 on fashion-mnist, 2.5 on emoji)")
     parser.add_argument("--train-samples", type=int, default=None,
                         help="probe training images (default: 10000 on fashion-mnist, all on emoji)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of bench/results/ssl_probe.json that this run does not remeasure")
+    parser.add_argument("--table", action="store_true",
+                        help="print the Markdown table of bench/results/ssl_probe.json and stop (nothing is run)")
     args = parser.parse_args()
+    path = RESULTS_DIR / f"{RESULT}.json"
+    if args.table:
+        print(markdown_table(json.loads(path.read_text())["datasets"]))
+        return
     sys.argv[1:] = []  # the experiments are configured by VLPCLI(args=...), not by this script's options
     started = time.perf_counter()
 
-    fresh = {name: run_dataset(name, args.methods, args.minutes, args.train_samples, args.quick)
-             for name in args.datasets}
-    path = RESULTS_DIR / f"{RESULT}.json"
     previous = json.loads(path.read_text()) if args.merge and path.exists() else {}
-    if args.merge and previous.get("quick") != args.quick:
+    if args.merge and previous and previous.get("quick") != args.quick:
         sys.exit(f"--merge: {path} holds a {'--quick' if previous.get('quick') else 'full'} run; merge runs of one "
                  f"kind (or drop --merge to replace it)")
+    fresh: dict[str, dict] = {}
+
+    def save(name: str, result: dict) -> None:
+        fresh[name] = result
+        datasets = merged(previous, fresh)
+        write_result(RESULT, {"quick": args.quick, "datasets": datasets,
+                              "targets": [target.as_dict() for target in targets_of(datasets)],
+                              "seconds": time.perf_counter() - started})
+
+    for name in args.datasets:
+        save(name, run_dataset(name, args.methods, args.minutes, args.train_samples, args.quick,
+                               lambda result, name=name: save(name, result)))
     datasets = merged(previous, fresh)
     targets = targets_of(datasets)
-    path = write_result(
-        RESULT,
-        {
-            "quick": args.quick,
-            "datasets": datasets,
-            "targets": [target.as_dict() for target in targets],
-            "seconds": time.perf_counter() - started,
-        },
-    )
     print(f"\n{markdown_table(datasets)}\n\nwrote {path}")
     for target in targets:
         print(target.line())

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from vlp_lightning.modules.heads import MLPHead, ProjectionHead
+from vlp_lightning.modules.heads import DINOHead, MLPHead, ProjectionHead
 from vlp_lightning.modules.text import HFTextEncoder, TextTransformer
 from vlp_lightning.modules.tokenizers import ByteTokenizer, HFTokenizer
 from vlp_lightning.modules.vision import VisionEncoder
@@ -210,6 +210,24 @@ def test_mlp_head_structure() -> None:
     assert [type(m) for m in MLPHead(16, 32, 8, layers=1)] == [nn.Linear]
     with pytest.raises(ValueError, match="norm must be"):
         MLPHead(16, 32, 8, norm="group")
+
+
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_dino_head_last_layer_is_torchs_weight_norm_with_the_gain_fixed_or_learnt(norm_last_layer: bool) -> None:
+    torch.manual_seed(0)
+    head = DINOHead(12, 20, hidden_features=16, bottleneck=8, norm_last_layer=norm_last_layer)
+    reference = nn.utils.parametrizations.weight_norm(nn.Linear(8, 20, bias=False))
+    with torch.no_grad():
+        reference.parametrizations.weight.original1.copy_(head.last_layer.weight)  # v
+        reference.parametrizations.weight.original0.fill_(1.0)  # g
+    bottleneck = F.normalize(head.mlp(torch.randn(5, 12)), dim=-1)
+    torch.testing.assert_close(head.last_layer(bottleneck), reference(bottleneck))
+    learnt = [name for name, param in head.last_layer.named_parameters() if param.requires_grad]
+    assert learnt == (["weight"] if norm_last_layer else ["weight", "gain"])
+    if not norm_last_layer:  # a learnt gain scales its output row
+        with torch.no_grad():
+            head.last_layer.gain[3] = 2.0
+        torch.testing.assert_close(head.last_layer(bottleneck)[:, 3], 2 * reference(bottleneck)[:, 3])
 
 
 def test_mlp_head_fits_a_nonlinear_target() -> None:

@@ -177,3 +177,22 @@ def test_teacher_is_identical_on_two_gloo_ranks_and_moves(strategy, make_shards,
     for name in final[0]:
         assert torch.equal(final[0][name], final[1][name]), name
     assert any(not torch.equal(final[0][name], ranks[0]["initial"][name]) for name in final[0])
+
+
+def test_dino_head_last_layer_and_its_gain_stay_frozen_for_the_first_steps(tmp_path):
+    """`freeze_last_layer_steps` (official `cancel_gradients_last_layer`) covers every parameter of the last layer,
+    the learnt row norms of `norm_last_layer=False` too; the rest of the head trains from the first step."""
+    method = tiny("DINO", norm_last_layer=False, freeze_last_layer_steps=2)
+    states = []
+
+    class Snapshot(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            states.append({name: p.detach().clone() for name, p in pl_module.head.named_parameters()})
+
+    before = {name: p.detach().clone() for name, p in method.head.named_parameters()}
+    trainer(tmp_path, max_steps=3, callbacks=[Snapshot()]).fit(method, train_dataloaders=loader(method, 3))
+    last_layer = ["last_layer.weight", "last_layer.gain"]
+    for name in last_layer:
+        assert torch.equal(states[1][name], before[name]), name  # steps 0 and 1: frozen
+        assert not torch.equal(states[2][name], before[name]), name  # step 2: trained
+    assert not torch.equal(states[0]["mlp.0.weight"], before["mlp.0.weight"])

@@ -167,9 +167,28 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             MemoryBank(12, DIM).enqueue(torch.zeros(LOCAL_BATCH, DIM))
         except ValueError as error:
             results["error"] = str(error)
+        results["shuffle_bn"] = shuffle_batchnorm_keys(local)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def shuffle_batchnorm_keys(local: slice) -> dict[str, torch.Tensor]:
+    """MoCoV2's keys of this rank's images with ShuffleBN, and without it (the same weights on every rank): for its
+    per-sample key encoder (LayerNorm ViT, no-norm head) and for one whose batch statistics mix samples."""
+    from torch import nn
+
+    from vlp_lightning.methods import MoCoV2
+
+    torch.manual_seed(0)
+    method = MoCoV2(queue_length=16).train()
+    images = torch.randn(WORLD * LOCAL_BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(1))[local]
+    keys = {"per_sample": method.encode_keys(images)}
+    keys["per_sample_unshuffled"] = F.normalize(method.key_encoder(images), dim=1)
+    method.key_encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, DIM), nn.BatchNorm1d(DIM)).train()
+    keys["batchnorm"] = method.encode_keys(images)
+    keys["batchnorm_unshuffled"] = F.normalize(method.key_encoder(images), dim=1)
+    return {name: value.detach() for name, value in keys.items()}
 
 
 def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
@@ -193,3 +212,10 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
     for r in ranks:
         assert torch.equal(r["bank"], single.bank) and int(r["pointer"]) == WORLD * LOCAL_BATCH
         assert "MemoryBank size 12 is not divisible by the global batch 8" in r["error"]
+    # ShuffleBN (MoCo sec. 3.3): each rank gets back the keys of its own images, in their order (a per-sample key
+    # encoder gives exactly the unshuffled keys), while batch statistics now come from a mix of both ranks' images
+    for r in ranks:
+        keys = r["shuffle_bn"]
+        torch.testing.assert_close(keys["per_sample"], keys["per_sample_unshuffled"])
+        assert keys["batchnorm"].shape == (LOCAL_BATCH, DIM)
+        assert not torch.allclose(keys["batchnorm"], keys["batchnorm_unshuffled"], atol=1e-3)

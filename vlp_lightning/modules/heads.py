@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import nn
 
 NORMS: dict[str, type[nn.Module]] = {"bn": nn.BatchNorm1d, "ln": nn.LayerNorm}
@@ -67,21 +68,39 @@ class GELUMLPProjection(nn.Sequential):
         )
 
 
+class WeightNormLinear(nn.Module):
+    """A linear layer without bias whose rows are v / ||v|| times a gain g (weight normalisation, Salimans & Kingma
+    2016, as `torch.nn.utils.weight_norm`): g is fixed at 1 unless `learn_gain`."""
+
+    def __init__(self, in_features: int, out_features: int, learn_gain: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's initialisation
+        self.gain = nn.Parameter(torch.ones(out_features)) if learn_gain else None
+
+    def forward(self, inputs):
+        weight = nn.functional.normalize(self.weight, dim=1)
+        return nn.functional.linear(inputs, weight if self.gain is None else weight * self.gain[:, None])
+
+
 class DINOHead(nn.Module):
     """DINO's projection head (Caron et al. 2021, sec. 3.1 and appendix): a 3-layer MLP (hidden 2048, GELU) to a
-    bottleneck of 256, L2 normalisation, then a weight-normalised linear layer without bias to K outputs whose
-    weight norm g is fixed at 1 (`norm_last_layer=True` in the official code), written here as a linear layer
-    with L2-normalised rows. `last_layer` is the one DINO freezes during the first epoch."""
+    bottleneck of 256, L2 normalisation, then a weight-normalised linear layer without bias to K outputs
+    (`WeightNormLinear`) whose weight norm g is fixed at 1 (`norm_last_layer=True`, the official default and its
+    ViT-B setting) or learnt (`norm_last_layer=False`: the official README's ViT-S setting, "better performance
+    but can make the training unstable"). `last_layer` is the one DINO freezes during the first epoch."""
 
-    def __init__(self, in_features: int, out_features: int, hidden_features: int = 2048, bottleneck: int = 256) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, hidden_features: int = 2048, bottleneck: int = 256,
+        norm_last_layer: bool = True,
+    ) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
             nn.Linear(in_features, hidden_features), nn.GELU(),
             nn.Linear(hidden_features, hidden_features), nn.GELU(),
             nn.Linear(hidden_features, bottleneck),
         )
-        self.last_layer = nn.Linear(bottleneck, out_features, bias=False)
+        self.last_layer = WeightNormLinear(bottleneck, out_features, learn_gain=not norm_last_layer)
 
     def forward(self, features):
-        bottleneck = nn.functional.normalize(self.mlp(features), dim=-1)
-        return nn.functional.linear(bottleneck, nn.functional.normalize(self.last_layer.weight, dim=1))
+        return self.last_layer(nn.functional.normalize(self.mlp(features), dim=-1))

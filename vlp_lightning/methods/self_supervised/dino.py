@@ -51,6 +51,8 @@ class DINO(MomentumMethod):
         local_crop_size: side of the local crops; default 96/224 of `image_size` in whole patches (the global size
             for a ViT that takes one input size, `multi_crop_local_size`).
         base_momentum: τ_base of the teacher (0.996), rising to `final_momentum` (1.0).
+        norm_last_layer: the head's last layer keeps unit-norm rows (True, the official default and ViT-B setting);
+            False learns their norms (the official ViT-S setting, faster to start, less stable; `DINOHead`).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class DINO(MomentumMethod):
         local_crop_size: int | None = None,
         base_momentum: float = 0.996,
         final_momentum: float = 1.0,
+        norm_last_layer: bool = True,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
         compile: bool = False,
@@ -76,7 +79,7 @@ class DINO(MomentumMethod):
         super().__init__(base_momentum, final_momentum, optimizer=optimizer, lr_scheduler=lr_scheduler, compile=compile)
         self.save_hyperparameters(ignore=["vision", "optimizer", "lr_scheduler"])
         self.vision = vision or tiny_vit(dynamic_img_size=True)
-        self.head = DINOHead(self.vision.num_features, output_dim, hidden_dim, bottleneck_dim)
+        self.head = DINOHead(self.vision.num_features, output_dim, hidden_dim, bottleneck_dim, norm_last_layer)
         self.teacher = momentum_copy(nn.Sequential(self.vision, self.head))
         self.register_buffer("centre", torch.zeros(output_dim))
         self.student_temperature = student_temperature
@@ -133,4 +136,5 @@ class DINO(MomentumMethod):
             self.centre.copy_(dino_centre(self.centre, self._teacher_logits, self.centre_momentum))
             self._teacher_logits = None
         if self.global_step < self.freeze_last_layer_steps:
-            self.head.last_layer.weight.grad = None
+            for param in self.head.last_layer.parameters():
+                param.grad = None

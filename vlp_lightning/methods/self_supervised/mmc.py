@@ -59,7 +59,7 @@ class MMC(DINO):
     Args:
         vision, output_dim, hidden_dim, bottleneck_dim, student_temperature, teacher_temperature,
             warmup_teacher_temperature, teacher_temperature_warmup_steps, centre_momentum, freeze_last_layer_steps,
-            num_local_crops, local_crop_size, base_momentum, final_momentum: as `DINO`.
+            num_local_crops, local_crop_size, base_momentum, final_momentum, norm_last_layer: as `DINO`.
         mask_ratio: share of each global crop's patches masked for the student (not verified, module doc).
         normalize_target: per-patch normalised pixel targets of the masked-image-modelling term.
         projection_dim: output size of the contrast projector (its hidden width is `hidden_dim`).
@@ -83,6 +83,7 @@ class MMC(DINO):
         local_crop_size: int | None = None,
         base_momentum: float = 0.996,
         final_momentum: float = 1.0,
+        norm_last_layer: bool = True,
         mask_ratio: float = 0.5,
         normalize_target: bool = True,
         projection_dim: int = 32,
@@ -97,7 +98,7 @@ class MMC(DINO):
         super().__init__(
             vision, output_dim, hidden_dim, bottleneck_dim, student_temperature, teacher_temperature,
             warmup_teacher_temperature, teacher_temperature_warmup_steps, centre_momentum, freeze_last_layer_steps,
-            num_local_crops, local_crop_size, base_momentum, final_momentum, optimizer=optimizer,
+            num_local_crops, local_crop_size, base_momentum, final_momentum, norm_last_layer, optimizer=optimizer,
             lr_scheduler=lr_scheduler, compile=compile,
         )
         self.save_hyperparameters(ignore=["vision", "optimizer", "lr_scheduler"])
