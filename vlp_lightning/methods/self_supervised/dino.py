@@ -12,6 +12,9 @@ official code:
   (`teacher_temperature_warmup_steps`), the student's is 0.1;
 * the last layer of the head gets no update during the first epoch (`freeze_last_layer_steps`), which the paper
   finds helps optimisation;
+* the head's last layer is weight-normalised with its row norms fixed at 1 (`norm_last_layer=True`, the official
+  default) or learnt (`False`, the official code's advice for ViT-S: "better performance but can make the training
+  unstable");
 * AdamW without weight decay on biases and norms (the official `get_params_groups`); its weight-decay cosine
   0.04 → 0.4 is not reproduced here (one fixed weight decay, recipe comment).
 """
