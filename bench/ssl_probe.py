@@ -61,6 +61,7 @@ from vlp_lightning.callbacks.features import classification_metrics, evaluation_
 from vlp_lightning.callbacks.knn import weighted_knn_scores  # noqa: E402
 from vlp_lightning.callbacks.linear_probe import linear_probe_scores  # noqa: E402
 from vlp_lightning.cli import VLPCLI  # noqa: E402
+from vlp_lightning.demo import build_shards  # noqa: E402
 from vlp_lightning.methods.base import VLPMethod  # noqa: E402
 
 
@@ -89,11 +90,8 @@ def build_fashion_mnist() -> int:
 
 
 def build_emoji() -> int:
-    for style in ("google", "twitter"):  # the demo's split: the same concepts held out in both drawings
-        status = vlp_data(["emoji", f"data/emoji-{style}", "--style", style, "--split", "seen=0.8,unseen=0.2",
-                           "--seed", "0"])
-        if status:
-            return status
+    """The demo's shards: both drawings, the same concepts held out in each (`vlp_lightning.demo.build_shards`)."""
+    build_shards(Path("data"))
     return 0
 
 
@@ -262,7 +260,7 @@ def raw_pixels(data: Dataset, shards: str, max_samples: int | None) -> tuple[tor
 
 
 def ensure_shards(data: Dataset) -> None:
-    if not all((REPO_ROOT / manifest).exists() for manifest in data.manifests):
+    if not all(Path(manifest).exists() for manifest in data.manifests):  # relative, as the shard patterns
         print(f"building the shards of {', '.join(data.manifests)} with vlp-data", flush=True)
         status = data.build()
         if status:
@@ -379,18 +377,21 @@ def main() -> None:
                  f"kind (or drop --merge to replace it)")
     fresh: dict[str, dict] = {}
 
+    datasets = merged(previous, fresh)
+    targets: list[Target] = []
+
     def save(name: str, result: dict) -> None:
+        nonlocal datasets, targets
         fresh[name] = result
         datasets = merged(previous, fresh)
+        targets = targets_of(datasets)
         write_result(RESULT, {"quick": args.quick, "datasets": datasets,
-                              "targets": [target.as_dict() for target in targets_of(datasets)],
+                              "targets": [target.as_dict() for target in targets],
                               "seconds": time.perf_counter() - started})
 
     for name in args.datasets:
         save(name, run_dataset(name, args.methods, args.minutes, args.train_samples, args.quick,
                                lambda result, name=name: save(name, result)))
-    datasets = merged(previous, fresh)
-    targets = targets_of(datasets)
     print(f"\n{markdown_table(datasets)}\n\nwrote {path}")
     for target in targets:
         print(target.line())
