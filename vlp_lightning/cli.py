@@ -42,8 +42,18 @@ DESCRIPTION = (
     "vlp_lightning: train and evaluate vision / vision-language pretraining methods. "
     "Pick a recipe with --config experiments/<method>/<data>_<size>.yaml, swap the method with "
     "--model vlp_lightning.methods.<Name>, see every knob with --print_config, and follow runs with "
-    "`tensorboard --logdir runs`."
+    "`tensorboard --logdir runs`. "
+    "Other commands (each with --help): `vlp methods [NAME]` lists the methods and how to run them, "
+    "`vlp compare` trains several methods on the same data for the same budget and prints one table, "
+    "`vlp export CKPT OUT` writes a checkpoint's towers for timm / open_clip / transformers."
 )
+
+#: `vlp <command>` outside Lightning's fit / validate / test / predict: command -> module with `main(argv) -> int`.
+COMMANDS = {
+    "methods": "vlp_lightning.commands.methods",
+    "compare": "vlp_lightning.commands.compare",
+    "export": "vlp_lightning.commands.export",
+}
 
 
 def available_methods() -> list[str]:
@@ -294,8 +304,11 @@ def _config_stem(config) -> str | None:
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point of `vlp`."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in COMMANDS:
+        sys.exit(importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]))
     try:
-        VLPCLI(args=args)
+        VLPCLI(args=argv)
     except (DataConfigError, CheckpointMismatchError, CheckpointError, ExperimentLockedError) as error:
         sys.stderr.write(f"vlp: error: {error}\n")
         sys.exit(2)
