@@ -10,6 +10,8 @@ STAMP   := $(VENV)/.vlp-install-stamp
 STAMP_KEY := $(shell cat pyproject.toml | sha256sum | cut -c1-16)-$(CURDIR)
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# `make tensorboard` serves on localhost only (TensorBoard's default); TENSORBOARD_ARGS=--bind_all exposes it to the network.
+TENSORBOARD_ARGS ?=
 
 .PHONY: install test test-all demo bench bench-quick tensorboard clean help
 
@@ -45,7 +47,7 @@ bench-quick: install  ## every benchmark in --quick mode
 	$(PY) bench/run_all.py --quick
 
 tensorboard: install  ## open TensorBoard on runs/
-	$(VENV)/bin/tensorboard --logdir runs --bind_all
+	$(VENV)/bin/tensorboard --logdir runs $(TENSORBOARD_ARGS)
 
 clean:  ## remove run outputs (not the venv)
 	rm -rf runs lightning_logs .pytest_cache

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch.distributed as dist
 from jsonargparse.typing import NonNegativeInt, PositiveInt
@@ -38,12 +38,13 @@ from data_modules.pipeline import (
     SampleDecoder,
     StreamingLoader,
     expand_shards,
+    make_eval_loader,
     make_loader,
     manifest_of,
     resolve_counts,
     shard_members,
 )
-from data_modules.views import Views, finish_views
+from data_modules.views import EvalView, Views, finish_views
 from vlp_lightning.modules.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ class StreamingDataModule(LightningDataModule):
 
     Args:
         train_shards / val_shards / test_shards: shard patterns (paths, globs, `{000000..000009}` braces, URLs).
+        predict_shards: the shard set `vlp predict` embeds (default: test_shards, else val_shards), every sample
+            once, in shard order, with the deterministic evaluation crop.
         batch_size: per-rank batch size.
         num_workers: DataLoader worker processes per rank.
         image_size: crop size; None asks the method (`method.image_size`).
@@ -112,8 +115,10 @@ class StreamingDataModule(LightningDataModule):
         resampled: bool = False,
         seed: int = 0,
         strict: bool = False,
+        predict_shards: str | None = None,
     ) -> None:
         super().__init__()
+        self.predict_shards = predict_shards
         self.train_shards = train_shards
         self.val_shards = val_shards
         self.test_shards = test_shards
@@ -141,6 +146,10 @@ class StreamingDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
+        stage = str(getattr(stage, "value", stage))  # Lightning passes its TrainerFn enum
+        if stage == "predict":
+            self._setup_predict()
+            return
         wanted = {
             "fit": [("train", "train_shards"), ("val", "val_shards")],
             "validate": [("val", "val_shards")],
@@ -154,7 +163,11 @@ class StreamingDataModule(LightningDataModule):
             if shards is None:
                 if split == "val" and stage == "fit":
                     continue
-                raise DataConfigError(f"`{stage}` needs {argument}, which is not set; {_BUILD_HINT}")
+                raise DataConfigError(
+                    f"`vlp {stage}` needs --data.{argument}, which the config does not set; give a shard pattern "
+                    f"(e.g. --data.{argument} 'data/emoji/{split}-000000.tar'), or build a {split} split with "
+                    f"`vlp-data` (e.g. `vlp-data emoji data/emoji --split train=0.8,val=0.1,test=0.1`)"
+                )
             self.splits[split] = _Split(argument, shards)
             self._check_keys(self.splits[split], method)
         transform = self._views(method).build(self._image_size(method))
@@ -227,6 +240,31 @@ class StreamingDataModule(LightningDataModule):
     @property
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
+
+    def _setup_predict(self) -> None:
+        """`vlp predict`: the shard set to embed (predict, else test, else validation shards), checked."""
+        for argument in ("predict_shards", "test_shards", "val_shards"):
+            if getattr(self, argument) is not None:
+                self.splits["predict"] = _Split(argument, getattr(self, argument))
+                log.info("vlp predict: embedding %s", self.splits["predict"].describe())
+                return
+        raise DataConfigError(
+            "`vlp predict` needs the shards to embed: set --data.predict_shards (e.g. "
+            "--data.predict_shards 'data/emoji/test-000000.tar'); test_shards or val_shards are used when set"
+        )
+
+    def predict_dataloader(self) -> Iterable[dict]:
+        """Every sample of the predict shards once, in shard order, with the evaluation crop and the method's
+        normalisation; captions tokenized with the method's tokenizer when the shards have them."""
+        if "predict" not in self.splits:
+            raise DataConfigError("no predict shards: setup('predict') resolves them")
+        method = self.trainer.lightning_module if self.trainer is not None else None
+        mean, std = self._views(method).normalization
+        return make_eval_loader(
+            self.splits["predict"].shards, self._image_size(method), self.batch_size,
+            tokenizer=self._tokenizer(method) if self.with_caption else None, num_workers=self.num_workers,
+            view=EvalView(mean=mean, std=std),
+        )
 
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch
@@ -387,10 +425,11 @@ class ImageTextDataModule(StreamingDataModule):
         seed: int = 0,
         strict: bool = False,
         caption_sampling: CaptionSampling = "all",
+        predict_shards: str | None = None,
     ) -> None:
         super().__init__(
             train_shards, val_shards, test_shards, batch_size, num_workers, image_size, views,
-            samples_per_epoch, shuffle_buffer, resampled, seed, strict,
+            samples_per_epoch, shuffle_buffer, resampled, seed, strict, predict_shards,
         )
         if caption_sampling not in CAPTION_SAMPLINGS:
             raise DataConfigError(f"caption_sampling must be one of {CAPTION_SAMPLINGS}, got {caption_sampling!r}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from lightning.pytorch.trainer.states import TrainerFn
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
@@ -81,8 +82,8 @@ def test_missing_shards_name_the_argument_the_path_and_vlp_data(tmp_path):
     datamodule = attach(ImageDataModule(train_shards=str(tmp_path / "*.tar")), SwAV())
     with pytest.raises(DataConfigError, match=r"matches no shard file; build shards with `vlp-data`"):
         datamodule.setup("fit")
-    with pytest.raises(DataConfigError, match=r"`test` needs test_shards, which is not set"):
-        attach(ImageDataModule(), SwAV()).setup("test")
+    with pytest.raises(DataConfigError, match=r"`vlp test` needs --data.test_shards, which the config does not set"):
+        attach(ImageDataModule(), SwAV()).setup(TrainerFn.TESTING)  # what Lightning passes
 
 
 def test_clip_on_image_data_module_says_what_to_do(make_shards, tmp_path):

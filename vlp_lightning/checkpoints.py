@@ -76,7 +76,16 @@ def switch_link(target: str | Path, link: str | Path) -> None:
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` whose saves are atomic and whose `last` link never points at a deleted file (module doc)."""
+    """`ModelCheckpoint` whose saves are atomic and whose `last` link never points at a deleted file (module doc).
+
+    Its state in a checkpoint (best and last paths, top-k scores) is keyed by what it ranks (`monitor`, `mode`),
+    not by how often it saves: a run resumed with another `--checkpoint.every_n_train_steps` keeps that state
+    and gets no "callbacks used to create the checkpoint need to be provided" warning. Lightning's key also holds
+    the save schedule."""
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
 
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         partial = partial_name(filepath)

@@ -14,18 +14,23 @@ import os
 import pickle
 import re
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch import Callback, LightningDataModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from data_modules import DataConfigError
 from vlp_lightning import methods
+from vlp_lightning.callbacks.embedding_writer import EmbeddingWriter
 from vlp_lightning.callbacks.global_batch import GlobalBatchSize
+from vlp_lightning.callbacks.model_summary import VLPModelSummary
 from vlp_lightning.callbacks.non_finite_loss import NonFiniteLossError, NonFiniteLossGuard
+from vlp_lightning.callbacks.progress import VLPProgressBar
 from vlp_lightning.checkpoints import (
     AtomicModelCheckpoint,
     ExperimentLock,
@@ -149,6 +154,25 @@ class VLPCLI(LightningCLI):
         parser.add_lightning_class_args(NonFiniteLossGuard, "non_finite")
         parser.add_lightning_class_args(GlobalBatchSize, "global_batch")
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        """`vlp predict` writes embeddings (`--predictions.path`) instead of collecting them in memory."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_lightning_class_args(EmbeddingWriter, "predictions")
+            parser.set_defaults({"return_predictions": False})
+        return parser
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """The suite's progress bar and model summary, unless the config brings its own or turns them off."""
+        configured = list(callbacks) + list(config.get("callbacks") or [])
+        if config.get("enable_progress_bar") is not False and not any(
+                isinstance(callback, ProgressBar) for callback in configured):
+            callbacks = [*callbacks, VLPProgressBar()]
+        if config.get("enable_model_summary") is not False and not any(
+                isinstance(callback, ModelSummary) for callback in configured):
+            callbacks = [*callbacks, VLPModelSummary()]
+        return super()._instantiate_trainer(config, callbacks)
+
     def _parse_ckpt_path(self) -> None:
         """Runs before anything is instantiated: fill in the run's folders, take the experiment lock (fit), resolve
         `--ckpt_path last` to the newest complete checkpoint, and check an explicit checkpoint.
@@ -167,6 +191,8 @@ class VLPCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path") if subcommand else None
         if ckpt_path == "last":
             ckpt_path = config.ckpt_path = _resume_path(checkpoints, config.allow_fresh_start)
+        if ckpt_path and subcommand == "fit":  # a resumed run writes into its own non-empty checkpoint folder
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         if not ckpt_path or ckpt_path.split(":")[0] in _LIGHTNING_CKPT_NAMES or Path(ckpt_path).is_dir():  # sharded
             return
         checkpoint = load_checkpoint_for_check(ckpt_path)
@@ -302,13 +328,32 @@ def _config_stem(config) -> str | None:
     return Path(str(paths[0])).stem if paths else None
 
 
+class _DropLightningNoise(logging.Filter):
+    """Lightning's cloud-logger tip, and its note that the suite's own model summary replaces its default one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "litlogger" not in message and "Skipping setting a default `ModelSummary`" not in message
+
+
+def quiet_lightning_noise() -> None:
+    """Drop start-up messages a user cannot act on: Lightning's cloud-logger advertisement, its model-summary note
+    and the deprecation
+    warning Lightning's own `_pytree` helper triggers in PyTorch (nothing in the suite uses `LeafSpec`)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where rank_zero_info logs
+    if not any(isinstance(existing, _DropLightningNoise) for existing in logger.filters):
+        logger.addFilter(_DropLightningNoise())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point of `vlp`."""
+    quiet_lightning_noise()
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in COMMANDS:
         sys.exit(importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]))
     try:
-        VLPCLI(args=argv)
+        VLPCLI(args=args)
     except (DataConfigError, CheckpointMismatchError, CheckpointError, ExperimentLockedError) as error:
         sys.stderr.write(f"vlp: error: {error}\n")
         sys.exit(2)

@@ -5,14 +5,19 @@ Evaluation (`features.EvaluationCallback`: end of validate / test, and every `ev
 `ZeroShotSegmentation` (MMC's prompt-patch segmentation, scored on `.mask.png` foreground masks).
 Monitoring: `ThroughputMonitor` (samples/s, data wait, MFU), `NonFiniteLossGuard`.
 Set-up: `GlobalBatchSize` (effective global batch vs the paper's, learning-rate scaling rule).
+Output: `EmbeddingWriter` (`vlp predict`: keys and embeddings of a shard set to `.npz`).
+Console: `VLPProgressBar` (steps of a `max_steps` run), `VLPModelSummary` (no FLOPs column of zeros).
 """
 
 from vlp_lightning.callbacks.embedding_projector import EmbeddingProjector
+from vlp_lightning.callbacks.embedding_writer import EmbeddingWriter
 from vlp_lightning.callbacks.features import EvalFeatures, EvaluationCallback, extract_features
 from vlp_lightning.callbacks.global_batch import GlobalBatchSize, lr_scale_factor
 from vlp_lightning.callbacks.knn import KNNClassifier, weighted_knn_scores
 from vlp_lightning.callbacks.linear_probe import LinearProbe, fit_logistic_regression, linear_probe_scores
+from vlp_lightning.callbacks.model_summary import VLPModelSummary
 from vlp_lightning.callbacks.non_finite_loss import NonFiniteLossGuard
+from vlp_lightning.callbacks.progress import VLPProgressBar
 from vlp_lightning.callbacks.retrieval import Retrieval, retrieval_metrics, retrieval_ranks
 from vlp_lightning.callbacks.throughput import ThroughputMonitor
 from vlp_lightning.callbacks.zero_shot import (
@@ -25,6 +30,7 @@ from vlp_lightning.callbacks.zero_shot_segmentation import ZeroShotSegmentation
 
 __all__ = [
     "EmbeddingProjector",
+    "EmbeddingWriter",
     "EvalFeatures",
     "EvaluationCallback",
     "GlobalBatchSize",
@@ -34,6 +40,8 @@ __all__ = [
     "Retrieval",
     "TEMPLATE_SETS",
     "ThroughputMonitor",
+    "VLPModelSummary",
+    "VLPProgressBar",
     "ZeroShotClassification",
     "ZeroShotDataset",
     "ZeroShotSegmentation",

@@ -239,7 +239,7 @@ def classification_metrics(scores: Tensor, labels: Tensor, num_classes: int) -> 
 
 def has_joint_space(method: LightningModule) -> bool:
     """True when the method embeds images into a joint image-text space (`encode_image` defined)."""
-    return is_overridden("encode_image", method, parent=VLPMethod)
+    return isinstance(method, VLPMethod) and method.has_joint_space()
 
 
 def has_text_tower(method: LightningModule) -> bool:

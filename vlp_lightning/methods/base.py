@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -190,6 +191,25 @@ class VLPMethod(LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> Tensor:
         return self._step(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """`vlp predict`: per sample its key, `probe_features` and, for a method with a joint image-text space,
+        `encode_image` and (with captions) `encode_text` embeddings, all float32 on the CPU
+        (`callbacks.EmbeddingWriter` writes them to a file)."""
+        images = batch["image"]
+        outputs: dict = {"key": list(batch["__key__"]), "probe_features": self.probe_features(images)}
+        if self.has_joint_space():
+            outputs["image_embedding"] = self.encode_image(images)
+            if "text" in batch:
+                outputs["text_embedding"] = self.encode_text(batch["text"])
+        for name in ("caption", "label"):
+            if name in batch:
+                outputs[name] = batch[name]
+        return {name: value.float().cpu() if isinstance(value, Tensor) else value for name, value in outputs.items()}
+
+    def has_joint_space(self) -> bool:
+        """Whether the method embeds images and texts in one space (defines `encode_image` / `encode_text`)."""
+        return is_overridden("encode_image", self, parent=VLPMethod)
 
     # ------------------------------------------------------------------ optimisation
     def decays_weight(self, name: str, param: nn.Parameter) -> bool:
