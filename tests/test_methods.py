@@ -16,7 +16,7 @@ from PIL import Image
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader
 
-from vlp_lightning import methods
+from vlp_lightning import catalog, methods
 from vlp_lightning.methods.base import VLPMethod
 
 METHOD_NAMES = [name for name in methods.__all__ if name not in {"VLPMethod", "WarmupCosineLR"}]
@@ -98,6 +98,8 @@ def test_train_views_normalise_with_the_image_towers_statistics(method):
     and evaluation (which normalises as the training views do) see the statistics of the tower."""
     method.vision.mean, method.vision.std = (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)
     assert method.train_views().normalization == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    # and the catalogue (`vlp methods`, the README table) names the views the method really trains on
+    assert catalog.VIEW_KINDS[type(method.train_views()).__name__] == type(method).view_kind
 
 
 def test_weight_decay_groups_follow_the_method_rule(method):

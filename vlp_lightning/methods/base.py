@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from data_modules.views import Views
+from vlp_lightning.catalog import Paper
 
 
 class WarmupCosineLR(LambdaLR):
@@ -85,6 +86,11 @@ class VLPMethod(LightningModule):
         compile: compile the encoders with `torch.compile` (in place, same state-dict keys) in `configure_model`.
     """
 
+    #: the paper the method implements, its family and the views it trains on, in words (`catalog.VIEW_KINDS`):
+    #: what `vlp methods` and the README's method table show (a shared test checks `view_kind`).
+    paper: Paper | None = None
+    family: str = ""
+    view_kind: str = ""
     #: batch keys this method needs from the data; the data module checks them at setup.
     required_keys: tuple[str, ...] = ("image",)
     #: gains, biases and scalars (every tensor with ndim <= 1) get no weight decay: CLIP's rule (Radford et al.

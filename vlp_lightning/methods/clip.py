@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from data_modules.views import SingleCrop, Views
+from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.contrastive import clip_contrastive_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.modules.heads import GELUMLPProjection
@@ -60,6 +61,10 @@ class CLIP(VLPMethod):
         local_loss: rows of the local batch against the gathered batch (memory local x global).
         gather_with_grad: let gradients flow through the gathered features of other ranks.
     """
+
+    paper = Paper("Learning Transferable Visual Models From Natural Language Supervision", "Radford et al.", 2021)
+    family = "contrastive image-text"
+    view_kind = "one crop"
 
     required_keys = ("image", "text")
 

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from data_modules.views import RandomAffine, SingleCrop, Views
+from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.contrastive import convirt_contrastive_loss
 from vlp_lightning.methods.base import WarmupCosineLR
 from vlp_lightning.methods.clip import CLIP
@@ -35,6 +36,13 @@ class ConVIRT(CLIP):
         image_to_text_weight: lambda of eq. 4 (0.75 in the paper).
         See `CLIP` for the others.
     """
+
+    paper = Paper(
+        "Contrastive Learning of Medical Visual Representations from Paired Images and Text",
+        "Zhang et al.", 2020,
+    )
+    family = "contrastive image-text"
+    view_kind = "one crop"
 
     def __init__(
         self,

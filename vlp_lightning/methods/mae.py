@@ -29,6 +29,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from data_modules.views import SingleCrop, Views
+from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.masked_modeling import masked_reconstruction_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.modules.masking import (
@@ -58,6 +59,10 @@ class MAE(VLPMethod):
         initialize_weights: re-initialise encoder and decoder as the released code does (module doc); turn off to
             keep a loaded checkpoint's encoder weights.
     """
+
+    paper = Paper("Masked Autoencoders Are Scalable Vision Learners", "He et al.", 2021)
+    family = "masked image modelling"
+    view_kind = "one crop"
 
     def __init__(
         self,

@@ -41,6 +41,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from data_modules.views import SingleCrop, Views
+from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.masked_modeling import patch_selection_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.modules.masking import PatchMask, gather_patches, num_masked_patches, patchify, random_masking
@@ -61,6 +62,10 @@ class Selfie(VLPMethod):
         probe_representation: what kNN / linear probes read (module doc): the patch network on the whole image
             ("whole_image", as the paper transfers it) or the mean of the per-patch features ("patch_mean").
     """
+
+    paper = Paper("Selfie: Self-supervised Pretraining for Image Embedding", "Trinh et al.", 2019)
+    family = "masked image modelling"
+    view_kind = "one crop"
 
     no_weight_decay_names = (*VLPMethod.no_weight_decay_names, "row_embedding", "column_embedding", "summary_token")
 

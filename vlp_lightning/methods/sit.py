@@ -51,6 +51,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from data_modules.views import TwoCrops, Views
+from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.instance_contrastive import nt_xent_loss
 from vlp_lightning.losses.masked_modeling import uncertainty_weighted_sum
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
@@ -79,6 +80,10 @@ class SiT(VLPMethod):
         temperature: NT-Xent temperature (0.5 in the released code).
         init_log_variance: initial s of every task's uncertainty weight (1.0 in the released code).
     """
+
+    paper = Paper("SiT: Self-supervised vIsion Transformer", "Ahmed et al.", 2021)
+    family = "masked image modelling"
+    view_kind = "two crops"
 
     no_weight_decay_names = (*VLPMethod.no_weight_decay_names, "contrastive_token")
 

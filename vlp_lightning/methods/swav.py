@@ -30,6 +30,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from data_modules.views import MultiCrop, Views
+from vlp_lightning.catalog import Paper
 from vlp_lightning.distributed import world_size
 from vlp_lightning.losses.swav import sinkhorn_knopp, swav_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
@@ -56,6 +57,10 @@ class SwAV(VLPMethod):
         num_local_crops: low-resolution crops that only predict (6 in the paper).
         local_crop_size: side of the local crops; default 96/224 of `image_size`, rounded down to whole patches.
     """
+
+    paper = Paper("Unsupervised Learning of Visual Features by Contrasting Cluster Assignments", "Caron et al.", 2020)
+    family = "clustering"
+    view_kind = "multi-crop"
 
     required_keys = ("image",)
     exempt_gains_and_biases = False  # the official SGD + LARC decays every parameter (module doc)

@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from data_modules.views import Views
+from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.redundancy_reduction import barlow_twins_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.self_supervised.common import byol_views, tiny_vit, two_view_embeddings
@@ -31,6 +32,10 @@ class BarlowTwins(VLPMethod):
         redundancy_weight: λ (5e-3).
         gather: cross-correlation over the batch of every rank (the paper's global batch).
     """
+
+    paper = Paper("Barlow Twins: Self-Supervised Learning via Redundancy Reduction", "Zbontar et al.", 2021)
+    family = "redundancy reduction"
+    view_kind = "two crops"
 
     def __init__(
         self,

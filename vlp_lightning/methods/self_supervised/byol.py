@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from data_modules.views import Views
+from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.self_distillation import byol_regression_loss
 from vlp_lightning.methods.base import WarmupCosineLR
 from vlp_lightning.methods.momentum import MomentumMethod, momentum_copy
@@ -32,6 +33,10 @@ class BYOL(MomentumMethod):
         projection_dim: output size of projector and predictor (256).
         base_momentum: τ_base (0.996); τ rises to `final_momentum` (1.0).
     """
+
+    paper = Paper("Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning", "Grill et al.", 2020)
+    family = "momentum teacher"
+    view_kind = "two crops"
 
     def __init__(
         self,

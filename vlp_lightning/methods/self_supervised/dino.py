@@ -28,6 +28,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from data_modules.views import MultiCrop, Views
+from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.self_distillation import dino_centre, dino_distillation_loss
 from vlp_lightning.methods.base import WarmupCosineLR
 from vlp_lightning.methods.momentum import MomentumMethod, momentum_copy
@@ -57,6 +58,10 @@ class DINO(MomentumMethod):
         norm_last_layer: the head's last layer keeps unit-norm rows (True, the official default and ViT-B setting);
             False learns their norms (the official ViT-S setting, faster to start, less stable; `DINOHead`).
     """
+
+    paper = Paper("Emerging Properties in Self-Supervised Vision Transformers", "Caron et al.", 2021)
+    family = "momentum teacher"
+    view_kind = "multi-crop"
 
     def __init__(
         self,

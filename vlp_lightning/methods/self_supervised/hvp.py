@@ -31,6 +31,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from data_modules.views import TwoCrops, Views
+from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.instance_contrastive import nt_xent_loss
 from vlp_lightning.losses.masked_modeling import masked_reconstruction_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
@@ -59,6 +60,13 @@ class HVP(VLPMethod):
         classification_weight, reconstruction_weight, contrast_weight: the weights of the three terms.
         gather: contrast against the crops of every rank.
     """
+
+    paper = Paper(
+        "Heuristic Vision Pre-Training with Self-Supervised and Supervised Multi-Task Learning",
+        "Qian", 2023, note="objective from the abstract; see its docstring",
+    )
+    family = "supervised pretraining"
+    view_kind = "two crops"
 
     required_keys = ("image", "label")
 

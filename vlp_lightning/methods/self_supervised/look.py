@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from data_modules.views import SingleCrop, Views
+from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.nearest_neighbour import leave_one_out_knn_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.self_supervised.common import tiny_vit
@@ -41,6 +42,13 @@ class LOOK(VLPMethod):
         k: neighbours of each vote.
         temperature: τ of the vote weights exp(s / τ).
     """
+
+    paper = Paper(
+        "Rethinking Supervised Pre-training for Better Downstream Transferring",
+        "Feng et al.", 2022, note="objective from the abstract; see its docstring",
+    )
+    family = "supervised pretraining"
+    view_kind = "one crop"
 
     required_keys = ("image", "label")
 

@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.instance_contrastive import moco_v3_contrastive_loss
 from vlp_lightning.losses.masked_modeling import masked_reconstruction_loss
 from vlp_lightning.losses.self_distillation import dino_distillation_loss
@@ -66,6 +67,13 @@ class MMC(DINO):
         contrast_temperature: τ of the global contrast.
         reconstruction_weight, distillation_weight, contrast_weight: weights of the three terms.
     """
+
+    paper = Paper(
+        "Masked Momentum Contrastive Learning for Zero-shot Semantic Understanding",
+        "Wu et al.", 2023, note="objective from the abstract; see its docstring",
+    )
+    family = "momentum teacher"
+    view_kind = "multi-crop"
 
     def __init__(
         self,

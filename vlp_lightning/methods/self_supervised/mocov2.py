@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from data_modules.views import TwoCrops, Views
+from vlp_lightning.catalog import Paper
 from vlp_lightning.distributed import all_gather_no_grad, rank, world_size
 from vlp_lightning.losses.instance_contrastive import moco_queue_loss
 from vlp_lightning.methods.base import WarmupCosineLR
@@ -41,6 +42,10 @@ class MoCoV2(MomentumMethod):
         momentum: m of the key encoder (0.999, constant).
         shuffle_batchnorm: shuffle the key encoder's batch across ranks (sec. 3.3; no effect in one process).
     """
+
+    paper = Paper("Improved Baselines with Momentum Contrastive Learning", "Chen et al.", 2020)
+    family = "instance contrastive"
+    view_kind = "two crops"
 
     exempt_gains_and_biases = False  # the official SGD decays every parameter (module doc)
 

@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from data_modules.views import Views
+from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.instance_contrastive import moco_v3_contrastive_loss
 from vlp_lightning.methods.base import WarmupCosineLR
 from vlp_lightning.methods.momentum import MomentumMethod, momentum_copy
@@ -35,6 +36,10 @@ class MoCoV3(MomentumMethod):
         base_momentum: τ_base of the momentum encoder (0.99), rising to `final_momentum` (1.0).
         freeze_patch_embedding: keep a ViT's patch projection at its random init (sec. 4.2).
     """
+
+    paper = Paper("An Empirical Study of Training Self-Supervised Vision Transformers", "Chen, Xie and He", 2021)
+    family = "instance contrastive"
+    view_kind = "two crops"
 
     exempt_gains_and_biases = False  # the official AdamW decays every parameter (module doc)
 

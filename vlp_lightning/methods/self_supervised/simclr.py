@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from data_modules.views import TwoCrops, Views
+from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.instance_contrastive import nt_xent_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.self_supervised.common import tiny_vit, two_view_embeddings
@@ -31,6 +32,10 @@ class SimCLR(VLPMethod):
         temperature: τ of NT-Xent (0.1 at batch 4096; 0.5 in the paper's ablations).
         gather: negatives from every rank (the paper's global batch).
     """
+
+    paper = Paper("A Simple Framework for Contrastive Learning of Visual Representations", "Chen et al.", 2020)
+    family = "instance contrastive"
+    view_kind = "two crops"
 
     def __init__(
         self,

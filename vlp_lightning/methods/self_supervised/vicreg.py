@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from data_modules.views import Views
+from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.redundancy_reduction import vicreg_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.self_supervised.common import byol_views, tiny_vit, two_view_embeddings
@@ -31,6 +32,13 @@ class VICReg(VLPMethod):
         invariance_weight, variance_weight, covariance_weight: λ, μ, ν (25, 25, 1).
         gather: variance and covariance over the batch of every rank.
     """
+
+    paper = Paper(
+        "VICReg: Variance-Invariance-Covariance Regularization for Self-Supervised Learning",
+        "Bardes et al.", 2022,
+    )
+    family = "redundancy reduction"
+    view_kind = "two crops"
 
     def __init__(
         self,
