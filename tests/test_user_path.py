@@ -4,6 +4,7 @@ TensorBoard bound to every interface."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from vlp_lightning.checkpoints import AtomicModelCheckpoint
 from vlp_lightning.cli import main
 
 REPO = Path(__file__).parents[1]
+README = REPO / "README.md"
 CLIP_TINY = str(REPO / "experiments/clip/emoji_tiny.yaml")
 SWAV_TINY = str(REPO / "experiments/swav/emoji_tiny.yaml")
 TINY = ["--data.batch_size", "8", "--data.num_workers", "0", "--trainer.max_steps", "2",
@@ -53,8 +55,10 @@ def test_predict_writes_keys_and_embeddings_numpy_reads_without_pickle(make_shar
     main(["fit", "--config", CLIP_TINY, "--data.train_shards", shards.pattern, "--data.val_shards", "null",
           "--model.init_args.text.init_args.layers", "1", *TINY])
     main(["predict", "--config", CLIP_TINY, "--data.predict_shards", shards.pattern, "--ckpt_path", "last",
-          "--predictions.path", str(tmp_path / "emb.npz"), "--model.init_args.text.init_args.layers", "1", *TINY])
-    result = np.load(tmp_path / "emb.npz")  # allow_pickle=False by default
+          "--model.init_args.text.init_args.layers", "1", *TINY])
+    result = np.load(tmp_path / "runs/clip/emoji_tiny/predictions.npz")  # allow_pickle=False by default
+    snippet = re.search(r"```python\n(import numpy as np\npredictions = .*?)```", README.read_text(), re.S).group(1)
+    exec(snippet, {})  # the README's lines read it as written
     assert list(result["key"]) == shards.keys  # every sample once, in shard order
     assert result["image_embedding"].shape == (24, 128) and result["text_embedding"].shape == (24, 128)
     assert np.isfinite(result["probe_features"]).all()
@@ -64,8 +68,8 @@ def test_predict_writes_keys_and_embeddings_numpy_reads_without_pickle(make_shar
     main(["fit", "--config", SWAV_TINY, "--data.train_shards", shards.pattern, "--trainer.callbacks", "null",
           *TINY[:-4]])
     main(["predict", "--config", SWAV_TINY, "--data.predict_shards", shards.pattern, "--ckpt_path", "last",
-          "--trainer.callbacks", "null", *TINY[:-4]])
-    swav = np.load(tmp_path / "runs/swav/emoji_tiny/predictions.npz")
+          "--predictions.path", str(tmp_path / "swav.npz"), "--trainer.callbacks", "null", *TINY[:-4]])
+    swav = np.load(tmp_path / "swav.npz")
     assert set(swav.files) == {"key", "probe_features", "caption", "label"}
 
 
