@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from vlp_lightning.hardware import BF16_CPU_FLAGS, cpu_flags, cpu_has_native_bf16, cpu_model  # noqa: F401
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -31,38 +33,9 @@ README_BEGIN = "<!-- results: rebuilt by `python bench/run_all.py` from bench/re
 README_END = "<!-- end of results -->"
 #: packages whose versions a result records.
 PACKAGES = ("torch", "lightning", "timm", "transformers", "open_clip_torch", "webdataset")
-#: /proc/cpuinfo flags that give a CPU native bf16 matmuls; without them bf16 is emulated through fp32.
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 # ---------------------------------------------------------------------------------------------------- machine
-def cpu_flags() -> set[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_has_native_bf16() -> bool:
-    return bool(cpu_flags() & set(BF16_CPU_FLAGS))
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def package_version(name: str) -> str | None:
     try:
         return metadata.version(name)

@@ -23,6 +23,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from data_modules import DataConfigError
 from vlp_lightning import methods
@@ -39,6 +40,7 @@ from vlp_lightning.checkpoints import (
     remove_partial_saves,
     switch_link,
 )
+from vlp_lightning.hardware import default_precision
 from vlp_lightning.methods.base import CheckpointMismatchError, VLPMethod
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,7 @@ class VLPCLI(LightningCLI):
     """LightningCLI with the suite's defaults; see the module docstring."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        quiet_lightning_noise()
         self.experiment_lock: ExperimentLock | None = None
         try:
             super().__init__(
@@ -153,6 +156,18 @@ class VLPCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.save_top_k": 1})
         parser.add_lightning_class_args(NonFiniteLossGuard, "non_finite")
         parser.add_lightning_class_args(GlobalBatchSize, "global_batch")
+
+    def before_instantiate_classes(self) -> None:
+        """A config that sets no precision gets the fastest correct one for the hardware, said once: bf16 autocast
+        on CPUs with native bf16 (AVX-512 BF16 / AMX) and on GPUs since Ampere, fp32 elsewhere
+        (`hardware.default_precision`). A precision set in the recipe or on the command line is kept."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if config.trainer.get("precision") is None:
+            precision, reason = default_precision(config.trainer.get("accelerator"))
+            config.trainer.precision = precision
+            rank_zero_info(f"precision {precision}: the config sets none and {reason} "
+                           "(set --trainer.precision to choose)")
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         """`vlp predict` writes embeddings (`--predictions.path`) instead of collecting them in memory."""
@@ -348,7 +363,6 @@ def quiet_lightning_noise() -> None:
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point of `vlp`."""
-    quiet_lightning_noise()
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in COMMANDS:
         sys.exit(importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]))

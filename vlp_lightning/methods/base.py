@@ -236,7 +236,8 @@ class VLPMethod(LightningModule):
         return groups
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameter_groups())
+        groups = self.parameter_groups()
+        optimizer = self.optimizer_factory(groups, **fast_optimizer_options(self.optimizer_factory, groups))
         if self.lr_scale != 1.0:  # before the scheduler records its base learning rates
             for group in optimizer.param_groups:
                 group["lr"] *= self.lr_scale
@@ -389,6 +390,32 @@ def _set_rng_states(states: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+#: optimizers with a fused implementation (one kernel for all parameters: torch's `fused=True`, CPU and GPU).
+FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+
+
+def fast_optimizer_options(factory: object, groups: list[dict]) -> dict:
+    """`{"fused": True}` when the optimizer `factory` builds has a fused implementation, its config leaves both
+    `fused` and `foreach` unset, and every parameter is a floating-point tensor on a device torch fuses for; else
+    `{}` (torch then picks its foreach or per-tensor loop). An explicit `fused: false` or `foreach: ...` in YAML
+    is kept. The fused step is one kernel over all parameters instead of one per tensor (issue 20's measurement:
+    the optimizer's share of a bf16 CLIP step fell from 10 % to 1 % on CPU)."""
+    keywords = getattr(factory, "keywords", {}) or {}
+    arguments = getattr(factory, "args", ())
+    optimizer_class = next((a for a in (factory, *arguments) if isinstance(a, type)), None)
+    if optimizer_class not in FUSED_OPTIMIZERS or keywords.get("fused") is not None:
+        return {}
+    if keywords.get("foreach") is not None or keywords.get("differentiable"):
+        return {}
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    supported = set(_get_fused_kernels_supported_devices())
+    params = [param for group in groups for param in group["params"]]
+    if not params or any(not param.is_floating_point() or param.device.type not in supported for param in params):
+        return {}
+    return {"fused": True}
 
 
 def batch_size_of(batch: dict) -> int:
