@@ -25,6 +25,7 @@ from typing import Any
 
 import safetensors.torch
 import yaml
+from jsonargparse import Namespace
 from torch import Tensor, nn
 
 from vlp_lightning import methods
@@ -269,9 +270,8 @@ def _class_paths(node: Any, key: str) -> Iterator[tuple[str, str]]:
 def _check_class_paths(model: dict[str, Any], config: Path) -> None:
     """The method must be in the methods index (compared by name, before anything is imported), the other classes
     vlp's or torch's."""
-    index = set(available_methods())
-    index |= {f"{cls.__module__}.{cls.__qualname__}" for cls in (getattr(methods, path.rsplit('.', 1)[1]) for path in
-                                                                  available_methods())}
+    classes = [getattr(methods, path.rsplit(".", 1)[1]) for path in available_methods()]
+    index = set(available_methods()) | {f"{cls.__module__}.{cls.__qualname__}" for cls in classes}
     if model["class_path"] not in index:
         raise ExportError(
             f"{config} configures the model {model['class_path']}, which is not a method of vlp_lightning.methods; "
@@ -286,7 +286,7 @@ def _check_class_paths(model: dict[str, Any], config: Path) -> None:
             )
 
 
-def build_method(model: dict[str, Any], config: Path):
+def build_method(model: dict[str, Any], config: Path) -> tuple[VLPMethod, Namespace]:
     """Instantiate the model section as LightningCLI does; -> (method, its parsed config for the hparams check)."""
     from lightning.pytorch.cli import LightningArgumentParser
 
