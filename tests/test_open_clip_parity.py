@@ -8,9 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp_lightning.modules.open_clip_import import (
+    open_clip_config_from_vlp,
     open_clip_state_dict_to_vlp,
     text_config_from_open_clip,
     vision_config_from_open_clip,
+    vlp_state_dict_to_open_clip,
 )
 from vlp_lightning.modules.text import TextTransformer
 from vlp_lightning.modules.tokenizers import CLIPTokenizer
@@ -94,6 +96,44 @@ def test_converted_weights_load_into_the_clip_method() -> None:
     ).eval()
     method.load_state_dict(open_clip_state_dict_to_vlp(reference.state_dict()), strict=True)
     assert_same_embeddings(method, reference, image_size=32, context_length=16)
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_the_export_conversion_inverts_the_import(quick_gelu: bool) -> None:
+    """open_clip -> vlp -> open_clip gives back every tensor, and the config `vlp export` writes is the one we built
+    the towers from."""
+    config = tiny_config(quick_gelu)
+    state_dict = reference_model(config).state_dict()
+    again = vlp_state_dict_to_open_clip(open_clip_state_dict_to_vlp(state_dict))
+    assert again.keys() == state_dict.keys()
+    assert all(torch.equal(again[key], value) for key, value in state_dict.items())
+    from vlp_lightning.methods.clip import CLIP
+
+    method = CLIP(vision=VisionEncoder(**vision_config_from_open_clip(config)),
+                  text=TextTransformer(**text_config_from_open_clip(config)),
+                  tokenizer=CLIPTokenizer(context_length=16), embed_dim=config["embed_dim"])
+    exported = open_clip_config_from_vlp(method)
+    assert exported["quick_gelu"] == quick_gelu and exported["embed_dim"] == config["embed_dim"]
+    assert exported["text_cfg"] == {**config["text_cfg"], "mlp_ratio": 4.0}
+    assert exported["vision_cfg"] == {**config["vision_cfg"], "mlp_ratio": 4.0}
+
+
+def test_vits_without_ln_pre_import_as_timm_imagenet_vits_with_a_zero_patch_bias() -> None:
+    """What `vlp export` writes for a timm ViT without CLIP's pre-norm (no ln_pre, LayerNorm eps 1e-6 in
+    norm_kwargs) imports as timm's ImageNet ViT, whose patch-embedding bias open_clip lacks: zero."""
+    config = tiny_config(quick_gelu=False)
+    config["vision_cfg"] = {**config["vision_cfg"], "no_ln_pre": True, "norm_kwargs": {"eps": 1e-6}}
+    reference = reference_model(config)
+    vision = vision_config_from_open_clip(config)
+    assert (vision["model_name"], vision["pre_norm"]) == ("vit_base_patch16_224", False)
+    ours = Towers(config).eval()
+    ours.load_state_dict(open_clip_state_dict_to_vlp(reference.state_dict()), strict=True)
+    assert not ours.vision.model.patch_embed.proj.bias.any()
+    assert_same_embeddings(ours, reference, image_size=32, context_length=16)
+    with pytest.raises(ValueError, match="no timm ViT that VisionEncoder builds has LayerNorm eps 1e-06, QuickGELU"):
+        vision_config_from_open_clip({**config, "quick_gelu": True})
+    with pytest.raises(ValueError, match="eps 1e-05, GELU and no ln_pre"):
+        vision_config_from_open_clip({**config, "vision_cfg": {**config["vision_cfg"], "norm_kwargs": None}})
 
 
 def test_unsupported_configs_and_parameters_are_refused() -> None:

@@ -273,32 +273,35 @@ class CheckpointError(ValueError):
     """A checkpoint path that cannot be resumed: missing, incomplete, unsafe, or nothing to resume."""
 
 
-def load_checkpoint_for_check(ckpt_path: str) -> dict:
+def load_checkpoint_for_check(
+    ckpt_path: str,
+    name: str = "--ckpt_path",
+    if_missing: str = "give the path of a checkpoint, or --ckpt_path last to resume the experiment's newest one",
+    if_incomplete: str = "resume from another one (--ckpt_path last picks the newest complete checkpoint of the "
+    "experiment)",
+) -> dict:
     """The checkpoint's contents (weights only, memory-mapped), or a `CheckpointError` sentence saying what is wrong
-    with the file and what to do."""
+    with the file and what to do. `name` is how the sentence calls the path (the option or argument that gave it);
+    `if_missing` / `if_incomplete` are the fixes it proposes for a missing file and an unreadable one."""
     path = Path(ckpt_path)
     if not path.exists():
-        raise CheckpointError(
-            f"--ckpt_path {ckpt_path}: no such file; give the path of a checkpoint, or --ckpt_path last to resume "
-            "the experiment's newest one"
-        )
+        raise CheckpointError(f"{name} {ckpt_path}: no such file; {if_missing}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0] if "Weights only load failed" not in str(error) else ""
         raise CheckpointError(
-            f"--ckpt_path {ckpt_path} holds pickled Python objects{f' ({reason})' if reason else ''}, which vlp "
+            f"{name} {ckpt_path} holds pickled Python objects{f' ({reason})' if reason else ''}, which vlp "
             "never loads (a checkpoint could run code); use a checkpoint written by vlp (tensors and plain values)"
         ) from None
     except Exception as error:
         raise CheckpointError(
-            f"--ckpt_path {ckpt_path} is not a complete checkpoint ({type(error).__name__}: "
-            f"{(str(error).strip().splitlines() or ['empty file'])[0]}); resume from another one (--ckpt_path last "
-            "picks the newest complete checkpoint of the experiment)"
+            f"{name} {ckpt_path} is not a complete checkpoint ({type(error).__name__}: "
+            f"{(str(error).strip().splitlines() or ['empty file'])[0]}); {if_incomplete}"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(
-            f"--ckpt_path {ckpt_path} is not a Lightning checkpoint (no state_dict); give a checkpoint written by vlp"
+            f"{name} {ckpt_path} is not a Lightning checkpoint (no state_dict); give a checkpoint written by vlp"
         )
     return checkpoint
 

@@ -146,6 +146,7 @@ class CLIPTokenizer:
         with gzip.open(vocab_path, "rt", encoding="utf-8") as merges_file:
             lines = merges_file.read().split("\n")[1 : self.num_merges + 1]
         merges = [tuple(line.split()) for line in lines]
+        self.vocab_path = vocab_path
         self.byte_to_char = bytes_to_unicode()
         byte_chars = list(self.byte_to_char.values())
         vocab = [*byte_chars, *(char + "</w>" for char in byte_chars), *("".join(merge) for merge in merges)]

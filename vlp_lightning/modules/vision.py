@@ -124,6 +124,7 @@ class VisionEncoder(LockableEncoder):
                 )
             self.model.num_features = self.model.conv_head.in_channels
             self.model.conv_head, self.model.bn2 = nn.Identity(), nn.Identity()
+        self.head_conv = head_conv
         self.num_features: int = self.model.num_features
         self.img_size: int = img_size or self.model.pretrained_cfg["input_size"][-1]
         self.mean, self.std = tuple(mean), tuple(std)
