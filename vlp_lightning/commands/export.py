@@ -100,7 +100,8 @@ class ExportArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"vlp export: error: {message} (see vlp export --help)\n")
 
 
-def main(argv: list[str]) -> int:
+def parser() -> ExportArgumentParser:
+    """The `vlp export` command line."""
     parser = ExportArgumentParser(
         prog="vlp export",
         description=textwrap.fill(DESCRIPTION, width=100),
@@ -117,8 +118,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the vision/, open_clip/, text/ of an earlier export in OUT"
     )
+    return parser
+
+
+def main(argv: list[str]) -> int:
     try:
-        args = parser.parse_args(argv)
+        args = parser().parse_args(argv)
     except SystemExit as stop:  # --help (0), or a usage error already printed in one line (2)
         return int(stop.code or 0)
     out = Path(args.out)
