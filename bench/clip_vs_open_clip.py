@@ -40,11 +40,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -56,18 +54,14 @@ import torch
 from common import (
     CLOCKS,
     REPO_ROOT,
-    Instant,
     StepTime,
     Target,
     cpu_has_native_bf16,
-    matmul_ceiling,
     step_summary,
     write_result,
 )
+from lockstep import Lockstep, TurnClock, TurnClockCallback, UpdateClock, run_in_lockstep
 from PIL import Image, ImageDraw
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
 
 BENCH_CONFIG = REPO_ROOT / "experiments" / "clip" / "bench_tiny.yaml"
 OPEN_CLIP_MODEL = "vlp-bench-tiny-clip"
@@ -86,7 +80,6 @@ PRECISIONS = {  # ours -> (Lightning precision, open_clip --precision, autocast 
 BASE_CONTENDERS = ("open_clip", "vlp_fit", "bare")
 RECOMMENDED = "vlp_fit_recommended"
 CONTENDERS = (*BASE_CONTENDERS, RECOMMENDED)
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product", "convolution")
 GOALS = {"vs_open_clip": 1.0, "vs_bare": 0.95, "recommended_vs_open_clip_fp32": 1.5, "data_wait": 0.05}
 
 
@@ -105,143 +98,6 @@ def recommended_overrides() -> list[str]:
     gain on this model. Thread count and workers stay those of every contender (see `--threads`).
     """
     return ["--model.init_args.optimizer.init_args.fused=true"]
-
-
-# ---------------------------------------------------------------------------------------------------- probes
-class StepProbes:
-    """Counts FLOPs during step 0 and profiles the last warm-up step; both steps stay out of the timing."""
-
-    def __init__(self, warmup: int, count_flops: bool) -> None:
-        self.warmup = warmup
-        self.count_flops = count_flops
-        self.flops_per_step: int | None = None
-        self.profile: dict | None = None
-        self._counter: FlopCounterMode | None = None
-        self._profiler: profile | None = None
-
-    def start(self, index: int) -> None:
-        if index == 0 and self.count_flops:
-            self._counter = FlopCounterMode(display=False)
-            self._counter.__enter__()
-        elif index == self.warmup - 1:
-            self._profiler = profile(activities=[ProfilerActivity.CPU])
-            self._profiler.__enter__()
-
-    def stop(self) -> None:
-        if self._counter is not None:
-            self._counter.__exit__(None, None, None)
-            self.flops_per_step = self._counter.get_total_flops()
-            self._counter = None
-        if self._profiler is not None:
-            self._profiler.__exit__(None, None, None)
-            self.profile = cpu_time_profile(self._profiler)
-            self._profiler = None
-
-
-def cpu_time_profile(profiler: profile) -> dict:
-    """CPU seconds of one profiled step: all operators, the matmul-like ones, and the eight largest."""
-    events = profiler.key_averages()
-    total = sum(event.self_cpu_time_total for event in events) / 1e6
-    matmul = sum(event.self_cpu_time_total for event in events if any(op in event.key for op in MATMUL_OPS)) / 1e6
-    top = sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)[:8]
-    return {
-        "operators_cpu_s": total,
-        "matmul_attention_conv_cpu_s": matmul,
-        "top_operators_cpu_s": {event.key: event.self_cpu_time_total / 1e6 for event in top},
-    }
-
-
-class UpdateClock:
-    """CPU seconds of every optimizer update (the parameter update alone).
-
-    Starts at the optimizer's step pre-hook and stops at its post-hook. Lightning passes a closure that runs
-    forward and backward inside `optimizer.step`, so there `on_before_optimizer_step` (after the closure) restarts
-    the clock through `start`.
-    """
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._started = 0.0
-        register_optimizer_step_pre_hook(self.start)
-        register_optimizer_step_post_hook(self.stop)
-
-    def start(self, *hook_arguments: object) -> None:
-        self._started = time.process_time()
-
-    def stop(self, *hook_arguments: object) -> None:
-        self.seconds.append(time.process_time() - self._started)
-
-
-# ---------------------------------------------------------------------------------------------------- turns
-class Lockstep:
-    """The contenders of one precision run side by side, one process each, but compute one at a time, in turns
-    (A, B, C, A, B, C, ...): whatever else a shared machine runs meanwhile slows each of them alike.
-
-    Every contender takes the same number of turns (one for the matmul ceiling, one per step). A start barrier
-    keeps set-up work (imports are shared, but model building, Lightning's and open_clip's set-up) out of the turns,
-    and a finish barrier keeps teardown (checkpoint saving) out of the others' last steps.
-    """
-
-    def __init__(self, size: int, timeout: float) -> None:
-        context = multiprocessing.get_context("fork")
-        self.turns = [context.Semaphore(1 if index == 0 else 0) for index in range(size)]
-        self.started = context.Barrier(size, timeout=timeout)
-        self.finished = context.Barrier(size, timeout=timeout)
-        self.timeout = timeout
-        self.index = 0  # each forked contender sets its own
-
-    def take_turn(self) -> None:
-        if not self.turns[self.index].acquire(timeout=self.timeout):
-            raise TimeoutError(f"contender {self.index} waited {self.timeout:.0f} s for its turn")
-
-    def pass_turn(self) -> None:
-        self.turns[(self.index + 1) % len(self.turns)].release()
-
-
-class TurnClock:
-    """Runs one contender's steps in its turns and times them; the harnesses call it at three moments.
-
-    `begin` once everything is set up; `batch_ready` when the step has its batch; `step_done` after the optimizer
-    step. A step is timed from the start of its turn, so getting the batch counts (`StepTime`).
-    """
-
-    def __init__(self, lockstep: Lockstep, args: argparse.Namespace, precision: str, count_flops: bool) -> None:
-        self.lockstep = lockstep
-        self.total_steps = args.warmup + args.steps_by_precision[precision]
-        self.ceiling_dtype = PRECISIONS[precision][2] or torch.float32
-        self.ceiling_seconds = args.ceiling_seconds
-        self.probes = StepProbes(args.warmup, count_flops)
-        self.ceiling: dict[str, float] = {}
-        self.steps: list[StepTime] = []
-        #: Lightning only: CPU seconds from the end of backward to the optimizer update (other callbacks' hooks).
-        self.pre_update_hooks: list[float] = []
-        self._turn_start = self._ready = Instant.now()
-
-    def begin(self) -> None:
-        """Wait for the group, measure the matmul ceiling in the first turn, then take the turn of step 0."""
-        self.lockstep.started.wait()
-        self.lockstep.take_turn()
-        self.ceiling = matmul_ceiling(self.ceiling_dtype, min_seconds=self.ceiling_seconds)
-        self.lockstep.pass_turn()
-        self._take_turn()
-
-    def batch_ready(self) -> None:
-        self._ready = Instant.now()
-        self.probes.start(len(self.steps))
-
-    def step_done(self) -> None:
-        self.probes.stop()
-        end = Instant.now()
-        self.steps.append(StepTime.between(self._turn_start, self._ready, end))
-        self.lockstep.pass_turn()
-        if len(self.steps) < self.total_steps:
-            self._take_turn()
-        else:
-            self.lockstep.finished.wait()
-
-    def _take_turn(self) -> None:
-        self.lockstep.take_turn()
-        self._turn_start = Instant.now()
 
 
 # ---------------------------------------------------------------------------------------------------- contenders
@@ -278,33 +134,8 @@ def run_vlp_fit(
     clock: TurnClock, precision: str, args: argparse.Namespace, overrides: list[str], updates: UpdateClock
 ) -> None:
     """`vlp fit --config bench_tiny.yaml` (the CLI's own parsing and instantiation) with a callback for the clock."""
-    from lightning.pytorch import Callback
-
     from vlp_lightning.callbacks import ThroughputMonitor
     from vlp_lightning.cli import VLPCLI
-
-    class TurnClockCallback(Callback):
-        """Lightning fetches the next batch between `on_train_batch_end` and `on_train_batch_start`. Being the last
-        callback, its `on_before_optimizer_step` runs after every other callback's (the suite's NaN guard)."""
-
-        def __init__(self) -> None:
-            self._backward_done = 0.0
-
-        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-            clock.begin()
-
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            clock.batch_ready()
-
-        def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
-            self._backward_done = time.process_time()
-
-        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-            clock.pre_update_hooks.append(time.process_time() - self._backward_done)
-            updates.start()
-
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            clock.step_done()
 
     cli = VLPCLI(
         args=[
@@ -318,7 +149,7 @@ def run_vlp_fit(
         ],
         run=False,
     )
-    cli.trainer.callbacks.append(TurnClockCallback())
+    cli.trainer.callbacks.append(TurnClockCallback(clock, updates))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     # The suite's ThroughputMonitor (in the YAML) counts the FLOPs of the first step itself.
     monitor = next(callback for callback in cli.trainer.callbacks if isinstance(callback, ThroughputMonitor))
@@ -389,16 +220,16 @@ def run_open_clip(clock: TurnClock, precision: str, args: argparse.Namespace, ru
 def contender_process(
     contender: str, precision: str, lockstep: Lockstep, index: int, args: argparse.Namespace
 ) -> None:
-    """Body of one forked contender: output to its log, the thread count, its steps; its result as JSON."""
+    """Body of one forked contender (its output already goes to its log): the thread count, its steps; its result
+    as JSON."""
     run_name = f"{contender}-{precision}"
-    with (args.workdir / f"{run_name}.log").open("w") as log_file:
-        os.dup2(log_file.fileno(), 1)
-        os.dup2(log_file.fileno(), 2)
     os.chdir(args.workdir)  # run folders of Lightning and open_clip land in the temporary folder
     torch.set_num_threads(args.threads)
-    lockstep.index = index
     updates = UpdateClock()
-    clock = TurnClock(lockstep, args, precision, count_flops=not contender.startswith("vlp_fit"))
+    clock = TurnClock(
+        lockstep, args.warmup + args.steps_by_precision[precision], args.warmup,
+        PRECISIONS[precision][2] or torch.float32, args.ceiling_seconds, count_flops=not contender.startswith("vlp_fit"),
+    )
     if contender == "bare":
         run_bare(clock, precision, args)
     elif contender == "open_clip":
@@ -423,32 +254,13 @@ def contender_process(
 
 
 def run_group(contenders: list[str], precision: str, args: argparse.Namespace) -> list[dict]:
-    """Fork one process per contender, let them run in lockstep, collect their results. When one fails (or this
-    process is interrupted) the others are stopped, since they would wait for its turns, and its log is shown."""
-    lockstep = Lockstep(len(contenders), timeout=args.turn_timeout)
-    context = multiprocessing.get_context("fork")
-    children = {
-        contender: context.Process(target=contender_process, args=(contender, precision, lockstep, index, args))
-        for index, contender in enumerate(contenders)
-    }
-    for child in children.values():
-        child.start()
-    try:
-        running = True
-        while running:
-            time.sleep(0.5)
-            running = any(child.is_alive() for child in children.values())
-            for contender, child in children.items():
-                if child.exitcode:
-                    log = args.workdir / f"{contender}-{precision}.log"
-                    sys.stdout.write(log.read_text()[-4000:])
-                    raise RuntimeError(f"{contender} ({precision}) failed with exit code {child.exitcode} (log above)")
-    finally:
-        for child in children.values():
-            if child.is_alive():
-                child.terminate()
-                child.join()
-    return [json.loads((args.workdir / f"{contender}-{precision}.json").read_text()) for contender in contenders]
+    """The contenders of one precision in lockstep (`lockstep.run_in_lockstep`)."""
+    return run_in_lockstep(
+        [f"{contender}-{precision}" for contender in contenders],
+        lambda name, lockstep, index: contender_process(contenders[index], precision, lockstep, index, args),
+        args.workdir,
+        args.turn_timeout,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- data

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from vlp_lightning.hardware import BF16_CPU_FLAGS, cpu_flags, cpu_has_native_bf16, cpu_model  # noqa: F401
+from vlp_lightning.hardware import cpu_has_native_bf16, cpu_model
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent

@@ -1,0 +1,265 @@
+"""What `vlp fit` costs next to a bare loop, for every method of the index, at its tiny recipe.
+
+For each method (read from `vlp_lightning.catalog`, so a method added later appears without edits) two contenders
+train the same model with the same optimizer from its tiny recipe (`experiments/<method>/emoji_tiny.yaml`, at the
+recipe's precision and DataLoader workers, on the recipe's real emoji shards):
+
+* `vlp_fit`: `VLPCLI` with the recipe, the suite's whole path: data streaming from the shards, Lightning's loop,
+  the recipe's callbacks, logging, the non-finite guard;
+* `bare`: the model and optimizer `vlp fit` builds (`configure_optimizers`, so the same fused AdamW and schedule),
+  in a plain loop over batches the recipe's data module made beforehand: the method's own per-step hooks
+  (`on_train_batch_start`, `on_after_backward`, `after_optimizer_step`: queues, frozen prototypes, EMA teachers)
+  and nothing else.
+
+They run in lockstep (`lockstep.py`: forked after the heavy imports, one step per turn), so a shared machine slows
+both alike. A step is timed from the start of its turn (getting the batch counts) on the CPU clock (`--clock`);
+warm-up steps are dropped; every step stays in the first epoch (no evaluation at an epoch end). Reported per
+method: samples/s of each, their ratio (target >= 0.97), the data-wait share of a `vlp fit` step (wall clock,
+target <= 2 %), the optimizer update's share of a step, peak resident memory (`ru_maxrss`) of each process, and
+MFU (FLOPs of one bare step by `torch.utils.flop_counter` / median step / the matmul ceiling of the step's dtype).
+
+Usage: python bench/method_overhead.py [--quick] [--methods CLIP DINO ...] [--steps 8] [--threads 1]
+Prints a table and `target` lines, writes bench/results/method_overhead.json. The shards are built with the
+command each recipe names (`vlp-data emoji data/emoji ...`, npm cache) when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from common import CLOCKS, REPO_ROOT, StepTime, Target, cpu_model, step_summary, write_result
+from lockstep import Lockstep, TurnClock, TurnClockCallback, UpdateClock, run_in_lockstep
+
+from data_modules.builder import main as vlp_data
+from vlp_lightning import catalog
+from vlp_lightning.cli import VLPCLI
+
+CONTENDERS = ("vlp_fit", "bare")
+GOALS = {"vs_bare": 0.97, "data_wait": 0.02}
+#: CPU autocast dtype of each Lightning precision a tiny recipe may set.
+AUTOCAST = {"bf16-mixed": torch.bfloat16}
+
+
+def tiny_recipe(entry: catalog.Entry) -> Path:
+    recipes = [recipe for recipe in entry.recipes() if recipe.stem.endswith("_tiny")]
+    preferred = [recipe for recipe in recipes if recipe.stem == "emoji_tiny"]
+    return (preferred or recipes)[0]
+
+
+def methods_to_run(names: list[str] | None) -> dict[str, Path]:
+    """{method name: its tiny recipe} of the index (presets are the same code as their method, left out)."""
+    entries = [entry for entry in catalog.entries() if entry.preset_of is None]
+    if names:
+        entries = [catalog.find(name) for name in names]
+    return {entry.name: tiny_recipe(entry) for entry in entries}
+
+
+def ensure_shards(recipes: dict[str, Path]) -> None:
+    """Build the shards a recipe names in its header when its training shards are missing."""
+    for recipe in recipes.values():
+        command = catalog.shard_command(recipe)
+        folder = Path(shlex.split(command)[2]) if command else None
+        if command and folder and not (REPO_ROOT / folder / "manifest.json").is_file():
+            print(f"building {folder}: {command}", flush=True)
+            if vlp_data(shlex.split(command)[1:]) != 0:
+                raise SystemExit(f"`{command}` failed; build the shards by hand and rerun")
+
+
+def cli_for(recipe: Path, total_steps: int, run_dir: Path) -> VLPCLI:
+    """The recipe as `vlp fit` builds it, for `total_steps` steps, not validated (its logs and checkpoint go
+    to `run_dir`, in the temporary folder)."""
+    return VLPCLI(args=["--config", str(recipe), f"--trainer.max_steps={total_steps}",
+                        "--trainer.enable_progress_bar=false",
+                        "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=0",
+                        f"--trainer.default_root_dir={run_dir}"], run=False)
+
+
+def run_vlp_fit(clock: TurnClock, updates: UpdateClock, recipe: Path, run_dir: Path) -> dict:
+    cli = cli_for(recipe, clock.total_steps, run_dir)
+    cli.trainer.callbacks.append(TurnClockCallback(clock, updates))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    if cli.trainer.num_training_batches < clock.total_steps:  # an epoch end would have run evaluations
+        raise RuntimeError(f"{clock.total_steps} steps overran the first epoch of {recipe}; time fewer steps")
+    return {"batch_size": cli.datamodule.batch_size, "precision": str(cli.trainer.precision),
+            "workers": cli.datamodule.num_workers}
+
+
+def premade_batches(cli: VLPCLI, count: int) -> list[dict]:
+    """`count` finished batches from the recipe's data module, made without a trainer (views, tokenizer and crop
+    size asked of the model, as `setup` does with one)."""
+    model, datamodule = cli.model, cli.datamodule
+    datamodule.views = model.train_views()
+    datamodule.image_size = model.image_size
+    if hasattr(datamodule, "tokenizer") and datamodule.tokenizer is None:
+        datamodule.tokenizer = model.tokenizer
+    datamodule.num_workers = 0
+    datamodule.setup("fit")
+    batches = []
+    for batch in datamodule.train_dataloader():
+        batch.pop("__stream__", None)
+        batches.append(batch)
+        if len(batches) == count:
+            return batches
+    raise RuntimeError(f"the recipe's shards hold fewer than {count} batches")
+
+
+def run_bare(clock: TurnClock, updates: UpdateClock, recipe: Path, run_dir: Path) -> dict:
+    """The model and optimizer of `vlp fit`, the method's own hooks, on pre-made batches; nothing else."""
+    cli = cli_for(recipe, clock.total_steps, run_dir)
+    model = cli.model
+    precision = str(cli.trainer.precision)
+    batches = premade_batches(cli, 4)
+    # What the method reads of its trainer: the step counters and the schedule's length; logging is dropped.
+    trainer = SimpleNamespace(global_step=0, current_epoch=0, estimated_stepping_batches=clock.total_steps,
+                              max_steps=clock.total_steps, world_size=1, is_global_zero=True, training=True)
+    model._trainer = trainer
+    model.log = model.log_dict = lambda *args, **kwargs: None
+    model.configure_model()
+    configured = model.configure_optimizers()
+    optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+    scheduler = configured["lr_scheduler"]["scheduler"] if isinstance(configured, dict) else None
+    autocast = AUTOCAST.get(precision)
+    model.train()
+    clock.begin()
+    for index in range(clock.total_steps):
+        batch = batches[index % len(batches)]
+        clock.batch_ready()
+        model.on_train_batch_start(batch, index)
+        with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss = model.forward_loss(batch)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        model.on_after_backward()
+        optimizer.step()
+        model.after_optimizer_step()
+        if scheduler is not None:
+            scheduler.step()
+        trainer.global_step += 1
+        clock.step_done()
+    return {"batch_size": len(batches[0]["__key__"]), "precision": precision}
+
+
+def contender_body(contender: str, recipe: Path, args: argparse.Namespace):
+    def body(name: str, lockstep: Lockstep, index: int) -> None:
+        torch.set_num_threads(args.threads)
+        updates = UpdateClock()
+        clock = TurnClock(lockstep, args.warmup + args.steps, args.warmup, torch.float32, args.ceiling_seconds,
+                          count_flops=contender == "bare")
+        run = run_bare if contender == "bare" else run_vlp_fit
+        details = run(clock, updates, recipe, args.workdir / name)
+        if len(clock.steps) != clock.total_steps:
+            raise RuntimeError(f"{name}: {len(clock.steps)} of {clock.total_steps} steps timed")
+        result = {
+            "contender": contender,
+            **details,
+            "matmul_ceiling_flops": clock.ceiling,
+            "flops_per_step": clock.probes.flops_per_step,
+            "steps": [vars(step) for step in clock.steps[args.warmup:]],
+            "update_cpu_s": updates.seconds[args.warmup:],
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        (args.workdir / f"{name}.json").write_text(json.dumps(result))
+
+    return body
+
+
+def summarise(method: str, runs: list[dict], clock: str) -> dict:
+    by_contender = {run["contender"]: run for run in runs}
+    row: dict = {"method": method, "precision": by_contender["vlp_fit"]["precision"],
+                 "batch_size": by_contender["vlp_fit"]["batch_size"], "workers": by_contender["vlp_fit"]["workers"]}
+    flops = by_contender["bare"]["flops_per_step"]
+    ceiling = max(run["matmul_ceiling_flops"][clock] for run in runs)
+    for contender, run in by_contender.items():
+        summary = step_summary([StepTime(**step) for step in run["steps"]], run["batch_size"])
+        update = statistics.median(run["update_cpu_s"]) if run["update_cpu_s"] else 0.0
+        row[contender] = {
+            f"samples_per_s_{clock}": summary[f"samples_per_s_{clock}"],
+            "median_step_cpu_s": summary["median_step_cpu_s"],
+            "data_wait_fraction": summary["data_wait_fraction"],
+            "update_share_of_step_cpu": update / summary["median_step_cpu_s"],
+            "peak_rss_mib": run["peak_rss_mib"],
+            "mfu": flops / summary[f"median_step_{clock}_s"] / ceiling if flops else None,
+        }
+    row["vs_bare"] = row["vlp_fit"][f"samples_per_s_{clock}"] / row["bare"][f"samples_per_s_{clock}"]
+    row["flops_per_step"] = flops
+    return row
+
+
+def print_table(rows: list[dict], clock: str) -> None:
+    print(f"\n{'method':<12} {'prec':<10} {'vlp fit/s':>9} {'bare/s':>8} {'ratio':>6} {'data wait':>9} "
+          f"{'update':>7} {'MFU':>5} {'RSS fit':>8} {'RSS bare':>8}")
+    for row in rows:
+        fit, bare = row["vlp_fit"], row["bare"]
+        mfu = f"{bare['mfu']:.2f}" if bare["mfu"] else "-"
+        print(f"{row['method']:<12} {row['precision']:<10} {fit[f'samples_per_s_{clock}']:>9.1f} "
+              f"{bare[f'samples_per_s_{clock}']:>8.1f} {row['vs_bare']:>6.2f} {fit['data_wait_fraction']:>9.1%} "
+              f"{fit['update_share_of_step_cpu']:>7.1%} {mfu:>5} {fit['peak_rss_mib']:>7.0f}M "
+              f"{bare['peak_rss_mib']:>7.0f}M")
+
+
+def find_targets(rows: list[dict]) -> list[Target]:
+    targets = []
+    for row in rows:
+        targets.append(Target(f"{row['method']} vlp fit / bare ({row['precision']})", row["vs_bare"],
+                              GOALS["vs_bare"]))
+        targets.append(Target(f"{row['method']} data wait share of a vlp fit step",
+                              row["vlp_fit"]["data_wait_fraction"], GOALS["data_wait"], "<="))
+    return targets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4 timed steps per contender (default 8)")
+    parser.add_argument("--methods", nargs="+", help="only these methods (names of `vlp methods`)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per contender")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (step 0 counts FLOPs); >= 1")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each contender")
+    parser.add_argument("--clock", choices=CLOCKS, default="cpu")
+    parser.add_argument("--ceiling-seconds", type=float, default=0.5)
+    parser.add_argument("--turn-timeout", type=float, default=600)
+    args = parser.parse_args()
+    args.steps = args.steps or (4 if args.quick else 8)
+    recipes = methods_to_run(args.methods)
+    os.chdir(REPO_ROOT)  # the recipes name their shards relative to the checkout
+    ensure_shards(recipes)
+    started = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="method_overhead-") as workdir:
+        args.workdir = Path(workdir)
+        for number, (method, recipe) in enumerate(recipes.items(), 1):
+            method_started = time.perf_counter()
+            names = [f"{method}-{contender}" for contender in CONTENDERS]
+            bodies = [contender_body(contender, recipe.resolve(), args) for contender in CONTENDERS]
+            runs = run_in_lockstep(names, lambda name, lockstep, index: bodies[index](name, lockstep, index),
+                                   args.workdir, args.turn_timeout)
+            rows.append(summarise(method, runs, args.clock))
+            print(f"[{number}/{len(recipes)}] {method}: vlp fit / bare {rows[-1]['vs_bare']:.2f} "
+                  f"({time.perf_counter() - method_started:.0f} s)", flush=True)
+    print_table(rows, args.clock)
+    targets = find_targets(rows)
+    report = {
+        "quick": args.quick,
+        "config": {"timed_steps": args.steps, "warmup_steps": args.warmup, "threads": args.threads,
+                   "clock": args.clock, "cpu": cpu_model()},
+        "methods": rows,
+        "targets": [target.as_dict() for target in targets],
+        "seconds": time.perf_counter() - started,
+    }
+    path = write_result("method_overhead", report)
+    print(f"\nwrote {path} ({report['seconds']:.0f} s)")
+    for target in targets:
+        print(target.line())
+
+
+if __name__ == "__main__":
+    main()
