@@ -158,10 +158,11 @@ class Target:
         }
 
 
-def write_result(name: str, report: dict) -> Path:
-    """Write bench/results/<name>.json (with `benchmark` and `machine` filled in when the report has none)."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def write_result(name: str, report: dict, path: Path | None = None) -> Path:
+    """Write bench/results/<name>.json, or `path` (with `benchmark` and `machine` filled in when the report has
+    none)."""
+    path = path or RESULTS_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     full = {"benchmark": name, "machine": machine(), **report}
     path.write_text(json.dumps(full, indent=2) + "\n")
     return path

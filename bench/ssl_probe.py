@@ -1,12 +1,16 @@
 """Self-supervised pretraining on two real datasets for the same minutes per method, then kNN and linear probe.
 
+A thin caller of `vlp compare` (`vlp_lightning.commands.compare`, which trains, scores and isolates the methods):
+this script holds the two datasets, the per-method targets and the Markdown table of bench/README.md.
+
 Every self-supervised method of the methods index (those that need neither captions nor labels, read from
 `vlp_lightning.methods`, so a new method appears here without edits) trains from its
 `experiments/<method>/fashion_mnist_tiny.yaml` when it has one, else by `--model` swap into
-`experiments/mae/fashion_mnist_tiny.yaml` with its own tiny constructor defaults, as `vlp fit` would run it, for the
-same wall-clock budget (`--minutes`): a short calibration run measures the method's step time, the step count is
-set so that the run fills the budget (the warm-up + cosine schedule then completes), and a callback stops the run
-if it overshoots. The same recipe trains on each dataset (only the training shards change):
+`experiments/mae/fashion_mnist_tiny.yaml` with its own tiny constructor defaults (`vlp compare --own-recipes`), as
+`vlp fit` would run it, for the same wall-clock budget (`--minutes`): a short calibration run measures the method's
+step time, the step count is set so that the run fills the budget (the warm-up + cosine schedule then completes),
+and a callback stops the run if it overshoots. The same recipe trains on each dataset (only the training shards
+change):
 
 - `fashion-mnist`: the 60,000 official training images; probes fit on the first `--train-samples` (10,000) and
   are scored on the 10,000 official test images (10 classes);
@@ -26,63 +30,41 @@ linear probe beats its own random encoder by at least a point; that is the targe
 
 Shards: `data/fashion-mnist` (built with `vlp-data fashion-mnist` from Debian's `dataset-fashion-mnist` when
 missing), `data/emoji-google` and `data/emoji-twitter` (`vlp-data emoji`, as `make demo` builds them).
+Each dataset is one comparison in `runs/compare/bench_ssl_<dataset>/` (per-method logs, checkpoints, results.json):
+an interrupted run, run again, skips the methods already finished with the same settings (`--force` re-runs them).
 Usage: python bench/ssl_probe.py [--quick] [--datasets fashion-mnist emoji] [--methods byol dino ...] [--minutes M]
-       [--merge] [--table]
-(writes bench/results/ssl_probe.json after every method, `--merge` keeps the rows of methods not rerun; prints the Markdown table of
-every row; `python bench/run_all.py --readme-only` updates bench/README.md's targets)
+       [--merge] [--force] [--results PATH] [--table]
+(writes bench/results/ssl_probe.json, or `--results PATH`, after every method, `--merge` keeps the rows of
+methods not rerun; prints the Markdown table of every row; `python bench/run_all.py --readme-only` updates
+bench/README.md's targets)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-import torch
 from common import REPO_ROOT, RESULTS_DIR, Target, write_result
 
 sys.path.insert(0, str(REPO_ROOT))
 
-from lightning.pytorch import Callback  # noqa: E402
-
 from data_modules.builder import main as vlp_data  # noqa: E402
-from data_modules.pipeline import make_eval_loader  # noqa: E402
-from vlp_lightning import methods as method_index  # noqa: E402
-from vlp_lightning.callbacks import EvaluationCallback, extract_features  # noqa: E402
-from vlp_lightning.callbacks.features import classification_metrics, evaluation_mode  # noqa: E402
-from vlp_lightning.callbacks.knn import weighted_knn_scores  # noqa: E402
-from vlp_lightning.callbacks.linear_probe import linear_probe_scores  # noqa: E402
-from vlp_lightning.cli import VLPCLI  # noqa: E402
+from vlp_lightning.commands import compare  # noqa: E402
+from vlp_lightning.comparison import Budget, Probe  # noqa: E402
 from vlp_lightning.demo import build_shards  # noqa: E402
-from vlp_lightning.methods.base import VLPMethod  # noqa: E402
+
+EXPERIMENTS = REPO_ROOT / "experiments"
 
 
 def self_supervised_methods() -> dict[str, str]:
     """{recipe folder name: class name} of every index method that learns from images alone."""
-    found = {}
-    for name in method_index.__all__:
-        method = getattr(method_index, name)
-        if isinstance(method, type) and issubclass(method, VLPMethod) and method is not VLPMethod:
-            if set(method.required_keys) <= {"image"}:
-                found[recipe_folder(name)] = name
-    return found
-
-
-def recipe_folder(name: str) -> str:
-    """The `experiments/` folder whose recipes train `vlp_lightning.methods.<name>` (its lower-case name if none)."""
-    pattern = re.compile(rf"class_path: vlp_lightning\.methods\.{name}\s")
-    for folder in sorted((REPO_ROOT / "experiments").iterdir()):
-        if any(pattern.search(recipe.read_text()) for recipe in folder.glob("*.yaml")):
-            return folder.name
-    return name.lower()
+    return {compare.recipe_folder(EXPERIMENTS, f"vlp_lightning.methods.{name}") or name.lower(): name
+            for name in compare.image_only_methods()}
 
 
 def build_fashion_mnist() -> int:
@@ -108,7 +90,6 @@ class Dataset:
     train_samples: int | None  # default probe training images (None: all)
     raw_size: int  # side of the raw-pixel reference
     raw_channels: int
-    num_classes: int = 10
 
 
 FASHION_TRAIN = "data/fashion-mnist/train-{000000..000059}.tar"
@@ -128,135 +109,10 @@ DATASETS = {
 }
 METHODS = self_supervised_methods()
 #: the recipe a method without a Fashion-MNIST recipe of its own is swapped into (schedule, tower, trainer).
-SWAP_RECIPE = REPO_ROOT / "experiments" / "mae" / "fashion_mnist_tiny.yaml"
+SWAP_RECIPE = EXPERIMENTS / "mae" / "fashion_mnist_tiny.yaml"
 RESULT = "ssl_probe"
 #: --quick: a smoke run of the whole script (a few steps, 500 images), its numbers say nothing about the methods.
 QUICK = {"steps": 4, "train_samples": 500, "test_samples": 500}
-CALIBRATION_STEPS = 12
-WARMUP_STEPS = 4  # calibration steps left out of the step time (worker start, first allocations)
-
-
-class StepTimer(Callback):
-    """Wall time at the end of every training batch; stops the run once `limit_s` has passed since the first."""
-
-    def __init__(self, limit_s: float | None = None) -> None:
-        self.limit_s = limit_s
-        self.ends: list[float] = []
-        self.started = 0.0
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self.started = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.ends.append(time.perf_counter())
-        if self.limit_s is not None and self.ends[-1] - self.started > self.limit_s:
-            trainer.should_stop = True
-
-    @property
-    def step_seconds(self) -> float:
-        gaps = [b - a for a, b in zip(self.ends[WARMUP_STEPS:], self.ends[WARMUP_STEPS + 1 :])]
-        return statistics.median(gaps)
-
-    @property
-    def seconds(self) -> float:
-        return self.ends[-1] - self.started if self.ends else 0.0
-
-
-def recipe_of(method: str) -> tuple[Path, list[str]]:
-    """The method's own Fashion-MNIST recipe, or MAE's with a `--model` swap to the method."""
-    recipe = REPO_ROOT / "experiments" / method / "fashion_mnist_tiny.yaml"
-    if recipe.exists():
-        return recipe, []
-    return SWAP_RECIPE, [f"--model=vlp_lightning.methods.{METHODS[method]}"]
-
-
-def make_cli(method: str, dataset: str, max_steps: int) -> VLPCLI:
-    """The method's experiment, as `vlp fit` builds it, on `dataset`'s pretraining shards, without validation or
-    in-run probes (logs and checkpoint in runs/<method>/bench_ssl_<dataset>)."""
-    recipe, swap = recipe_of(method)
-    cli = VLPCLI(
-        args=[
-            "--config", str(recipe),
-            *swap,
-            f"--data.init_args.train_shards={DATASETS[dataset].pretrain}",
-            "--data.init_args.val_shards=null",
-            f"--trainer.max_steps={max_steps}",
-            "--trainer.limit_val_batches=0",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-            f"--experiment=bench_ssl_{dataset.replace('-', '_')}",
-            "--checkpoint.save_last=false",
-        ],
-        run=False,
-    )
-    cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks if not isinstance(c, EvaluationCallback)]
-    return cli
-
-
-def pretrain(method: str, dataset: str, budget_s: float, steps: int | None = None) -> tuple[VLPCLI, dict]:
-    """Calibrate the step time, then train for as many steps as fit in `budget_s` (or exactly `steps`)."""
-    step_s = None
-    if steps is None:
-        calibration = make_cli(method, dataset, CALIBRATION_STEPS)
-        timer = StepTimer()
-        calibration.trainer.callbacks.append(timer)
-        calibration.trainer.fit(calibration.model, datamodule=calibration.datamodule)
-        step_s = timer.step_seconds
-        steps = max(CALIBRATION_STEPS, int(budget_s / step_s))
-        print(f"[{dataset} {method}] {step_s * 1000:.0f} ms/step -> {steps} steps in {budget_s:.0f} s", flush=True)
-
-    cli = make_cli(method, dataset, steps)
-    timer = StepTimer(limit_s=budget_s * 1.1)
-    cli.trainer.callbacks.append(timer)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    losses = {name: float(value) for name, value in cli.trainer.callback_metrics.items() if "loss" in name}
-    recipe, swap = recipe_of(method)
-    run = {
-        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "recipe": str(recipe.relative_to(REPO_ROOT)) + (f" {swap[0]}" if swap else ""),
-        "calibrated_step_s": step_s,
-        "planned_steps": steps,
-        "steps": cli.trainer.global_step,
-        "train_seconds": timer.seconds,
-        "batch_size": cli.datamodule.batch_size,
-        "samples_seen": cli.trainer.global_step * cli.datamodule.batch_size,
-        "final_losses": losses,
-    }
-    print(f"[{dataset} {method}] trained {run['steps']} steps in {run['train_seconds']:.0f} s, losses {losses}",
-          flush=True)
-    return cli, run
-
-
-def probe_scores(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
-                 num_classes: int) -> dict[str, float]:
-    """kNN and linear-probe top-1 on one feature set."""
-    knn = weighted_knn_scores(train, train_labels, test, num_classes, k=20, temperature=0.07)
-    linear = linear_probe_scores(train, train_labels, test, num_classes, standardize=True)
-    return {
-        "knn_top1": classification_metrics(knn, test_labels, num_classes)["top1"],
-        "linear_top1": classification_metrics(linear, test_labels, num_classes)["top1"],
-    }
-
-
-def encoder_scores(cli: VLPCLI, data: Dataset, train_samples: int | None, test_samples: int | None) -> dict:
-    started = time.perf_counter()
-    with evaluation_mode(cli.trainer, cli.model):
-        train = extract_features(cli.model, data.probe_train, batch_size=256, max_samples=train_samples)
-        test = extract_features(cli.model, data.test, batch_size=256, max_samples=test_samples)
-    scores = probe_scores(train.image, train.labels, test.image, test.labels, data.num_classes)
-    return {**scores, "feature_dim": train.image.shape[1], "eval_seconds": time.perf_counter() - started}
-
-
-def raw_pixels(data: Dataset, shards: str, max_samples: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pixels (the normalised eval view at the reference size) and labels of the first `max_samples` images."""
-    images, labels, count = [], [], 0
-    for batch in make_eval_loader(shards, image_size=data.raw_size, batch_size=1000):
-        images.append(batch["image"][:, : data.raw_channels].flatten(1))
-        labels.append(batch["label"])
-        count += len(labels[-1])
-        if max_samples is not None and count >= max_samples:
-            break
-    return torch.cat(images)[:max_samples], torch.cat(labels)[:max_samples]
 
 
 def ensure_shards(data: Dataset) -> None:
@@ -267,34 +123,41 @@ def ensure_shards(data: Dataset) -> None:
             sys.exit(status)
 
 
-def run_dataset(name: str, methods: list[str], minutes: float | None, train_samples: int | None,
-                quick: bool, save: Callable[[dict], None]) -> dict:
-    """Raw pixels, then every method's random and pretrained encoder on one dataset: {config, rows, runs}, handed
-    to `save` after every method (a crash or an interrupt keeps the methods already measured)."""
+def comparison_of(name: str, methods: list[str], minutes: float | None, train_samples: int | None, quick: bool,
+                  force: bool) -> compare.Comparison:
+    """The `vlp compare` run of one dataset: every method from its own Fashion-MNIST recipe (else swapped into
+    MAE's), on the dataset's pretraining shards, with both references."""
     data = DATASETS[name]
-    ensure_shards(data)
-    minutes = minutes or data.minutes
+    budget = Budget(steps=QUICK["steps"]) if quick else Budget(minutes=minutes or data.minutes)
     train_samples = train_samples or (QUICK["train_samples"] if quick else data.train_samples)
-    test_samples = QUICK["test_samples"] if quick else None
-    train_pixels, train_labels = raw_pixels(data, data.probe_train, train_samples)
-    test_pixels, test_labels = raw_pixels(data, data.test, test_samples)
-    rows = {"raw_pixels": probe_scores(train_pixels, train_labels, test_pixels, test_labels, data.num_classes)}
-    print(f"[{name} raw pixels] {rows['raw_pixels']}", flush=True)
-    runs: dict[str, dict] = {}
-    config = {"minutes_per_method": minutes, "train_samples": len(train_labels), "test_samples": len(test_labels),
-              "quick_steps": QUICK["steps"] if quick else None}
-    result = {"config": config, "rows": rows, "runs": runs}
-    for method in methods:
-        random_cli = make_cli(method, name, 1)
-        rows[f"{method}/random"] = encoder_scores(random_cli, data, train_samples, test_samples)
-        print(f"[{name} {method} random weights] {rows[f'{method}/random']}", flush=True)
-        del random_cli
-        cli, runs[method] = pretrain(method, name, minutes * 60, QUICK["steps"] if quick else None)
-        rows[f"{method}/pretrained"] = encoder_scores(cli, data, train_samples, test_samples)
-        print(f"[{name} {method} pretrained] {rows[f'{method}/pretrained']}", flush=True)
-        del cli
-        save(result)
-    return result
+    probe = Probe(data.probe_train, data.test, train_samples, QUICK["test_samples"] if quick else None)
+    return compare.Comparison(
+        configs=[SWAP_RECIPE],
+        methods=[compare.Method(METHODS[method], f"vlp_lightning.methods.{METHODS[method]}") for method in methods],
+        budget=budget, probe=probe, out=Path("runs/compare") / f"bench_ssl_{name.replace('-', '_')}",
+        train_shards=data.pretrain, own_recipes=True, random_init=True, raw_pixels=(data.raw_size, data.raw_channels),
+        force=force, command=f"python bench/ssl_probe.py --datasets {name}",
+    )
+
+
+def bench_result(comparison: compare.Comparison, results: dict) -> dict:
+    """`vlp compare`'s results of one dataset as this benchmark's {config, rows, runs, failed}: rows `raw_pixels`,
+    `<method>/random`, `<method>/pretrained`, runs per method (keyed by recipe folder, as the targets)."""
+    raw = results["references"]["raw_pixels"]["scores"]
+    rows, runs, failed = {"raw_pixels": {"knn_top1": raw["knn_top1"], "linear_top1": raw["linear_top1"]}}, {}, {}
+    for folder, name in METHODS.items():
+        entry = results["methods"].get(name)
+        if entry is None or name not in [method.name for method in comparison.methods]:
+            continue
+        if entry["status"] != "ok":
+            failed[folder] = entry["status"]
+            continue
+        rows[f"{folder}/random"] = entry["random_init"]
+        rows[f"{folder}/pretrained"] = entry["scores"]
+        runs[folder] = entry["run"]
+    config = {"minutes_per_method": comparison.budget.minutes, "train_samples": raw["train_samples"],
+              "test_samples": raw["test_samples"], "quick_steps": comparison.budget.steps}
+    return {"config": config, "rows": rows, "runs": runs, "failed": failed}
 
 
 def merged(previous: dict, fresh: dict) -> dict:
@@ -306,6 +169,7 @@ def merged(previous: dict, fresh: dict) -> dict:
             "config": result["config"],
             "rows": {**old["rows"], **result["rows"]},
             "runs": {**old["runs"], **result["runs"]},
+            "failed": result["failed"],
         }
     return datasets
 
@@ -360,15 +224,20 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=None,
                         help="probe training images (default: 10000 on fashion-mnist, all on emoji)")
     parser.add_argument("--merge", action="store_true",
-                        help="keep the rows of bench/results/ssl_probe.json that this run does not remeasure")
+                        help="keep the rows of the results JSON that this run does not remeasure")
+    parser.add_argument("--force", action="store_true",
+                        help="re-run the methods runs/compare/bench_ssl_<dataset> holds as finished with these "
+                             "settings")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR / f"{RESULT}.json", metavar="PATH",
+                        help="the results JSON to write (and to read with --merge / --table); default "
+                             "bench/results/ssl_probe.json")
     parser.add_argument("--table", action="store_true",
-                        help="print the Markdown table of bench/results/ssl_probe.json and stop (nothing is run)")
+                        help="print the Markdown table of the results JSON and stop (nothing is run)")
     args = parser.parse_args()
-    path = RESULTS_DIR / f"{RESULT}.json"
+    path = args.results
     if args.table:
         print(markdown_table(json.loads(path.read_text())["datasets"]))
         return
-    sys.argv[1:] = []  # the experiments are configured by VLPCLI(args=...), not by this script's options
     started = time.perf_counter()
 
     previous = json.loads(path.read_text()) if args.merge and path.exists() else {}
@@ -387,14 +256,21 @@ def main() -> None:
         targets = targets_of(datasets)
         write_result(RESULT, {"quick": args.quick, "datasets": datasets,
                               "targets": [target.as_dict() for target in targets],
-                              "seconds": time.perf_counter() - started})
+                              "seconds": time.perf_counter() - started}, path)
 
+    statuses = []
     for name in args.datasets:
-        save(name, run_dataset(name, args.methods, args.minutes, args.train_samples, args.quick,
-                               lambda result, name=name: save(name, result)))
+        ensure_shards(DATASETS[name])
+        comparison = comparison_of(name, args.methods, args.minutes, args.train_samples, args.quick, args.force)
+        _, status = compare.run_comparison(
+            comparison, on_update=lambda results, name=name, comparison=comparison: save(
+                name, bench_result(comparison, results)))
+        statuses.append(status)
     print(f"\n{markdown_table(datasets)}\n\nwrote {path}")
     for target in targets:
         print(target.line())
+    if any(statuses):
+        sys.exit("some methods failed or the run was interrupted (their rows say why; run again to continue)")
 
 
 if __name__ == "__main__":

@@ -273,6 +273,10 @@ class CheckpointError(ValueError):
     """A checkpoint path that cannot be resumed: missing, incomplete, unsafe, or nothing to resume."""
 
 
+#: errors of a run's input (data, checkpoint, experiment folder) that end in one sentence and exit status 2.
+USER_ERRORS = (DataConfigError, CheckpointMismatchError, CheckpointError, ExperimentLockedError)
+
+
 def load_checkpoint_for_check(
     ckpt_path: str,
     name: str = "--ckpt_path",
@@ -371,7 +375,7 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]))
     try:
         VLPCLI(args=args)
-    except (DataConfigError, CheckpointMismatchError, CheckpointError, ExperimentLockedError) as error:
+    except USER_ERRORS as error:
         sys.stderr.write(f"vlp: error: {error}\n")
         sys.exit(2)
     except NonFiniteLossError as error:
