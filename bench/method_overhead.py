@@ -15,10 +15,14 @@ They run in lockstep (`lockstep.py`: forked after the heavy imports, one step pe
 both alike. A step is timed from the start of its turn (getting the batch counts) on the CPU clock (`--clock`);
 warm-up steps are dropped; every step stays in the first epoch (no evaluation at an epoch end). Reported per
 method: samples/s of each, their ratio (target >= 0.97), the data-wait share of a `vlp fit` step (wall clock,
-target <= 2 %), the optimizer update's share of a step, peak resident memory (`ru_maxrss`) of each process, and
-MFU (FLOPs of one bare step by `torch.utils.flop_counter` / median step / the matmul ceiling of the step's dtype).
+target <= 2 %), the optimizer update's share of a step, and two parts of a `vlp fit` step the bare loop does not
+have: the views' photometric finish in the training process ("finish": jitter, blur, normalisation of the uint8
+crops, `on_after_batch_transfer`) and the callbacks between backward and update ("hooks": the non-finite guard),
+peak resident memory (`ru_maxrss`) of each process, and MFU (FLOPs of one bare step by `torch.utils.flop_counter`
+/ median step / the matmul ceiling of the step's dtype).
 
 Usage: python bench/method_overhead.py [--quick] [--methods CLIP DINO ...] [--steps 8] [--threads 1]
+(`--quick`: CLIP, SimCLR and DINO, 4 timed steps each)
 Prints a table and `target` lines, writes bench/results/method_overhead.json. The shards are built with the
 command each recipe names (`vlp-data emoji data/emoji ...`, npm cache) when missing.
 """
@@ -46,6 +50,8 @@ from vlp_lightning.cli import VLPCLI
 
 CONTENDERS = ("vlp_fit", "bare")
 GOALS = {"vs_bare": 0.97, "data_wait": 0.02}
+#: `--quick` (under 3 minutes): one method per view kind, the contrastive image-text one among them.
+QUICK_METHODS = ("CLIP", "SimCLR", "DINO")
 #: CPU autocast dtype of each Lightning precision a tiny recipe may set.
 AUTOCAST = {"bf16-mixed": torch.bfloat16}
 
@@ -87,11 +93,24 @@ def cli_for(recipe: Path, total_steps: int, run_dir: Path) -> VLPCLI:
 def run_vlp_fit(clock: TurnClock, updates: UpdateClock, recipe: Path, run_dir: Path) -> dict:
     cli = cli_for(recipe, clock.total_steps, run_dir)
     cli.trainer.callbacks.append(TurnClockCallback(clock, updates))
+    # Clock the photometric half of the views (jitter, blur, normalisation of the uint8 crops), which `vlp fit`
+    # runs in the training process after the transfer and the bare loop's pre-made batches already hold.
+    finish_seconds: list[float] = []
+    finish = cli.datamodule.on_after_batch_transfer
+
+    def clocked_finish(batch: dict, dataloader_idx: int) -> dict:
+        started = time.process_time()
+        batch = finish(batch, dataloader_idx)
+        finish_seconds.append(time.process_time() - started)
+        return batch
+
+    cli.datamodule.on_after_batch_transfer = clocked_finish
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     if cli.trainer.num_training_batches < clock.total_steps:  # an epoch end would have run evaluations
         raise RuntimeError(f"{clock.total_steps} steps overran the first epoch of {recipe}; time fewer steps")
     return {"batch_size": cli.datamodule.batch_size, "precision": str(cli.trainer.precision),
-            "workers": cli.datamodule.num_workers}
+            "workers": cli.datamodule.num_workers, "finish_views_cpu_s": finish_seconds[clock.probes.warmup:],
+            "pre_update_hooks_cpu_s": clock.pre_update_hooks[clock.probes.warmup:]}
 
 
 def premade_batches(cli: VLPCLI, count: int) -> list[dict]:
@@ -190,6 +209,10 @@ def summarise(method: str, runs: list[dict], clock: str) -> dict:
             "peak_rss_mib": run["peak_rss_mib"],
             "mfu": flops / summary[f"median_step_{clock}_s"] / ceiling if flops else None,
         }
+        for part in ("finish_views", "pre_update_hooks"):  # vlp fit only: work the bare loop does not do
+            if run.get(f"{part}_cpu_s"):
+                row[contender][f"{part}_share_of_step_cpu"] = (
+                    statistics.median(run[f"{part}_cpu_s"]) / summary["median_step_cpu_s"])
     row["vs_bare"] = row["vlp_fit"][f"samples_per_s_{clock}"] / row["bare"][f"samples_per_s_{clock}"]
     row["flops_per_step"] = flops
     return row
@@ -197,13 +220,14 @@ def summarise(method: str, runs: list[dict], clock: str) -> dict:
 
 def print_table(rows: list[dict], clock: str) -> None:
     print(f"\n{'method':<12} {'prec':<10} {'vlp fit/s':>9} {'bare/s':>8} {'ratio':>6} {'data wait':>9} "
-          f"{'update':>7} {'MFU':>5} {'RSS fit':>8} {'RSS bare':>8}")
+          f"{'update':>7} {'finish':>7} {'hooks':>6} {'MFU':>5} {'RSS fit':>8} {'RSS bare':>8}")
     for row in rows:
         fit, bare = row["vlp_fit"], row["bare"]
         mfu = f"{bare['mfu']:.2f}" if bare["mfu"] else "-"
         print(f"{row['method']:<12} {row['precision']:<10} {fit[f'samples_per_s_{clock}']:>9.1f} "
               f"{bare[f'samples_per_s_{clock}']:>8.1f} {row['vs_bare']:>6.2f} {fit['data_wait_fraction']:>9.1%} "
-              f"{fit['update_share_of_step_cpu']:>7.1%} {mfu:>5} {fit['peak_rss_mib']:>7.0f}M "
+              f"{fit['update_share_of_step_cpu']:>7.1%} {fit.get('finish_views_share_of_step_cpu', 0):>7.1%} "
+              f"{fit.get('pre_update_hooks_share_of_step_cpu', 0):>6.1%} {mfu:>5} {fit['peak_rss_mib']:>7.0f}M "
               f"{bare['peak_rss_mib']:>7.0f}M")
 
 
@@ -219,7 +243,8 @@ def find_targets(rows: list[dict]) -> list[Target]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 timed steps per contender (default 8)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"4 timed steps per contender (default 8), methods {' '.join(QUICK_METHODS)} only")
     parser.add_argument("--methods", nargs="+", help="only these methods (names of `vlp methods`)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per contender")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (step 0 counts FLOPs); >= 1")
@@ -229,7 +254,7 @@ def main() -> None:
     parser.add_argument("--turn-timeout", type=float, default=600)
     args = parser.parse_args()
     args.steps = args.steps or (4 if args.quick else 8)
-    recipes = methods_to_run(args.methods)
+    recipes = methods_to_run(args.methods or (list(QUICK_METHODS) if args.quick else None))
     os.chdir(REPO_ROOT)  # the recipes name their shards relative to the checkout
     ensure_shards(recipes)
     started = time.perf_counter()

@@ -1,6 +1,6 @@
 """Run every benchmark in bench/, one after the other, then rebuild the results section of bench/README.md.
 
-A benchmark is any `bench/*.py` but this file and `common.py`; each runs as `python bench/<name>.py [--quick]` from
+A benchmark is any `bench/*.py` but this file, `common.py` and `lockstep.py`; each runs as `python bench/<name>.py [--quick]` from
 the repository root, writes bench/results/<name>.json and prints its `target` lines (see `common`). They run one at
 a time because each measures the machine. The README section (machine, versions, date, the targets table and the
 `target` lines) is rebuilt from every results JSON, so a benchmark that was not run keeps its last results, dated.
@@ -18,7 +18,7 @@ import time
 
 from common import BENCH_DIR, README, REPO_ROOT, read_results, rewrite_readme, target_passed
 
-HELPERS = {"common", "run_all"}
+HELPERS = {"common", "lockstep", "run_all"}
 
 
 def benchmark_names() -> list[str]:

@@ -1,7 +1,7 @@
 """`vlp compare`: train several methods on the same shards for the same budget, score each the same way, one table.
 
-    vlp compare --config experiments/clip/emoji_tiny.yaml --methods SimCLR MAE --own-recipes --minutes 1 \\
-        --probe-train 'data/emoji-google/train-{000000..000001}.tar' --probe-test data/emoji-google/val-000000.tar \\
+    vlp compare --config experiments/clip/emoji_tiny.yaml --methods SimCLR MAE --own-recipes --steps 100 \\
+        --probe-train 'data/emoji/train-{000000..000001}.tar' --probe-test data/emoji/test-000000.tar \\
         --random-init --raw-pixels
 
 Recipes. Every method trains from the base recipe (`--config`, repeatable as for `vlp fit`) with `--model <its class
