@@ -57,8 +57,8 @@ from common import (
     StepTime,
     Target,
     cpu_has_native_bf16,
+    publish,
     step_summary,
-    write_result,
 )
 from lockstep import Lockstep, TurnClock, TurnClockCallback, UpdateClock, run_in_lockstep
 from PIL import Image, ImageDraw
@@ -480,10 +480,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
         "targets": [target.as_dict() for target in targets],
         "seconds": time.perf_counter() - started,
     }
-    path = write_result("clip_vs_open_clip", report)
-    print(f"\nwrote {path} ({report['seconds']:.0f} s)")
-    for target in targets:
-        print(target.line())
+    publish("clip_vs_open_clip", report, targets)
 
 
 def main() -> None:

@@ -169,6 +169,15 @@ def write_result(name: str, report: dict, path: Path | None = None) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- README
+def publish(name: str, report: dict, targets: list[Target]) -> Path:
+    """Write `report` (with its `seconds`) as bench/results/<name>.json, say where, then print every target line."""
+    path = write_result(name, report)
+    print(f"\nwrote {path} ({report['seconds']:.0f} s)")
+    for target in targets:
+        print(target.line())
+    return path
+
+
 def read_results(results_dir: Path = RESULTS_DIR) -> list[dict]:
     """Every results JSON, each with `_file` and `_modified` (the file's UTC mtime, for results without a date)."""
     results = []

@@ -41,7 +41,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from common import CLOCKS, REPO_ROOT, StepTime, Target, cpu_model, step_summary, write_result
+from common import CLOCKS, REPO_ROOT, StepTime, Target, cpu_model, publish, step_summary
 from lockstep import Lockstep, TurnClock, TurnClockCallback, UpdateClock, run_in_lockstep
 
 from data_modules.builder import main as vlp_data
@@ -280,10 +280,7 @@ def main() -> None:
         "targets": [target.as_dict() for target in targets],
         "seconds": time.perf_counter() - started,
     }
-    path = write_result("method_overhead", report)
-    print(f"\nwrote {path} ({report['seconds']:.0f} s)")
-    for target in targets:
-        print(target.line())
+    publish("method_overhead", report, targets)
 
 
 if __name__ == "__main__":
