@@ -45,6 +45,7 @@ from common import CLOCKS, REPO_ROOT, StepTime, Target, cpu_model, publish, step
 from lockstep import Lockstep, TurnClock, TurnClockCallback, UpdateClock, run_in_lockstep
 
 from data_modules.builder import main as vlp_data
+from data_modules.pipeline import STREAM_FIELD
 from vlp_lightning import catalog
 from vlp_lightning.cli import VLPCLI
 
@@ -125,7 +126,7 @@ def premade_batches(cli: VLPCLI, count: int) -> list[dict]:
     datamodule.setup("fit")
     batches = []
     for batch in datamodule.train_dataloader():
-        batch.pop("__stream__", None)
+        batch.pop(STREAM_FIELD, None)
         batches.append(batch)
         if len(batches) == count:
             return batches

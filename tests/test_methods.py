@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from vlp_lightning import catalog, methods
 from vlp_lightning.methods.base import VLPMethod
 
-METHOD_NAMES = [name for name in methods.__all__ if name not in {"VLPMethod", "WarmupCosineLR"}]
+METHOD_NAMES = methods.method_names()
 CAPTIONS = ["red apple", "grinning face", "blue car", "green tree", "cat face", "smiling sun", "rain cloud", "dog"]
 
 

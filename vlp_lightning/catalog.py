@@ -84,14 +84,11 @@ def _presets() -> list[Entry]:
 def entries() -> list[Entry]:
     """Every method of `vlp_lightning.methods` in index order, each followed by its presets."""
     from vlp_lightning import methods
-    from vlp_lightning.methods.base import VLPMethod
 
     presets = _presets()
     rows = []
-    for name in methods.__all__:
+    for name in methods.method_names():
         method = getattr(methods, name)
-        if not (isinstance(method, type) and issubclass(method, VLPMethod)) or method is VLPMethod:
-            continue
         rows.append(Entry(name, method, method.paper, method.family))
         rows.extend(preset for preset in presets if preset.preset_of == name)
     return rows

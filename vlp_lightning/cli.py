@@ -65,8 +65,7 @@ COMMANDS = {
 
 def available_methods() -> list[str]:
     """Class paths of every method in the index, for error messages and --help."""
-    names = [name for name in methods.__all__ if name not in {"VLPMethod", "WarmupCosineLR"}]
-    return [f"vlp_lightning.methods.{name}" for name in names]
+    return [f"vlp_lightning.methods.{name}" for name in methods.method_names()]
 
 
 class VLPArgumentParser(LightningArgumentParser):
@@ -360,8 +359,8 @@ class _DropLightningNoise(logging.Filter):
 
 def quiet_lightning_noise() -> None:
     """Drop start-up messages a user cannot act on: Lightning's cloud-logger advertisement, its model-summary note
-    and the deprecation
-    warning Lightning's own `_pytree` helper triggers in PyTorch (nothing in the suite uses `LeafSpec`)."""
+    and the deprecation warning Lightning's own `_pytree` helper triggers in PyTorch (nothing in the suite uses
+    `LeafSpec`)."""
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where rank_zero_info logs
     if not any(isinstance(existing, _DropLightningNoise) for existing in logger.filters):
         logger.addFilter(_DropLightningNoise())

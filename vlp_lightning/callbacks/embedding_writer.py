@@ -57,9 +57,8 @@ class EmbeddingWriter(Callback):
             return
         arrays = {name: np.concatenate(parts) if isinstance(parts[0], np.ndarray) else np.asarray(sum(parts, []))
                   for name, parts in self._rows.items()}
-        path = Path(self.path) if self.path is not None else Path(trainer.default_root_dir) / "predictions.npz"
-        if trainer.loggers and self.path is None:
-            path = Path(trainer.loggers[0].save_dir) / "predictions.npz"
+        run_dir = trainer.loggers[0].save_dir if trainer.loggers else trainer.default_root_dir
+        path = Path(self.path) if self.path is not None else Path(run_dir) / "predictions.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")
         with open(partial, "wb") as handle:

@@ -64,7 +64,7 @@ from data_modules.manifest import local_path
 from data_modules.pipeline import DataConfigError, expand_shards, manifest_of, shard_members
 from vlp_lightning import methods as method_index
 from vlp_lightning.callbacks.non_finite_loss import NonFiniteLossError
-from vlp_lightning.cli import USER_ERRORS, available_methods
+from vlp_lightning.cli import USER_ERRORS
 from vlp_lightning.comparison import Budget, Probe, raw_pixel_scores, run_method
 from vlp_lightning.methods.base import VLPMethod
 
@@ -121,7 +121,7 @@ class Comparison:
 # ------------------------------------------------------------------------------------------------ methods
 def index_methods() -> list[str]:
     """Class names of every method of the index."""
-    return [class_path.rsplit(".", 1)[-1] for class_path in available_methods()]
+    return method_index.method_names()
 
 
 def image_only_methods() -> list[str]:

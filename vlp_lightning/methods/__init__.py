@@ -18,6 +18,14 @@ from vlp_lightning.methods.selfie import Selfie
 from vlp_lightning.methods.sit import SiT
 from vlp_lightning.methods.swav import SwAV
 
+
+
+def method_names() -> list[str]:
+    """Names of every pretraining method of the index, in index order (what `vlp methods`, error messages, the
+    benches and the shared tests iterate)."""
+    return [name for name in __all__ if name not in {"VLPMethod", "WarmupCosineLR"}]
+
+
 __all__ = [
     "VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "SwAV", "MAE", "Selfie", "SiT",
     "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg", "MMC", "LOOK", "HVP",

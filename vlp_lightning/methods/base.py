@@ -405,9 +405,8 @@ def fast_optimizer_options(factory: object, groups: list[dict]) -> dict:
     keywords = getattr(factory, "keywords", {}) or {}
     arguments = getattr(factory, "args", ())
     optimizer_class = next((a for a in (factory, *arguments) if isinstance(a, type)), None)
-    if optimizer_class not in FUSED_OPTIMIZERS or keywords.get("fused") is not None:
-        return {}
-    if keywords.get("foreach") is not None or keywords.get("differentiable"):
+    explicit = keywords.get("fused") is not None or keywords.get("foreach") is not None
+    if optimizer_class not in FUSED_OPTIMIZERS or explicit or keywords.get("differentiable"):
         return {}
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
