@@ -296,8 +296,13 @@ def test_bad_checkpoints_and_folders_are_one_sentence(clip_checkpoint, tmp_path,
     torch.save({"state_dict": {}, "payload": argparse.Namespace(x=1)}, pickled)
     assert export_error(capsys, str(pickled), str(tmp_path / "out")).startswith(
         f"CKPT {pickled} holds pickled Python objects")
-    loose = tmp_path / "loose.ckpt"
+    loose = tmp_path / "loose.ckpt"  # away from its run: rebuilt from the model config it stores
     shutil.copy(clip_checkpoint, loose)
+    assert export.main([str(loose), str(tmp_path / "out_loose")]) == 0
+    assert "built from the model config stored in" in capsys.readouterr().out
+    checkpoint = torch.load(loose, weights_only=True)
+    del checkpoint["vlp"]["model_config"]  # as checkpoints of older versions: the run's config.yaml is needed
+    torch.save(checkpoint, loose)
     message = export_error(capsys, str(loose), str(tmp_path / "out"))
     assert message.startswith(f"found no config.yaml of the run of {loose}") and "pass --config" in message
     (tmp_path / "full").mkdir()

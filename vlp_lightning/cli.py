@@ -9,6 +9,7 @@ bar and a fixed seed. Bad input ends with one sentence and exit code 2, never a 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import pickle
@@ -167,6 +168,13 @@ class VLPCLI(LightningCLI):
             config.trainer.precision = precision
             rank_zero_info(f"precision {precision}: the config sets none and {reason} "
                            "(set --trainer.precision to choose)")
+
+    def instantiate_classes(self) -> None:
+        """As LightningCLI, then hand the method its model config (JSON), which it stores in its checkpoints."""
+        super().instantiate_classes()
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        self.model.model_config = json.dumps(config.model.as_dict(), default=str)
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         """`vlp predict` writes embeddings (`--predictions.path`) instead of collecting them in memory."""

@@ -1,11 +1,7 @@
 """`vlp export CKPT OUT`: a trained checkpoint's towers in the formats timm, open_clip and transformers load.
 
-A vlp checkpoint's hyper-parameters do not hold its towers (they are modules, passed to the method, not saved as
-arguments), so the method is rebuilt from the run's config: the `config.yaml` that `vlp fit` writes next to the run's
-logs (`<run>/version_N/config.yaml`, found from the checkpoint's `<run>/checkpoints/` folder) or the file given with
-`--config`. The method's class must be one of `vlp_lightning.methods` and every class the model config names must be
-vlp's or torch's: a file never chooses other code to import. The optimizer and schedule are not needed and not built;
-the weights come from the checkpoint, loaded strictly with `weights_only=True`, never from `pretrained_path` files.
+The method is rebuilt from its model config (stored in every checkpoint `vlp fit` writes, else the run's
+`config.yaml`, or `--config`; `vlp_lightning.pretrained`) and the checkpoint's weights are loaded into it strictly.
 
 Every method's image tower goes to `OUT/vision/` (timm); a CLIP-family method whose towers open_clip's CLIP can
 express goes to `OUT/open_clip/` as well, and a Hugging Face text tower to `OUT/text/`. Weights are safetensors and
@@ -19,34 +15,25 @@ import json
 import shutil
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
-import yaml
-from jsonargparse import Namespace
 from torch import Tensor, nn
 
-from vlp_lightning import methods
-from vlp_lightning.cli import (
-    CheckpointError,
-    _hyper_parameter_conflict,
-    available_methods,
-    concise_error,
-    load_checkpoint_for_check,
-)
-from vlp_lightning.methods.base import VLPMethod, _class_path, _state_dict_differences
+from vlp_lightning.cli import CheckpointError
+from vlp_lightning.methods.base import VLPMethod, _class_path
 from vlp_lightning.modules.open_clip_import import open_clip_config_from_vlp, vlp_state_dict_to_open_clip
 from vlp_lightning.modules.text import HFTextEncoder, TextTransformer
 from vlp_lightning.modules.tokenizers import HFTokenizer
 from vlp_lightning.modules.vision import VisionEncoder
+from vlp_lightning.pretrained import PretrainedError, load_method
 
 DESCRIPTION = (
     "Write the towers of a vlp checkpoint CKPT into the folder OUT, as safetensors weights with JSON configs (no "
-    "pickle), for timm, open_clip and transformers. The model is rebuilt from the run's config.yaml, which `vlp fit` "
-    "saves next to the run's logs (<run>/version_N/config.yaml, found from CKPT in <run>/checkpoints/), or from "
-    "--config; then CKPT's weights are loaded into it strictly."
+    "pickle), for timm, open_clip and transformers. The model is rebuilt from the model config vlp fit stores in "
+    "every checkpoint (older checkpoints: the run's config.yaml, <run>/version_N/config.yaml, found from CKPT in "
+    "<run>/checkpoints/), or from --config; then CKPT's weights are loaded into it strictly."
 )
 EPILOG = """\
 what is written, and how to load it:
@@ -78,10 +65,6 @@ example:
 
 #: the subfolders `vlp export` writes (and `--overwrite` replaces).
 OUTPUTS = ("vision", "open_clip", "text")
-#: class-path prefixes a model config may name (a config file never chooses other code to import).
-TRUSTED_PREFIXES = ("vlp_lightning.", "torch.")
-#: model arguments export never builds: training only, and they may name classes from anywhere.
-TRAINING_ONLY = ("optimizer", "lr_scheduler")
 #: `vlp fit` trains; its eval view takes the centred square of the whole image, resized bilinearly.
 EVAL_PREPROCESSING = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
 #: pretrained_cfg entries timm needs to rebuild and feed the model (the rest describe timm's own released weights).
@@ -89,7 +72,7 @@ TIMM_PRETRAINED_KEYS = ("input_size", "fixed_input_size", "mean", "std", "num_cl
                         "classifier", *EVAL_PREPROCESSING)
 
 
-class ExportError(ValueError):
+class ExportError(PretrainedError):
     """Bad input to `vlp export`, as one sentence naming the value and the fix."""
 
 
@@ -113,7 +96,8 @@ def parser() -> ExportArgumentParser:
     parser.add_argument(
         "--config",
         metavar="YAML",
-        help="the config CKPT was trained with (default: the run's config.yaml that vlp fit wrote, found from CKPT)",
+        help="the config CKPT was trained with (default: the model config stored in CKPT, else the run's config.yaml "
+        "that vlp fit wrote, found from CKPT)",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the vision/, open_clip/, text/ of an earlier export in OUT"
@@ -134,7 +118,7 @@ def main(argv: list[str]) -> int:
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
         lines = write_exports(method, out)
-    except (ExportError, CheckpointError) as error:
+    except (PretrainedError, CheckpointError) as error:
         sys.stderr.write(f"vlp export: error: {error}\n")
         return 2
     except OSError as error:
@@ -154,158 +138,6 @@ def check_output(out: Path, overwrite: bool) -> None:
             f"OUT {out} already holds files; pass --overwrite to replace an earlier export there, or give another "
             "folder"
         )
-
-
-# ---------------------------------------------------------------------------------------------- rebuild the method
-def load_method(checkpoint_path: str, config_path: str | None = None) -> tuple[VLPMethod, Path]:
-    """The method a checkpoint was trained as, in eval mode with the checkpoint's weights, and the config it was
-    built from (`config_path`, or the run's config.yaml); an `ExportError` / `CheckpointError` sentence otherwise."""
-    if Path(checkpoint_path).is_dir():
-        raise ExportError(
-            f"CKPT {checkpoint_path} is a folder; give a checkpoint file (a sharded checkpoint folder becomes one with "
-            f"python -m lightning.pytorch.utilities.consolidate_checkpoint {checkpoint_path})"
-        )
-    checkpoint = load_checkpoint_for_check(
-        checkpoint_path,
-        name="CKPT",
-        if_missing="give the path of a checkpoint written by vlp fit, e.g. runs/clip/emoji_tiny/checkpoints/last.ckpt",
-        if_incomplete="export another checkpoint of the run",
-    )
-    config = Path(config_path) if config_path else find_run_config(Path(checkpoint_path))
-    model_config = read_model_config(config)
-    method, parsed = build_method(model_config, config)
-    redo = f"pass --config with the config {checkpoint_path} was trained with"
-    conflict = _hyper_parameter_conflict(checkpoint.get("hyper_parameters", {}), parsed)
-    if conflict:
-        raise ExportError(f"{checkpoint_path} {conflict} ({config}); {redo}")
-    written_by = checkpoint.get("vlp", {}).get("method")
-    if written_by is not None and written_by != _class_path(method):
-        raise ExportError(f"{checkpoint_path} was written by {written_by}, but {config} builds {_class_path(method)}; "
-                          f"{redo}")
-    differences = _state_dict_differences(checkpoint["state_dict"], method.state_dict(), strict=True)
-    if differences:
-        raise ExportError(
-            f"{checkpoint_path} does not fit the {type(method).__name__} that {config} builds ({len(differences)} "
-            f"tensors differ, e.g. {'; '.join(differences[:3])}); {redo}"
-        )
-    method.load_state_dict(checkpoint["state_dict"], strict=True)
-    return method.eval(), config
-
-
-def find_run_config(checkpoint_path: Path) -> Path:
-    """The config.yaml `vlp fit` saved for the run of `<run>/checkpoints/<ckpt>`: the newest `<run>/version_N/` one
-    (each resume writes another), provided they all configure the same model."""
-    run = checkpoint_path.parent.parent
-    found = sorted(run.glob("version_*/config.yaml"), key=lambda path: _version_number(path.parent.name))
-    found += [run / "config.yaml"] if (run / "config.yaml").is_file() else []
-    if not found:
-        raise ExportError(
-            f"found no config.yaml of the run of {checkpoint_path} (vlp fit writes {run}/version_N/config.yaml); "
-            "pass --config with the config it was trained with"
-        )
-    models = {path: read_model_config(path) for path in found}
-    differing = [path for path in found if models[path] != models[found[-1]]]
-    if differing:
-        raise ExportError(
-            f"{differing[-1]} and {found[-1]} configure different models; pass --config with the one "
-            f"{checkpoint_path} was trained with"
-        )
-    return found[-1]
-
-
-def _version_number(name: str) -> int:
-    suffix = name.removeprefix("version_")
-    return int(suffix) if suffix.isdigit() else -1
-
-
-def read_model_config(config: Path) -> dict[str, Any]:
-    """The `model:` section of a vlp YAML, without its training-only arguments and with the weights taken from the
-    checkpoint instead of pretrained files; its class paths checked."""
-    if not config.is_file():
-        raise ExportError(
-            f"--config {config}: no such file; give the run's config.yaml or the recipe it was trained with"
-        )
-    try:
-        document = yaml.safe_load(config.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ExportError(
-            f"--config {config} is not YAML ({type(error).__name__}); give the run's config.yaml"
-        ) from None
-    model = document.get("model") if isinstance(document, dict) else None
-    if not isinstance(model, dict) or not isinstance(model.get("class_path"), str):
-        raise ExportError(
-            f"{config} has no model.class_path; give the run's config.yaml (vlp fit writes it next to the logs) or "
-            "the recipe it was trained with"
-        )
-    init_args = {name: value for name, value in (model.get("init_args") or {}).items() if name not in TRAINING_ONLY}
-    model = _weights_from_checkpoint({"class_path": model["class_path"], "init_args": init_args})
-    _check_class_paths(model, config)
-    return model
-
-
-def _weights_from_checkpoint(node: Any) -> Any:
-    """Towers built without reading pretrained weights (the checkpoint holds them): no `pretrained_path`, and a
-    Hugging Face tower from its config alone."""
-    if isinstance(node, list):
-        return [_weights_from_checkpoint(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    node = {name: _weights_from_checkpoint(value) for name, value in node.items()}
-    init_args = node.get("init_args")
-    if isinstance(init_args, dict):
-        if "pretrained_path" in init_args:
-            init_args["pretrained_path"] = None
-        if str(node.get("class_path", "")).endswith("HFTextEncoder"):
-            init_args["from_config"] = True
-    return node
-
-
-def _class_paths(node: Any, key: str) -> Iterator[tuple[str, str]]:
-    """(key, class path) of every class a config section names, e.g. ("model.init_args.text", "...TextTransformer")."""
-    if isinstance(node, dict):
-        if isinstance(node.get("class_path"), str):
-            yield key, node["class_path"]
-        for name, value in node.items():
-            yield from _class_paths(value, f"{key}.{name}")
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            yield from _class_paths(value, f"{key}.{index}")
-
-
-def _check_class_paths(model: dict[str, Any], config: Path) -> None:
-    """The method must be in the methods index (compared by name, before anything is imported), the other classes
-    vlp's or torch's."""
-    classes = [getattr(methods, path.rsplit(".", 1)[1]) for path in available_methods()]
-    index = set(available_methods()) | {f"{cls.__module__}.{cls.__qualname__}" for cls in classes}
-    if model["class_path"] not in index:
-        raise ExportError(
-            f"{config} configures the model {model['class_path']}, which is not a method of vlp_lightning.methods; "
-            f"vlp export rebuilds these only: {', '.join(available_methods())}"
-        )
-    for key, class_path in _class_paths(model["init_args"], "model.init_args"):
-        if not class_path.startswith(TRUSTED_PREFIXES):
-            raise ExportError(
-                f"{config} sets {key} to {class_path}, and vlp export builds only vlp_lightning and torch classes (a "
-                "config file never chooses other code to import); build the method in Python and call "
-                "vlp_lightning.commands.export.write_exports(method, out)"
-            )
-
-
-def build_method(model: dict[str, Any], config: Path) -> tuple[VLPMethod, Namespace]:
-    """Instantiate the model section as LightningCLI does; -> (method, its parsed config for the hparams check)."""
-    from lightning.pytorch.cli import LightningArgumentParser
-
-    parser = LightningArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(VLPMethod, "model", required=True)
-    try:
-        parsed = parser.parse_object({"model": model})
-        method = parser.instantiate(parsed).model
-    except Exception as error:  # any failure to build a user's config ends in one sentence, never a traceback
-        raise ExportError(
-            f"{config} does not build a method ({concise_error(str(error)) or type(error).__name__}); pass --config "
-            "with the config the checkpoint was trained with"
-        ) from None
-    return method, parsed.model
 
 
 # ---------------------------------------------------------------------------------------------- writers

@@ -115,6 +115,9 @@ class VLPMethod(LightningModule):
         self._pending_rng_states: dict | None = None
         #: factor on every parameter group's learning rate, set before the optimizer is built (GlobalBatchSize).
         self.lr_scale = 1.0
+        #: the `model:` config this method was built from, as JSON (set by `vlp`); stored in every checkpoint so the
+        #: method can be rebuilt from the checkpoint alone (`vlp_lightning.pretrained.load_method`).
+        self.model_config: str | None = None
 
     # ------------------------------------------------------------------ protocol
     @property
@@ -308,13 +311,15 @@ class VLPMethod(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Record which method wrote the checkpoint and every rank's RNG states (exact resume of random masking,
-        noise, ...). Lightning calls this on every rank, so the gather is collective."""
+        """Record which method wrote the checkpoint, the model config it was built from, and every rank's RNG states
+        (exact resume of random masking, noise, ...). Lightning calls this on every rank, so the gather is collective."""
         states = [_rng_states()]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             states = [None] * dist.get_world_size()
             dist.all_gather_object(states, _rng_states())
         checkpoint["vlp"] = {"method": _class_path(self), "rng_states": states}
+        if self.model_config is not None:
+            checkpoint["vlp"]["model_config"] = self.model_config
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, in one sentence, a checkpoint of another method or another architecture (before Lightning's

@@ -1,0 +1,200 @@
+"""Rebuild a trained method from its checkpoint: what `vlp export` and the adaptation methods' pretrained starts use.
+
+A vlp checkpoint's hyper-parameters do not hold its towers (they are modules, passed to the method, not saved as
+arguments), so the method is rebuilt from its model config: the one `vlp fit` stores in every checkpoint it writes
+(`checkpoint["vlp"]["model_config"]`), else the `config.yaml` that `vlp fit` writes next to the run's logs
+(`<run>/version_N/config.yaml`, found from the checkpoint's `<run>/checkpoints/` folder), or a config file given
+explicitly. The method's class must be one of `vlp_lightning.methods` and every class the model config names must
+be vlp's or torch's: a file never chooses other code to import. The optimizer and schedule are not needed and not
+built; the weights come from the checkpoint, loaded strictly with `weights_only=True`, never from
+`pretrained_path` files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse import Namespace
+
+from vlp_lightning import methods
+from vlp_lightning.cli import _hyper_parameter_conflict, available_methods, concise_error, load_checkpoint_for_check
+from vlp_lightning.methods.base import VLPMethod, _class_path, _state_dict_differences
+
+#: class-path prefixes a model config may name (a config file never chooses other code to import).
+TRUSTED_PREFIXES = ("vlp_lightning.", "torch.")
+#: model arguments a rebuild never builds: training only, and they may name classes from anywhere.
+TRAINING_ONLY = ("optimizer", "lr_scheduler")
+
+
+class PretrainedError(ValueError):
+    """A checkpoint or config that does not rebuild a method, as one sentence naming the value and the fix."""
+
+
+def load_method(
+    checkpoint_path: str, config_path: str | None = None, name: str = "CKPT", config_option: str = "--config"
+) -> tuple[VLPMethod, str]:
+    """The method a checkpoint was trained as, in eval mode with the checkpoint's weights, and where its config came
+    from (`config_path`, else the model config stored in the checkpoint, else the run's config.yaml); a
+    `PretrainedError` / `CheckpointError` sentence otherwise. `name` is how sentences call the checkpoint path and
+    `config_option` the option that gives a config."""
+    if Path(checkpoint_path).is_dir():
+        raise PretrainedError(
+            f"{name} {checkpoint_path} is a folder; give a checkpoint file (a sharded checkpoint folder becomes one "
+            f"with python -m lightning.pytorch.utilities.consolidate_checkpoint {checkpoint_path})"
+        )
+    checkpoint = load_checkpoint_for_check(
+        checkpoint_path,
+        name=name,
+        if_missing="give the path of a checkpoint written by vlp fit, e.g. runs/clip/emoji_tiny/checkpoints/last.ckpt",
+        if_incomplete="use another checkpoint of the run",
+    )
+    redo = f"pass {config_option} with the config {checkpoint_path} was trained with"
+    stored = checkpoint.get("vlp", {}).get("model_config")
+    if config_path is None and isinstance(stored, str):
+        source = f"the model config stored in {checkpoint_path}"
+        model_config = model_section({"model": json.loads(stored)}, source)
+    else:
+        config = Path(config_path) if config_path else find_run_config(Path(checkpoint_path), config_option)
+        source = str(config)
+        model_config = read_model_config(config, config_option)
+    method, parsed = build_method(model_config, source, redo)
+    conflict = _hyper_parameter_conflict(checkpoint.get("hyper_parameters", {}), parsed)
+    if conflict:
+        raise PretrainedError(f"{checkpoint_path} {conflict} ({source}); {redo}")
+    written_by = checkpoint.get("vlp", {}).get("method")
+    if written_by is not None and written_by != _class_path(method):
+        raise PretrainedError(
+            f"{checkpoint_path} was written by {written_by}, but {source} builds {_class_path(method)}; {redo}"
+        )
+    differences = _state_dict_differences(checkpoint["state_dict"], method.state_dict(), strict=True)
+    if differences:
+        raise PretrainedError(
+            f"{checkpoint_path} does not fit the {type(method).__name__} that {source} builds ({len(differences)} "
+            f"tensors differ, e.g. {'; '.join(differences[:3])}); {redo}"
+        )
+    method.load_state_dict(checkpoint["state_dict"], strict=True)
+    return method.eval(), source
+
+
+def find_run_config(checkpoint_path: Path, config_option: str = "--config") -> Path:
+    """The config.yaml `vlp fit` saved for the run of `<run>/checkpoints/<ckpt>`: the newest `<run>/version_N/` one
+    (each resume writes another), provided they all configure the same model."""
+    run = checkpoint_path.parent.parent
+    found = sorted(run.glob("version_*/config.yaml"), key=lambda path: _version_number(path.parent.name))
+    found += [run / "config.yaml"] if (run / "config.yaml").is_file() else []
+    if not found:
+        raise PretrainedError(
+            f"found no config.yaml of the run of {checkpoint_path} (vlp fit writes {run}/version_N/config.yaml); "
+            f"pass {config_option} with the config it was trained with"
+        )
+    models = {path: read_model_config(path, config_option) for path in found}
+    differing = [path for path in found if models[path] != models[found[-1]]]
+    if differing:
+        raise PretrainedError(
+            f"{differing[-1]} and {found[-1]} configure different models; pass {config_option} with the one "
+            f"{checkpoint_path} was trained with"
+        )
+    return found[-1]
+
+
+def _version_number(name: str) -> int:
+    suffix = name.removeprefix("version_")
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def read_model_config(config: Path, config_option: str = "--config") -> dict[str, Any]:
+    """`model_section` of a vlp YAML file."""
+    if not config.is_file():
+        raise PretrainedError(
+            f"{config_option} {config}: no such file; give the run's config.yaml or the recipe it was trained with"
+        )
+    try:
+        document = yaml.safe_load(config.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise PretrainedError(
+            f"{config_option} {config} is not YAML ({type(error).__name__}); give the run's config.yaml"
+        ) from None
+    return model_section(document, str(config))
+
+
+def model_section(document: Any, source: str) -> dict[str, Any]:
+    """The `model:` section of a vlp config, without its training-only arguments and with the weights taken from
+    the checkpoint instead of pretrained files; its class paths checked."""
+    model = document.get("model") if isinstance(document, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("class_path"), str):
+        raise PretrainedError(
+            f"{source} has no model.class_path; give the run's config.yaml (vlp fit writes it next to the logs) or "
+            "the recipe it was trained with"
+        )
+    init_args = {name: value for name, value in (model.get("init_args") or {}).items() if name not in TRAINING_ONLY}
+    model = _weights_from_checkpoint({"class_path": model["class_path"], "init_args": init_args})
+    _check_class_paths(model, source)
+    return model
+
+
+def _weights_from_checkpoint(node: Any) -> Any:
+    """Towers built without reading pretrained weights (the checkpoint holds them): no `pretrained_path`, and a
+    Hugging Face tower from its config alone."""
+    if isinstance(node, list):
+        return [_weights_from_checkpoint(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {name: _weights_from_checkpoint(value) for name, value in node.items()}
+    init_args = node.get("init_args")
+    if isinstance(init_args, dict):
+        if "pretrained_path" in init_args:
+            init_args["pretrained_path"] = None
+        if str(node.get("class_path", "")).endswith("HFTextEncoder"):
+            init_args["from_config"] = True
+    return node
+
+
+def _class_paths(node: Any, key: str) -> Iterator[tuple[str, str]]:
+    """(key, class path) of every class a config section names, e.g. ("model.init_args.text", "...TextTransformer")."""
+    if isinstance(node, dict):
+        if isinstance(node.get("class_path"), str):
+            yield key, node["class_path"]
+        for name, value in node.items():
+            yield from _class_paths(value, f"{key}.{name}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _class_paths(value, f"{key}.{index}")
+
+
+def _check_class_paths(model: dict[str, Any], source: str) -> None:
+    """The method must be in the methods index (compared by name, before anything is imported), the other classes
+    vlp's or torch's."""
+    classes = [getattr(methods, path.rsplit(".", 1)[1]) for path in available_methods()]
+    index = set(available_methods()) | {f"{cls.__module__}.{cls.__qualname__}" for cls in classes}
+    if model["class_path"] not in index:
+        raise PretrainedError(
+            f"{source} configures the model {model['class_path']}, which is not a method of vlp_lightning.methods; "
+            f"vlp rebuilds these only: {', '.join(available_methods())}"
+        )
+    for key, class_path in _class_paths(model["init_args"], "model.init_args"):
+        if not class_path.startswith(TRUSTED_PREFIXES):
+            raise PretrainedError(
+                f"{source} sets {key} to {class_path}, and vlp rebuilds only vlp_lightning and torch classes (a "
+                "config file never chooses other code to import); build the method in Python and call "
+                "vlp_lightning.commands.export.write_exports(method, out)"
+            )
+
+
+def build_method(model: dict[str, Any], source: str, redo: str) -> tuple[VLPMethod, Namespace]:
+    """Instantiate the model section as LightningCLI does; -> (method, its parsed config for the hparams check)."""
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(VLPMethod, "model", required=True)
+    try:
+        parsed = parser.parse_object({"model": model})
+        method = parser.instantiate(parsed).model
+    except Exception as error:  # any failure to build a user's config ends in one sentence, never a traceback
+        raise PretrainedError(
+            f"{source} does not build a method ({concise_error(str(error)) or type(error).__name__}); {redo}"
+        ) from None
+    return method, parsed.model
