@@ -152,3 +152,25 @@ def make_shards() -> Callable[..., GeneratedShards]:
 def write_tar_fixture() -> Callable[[Path, list[dict[str, bytes]]], Path]:
     """`write_tar(path, [{"__key__": ..., "<ext>": bytes, ...}])` for hand-made (corrupt, malicious) shards."""
     return write_tar
+
+
+#: the model config of the tiny CLIP that adaptation methods start from in tests: 9-layer towers (MaPLe's default
+#: prompt depth), 64 wide, 32 px.
+TINY_CLIP_CONFIG = {"class_path": "vlp_lightning.methods.CLIP", "init_args": {
+    "embed_dim": 32,
+    "vision": {"class_path": "vlp_lightning.modules.VisionEncoder", "init_args": {
+        "model_name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "width": 64, "depth": 9,
+        "num_heads": 2}},
+    "text": {"class_path": "vlp_lightning.modules.TextTransformer", "init_args": {
+        "vocab_size": 258, "context_length": 32, "width": 64, "layers": 9, "heads": 2}},
+}}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_checkpoint(tmp_path_factory) -> str:
+    """A checkpoint of a randomly initialised tiny CLIP (`TINY_CLIP_CONFIG`) that `pretrained:` starts load."""
+    from vlp_lightning.pretrained import build_method, save_checkpoint
+
+    torch.manual_seed(0)
+    clip, _ = build_method(TINY_CLIP_CONFIG, "TINY_CLIP_CONFIG", "")
+    return str(save_checkpoint(clip, tmp_path_factory.mktemp("pretrained") / "clip.ckpt", TINY_CLIP_CONFIG))

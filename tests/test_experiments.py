@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vlp_lightning.cli import main
 
@@ -27,7 +28,7 @@ def _isolated(monkeypatch, tmp_path):
 def test_there_are_recipes_for_every_method_family():
     families = {path.parent.name for path in TINY}
     assert {"clip", "convirt", "align", "swav", "mae", "selfie", "sit", "byol", "simclr", "mocov2", "mocov3", "dino",
-            "barlowtwins", "vicreg", "mmc", "look", "hvp"} <= families
+            "barlowtwins", "vicreg", "mmc", "look", "hvp", "coop", "cocoop", "maple", "pre"} <= families
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=recipe_id)
@@ -47,10 +48,19 @@ def test_trainer_fragment_stacks_on_a_recipe(fragment, capsys):
     assert "strategy" in capsys.readouterr().out
 
 
+def adapts(recipe: Path) -> bool:
+    """Whether the recipe's method starts from a pretrained checkpoint (`pretrained:`)."""
+    return "pretrained" in (yaml.safe_load(recipe.read_text())["model"].get("init_args") or {})
+
+
 @pytest.mark.parametrize("recipe", TINY, ids=recipe_id)
-def test_tiny_recipe_trains_a_step(recipe, make_shards, tmp_path):
+def test_tiny_recipe_trains_a_step(recipe, make_shards, tmp_path, request):
     shards = make_shards(tmp_path / "shards", n=16, per_shard=16, image_size=32)
-    main(["fit", "--config", str(recipe), "--data.train_shards", shards.pattern, "--data.val_shards", "null",
+    start = []
+    if adapts(recipe):  # from the tests' tiny CLIP, classifying the generated shapes (`.cls`)
+        start = ["--model.init_args.pretrained", request.getfixturevalue("tiny_clip_checkpoint"),
+                 "--model.init_args.label_field", "cls", "--model.init_args.classnames_from", shards.pattern]
+    main(["fit", "--config", str(recipe), *start, "--data.train_shards", shards.pattern, "--data.val_shards", "null",
           "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.max_steps", "1",
           "--trainer.callbacks", "[]", "--trainer.val_check_interval", "1.0", "--trainer.check_val_every_n_epoch", "1",
           "--trainer.enable_progress_bar", "false",

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader
 
 from vlp_lightning import catalog, methods
+from vlp_lightning.methods.adaptation.base import AdaptationMethod
 from vlp_lightning.methods.base import VLPMethod
 
 METHOD_NAMES = methods.method_names()
@@ -44,10 +45,17 @@ def make_batch(method: VLPMethod, batch_size: int = 8, seed: int = 0) -> dict:
     return batch
 
 
+#: the classes adaptation methods classify in these tests (the batches' labels are 0..3).
+ADAPTATION_CLASSES = ["red apple", "grinning face", "blue car", "green tree"]
+
+
 @pytest.fixture(params=METHOD_NAMES)
 def method(request) -> VLPMethod:
     torch.manual_seed(0)
-    return getattr(methods, request.param)()
+    method_class = getattr(methods, request.param)
+    if issubclass(method_class, AdaptationMethod):  # starts from a pretrained method: a tiny CLIP made for the test
+        return method_class(pretrained=request.getfixturevalue("tiny_clip_checkpoint"), classnames=ADAPTATION_CLASSES)
+    return method_class()
 
 
 def test_forward_loss_is_finite_and_named(method):

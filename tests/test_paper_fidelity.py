@@ -164,6 +164,16 @@ def test_schedule_warms_up_from_a_start_ratio_and_decays_linearly() -> None:
         WarmupCosineLR(optimizer, decay="step")
 
 
+def test_constant_warmup_holds_the_start_ratio_then_decays_from_the_base() -> None:
+    """Dassl's ConstantWarmupScheduler (CoOp & co.): 1e-5 through the warmup epoch, then cosine from 0.002."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.002)
+    schedule = WarmupCosineLR(optimizer, warmup_steps=10, total_steps=110, warmup_start_ratio=0.005,
+                              warmup="constant")
+    factors = [schedule._factor(step) for step in range(111)]
+    assert factors[:10] == pytest.approx([0.005] * 10) and factors[10] == pytest.approx(1.0)
+    assert factors[60] == pytest.approx(0.5) and factors[110] == pytest.approx(0.0)
+
+
 class _Regressor(VLPMethod):
     def __init__(self) -> None:
         super().__init__(optimizer=lambda groups: torch.optim.SGD(groups, lr=0.1), lr_scheduler=WarmupCosineLR)

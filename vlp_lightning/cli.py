@@ -332,9 +332,18 @@ def _hyper_parameter_conflict(saved: dict, model: Namespace) -> str | None:
             return f"was written by {saved_class}, not {model.class_path}"
     for name, value in saved.items():
         configured = (model.init_args or {}).get(name, value)
-        if not name.startswith("_") and configured != value:
+        if not name.startswith("_") and _plain(configured) != _plain(value):
             return f"was trained with model.init_args.{name}={value!r}, but the config sets {configured!r}"
     return None
+
+
+def _plain(value: Any) -> Any:
+    """A value as YAML would write it: tuples as lists (a checkpoint and a parsed config may differ only there)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def _known_method_classes(configured: str) -> dict[str, type]:

@@ -198,3 +198,19 @@ def build_method(model: dict[str, Any], source: str, redo: str) -> tuple[VLPMeth
             f"{source} does not build a method ({concise_error(str(error)) or type(error).__name__}); {redo}"
         ) from None
     return method, parsed.model
+
+
+def save_checkpoint(method: VLPMethod, path: str | Path, model_config: dict[str, Any]) -> Path:
+    """Write `method` as a checkpoint `load_method` (and so `vlp export` and every `pretrained:` start) rebuilds:
+    its weights, class and `model_config` (the `model:` section that builds it: {"class_path": ..., "init_args":
+    ...}). For methods built or trained in Python; `vlp fit` writes such checkpoints itself."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({
+        "state_dict": method.state_dict(),
+        "hyper_parameters": {"_class_path": model_config["class_path"]},
+        "vlp": {"method": _class_path(method), "model_config": json.dumps(model_config)},
+    }, path)
+    return path

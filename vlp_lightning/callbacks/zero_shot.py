@@ -121,6 +121,18 @@ def build_zero_shot_classifier(
     return F.normalize(embeddings.view(len(classnames), len(templates), -1).mean(1), dim=-1)
 
 
+def text_classifier_scores(
+    method: nn.Module, image_embeddings: Tensor, classnames: list[str], templates: list[str] | str, batch_size: int
+) -> Tensor:
+    """Class scores [N, C] of image embeddings: a prompt-learning method's own prompts
+    (`method.class_logits(embeddings, classnames)`, CoOp & co.), else the zero-shot classifier of the templates."""
+    if hasattr(method, "class_logits"):
+        return torch.cat([method.class_logits(chunk, classnames) for chunk in image_embeddings.split(batch_size)])
+    classifier = build_zero_shot_classifier(method, method.tokenizer, classnames, resolve_templates(templates),
+                                            batch_size)
+    return F.normalize(image_embeddings, dim=-1) @ classifier.T
+
+
 #: colour of a confusion-matrix cell holding 1.0 (cells fade linearly to white at 0).
 _FULL_CELL = np.array([8, 48, 107])
 
@@ -163,7 +175,8 @@ class ZeroShotClassification(EvaluationCallback):
     """Zero-shot top-1 / top-5 accuracy on labelled shard sets, logged as `zeroshot/<name>/top1`, `.../top5`, and
     each set's confusion matrix as a TensorBoard image `zeroshot/<name>/confusion`.
 
-    Needs a method with a text tower (`encode_text`) and a tokenizer; other methods skip it with one warning.
+    Needs a method with a text tower (`encode_text`) and a tokenizer; other methods skip it with one warning. A
+    prompt-learning method (CoOp, CoCoOp, MaPLe, PRE) classifies with its learned prompts instead of the templates.
 
     Args:
         datasets: the shard sets to classify.
@@ -191,10 +204,7 @@ class ZeroShotClassification(EvaluationCallback):
                 raise ValueError(
                     f"zero-shot {dataset.name!r}: label {int(labels.max())} but only {len(classnames)} class names"
                 )
-            classifier = build_zero_shot_classifier(
-                method, method.tokenizer, classnames, resolve_templates(dataset.templates), self.batch_size
-            )
-            scores = F.normalize(features.image, dim=-1) @ classifier.T  # [N, C]
+            scores = text_classifier_scores(method, features.image, classnames, dataset.templates, self.batch_size)
             for metric, value in classification_metrics(scores, labels, len(classnames)).items():
                 metrics[f"zeroshot/{dataset.name}/{metric}"] = value
             counts = multiclass_confusion_matrix(scores.argmax(1), labels, len(classnames)).float()  # [true, predicted]

@@ -56,9 +56,13 @@ class WarmupCosineLR(LambdaLR):
         min_lr_ratio: float = 0.0,
         warmup_start_ratio: float = 0.0,
         decay: Literal["cosine", "linear"] = "cosine",
+        warmup: Literal["linear", "constant"] = "linear",
     ) -> None:
         if decay not in ("cosine", "linear"):
             raise ValueError(f"WarmupCosineLR: decay={decay!r} is not one of 'cosine', 'linear'")
+        if warmup not in ("linear", "constant"):
+            raise ValueError(f"WarmupCosineLR: warmup={warmup!r} is not one of 'linear', 'constant'")
+        self.warmup = warmup
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_lr_ratio = min_lr_ratio
@@ -70,6 +74,8 @@ class WarmupCosineLR(LambdaLR):
         total = max(1, self.total_steps or 1)
         warmup = self.warmup_steps * total if self.warmup_steps < 1 else self.warmup_steps
         if step < warmup:
+            if self.warmup == "constant":
+                return self.warmup_start_ratio
             return self.warmup_start_ratio + (1 - self.warmup_start_ratio) * (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
         remaining = 0.5 * (1 + math.cos(math.pi * progress)) if self.decay == "cosine" else 1 - progress

@@ -7,6 +7,7 @@ text, [N, num_features], for a method to project into its joint space.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -105,18 +106,31 @@ class TextTransformer(LockableEncoder):
     def forward(self, text: dict[str, Tensor]) -> Tensor:
         """{"input_ids": [N, L], "attention_mask": [N, L]} -> features at the end-of-text token [N, width]."""
         input_ids, attention_mask = text["input_ids"], text["attention_mask"]
-        seq_len = input_ids.shape[1]
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        end_of_text = (attention_mask * positions).argmax(dim=1)  # last position with mask 1
+        return self.forward_embeddings(self.token_embedding(input_ids), end_of_text)
+
+    def forward_embeddings(
+        self,
+        embeddings: Tensor,
+        end_of_text: Tensor,
+        before_block: Callable[[int, Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """Token embeddings [N, L, width] (learned prompt vectors among them) -> features at the positions
+        `end_of_text` [N] -> [N, width]: what prompt learning feeds the tower (CoOp, Zhou et al. 2022, eq. 2).
+        `before_block(i, x)` may rewrite the sequence before block i (MaPLe's deep prompts, Khattak et al. 2023)."""
+        seq_len = embeddings.shape[1]
         if seq_len > self.context_length:
             raise ValueError(f"text of {seq_len} tokens is longer than the context length {self.context_length}")
-        x = self.token_embedding(input_ids) + self.positional_embedding[:seq_len]  # [N, L, width]
+        x = embeddings + self.positional_embedding[:seq_len]  # [N, L, width]
         causal_mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).triu(1)  # True = hidden
-        for block in self.transformer["resblocks"]:
+        for index, block in enumerate(self.transformer["resblocks"]):
+            if before_block is not None:
+                x = before_block(index, x)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, causal_mask, use_reentrant=False)
             else:
                 x = block(x, causal_mask)
-        positions = torch.arange(seq_len, device=x.device)
-        end_of_text = (attention_mask * positions).argmax(dim=1)  # last position with mask 1
         # LayerNorm acts per token, so normalising only the pooled tokens equals open_clip's ln_final-then-pool.
         return self.ln_final(x[torch.arange(x.shape[0], device=x.device), end_of_text])
 

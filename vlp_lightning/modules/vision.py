@@ -12,6 +12,7 @@ import os
 from typing import Literal
 
 import timm
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
@@ -136,6 +137,26 @@ class VisionEncoder(LockableEncoder):
     def forward(self, images: Tensor) -> Tensor:
         """images [N, 3, H, W] -> pooled features [N, num_features]."""
         return self.model(images)
+
+    def forward_with_prompts(self, images: Tensor, prompts: list[Tensor]) -> Tensor:
+        """images [N, 3, H, W] and prompt tokens per layer ([P, width] each, len(prompts) <= depth) -> pooled
+        features [N, num_features] of a timm ViT whose sequence carries P learned tokens (MaPLe, Khattak et al. 2023,
+        sec. 3.2, eq. 5-6): `prompts[0]` is appended after the class and patch tokens (without a position
+        embedding), before the pre-norm; `prompts[i]` replaces them before block i; later blocks carry them on. The
+        prompt tokens are dropped before pooling, so the class token or the patch mean pools as without prompts."""
+        model = self.model
+        if not hasattr(model, "blocks") or not hasattr(model, "_pos_embed"):
+            raise ValueError(f"{type(model).__name__} is not a timm ViT: vision prompts need one (model_name vit_*)")
+        if len(prompts) > len(model.blocks):
+            raise ValueError(f"{len(prompts)} layers of vision prompts for a ViT of {len(model.blocks)} blocks")
+        count = prompts[0].shape[0]
+        x = model.patch_drop(model._pos_embed(model.patch_embed(images)))
+        x = model.norm_pre(torch.cat([x, prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1))
+        for index, block in enumerate(model.blocks):
+            if 0 < index < len(prompts):
+                x = torch.cat([x[:, :-count], prompts[index].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+            x = block(x)
+        return model.forward_head(model.norm(x)[:, :-count])
 
     def forward_tokens(self, images: Tensor) -> Tensor:
         """images [N, 3, H, W] -> spatial tokens [N, L, width] after the final norm (class/register tokens

@@ -1,0 +1,192 @@
+"""Adaptation from a pretrained checkpoint: the frozen part stays bit-identical, a wrong start is one sentence, the
+prompt-learning block assembles and pools prompts right, and the methods agree with CLIP where their equations say so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from tests.conftest import TINY_CLIP_CONFIG
+from vlp_lightning import methods
+from vlp_lightning.callbacks import BaseToNovel, ZeroShotDataset, harmonic_mean
+from vlp_lightning.callbacks.features import evaluation_mode
+from vlp_lightning.callbacks.zero_shot import build_zero_shot_classifier
+from vlp_lightning.methods.adaptation.base import base_class_count
+from vlp_lightning.modules.prompts import prompt_layout
+from vlp_lightning.modules.tokenizers import ByteTokenizer
+from vlp_lightning.pretrained import build_method, save_checkpoint
+
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+CLASSES = ["red apple", "grinning face", "blue car", "green tree"]
+
+
+def batches(method, count: int = 3, size: int = 8) -> list[dict]:
+    torch.manual_seed(1)
+    return [{"image": torch.randn(size, 3, method.image_size, method.image_size),
+             "label": torch.arange(size) % len(CLASSES), "__key__": [str(i) for i in range(size)]}
+            for _ in range(count)]
+
+
+@pytest.mark.parametrize("name", ["CoOp", "MaPLe"])
+def test_only_the_adapted_parameters_change_and_the_pretrained_stay_bit_identical(name, tiny_clip_checkpoint,
+                                                                                   tmp_path):
+    method = getattr(methods, name)(pretrained=tiny_clip_checkpoint, classnames=CLASSES)
+    frozen = {key: value.clone() for key, value in method.pretrained.state_dict().items()}
+    adapted = {key: value.clone() for key, value in method.named_parameters() if value.requires_grad}
+    assert adapted and not any(key.startswith("pretrained.") for key in adapted)
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(method, train_dataloaders=DataLoader(batches(method), batch_size=None))
+    assert all(torch.equal(frozen[key], value) for key, value in method.pretrained.state_dict().items())
+    assert not any(module.training for module in method.pretrained.modules())  # eval mode throughout
+    after = dict(method.named_parameters())
+    assert not torch.equal(adapted["prompts.ctx"], after["prompts.ctx"])
+    assert any(not torch.equal(adapted[key], after[key]) for key in adapted if key != "prompts.ctx") or name == "CoOp"
+
+
+def test_an_image_only_checkpoint_under_prompt_learning_is_one_sentence(tmp_path):
+    config = {"class_path": "vlp_lightning.methods.SwAV"}
+    swav, _ = build_method(config, "test", "")
+    checkpoint = save_checkpoint(swav, tmp_path / "swav.ckpt", config)
+    with pytest.raises(ValueError) as error:
+        methods.CoOp(pretrained=str(checkpoint), classnames=CLASSES)
+    message = str(error.value)
+    assert message.startswith(f"CoOp adapts a method with an image-text space, but pretrained={checkpoint} holds a "
+                              "SwAV") and "\n" not in message
+    with pytest.raises(Exception, match=r"pretrained .*missing.ckpt: no such file"):
+        methods.CoOp(pretrained=str(tmp_path / "missing.ckpt"), classnames=CLASSES)
+
+
+def test_class_names_are_required_and_a_class_specific_context_refuses_novel_classes(tiny_clip_checkpoint):
+    with pytest.raises(ValueError, match="CoOp needs the class names: set classnames"):
+        methods.CoOp(pretrained=tiny_clip_checkpoint)
+    method = methods.CoOp(pretrained=tiny_clip_checkpoint, classnames=CLASSES, class_specific=True)
+    features = F.normalize(torch.randn(2, method.embed_dim), dim=-1)
+    assert method.class_logits(features, CLASSES).shape == (2, 4)
+    with pytest.raises(ValueError, match="learned for 4 classes and cannot prompt 2 others"):
+        method.class_logits(features, ["cat", "dog"])
+
+
+class EndIsSmallest(ByteTokenizer):
+    """Bytes with the end token at id 1 (below every byte in use): argmax of the ids would miss it."""
+
+    eot_token_id = 1
+
+
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_prompt_layout_places_context_and_finds_the_end_token_by_its_id(position):
+    tokenizer = EndIsSmallest(context_length=40)
+    layout = prompt_layout(tokenizer, ["cat", "red fox"], n_ctx=4, position=position)
+    for row, name in enumerate(["cat", "red fox"]):
+        ids = layout.input_ids[row]
+        end = int(layout.end_of_text[row])
+        assert ids[end] == 1 and ids[0] == 256 and int(ids.argmax()) != end
+        slots = layout.context_slots[row].tolist()
+        text = bytes(int(i) for i in ids[: end + 1] if 1 < i < 256 and i != 0).decode()
+        assert text == f" {name}."  # the class name follows the context with its space, then the period
+        first_name = ids.tolist().index(ord(" "))
+        if position == "end":
+            assert slots == [1, 2, 3, 4]
+        elif position == "front":
+            assert slots[0] > first_name and slots == list(range(slots[0], slots[0] + 4))
+        else:
+            assert slots[:2] == [1, 2] and slots[2] > first_name
+
+
+def test_coop_started_from_the_template_words_is_clips_zero_shot_classifier(tiny_clip_checkpoint):
+    """CoOp's prompt `[SOS] a photo of a [CLASS] . [EOS]` with the context at the words' embeddings is exactly the
+    zero-shot prompt "a photo of a {}." (eq. 2 vs CLIP sec. 3.1.2): the same class embeddings."""
+    method = methods.CoOp(pretrained=tiny_clip_checkpoint, classnames=CLASSES, n_ctx=None, ctx_init="a photo of a")
+    with torch.no_grad():
+        prompted = method.class_embeddings(CLASSES, torch.zeros(1, method.embed_dim))[0]
+        zero_shot = build_zero_shot_classifier(method.pretrained, method.tokenizer, CLASSES, ["a photo of a {}."])
+    assert torch.allclose(prompted, zero_shot, atol=1e-5)
+
+
+def test_pre_with_a_silent_encoder_is_coop(tiny_clip_checkpoint):
+    """V' = BiLSTM(V) + V: with the LSTM's weights at zero its output is 0 and PRE's prompts are CoOp's."""
+    torch.manual_seed(0)
+    pre = methods.PRE(pretrained=tiny_clip_checkpoint, classnames=CLASSES)
+    coop = methods.CoOp(pretrained=tiny_clip_checkpoint, classnames=CLASSES, n_ctx=None, ctx_init="a photo of a")
+    coop.prompts.ctx.data.copy_(pre.prompts.ctx.data)
+    for param in pre.prompt_encoder.parameters():
+        param.data.zero_()
+    features = F.normalize(torch.randn(3, pre.embed_dim), dim=-1)
+    with torch.no_grad():
+        assert torch.allclose(pre.class_logits(features, CLASSES), coop.class_logits(features, CLASSES), atol=1e-5)
+
+
+def test_cocoop_conditions_the_context_on_each_image(tiny_clip_checkpoint):
+    method = methods.CoCoOp(pretrained=tiny_clip_checkpoint, classnames=CLASSES)
+    assert method.prompts.n_ctx == 12  # "a photo of a" in bytes
+    features = F.normalize(torch.randn(3, method.embed_dim), dim=-1)
+    context = method.context(features)
+    assert context.shape == (3, 1, 12, 64) and not torch.allclose(context[0], context[1])
+    assert method.class_logits(features, CLASSES).shape == (3, 4)
+
+
+def test_maple_couples_vision_prompts_to_the_text_prompts(tiny_clip_checkpoint):
+    method = methods.MaPLe(pretrained=tiny_clip_checkpoint, classnames=CLASSES, prompt_depth=3)
+    assert len(method.vision_prompts()) == 3 and method.vision_prompts()[0].shape == (2, 64)
+    images = torch.randn(2, 3, 32, 32)
+    method.encode_image(images).sum().backward()  # the image side trains the language prompts through F_i
+    assert method.prompts.ctx.grad is not None and method.deep_text_prompts[0].grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"prompt_depth=10 must be in 1\.\.9"):
+        methods.MaPLe(pretrained=tiny_clip_checkpoint, classnames=CLASSES, prompt_depth=10)
+
+
+def test_base_to_novel_scores_halves_among_their_own_classes(tiny_clip_checkpoint, make_shards, tmp_path):
+    shards = make_shards(tmp_path / "shards", n=24, per_shard=24, image_size=32, num_classes=4, with_text=False)
+    dataset = ZeroShotDataset(name="shapes", shards=shards.pattern, templates=["a photo of a {}."])
+    callback = BaseToNovel([dataset], batch_size=8)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    clip, _ = build_method(TINY_CLIP_CONFIG, "test", "")
+    clip.load_state_dict(torch.load(tiny_clip_checkpoint, weights_only=True)["state_dict"])
+    coop = methods.CoOp(pretrained=tiny_clip_checkpoint, classnames_from=shards.pattern, n_ctx=None,
+                        ctx_init="a photo of a")
+    results = {}
+    for name, method in (("clip", clip), ("coop", coop)):
+        with evaluation_mode(trainer, method):
+            results[name] = callback.evaluate(trainer, method)
+    assert set(results["clip"]) == {"base2novel/shapes/base", "base2novel/shapes/novel", "base2novel/shapes/hm"}
+    assert results["coop"] == pytest.approx(results["clip"])  # the template's words: CLIP's zero-shot, both halves
+    metrics = results["clip"]
+    assert metrics["base2novel/shapes/hm"] == pytest.approx(
+        harmonic_mean(metrics["base2novel/shapes/base"], metrics["base2novel/shapes/novel"]))
+    assert base_class_count(99) == 50 and base_class_count(4) == 2
+    assert harmonic_mean(0.8, 0.4) == pytest.approx(2 * 0.32 / 1.2) and harmonic_mean(0, 0) == 0
+
+
+def test_documented_path_pretrain_then_adapt_then_test(make_shards, tmp_path, monkeypatch, capsys):
+    """`vlp fit` of the CLIP recipe, `vlp fit` of the CoOp recipe from its last.ckpt, `vlp test` printing the
+    base-to-novel table, as the recipe's header says (generated shards stand in for the emoji)."""
+    from vlp_lightning.cli import main
+
+    monkeypatch.setattr("sys.argv", ["vlp"])
+    monkeypatch.chdir(tmp_path)
+    shards = make_shards(tmp_path / "shards", n=16, per_shard=16, image_size=32)
+    quiet = ["--data.batch_size", "8", "--data.num_workers", "0", "--trainer.max_steps", "2",
+             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    main(["fit", "--config", f"{EXPERIMENTS}/clip/emoji_tiny.yaml", "--data.train_shards", shards.pattern,
+          "--data.val_shards", "null", *quiet])
+    assert (tmp_path / "runs/clip/emoji_tiny/checkpoints/last.ckpt").exists()
+    evaluation = tmp_path / "evaluation.yaml"
+    evaluation.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
+        "class_path": "vlp_lightning.callbacks.BaseToNovel",
+        "init_args": {"every_n_epochs": 0, "datasets": [{"name": "shapes", "shards": shards.pattern,
+                                                          "label_field": "cls", "templates": "photo"}]}}]}}))
+    adapt = ["--config", f"{EXPERIMENTS}/coop/emoji_tiny.yaml", "--config", str(evaluation),
+             "--model.init_args.label_field", "cls", "--model.init_args.classnames_from", shards.pattern,
+             "--data.train_shards", shards.pattern, "--data.test_shards", shards.pattern, *quiet]
+    main(["fit", *adapt])
+    capsys.readouterr()
+    main(["test", *adapt, "--ckpt_path", "last"])
+    table = capsys.readouterr()
+    assert "base2novel/shapes/hm" in table.out + table.err
