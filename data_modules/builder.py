@@ -55,6 +55,7 @@ from data_modules.sources.fashion_mnist import fashion_mnist_source
 from data_modules.sources.local import csv_source, folder_source, jsonl_source
 from data_modules.sources.openclipart import DEFAULT_ROOT as OPENCLIPART_ROOT
 from data_modules.sources.openclipart import openclipart_source
+from data_modules.sources.shots import few_shot_source
 
 MANIFEST_FORMAT = 1
 BUILDER_VERSION = 1
@@ -424,7 +425,7 @@ def _build_command(
     """A build sub-command: its input (when it takes one), OUT, and the options every build shares."""
     command = commands.add_parser(name, help=summary, description=summary)
     if input_help is not None:
-        command.add_argument("input", type=Path, metavar="SRC" if name == "folder" else "FILE", help=input_help)
+        command.add_argument("input", type=Path, metavar={"folder": "SRC", "shots": "SHARDS"}.get(name, "FILE"), help=input_help)
     command.add_argument("out", type=Path, metavar="OUT", help="output folder for the shards and manifest.json")
     command.add_argument(
         "--maxcount", type=_positive_int, default=1000, help="samples per shard (default: %(default)s)"
@@ -454,6 +455,7 @@ def make_parser() -> argparse.ArgumentParser:
             "  vlp-data folder photos/ shards/ --split train=0.9,val=0.1\n"
             "  vlp-data csv captions.csv shards/ --image-col filepath --caption-col title\n"
             "  vlp-data emoji shards/emoji-twitter --style twitter\n"
+            "  vlp-data shots 'shards/emoji/train-*.tar' shards/emoji-16shot --shots 16 --seed 1\n"
             "  vlp-data inspect shards/\n"
             "then train on them:\n"
             "  vlp fit --config experiments/clip/emoji_tiny.yaml \\\n"
@@ -577,6 +579,19 @@ def make_parser() -> argparse.ArgumentParser:
         help="folder holding png/ and svg/ (default: %(default)s)",
     )
     clipart.set_defaults(make_source=lambda a: openclipart_source(a.root))
+
+    shots = _build_command(
+        commands, "shots",
+        "K samples per class of existing shards, drawn with --seed (few-shot adaptation: 1, 2, 4, 8, 16 shots)",
+        "shard pattern to draw from, e.g. 'data/emoji/train-{000000..000001}.tar'",
+    )
+    shots.add_argument("--shots", type=_positive_int, required=True, metavar="K", help="samples per class")
+    shots.add_argument(
+        "--label-field", default="cls", metavar="FIELD",
+        help="the label: cls (the .cls member) or an integer field of the .json member, e.g. subcategory_id "
+        "(default: %(default)s)",
+    )
+    shots.set_defaults(make_source=lambda a: few_shot_source(str(a.input), a.shots, a.seed, a.label_field))
 
     inspect_summary = "counts, members, examples and a decode check of every sample"
     inspect = commands.add_parser("inspect", help=inspect_summary, description=inspect_summary)

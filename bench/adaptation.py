@@ -1,0 +1,180 @@
+"""Base-to-novel prompt learning on the suite's own emoji CLIP: CoOp, CoCoOp, MaPLe and PRE against the frozen CLIP's
+zero-shot classifier, and CoCoOp's memory against CoOp's as the batch grows.
+
+Protocol (CoCoOp, Zhou et al. 2022, sec. 5.1; `callbacks.BaseToNovel`): the 99 emoji subcategories sorted by id; the
+first 50 are base, the other 49 novel. Each method trains its tiny recipe (`experiments/<method>/emoji_tiny.yaml`) on
+the base classes of the training split, from the same CLIP checkpoint, for the same number of steps; then it is
+scored on the validation + test splits: base images among the base classes, novel images among the novel classes,
+and the harmonic mean H of the two. The zero-shot row is the pretrained CLIP with the prompt "a photo of a {}.".
+Every method runs with `--seeds` seeds; the table shows the mean and the spread (max - min).
+
+Memory: the bytes autograd saves for the backward of one training step (`saved_tensors_hooks`, exact and
+independent of the allocator) for CoOp and CoCoOp at batch 1, 4, 16, with the 50 base classes: CoOp's prompts are the
+same for every image (C sequences through the text tower), CoCoOp's are per image (N x C sequences).
+
+Needs the pretrained CLIP: `vlp fit --config experiments/clip/emoji_tiny.yaml` (runs/clip/emoji_tiny) on the
+`data/emoji` shards of the README's quick start.
+Usage: python bench/adaptation.py [--quick] [--steps N] [--seeds K] [--pretrained CKPT]
+(writes bench/results/adaptation.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import REPO_ROOT, Target, publish
+from lightning.pytorch import Trainer
+
+from vlp_lightning.callbacks import BaseToNovel
+from vlp_lightning.callbacks.features import EvaluationCallback, evaluation_mode
+from vlp_lightning.cli import VLPCLI
+from vlp_lightning.pretrained import load_method
+
+METHODS = ("CoOp", "CoCoOp", "MaPLe", "PRE")
+DEFAULT_PRETRAINED = "runs/clip/emoji_tiny/checkpoints/last.ckpt"
+MEMORY_BATCHES = (1, 4, 16)
+
+
+def recipe(method: str) -> Path:
+    return REPO_ROOT / "experiments" / method.lower() / "emoji_tiny.yaml"
+
+
+def base_to_novel_callback(cli: VLPCLI) -> BaseToNovel:
+    return next(callback for callback in cli.trainer.callbacks if isinstance(callback, BaseToNovel))
+
+
+def build(method: str, pretrained: str, steps: int, seed: int, root: Path) -> VLPCLI:
+    return VLPCLI(args=[
+        "--config", str(recipe(method)), f"--model.init_args.pretrained={pretrained}", f"--seed_everything={seed}",
+        f"--trainer.max_steps={steps}", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0", "--checkpoint.save_last=false",
+    ], run=False)
+
+
+def scores(callback: BaseToNovel, trainer: Trainer, method) -> dict[str, float]:
+    with evaluation_mode(trainer, method):
+        metrics = callback.evaluate(trainer, method)
+    return {name.rsplit("/", 1)[1]: value for name, value in metrics.items()}
+
+
+def zero_shot(pretrained: str, callback: BaseToNovel) -> dict[str, float]:
+    clip, _ = load_method(pretrained, name="--pretrained")
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return scores(callback, trainer, clip)
+
+
+def train_and_score(method: str, pretrained: str, steps: int, seed: int, root: Path) -> dict:
+    cli = build(method, pretrained, steps, seed, root / f"{method}-{seed}")
+    callback = base_to_novel_callback(cli)
+    cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks if not isinstance(c, EvaluationCallback)]
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    seconds = time.perf_counter() - start
+    result = scores(callback, cli.trainer, cli.model)
+    trainable = sum(param.numel() for param in cli.model.parameters() if param.requires_grad)
+    print(f"{method} seed {seed}: {cli.trainer.global_step} steps in {seconds:.0f} s, {result}", flush=True)
+    return {**result, "seconds": seconds, "steps": cli.trainer.global_step, "trainable_parameters": trainable}
+
+
+def saved_bytes(method, batch_size: int) -> int:
+    """Bytes autograd keeps for the backward of one training step of `method` at `batch_size`."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    size = method.image_size
+    batch = {"image": torch.randn(batch_size, 3, size, size),
+             "label": torch.arange(batch_size) % len(method.classes.trained)}
+    method.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = method.forward_loss(batch)["loss"]
+    loss.backward()
+    return total
+
+
+def memory(pretrained: str, root: Path) -> dict:
+    rows = {}
+    for method in ("CoOp", "CoCoOp"):
+        model = build(method, pretrained, 1, 0, root / f"memory-{method}").model
+        rows[method] = {str(batch): saved_bytes(model, batch) for batch in MEMORY_BATCHES}
+        print(f"{method} saved activations: " + ", ".join(
+            f"batch {batch}: {value / 2**20:.1f} MiB" for batch, value in rows[method].items()), flush=True)
+    return rows
+
+
+def summary(runs: list[dict]) -> dict:
+    out = {}
+    for metric in ("base", "novel", "hm"):
+        values = [run[metric] for run in runs]
+        out[metric] = statistics.fmean(values)
+        out[f"{metric}_spread"] = max(values) - min(values)
+    out["seconds"] = statistics.fmean(run["seconds"] for run in runs)
+    out["trainable_parameters"] = runs[0]["trainable_parameters"]
+    return out
+
+
+def table(rows: dict[str, dict]) -> str:
+    lines = ["| method | base | novel | H | trainable params | train s |", "|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        def cell(metric: str) -> str:
+            spread = row.get(f"{metric}_spread")
+            return f"{100 * row[metric]:.1f}" + (f" ± {100 * spread / 2:.1f}" if spread else "")
+        lines.append(f"| {name} | {cell('base')} | {cell('novel')} | {cell('hm')} | "
+                     f"{row.get('trainable_parameters', 0):,} | {row.get('seconds', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="30 steps, one seed: a smoke run of the whole bench")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default: the recipes')")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per method (default 2)")
+    parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help=f"CLIP checkpoint (default {DEFAULT_PRETRAINED})")
+    args = parser.parse_args()
+    if not Path(args.pretrained).is_file():
+        sys.exit(f"adaptation bench: no pretrained CLIP at {args.pretrained}; train it with "
+                 "`vlp fit --config experiments/clip/emoji_tiny.yaml` (or pass --pretrained)")
+    seeds = 1 if args.quick else args.seeds
+    steps = 30 if args.quick else args.steps
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="vlp-adaptation-") as folder:
+        root = Path(folder)
+        probe = build("CoOp", args.pretrained, 1, 0, root / "probe")
+        callback = base_to_novel_callback(probe)
+        recipe_steps = probe.trainer.max_steps
+        rows = {"zero-shot CLIP": zero_shot(args.pretrained, callback)}
+        print(f"zero-shot: {rows['zero-shot CLIP']}", flush=True)
+        runs = {}
+        for method in METHODS:
+            runs[method] = [train_and_score(method, args.pretrained, steps or recipe_steps, seed, root)
+                            for seed in range(seeds)]
+            rows[method] = summary(runs[method])
+        memory_rows = memory(args.pretrained, root)
+    print("\n" + table(rows))
+    coop_hm = rows["CoOp"]["hm"]
+    targets = [
+        Target("MaPLe H - CoOp H (points)", 100 * (rows["MaPLe"]["hm"] - coop_hm), 0.0, ">="),
+        Target("PRE H - CoOp H (points)", 100 * (rows["PRE"]["hm"] - coop_hm), 0.0, ">="),
+        *(Target(f"{method} base - zero-shot base (points)",
+                 100 * (rows[method]["base"] - rows["zero-shot CLIP"]["base"]), 0.0, ">=") for method in METHODS),
+    ]
+    report = {
+        "quick": args.quick, "seconds": time.perf_counter() - started, "pretrained": args.pretrained,
+        "steps": steps or recipe_steps, "seeds": seeds, "rows": rows, "runs": runs,
+        "saved_activation_bytes": memory_rows, "table": table(rows),
+        "targets": [target.as_dict() for target in targets],
+    }
+    publish("adaptation", report, targets)
+
+
+if __name__ == "__main__":
+    main()
