@@ -64,8 +64,9 @@ def tiny_recipe(entry: catalog.Entry) -> Path:
 
 
 def methods_to_run(names: list[str] | None) -> dict[str, Path]:
-    """{method name: its tiny recipe} of the index (presets are the same code as their method, left out)."""
-    entries = [entry for entry in catalog.entries() if entry.preset_of is None]
+    """{method name: its tiny recipe} of the index (presets are the same code as their method, and adaptation methods,
+    which need a pretrained run first, are left out)."""
+    entries = [entry for entry in catalog.entries() if entry.preset_of is None and entry.family != "adaptation"]
     if names:
         entries = [catalog.find(name) for name in names]
     return {entry.name: tiny_recipe(entry) for entry in entries}

@@ -66,6 +66,7 @@ from vlp_lightning import methods as method_index
 from vlp_lightning.callbacks.non_finite_loss import NonFiniteLossError
 from vlp_lightning.cli import USER_ERRORS
 from vlp_lightning.comparison import Budget, Probe, raw_pixel_scores, run_method
+from vlp_lightning.methods.adaptation.base import AdaptationMethod
 from vlp_lightning.methods.base import VLPMethod
 
 PROG = "vlp compare"
@@ -125,8 +126,11 @@ def index_methods() -> list[str]:
 
 
 def image_only_methods() -> list[str]:
-    """Class names of the index methods that learn from images alone, in index order."""
-    return [name for name in index_methods() if set(getattr(method_index, name).required_keys) <= {"image"}]
+    """Class names of the index's pretraining methods that learn from images alone, in index order (adaptation
+    methods start from another run's checkpoint and are left out)."""
+    return [name for name in index_methods()
+            if set(getattr(method_index, name).required_keys) <= {"image"}
+            and not issubclass(getattr(method_index, name), AdaptationMethod)]
 
 
 def resolve_methods(names: Iterable[str]) -> list[Method]:
