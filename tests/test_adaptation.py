@@ -190,3 +190,51 @@ def test_documented_path_pretrain_then_adapt_then_test(make_shards, tmp_path, mo
     main(["test", *adapt, "--ckpt_path", "last"])
     table = capsys.readouterr()
     assert "base2novel/shapes/hm" in table.out + table.err
+
+
+def test_procrustes_recovers_a_rotation_and_calibration_moves_class_means():
+    from vlp_lightning.methods.adaptation.drtune import procrustes_rotation, semantic_calibration
+
+    torch.manual_seed(0)
+    rotation, _ = torch.linalg.qr(torch.randn(6, 6))
+    if torch.det(rotation) < 0:
+        rotation[:, 0] = -rotation[:, 0]
+    source = torch.randn(50, 6)
+    assert torch.allclose(procrustes_rotation(source, source @ rotation.T), rotation, atol=1e-4)
+    labels = torch.arange(40) % 2
+    downstream = F.normalize(torch.randn(40, 6) + 3 * F.one_hot(labels, 6).float(), dim=1)
+    pretrained = F.normalize(torch.randn(40, 6), dim=1)
+    head = torch.eye(6)[:2]
+    calibrated = semantic_calibration(pretrained, downstream, labels, head, rotate=False, scale=torch.tensor(2.0))
+    assert torch.allclose(calibrated.norm(dim=1), torch.full((40,), 2.0), atol=1e-5)
+    for label in (0, 1):  # each class of the pretrained queue now sits on its downstream class
+        rows = labels == label
+        before = F.cosine_similarity(pretrained[rows].mean(0), downstream[rows].mean(0), dim=0)
+        after = F.cosine_similarity(calibrated[rows].mean(0), downstream[rows].mean(0), dim=0)
+        assert after > 0.95 > before
+
+
+def test_drtune_regularises_through_the_head_only_and_the_baseline_has_no_queue(tiny_clip_checkpoint):
+    torch.manual_seed(0)
+    method = methods.DRTune(pretrained=tiny_clip_checkpoint, classnames=CLASSES, queue_size=16)
+    batch = batches(method, count=1)[0]
+    method.train()
+    method.forward_loss(batch)  # fills half the queue
+    assert int(method.queue_filled) == 8
+    queue = method.queue.bank.clone()
+    encoder = list(method.encoder.parameters())
+    regularised = torch.autograd.grad(method.forward_loss(batch)["loss"], encoder, allow_unused=True)
+    method.queue.bank.copy_(queue)
+    method.queue.pointer.fill_(8)
+    method.queue_filled.fill_(8)
+    method.regularize = False
+    plain = torch.autograd.grad(method.forward_loss(batch)["loss"], encoder, allow_unused=True)
+    # one CE over batch (8) + calibrated queue (8): the queue's terms carry no encoder gradient, so the encoder's
+    # gradient is the plain batch loss's, weighted 8 / 16
+    pairs = [(r, q) for r, q in zip(regularised, plain) if q is not None]
+    assert pairs and all(torch.allclose(r * 16, q * 8, atol=1e-6) for r, q in pairs)
+    assert method.encoder is not method.pretrained.vision and not any(
+        p.requires_grad for p in method.pretrained.parameters())
+    baseline = methods.DRTune(pretrained=tiny_clip_checkpoint, classnames=CLASSES, regularize=False)
+    baseline.train()
+    assert "queue_filled" not in baseline.forward_loss(batch) and int(baseline.queue_filled) == 0

@@ -28,7 +28,7 @@ def _isolated(monkeypatch, tmp_path):
 def test_there_are_recipes_for_every_method_family():
     families = {path.parent.name for path in TINY}
     assert {"clip", "convirt", "align", "swav", "mae", "selfie", "sit", "byol", "simclr", "mocov2", "mocov3", "dino",
-            "barlowtwins", "vicreg", "mmc", "look", "hvp", "coop", "cocoop", "maple", "pre"} <= families
+            "barlowtwins", "vicreg", "mmc", "look", "hvp", "coop", "cocoop", "maple", "pre", "drtune"} <= families
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=recipe_id)

@@ -2,6 +2,7 @@
 
 from vlp_lightning.methods.adaptation.cocoop import CoCoOp
 from vlp_lightning.methods.adaptation.coop import CoOp
+from vlp_lightning.methods.adaptation.drtune import DRTune
 from vlp_lightning.methods.adaptation.maple import MaPLe
 from vlp_lightning.methods.adaptation.pre import PRE
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
@@ -33,5 +34,5 @@ def method_names() -> list[str]:
 __all__ = [
     "VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "SwAV", "MAE", "Selfie", "SiT",
     "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg", "MMC", "LOOK", "HVP",
-    "CoOp", "CoCoOp", "MaPLe", "PRE",
+    "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune",
 ]
