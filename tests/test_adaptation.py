@@ -238,3 +238,43 @@ def test_drtune_regularises_through_the_head_only_and_the_baseline_has_no_queue(
     baseline = methods.DRTune(pretrained=tiny_clip_checkpoint, classnames=CLASSES, regularize=False)
     baseline.train()
     assert "queue_filled" not in baseline.forward_loss(batch) and int(baseline.queue_filled) == 0
+
+
+def test_pad_prompt_frames_the_image_and_clusters_follow_the_threshold():
+    from vlp_lightning.modules.visual_prompts import ClusterPrompts, PadPrompt, cluster_prototypes
+
+    prompt = PadPrompt(16, 3)
+    frame = prompt.frame()
+    assert frame.shape == (3, 16, 16) and torch.count_nonzero(frame[:, 3:13, 3:13]) == 0
+    assert sum(p.numel() for p in prompt.parameters()) == 4 * 3 * (16 - 3) * 3
+    torch.manual_seed(0)
+    features = torch.cat([torch.randn(10, 4) * 0.1 + 5, torch.randn(10, 4) * 0.1 - 5])  # two tight groups
+    assert len(cluster_prototypes(features, distance_threshold=1.0)) == 2
+    assert len(cluster_prototypes(features, distance_threshold=100.0)) == 1
+    assert len(cluster_prototypes(features, None)) == 1
+    prompts = ClusterPrompts(cluster_prototypes(features, 1.0), 16, 3)
+    assert prompts.nearest(torch.tensor([[5.0] * 4, [-5.0] * 4])).unique().numel() == 2
+    images = torch.zeros(2, 3, 16, 16)
+    prompted = prompts(images, torch.tensor([[5.0] * 4, [-5.0] * 4]))
+    chosen = prompts.nearest(torch.tensor([[5.0] * 4, [-5.0] * 4]))
+    assert torch.equal(prompted[0], prompts.prompts[int(chosen[0])].frame())
+
+
+def test_damvp_clusters_its_training_shards_and_starts_from_a_meta_prompt(tiny_clip_checkpoint, make_shards,
+                                                                           tmp_path):
+    shards = make_shards(tmp_path / "shards", n=24, per_shard=24, image_size=32, num_classes=4)
+    method = methods.DAMVP(pretrained=tiny_clip_checkpoint, classnames_from=shards.pattern,
+                           cluster_shards=shards.pattern, distance_threshold=0.5)
+    clusters = len(method.cluster_prompts.prompts)
+    assert clusters > 1 and method.cluster_prompts.prototypes.shape == (clusters, 32)
+    trainable = {name for name, param in method.named_parameters() if param.requires_grad}
+    assert trainable and all(name.startswith("cluster_prompts.prompts.") for name in trainable)
+    checkpoint = tmp_path / "damvp.ckpt"
+    torch.save({"state_dict": method.state_dict()}, checkpoint)
+    started = methods.DAMVP(pretrained=tiny_clip_checkpoint, classnames_from=shards.pattern, meta_prompt=str(checkpoint))
+    mean_top = torch.stack([prompt.top for prompt in method.cluster_prompts.prompts]).mean(0)
+    assert torch.allclose(started.cluster_prompts.prompts[0].top, mean_top)
+    with pytest.raises(ValueError, match="text head needs an image-text space"):
+        config = {"class_path": "vlp_lightning.methods.SwAV"}
+        swav, _ = build_method(config, "test", "")
+        methods.DAMVP(pretrained=str(save_checkpoint(swav, tmp_path / "swav.ckpt", config)), classnames=CLASSES)

@@ -28,7 +28,7 @@ def _isolated(monkeypatch, tmp_path):
 def test_there_are_recipes_for_every_method_family():
     families = {path.parent.name for path in TINY}
     assert {"clip", "convirt", "align", "swav", "mae", "selfie", "sit", "byol", "simclr", "mocov2", "mocov3", "dino",
-            "barlowtwins", "vicreg", "mmc", "look", "hvp", "coop", "cocoop", "maple", "pre", "drtune"} <= families
+            "barlowtwins", "vicreg", "mmc", "look", "hvp", "coop", "cocoop", "maple", "pre", "drtune", "damvp"} <= families
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=recipe_id)
@@ -57,9 +57,11 @@ def adapts(recipe: Path) -> bool:
 def test_tiny_recipe_trains_a_step(recipe, make_shards, tmp_path, request):
     shards = make_shards(tmp_path / "shards", n=16, per_shard=16, image_size=32)
     start = []
-    if adapts(recipe):  # from the tests' tiny CLIP, classifying the generated shapes (`.cls`)
+    if adapts(recipe):  # from the tests' tiny CLIP, classifying (and clustering) the generated shapes (`.cls`)
         start = ["--model.init_args.pretrained", request.getfixturevalue("tiny_clip_checkpoint"),
                  "--model.init_args.label_field", "cls", "--model.init_args.classnames_from", shards.pattern]
+        if "cluster_shards" in yaml.safe_load(recipe.read_text())["model"]["init_args"]:
+            start += ["--model.init_args.cluster_shards", shards.pattern]
     main(["fit", "--config", str(recipe), *start, "--data.train_shards", shards.pattern, "--data.val_shards", "null",
           "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.max_steps", "1",
           "--trainer.callbacks", "[]", "--trainer.val_check_interval", "1.0", "--trainer.check_val_every_n_epoch", "1",

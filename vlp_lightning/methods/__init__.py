@@ -2,6 +2,7 @@
 
 from vlp_lightning.methods.adaptation.cocoop import CoCoOp
 from vlp_lightning.methods.adaptation.coop import CoOp
+from vlp_lightning.methods.adaptation.damvp import DAMVP
 from vlp_lightning.methods.adaptation.drtune import DRTune
 from vlp_lightning.methods.adaptation.maple import MaPLe
 from vlp_lightning.methods.adaptation.pre import PRE
@@ -34,5 +35,5 @@ def method_names() -> list[str]:
 __all__ = [
     "VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "SwAV", "MAE", "Selfie", "SiT",
     "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg", "MMC", "LOOK", "HVP",
-    "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune",
+    "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP",
 ]
