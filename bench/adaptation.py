@@ -1,5 +1,6 @@
-"""Base-to-novel prompt learning on the suite's own emoji CLIP: CoOp, CoCoOp, MaPLe and PRE against the frozen CLIP's
-zero-shot classifier, and CoCoOp's memory against CoOp's as the batch grows.
+"""Adapting the suite's own emoji CLIP: base-to-novel prompt learning (CoOp, CoCoOp, MaPLe, PRE vs the frozen CLIP's
+zero-shot classifier), the 10 emoji categories (DAMVP's pixel prompts, vanilla fine-tuning and DRTune vs zero-shot
+and a linear probe of the frozen tower), and CoCoOp's memory against CoOp's as the batch grows.
 
 Protocol (CoCoOp, Zhou et al. 2022, sec. 5.1; `callbacks.BaseToNovel`): the 99 emoji subcategories sorted by id; the
 first 50 are base, the other 49 novel. Each method trains its tiny recipe (`experiments/<method>/emoji_tiny.yaml`) on
@@ -7,6 +8,11 @@ the base classes of the training split, from the same CLIP checkpoint, for the s
 scored on the validation + test splits: base images among the base classes, novel images among the novel classes,
 and the harmonic mean H of the two. The zero-shot row is the pretrained CLIP with the prompt "a photo of a {}.".
 Every method runs with `--seeds` seeds; the table shows the mean and the spread (max - min).
+
+Categories: each method trains its tiny recipe on the training split's `.cls` labels (10 categories) for the same
+steps; the score is top-1 on the validation + test splits: DAMVP through CLIP's text head ("a photo of a {}",
+`ZeroShotClassification` of the prompted images), vanilla fine-tuning (`DRTune` with `regularize: false`) and DRTune
+through their own linear heads, the linear probe a logistic regression on the frozen tower's features.
 
 Memory: the bytes autograd saves for the backward of one training step (`saved_tensors_hooks`, exact and
 independent of the allocator) for CoOp and CoCoOp at batch 1, 4, 16, with the 50 base classes: CoOp's prompts are the
@@ -31,12 +37,15 @@ import torch
 from common import REPO_ROOT, Target, publish
 from lightning.pytorch import Trainer
 
-from vlp_lightning.callbacks import BaseToNovel
+from vlp_lightning.callbacks import BaseToNovel, LinearProbe, ZeroShotClassification
 from vlp_lightning.callbacks.features import EvaluationCallback, evaluation_mode
 from vlp_lightning.cli import VLPCLI
 from vlp_lightning.pretrained import load_method
 
 METHODS = ("CoOp", "CoCoOp", "MaPLe", "PRE")
+#: the category rows: (row name, method whose tiny recipe trains, extra vlp arguments).
+CATEGORY_RUNS = (("DAMVP", "DAMVP", []), ("vanilla fine-tune", "DRTune", ["--model.init_args.regularize=false"]),
+                 ("DRTune", "DRTune", []))
 DEFAULT_PRETRAINED = "runs/clip/emoji_tiny/checkpoints/last.ckpt"
 MEMORY_BATCHES = (1, 4, 16)
 
@@ -49,12 +58,20 @@ def base_to_novel_callback(cli: VLPCLI) -> BaseToNovel:
     return next(callback for callback in cli.trainer.callbacks if isinstance(callback, BaseToNovel))
 
 
-def build(method: str, pretrained: str, steps: int, seed: int, root: Path) -> VLPCLI:
+def build(method: str, pretrained: str, steps: int, seed: int, root: Path, extra: tuple[str, ...] = ()) -> VLPCLI:
     return VLPCLI(args=[
         "--config", str(recipe(method)), f"--model.init_args.pretrained={pretrained}", f"--seed_everything={seed}",
         f"--trainer.max_steps={steps}", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0", "--checkpoint.save_last=false",
+        "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0", "--checkpoint.save_last=false", *extra,
     ], run=False)
+
+
+def fit(cli: VLPCLI) -> float:
+    """Train without the recipe's evaluation callbacks; the seconds it took."""
+    cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks if not isinstance(c, EvaluationCallback)]
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return time.perf_counter() - start
 
 
 def scores(callback: BaseToNovel, trainer: Trainer, method) -> dict[str, float]:
@@ -72,14 +89,49 @@ def zero_shot(pretrained: str, callback: BaseToNovel) -> dict[str, float]:
 def train_and_score(method: str, pretrained: str, steps: int, seed: int, root: Path) -> dict:
     cli = build(method, pretrained, steps, seed, root / f"{method}-{seed}")
     callback = base_to_novel_callback(cli)
-    cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks if not isinstance(c, EvaluationCallback)]
-    start = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    seconds = time.perf_counter() - start
+    seconds = fit(cli)
     result = scores(callback, cli.trainer, cli.model)
     trainable = sum(param.numel() for param in cli.model.parameters() if param.requires_grad)
     print(f"{method} seed {seed}: {cli.trainer.global_step} steps in {seconds:.0f} s, {result}", flush=True)
     return {**result, "seconds": seconds, "steps": cli.trainer.global_step, "trainable_parameters": trainable}
+
+
+def top1(metrics: dict[str, float]) -> float:
+    return next(value for name, value in metrics.items() if name.endswith("/top1"))
+
+
+def categories(pretrained: str, steps: int | None, root: Path) -> dict[str, dict]:
+    """The category rows (module doc): frozen references, then each trained run."""
+    damvp_recipe = build("DAMVP", pretrained, 1, 0, root / "categories-probe")
+    zero_shot_callback = next(c for c in damvp_recipe.trainer.callbacks if isinstance(c, ZeroShotClassification))
+    drtune_recipe = build("DRTune", pretrained, 1, 0, root / "categories-probe-2")
+    probe_callback = next(c for c in drtune_recipe.trainer.callbacks if isinstance(c, LinearProbe))
+    clip, _ = load_method(pretrained, name="--pretrained")
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    rows = {}
+    for name, callback in (("zero-shot CLIP", zero_shot_callback), ("linear probe (frozen)", probe_callback)):
+        with evaluation_mode(trainer, clip):
+            rows[name] = {"top1": top1(callback.evaluate(trainer, clip))}
+    for name, method, extra in CATEGORY_RUNS:
+        cli = build(method, pretrained, steps or damvp_recipe.trainer.max_steps, 0, root / f"categories-{name}",
+                    tuple(extra))
+        seconds = fit(cli)
+        if method == "DAMVP":
+            with evaluation_mode(cli.trainer, cli.model):
+                accuracy = top1(zero_shot_callback.evaluate(cli.trainer, cli.model))
+        else:
+            accuracy = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]["test/accuracy"]
+        trainable = sum(param.numel() for param in cli.model.parameters() if param.requires_grad)
+        rows[name] = {"top1": accuracy, "seconds": seconds, "trainable_parameters": trainable}
+        print(f"{name}: top-1 {accuracy:.3f} in {seconds:.0f} s", flush=True)
+    return rows
+
+
+def category_table(rows: dict[str, dict]) -> str:
+    lines = ["| method | top-1 | trainable params | train s |", "|---|---|---|---|"]
+    lines += [f"| {name} | {100 * row['top1']:.1f} | {row.get('trainable_parameters', 0):,} | "
+              f"{row.get('seconds', 0):.0f} |" for name, row in rows.items()]
+    return "\n".join(lines)
 
 
 def saved_bytes(method, batch_size: int) -> int:
@@ -158,18 +210,25 @@ def main() -> None:
             runs[method] = [train_and_score(method, args.pretrained, steps or recipe_steps, seed, root)
                             for seed in range(seeds)]
             rows[method] = summary(runs[method])
+        category_rows = categories(args.pretrained, steps, root)
         memory_rows = memory(args.pretrained, root)
     print("\n" + table(rows))
+    print("\n" + category_table(category_rows))
     coop_hm = rows["CoOp"]["hm"]
     targets = [
         Target("MaPLe H - CoOp H (points)", 100 * (rows["MaPLe"]["hm"] - coop_hm), 0.0, ">="),
         Target("PRE H - CoOp H (points)", 100 * (rows["PRE"]["hm"] - coop_hm), 0.0, ">="),
         *(Target(f"{method} base - zero-shot base (points)",
                  100 * (rows[method]["base"] - rows["zero-shot CLIP"]["base"]), 0.0, ">=") for method in METHODS),
+        Target("DRTune - vanilla fine-tune top-1 (points)",
+               100 * (category_rows["DRTune"]["top1"] - category_rows["vanilla fine-tune"]["top1"]), 0.0, ">="),
+        Target("DAMVP - zero-shot top-1 (points)",
+               100 * (category_rows["DAMVP"]["top1"] - category_rows["zero-shot CLIP"]["top1"]), 0.0, ">="),
     ]
     report = {
         "quick": args.quick, "seconds": time.perf_counter() - started, "pretrained": args.pretrained,
         "steps": steps or recipe_steps, "seeds": seeds, "rows": rows, "runs": runs,
+        "categories": category_rows, "category_table": category_table(category_rows),
         "saved_activation_bytes": memory_rows, "table": table(rows),
         "targets": [target.as_dict() for target in targets],
     }
