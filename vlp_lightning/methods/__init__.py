@@ -3,7 +3,9 @@
 from vlp_lightning.methods.adaptation.cocoop import CoCoOp
 from vlp_lightning.methods.adaptation.coop import CoOp
 from vlp_lightning.methods.adaptation.maple import MaPLe
+from vlp_lightning.methods.adaptation.peft_classifier import PEFTClassifier
 from vlp_lightning.methods.adaptation.pre import PRE
+from vlp_lightning.methods.adaptation.pvp import PVP
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.clip import CLIP
 from vlp_lightning.methods.convirt import ConVIRT
@@ -33,5 +35,5 @@ def method_names() -> list[str]:
 __all__ = [
     "VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "SwAV", "MAE", "Selfie", "SiT",
     "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg", "MMC", "LOOK", "HVP",
-    "CoOp", "CoCoOp", "MaPLe", "PRE",
+    "CoOp", "CoCoOp", "MaPLe", "PRE", "PEFTClassifier", "PVP",
 ]
