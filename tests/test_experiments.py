@@ -28,7 +28,8 @@ def _isolated(monkeypatch, tmp_path):
 def test_there_are_recipes_for_every_method_family():
     families = {path.parent.name for path in TINY}
     assert {"clip", "convirt", "align", "swav", "mae", "selfie", "sit", "byol", "simclr", "mocov2", "mocov3", "dino",
-            "barlowtwins", "vicreg", "mmc", "look", "hvp", "coop", "cocoop", "maple", "pre", "drtune", "damvp"} <= families
+            "barlowtwins", "vicreg", "mmc", "look", "hvp", "coop", "cocoop", "maple", "pre", "drtune", "damvp",
+            "peftclassifier", "pvp"} <= families
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=recipe_id)
@@ -48,9 +49,13 @@ def test_trainer_fragment_stacks_on_a_recipe(fragment, capsys):
     assert "strategy" in capsys.readouterr().out
 
 
+def model_arguments(recipe: Path) -> dict:
+    return yaml.safe_load(recipe.read_text())["model"].get("init_args") or {}
+
+
 def adapts(recipe: Path) -> bool:
     """Whether the recipe's method starts from a pretrained checkpoint (`pretrained:`)."""
-    return "pretrained" in (yaml.safe_load(recipe.read_text())["model"].get("init_args") or {})
+    return "pretrained" in model_arguments(recipe)
 
 
 @pytest.mark.parametrize("recipe", TINY, ids=recipe_id)
@@ -60,8 +65,10 @@ def test_tiny_recipe_trains_a_step(recipe, make_shards, tmp_path, request):
     if adapts(recipe):  # from the tests' tiny CLIP, classifying (and clustering) the generated shapes (`.cls`)
         start = ["--model.init_args.pretrained", request.getfixturevalue("tiny_clip_checkpoint"),
                  "--model.init_args.label_field", "cls", "--model.init_args.classnames_from", shards.pattern]
-        if "cluster_shards" in yaml.safe_load(recipe.read_text())["model"]["init_args"]:
+        if "cluster_shards" in model_arguments(recipe):
             start += ["--model.init_args.cluster_shards", shards.pattern]
+    if "peft_checkpoint" in model_arguments(recipe):  # PVP's upstream run is another recipe's: start without it
+        start += ["--model.init_args.peft_checkpoint", "null"]
     main(["fit", "--config", str(recipe), *start, "--data.train_shards", shards.pattern, "--data.val_shards", "null",
           "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.max_steps", "1",
           "--trainer.callbacks", "[]", "--trainer.val_check_interval", "1.0", "--trainer.check_val_every_n_epoch", "1",

@@ -5,7 +5,9 @@ from vlp_lightning.methods.adaptation.coop import CoOp
 from vlp_lightning.methods.adaptation.damvp import DAMVP
 from vlp_lightning.methods.adaptation.drtune import DRTune
 from vlp_lightning.methods.adaptation.maple import MaPLe
+from vlp_lightning.methods.adaptation.peft_classifier import PEFTClassifier
 from vlp_lightning.methods.adaptation.pre import PRE
+from vlp_lightning.methods.adaptation.pvp import PVP
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.clip import CLIP
 from vlp_lightning.methods.convirt import ConVIRT
@@ -35,5 +37,5 @@ def method_names() -> list[str]:
 __all__ = [
     "VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "SwAV", "MAE", "Selfie", "SiT",
     "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg", "MMC", "LOOK", "HVP",
-    "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP",
+    "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP", "PEFTClassifier", "PVP",
 ]
