@@ -3,13 +3,15 @@
 Evaluation (`features.EvaluationCallback`: end of validate / test, and every `every_n_epochs` during fit):
 `ZeroShotClassification`, `Retrieval`, `KNNClassifier`, `LinearProbe`, `EmbeddingProjector`,
 `ZeroShotSegmentation` (MMC's prompt-patch segmentation, scored on `.mask.png` foreground masks), `BaseToNovel`
-(base / novel / harmonic-mean accuracy of prompt learning, zero-shot for other CLIP-family methods).
+(base / novel / harmonic-mean accuracy of prompt learning, zero-shot for other CLIP-family methods),
+`AdversarialRobustness` (clean and ℓ∞ PGD accuracy of a method with `classify(images)`).
 Monitoring: `ThroughputMonitor` (samples/s, data wait, MFU), `NonFiniteLossGuard`.
 Set-up: `GlobalBatchSize` (effective global batch vs the paper's, learning-rate scaling rule).
 Output: `EmbeddingWriter` (`vlp predict`: keys and embeddings of a shard set to `.npz`).
 Console: `VLPProgressBar` (steps of a `max_steps` run), `VLPModelSummary` (no FLOPs column of zeros).
 """
 
+from vlp_lightning.callbacks.adversarial import AdversarialRobustness, pgd_attack
 from vlp_lightning.callbacks.base_to_novel import BaseToNovel, harmonic_mean
 from vlp_lightning.callbacks.embedding_projector import EmbeddingProjector
 from vlp_lightning.callbacks.embedding_writer import EmbeddingWriter
@@ -31,6 +33,7 @@ from vlp_lightning.callbacks.zero_shot import (
 from vlp_lightning.callbacks.zero_shot_segmentation import ZeroShotSegmentation
 
 __all__ = [
+    "AdversarialRobustness",
     "BaseToNovel",
     "EmbeddingProjector",
     "EmbeddingWriter",
@@ -53,6 +56,7 @@ __all__ = [
     "fit_logistic_regression",
     "harmonic_mean",
     "linear_probe_scores",
+    "pgd_attack",
     "lr_scale_factor",
     "retrieval_metrics",
     "retrieval_ranks",

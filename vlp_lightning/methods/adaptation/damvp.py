@@ -149,7 +149,8 @@ class DAMVP(AdaptationMethod):
             self._text_classifier = build_zero_shot_classifier(self.pretrained, self.tokenizer, names, [self.template])
         return self._text_classifier.to(self.device)
 
-    def logits(self, images: Tensor) -> Tensor:
+    def classify(self, images: Tensor) -> Tensor:
+        """Class logits [N, C] of the prompted images."""
         if self.head is not None:
             return self.head(self.probe_features(images))
         scale = self.pretrained.logit_scale.detach().float().exp()
@@ -157,7 +158,7 @@ class DAMVP(AdaptationMethod):
 
     def forward_loss(self, batch: dict) -> dict[str, Tensor]:
         labels = self.classes.labels(batch).to(self.device)
-        logits = self.logits(batch["image"])
+        logits = self.classify(batch["image"])
         loss = F.cross_entropy(logits.float(), labels)
         return {"loss": loss, "accuracy": (logits.argmax(1) == labels).float().mean()}
 

@@ -122,6 +122,10 @@ class DRTune(AdaptationMethod):
     def probe_features(self, images: Tensor) -> Tensor:
         return self.encoder(images)
 
+    def classify(self, images: Tensor) -> Tensor:
+        """Class logits [N, C] of the fine-tuned tower and head."""
+        return self.head(self.encoder(images))
+
     def parameter_groups(self) -> list[dict]:
         """The base's groups, the head's in groups of its own at `head_lr` (when set)."""
         if self.head_lr is None:

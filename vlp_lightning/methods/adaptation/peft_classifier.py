@@ -128,12 +128,15 @@ class PEFTClassifier(AdaptationMethod):
         """The adapted backbone's pooled features: the pretrained method's `probe_features` with the PEFT modules in."""
         return self.pretrained.probe_features(images)
 
-    def forward(self, images: Tensor) -> Tensor:
-        """Class logits [N, C]."""
+    def classify(self, images: Tensor) -> Tensor:
+        """Class logits [N, C] (what `callbacks.AdversarialRobustness` attacks)."""
         return self.head(self.probe_features(images))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.classify(images)
 
     def forward_loss(self, batch: dict) -> dict[str, Tensor]:
         labels = self.classes.labels(batch).to(self.device)
-        logits = self(batch["image"])
+        logits = self.classify(batch["image"])
         loss = F.cross_entropy(logits.float(), labels)
         return {"loss": loss, "accuracy": (logits.argmax(dim=1) == labels).float().mean()}

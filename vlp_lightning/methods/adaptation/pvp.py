@@ -14,8 +14,8 @@ trains in two stages on the same frozen backbone:
 What is and is not done here: the two stages and the start from pre-trained modules are as the abstract describes;
 the paper's own text beyond the abstract, its code and its hyper-parameters were not available, so the recipes use
 VPT's official optimisation settings (SGD, momentum 0.9, cosine after 10 warm-up epochs of 100; `configs/`) and say
-so. Sampling k shots per class is the data's job (a shard set built for it); the tiny recipe trains on a small hash
-split of Fashion-MNIST, which has about, not exactly, k images per class. Without `peft_checkpoint` PVP is the
+so. Sampling k shots per class is the data's job: `vlp-data shots` builds a seeded k-per-class shard set (the tiny
+recipe trains on 16 shots of Fashion-MNIST). Without `peft_checkpoint` PVP is the
 randomly initialised PETuning baseline (`PEFTClassifier`).
 """
 
