@@ -144,8 +144,9 @@ def saved_bytes(method, batch_size: int) -> int:
         return tensor
 
     size = method.image_size
-    batch = {"image": torch.randn(batch_size, 3, size, size),
-             "label": torch.arange(batch_size) % len(method.classes.trained)}
+    labels = torch.arange(batch_size) % len(method.classes.trained)
+    batch = {"image": torch.randn(batch_size, 3, size, size), "label": labels,
+             "meta": [{method.classes.label_field: int(label)} for label in labels]}
     method.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = method.forward_loss(batch)["loss"]
