@@ -4,6 +4,7 @@ prompt-learning block assembles and pools prompts right, and the methods agree w
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -278,3 +279,26 @@ def test_damvp_clusters_its_training_shards_and_starts_from_a_meta_prompt(tiny_c
         config = {"class_path": "vlp_lightning.methods.SwAV"}
         swav, _ = build_method(config, "test", "")
         methods.DAMVP(pretrained=str(save_checkpoint(swav, tmp_path / "swav.ckpt", config)), classnames=CLASSES)
+
+
+def test_vlp_fewshot_trains_each_shot_count_and_seed_and_reruns_nothing(tiny_clip_checkpoint, make_shards, tmp_path,
+                                                                        monkeypatch, capsys):
+    from vlp_lightning.commands import fewshot
+
+    monkeypatch.setattr("sys.argv", ["vlp"])
+    monkeypatch.chdir(tmp_path)
+    pool = make_shards(tmp_path / "pool", n=24, per_shard=24, image_size=32, num_classes=4)
+    argv = ["--config", f"{EXPERIMENTS}/peftclassifier/fashion_mnist_tiny.yaml", "--pool", pool.pattern,
+            "--shots", "1", "2", "--seeds", "0", "1", "--steps", "2", "--out", str(tmp_path / "out"),
+            "--model.init_args.pretrained", tiny_clip_checkpoint, "--model.init_args.classnames_from", pool.pattern,
+            "--data.test_shards", pool.pattern, "--data.batch_size", "4", "--data.num_workers", "0",
+            "--trainer.callbacks", "[]"]
+    assert fewshot.main(argv) == 0
+    results = json.loads((tmp_path / "out/results.json").read_text())
+    assert [row["shots"] for row in results["summary"]] == [1, 2]
+    assert all(len(row["scores"]) == 2 and 0 <= row["mean"] <= 1 for row in results["summary"])
+    assert len(fewshot.drawn_keys(tmp_path / "out/shots/k1-seed0")) == 4  # one per class
+    assert fewshot.drawn_keys(tmp_path / "out/shots/k1-seed0") != fewshot.drawn_keys(tmp_path / "out/shots/k1-seed1")
+    capsys.readouterr()
+    assert fewshot.main(argv) == 0  # everything done before: no run repeats
+    assert capsys.readouterr().out.count("done before") == 4

@@ -53,7 +53,8 @@ DESCRIPTION = (
     "`tensorboard --logdir runs`. "
     "Other commands (each with --help): `vlp methods [NAME]` lists the methods and how to run them, "
     "`vlp compare` trains several methods on the same data for the same budget and prints one table, "
-    "`vlp export CKPT OUT` writes a checkpoint's towers for timm / open_clip / transformers."
+    "`vlp export CKPT OUT` writes a checkpoint's towers for timm / open_clip / transformers, "
+    "`vlp fewshot` trains a recipe on K shots per class for several K and seeds and prints the curve."
 )
 
 #: `vlp <command>` outside Lightning's fit / validate / test / predict: command -> module with `main(argv) -> int`.
@@ -61,6 +62,7 @@ COMMANDS = {
     "methods": "vlp_lightning.commands.methods",
     "compare": "vlp_lightning.commands.compare",
     "export": "vlp_lightning.commands.export",
+    "fewshot": "vlp_lightning.commands.fewshot",
 }
 
 
