@@ -161,6 +161,11 @@ def test_base_to_novel_scores_halves_among_their_own_classes(tiny_clip_checkpoin
     metrics = results["clip"]
     assert metrics["base2novel/shapes/hm"] == pytest.approx(
         harmonic_mean(metrics["base2novel/shapes/base"], metrics["base2novel/shapes/novel"]))
+    maple = methods.MaPLe(pretrained=tiny_clip_checkpoint, classnames_from=shards.pattern, prompt_depth=2)
+    with evaluation_mode(trainer, maple):  # one pass, two methods: each gets its own image features
+        prompted = callback.features(maple, shards.pattern, representation="joint").image
+        frozen = callback.features(clip, shards.pattern, representation="joint").image
+    assert not torch.allclose(prompted, frozen)
     assert base_class_count(99) == 50 and base_class_count(4) == 2
     assert harmonic_mean(0.8, 0.4) == pytest.approx(2 * 0.32 / 1.2) and harmonic_mean(0, 0) == 0
 

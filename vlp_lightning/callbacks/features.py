@@ -340,9 +340,9 @@ class EvaluationCallback(Callback):
         max_samples: int | None = None,
         representation: Representation = "probe",
     ) -> EvalFeatures:
-        """`extract_features` of the first `max_samples` samples of `shards`, computed once per evaluation pass and
-        representation."""
-        key = (shards, method.image_size, representation)
+        """`extract_features` of the first `max_samples` samples of `shards`, computed once per evaluation pass,
+        method and representation (a callback called on several methods in one pass never mixes their features)."""
+        key = (id(method), shards, method.image_size, representation)
         cached = _PASS.features.get(key)
         if cached is None or not cached.covers(max_samples):
             if cached is not None and max_samples is not None:  # a second, larger request: serve both from now on
