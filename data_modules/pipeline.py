@@ -502,6 +502,22 @@ class SampleDecoder:
         return batch
 
 
+def batch_labels(batch: dict, field: str) -> torch.Tensor:
+    """A batch's integer labels [N]: `cls` is the `.cls` member (batch key `label`), any other name the integer field
+    of that name in every sample's `.json` (batch key `meta`); one sentence naming the field when it is missing."""
+    if field == "cls":
+        if "label" not in batch:
+            raise ValueError("label_field 'cls' needs .cls members in the shards (batch key `label`)")
+        return batch["label"]
+    metas = batch.get("meta")
+    if metas is None or len(metas) != len(batch["__key__"]) or any(field not in meta for meta in metas):
+        raise ValueError(
+            f"label_field {field!r} is not a field of every sample's .json; name a field the shards have (the emoji "
+            "shards have subcategory_id) or use cls"
+        )
+    return torch.tensor([int(meta[field]) for meta in metas], dtype=torch.long)
+
+
 class SkipCounter:
     """Counts (and logs the first few) bad samples of one stream; in strict mode raises at the first."""
 

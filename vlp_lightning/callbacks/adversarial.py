@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-from data_modules.pipeline import make_eval_loader
+from data_modules.pipeline import batch_labels, make_eval_loader
 from data_modules.views import EvalView
 from vlp_lightning.callbacks.features import EvaluationCallback, module_device
 
@@ -103,14 +103,3 @@ class AdversarialRobustness(EvaluationCallback):
             raise ValueError(f"AdversarialRobustness: {self.shards} holds no samples")
         return {f"robustness/{self.name}/clean": clean / seen, f"robustness/{self.name}/pgd": robust / seen}
 
-
-def batch_labels(batch: dict, field: str) -> Tensor:
-    """Labels of an evaluation batch: `.cls`, or an integer `.json` field."""
-    if field == "cls":
-        if "label" not in batch:
-            raise ValueError("label_field 'cls': the evaluation shards have no .cls member")
-        return batch["label"]
-    metas = batch.get("meta") or []
-    if len(metas) != len(batch["__key__"]) or any(field not in meta for meta in metas):
-        raise ValueError(f"label_field={field!r}: not an integer .json field of every evaluation sample")
-    return torch.tensor([int(meta[field]) for meta in metas], dtype=torch.long)

@@ -12,13 +12,7 @@ from __future__ import annotations
 
 from lightning.pytorch import LightningModule, Trainer
 
-from vlp_lightning.callbacks.features import EvaluationCallback, has_text_tower
-from vlp_lightning.callbacks.zero_shot import (
-    ZeroShotDataset,
-    read_classnames,
-    resolve_templates,
-    text_classifier_scores,
-)
+from vlp_lightning.callbacks.zero_shot import TextClassification, text_classifier_scores
 from vlp_lightning.methods.adaptation.base import base_class_count
 from vlp_lightning.modules.prompts import class_name_text
 
@@ -28,7 +22,7 @@ def harmonic_mean(base: float, novel: float) -> float:
     return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
 
 
-class BaseToNovel(EvaluationCallback):
+class BaseToNovel(TextClassification):
     """Base, novel and harmonic-mean accuracy on labelled shard sets (module doc).
 
     Args:
@@ -37,23 +31,9 @@ class BaseToNovel(EvaluationCallback):
         every_n_epochs, batch_size, num_workers: see `EvaluationCallback`.
     """
 
-    def __init__(
-        self, datasets: list[ZeroShotDataset], every_n_epochs: int = 1, batch_size: int = 64, num_workers: int = 0
-    ) -> None:
-        super().__init__(every_n_epochs=every_n_epochs, batch_size=batch_size, num_workers=num_workers)
-        for dataset in datasets:
-            resolve_templates(dataset.templates)
-        self.datasets = datasets
-
     def evaluate(self, trainer: Trainer, method: LightningModule) -> dict[str, float]:
-        if not has_text_tower(method):
-            self.warn_once(f"BaseToNovel skipped: {type(method).__name__} has no text tower (encode_text)")
-            return {}
         metrics: dict[str, float] = {}
-        for dataset in self.datasets:
-            features = self.features(method, dataset.shards, representation="joint")
-            labels = features.labels_of(dataset.label_field)
-            classnames = dataset.classnames or read_classnames(dataset.shards, dataset.label_field)
+        for dataset, images, labels, classnames in self.labelled_sets(method):
             split = base_class_count(len(classnames))
             accuracies = {}
             for half, names, rows, offset in (
@@ -63,11 +43,9 @@ class BaseToNovel(EvaluationCallback):
                 if not bool(rows.any()):
                     continue
                 readable = names if hasattr(method, "class_logits") else [class_name_text(name) for name in names]
-                scores = text_classifier_scores(method, features.image[rows], readable, dataset.templates,
-                                                self.batch_size)
+                scores = text_classifier_scores(method, images[rows], readable, dataset.templates, self.batch_size)
                 accuracies[half] = (scores.argmax(dim=1) == labels[rows] - offset).float().mean().item()
                 metrics[f"base2novel/{dataset.name}/{half}"] = accuracies[half]
             if len(accuracies) == 2:
                 metrics[f"base2novel/{dataset.name}/hm"] = harmonic_mean(accuracies["base"], accuracies["novel"])
         return metrics
-

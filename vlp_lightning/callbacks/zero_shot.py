@@ -8,6 +8,7 @@ classifier row per class, so inference costs the same as with one template).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,7 +172,38 @@ def confusion_matrix_picture(confusion: Tensor, classnames: list[str] | None = N
     return np.asarray(canvas)
 
 
-class ZeroShotClassification(EvaluationCallback):
+class TextClassification(EvaluationCallback):
+    """What the callbacks that classify labelled shard sets by class-name text share: their datasets (templates
+    checked when the callback is built) and, per dataset, the method's joint image embeddings, labels and class
+    names (`labelled_sets`). Methods without a text tower are skipped with one warning."""
+
+    def __init__(
+        self, datasets: list[ZeroShotDataset], every_n_epochs: int = 1, batch_size: int = 64, num_workers: int = 0
+    ) -> None:
+        super().__init__(every_n_epochs=every_n_epochs, batch_size=batch_size, num_workers=num_workers)
+        for dataset in datasets:
+            resolve_templates(dataset.templates)  # a bad template fails when the callback is built, not at the eval
+        self.datasets = datasets
+
+    def labelled_sets(self, method: LightningModule) -> Iterator[tuple[ZeroShotDataset, Tensor, Tensor, list[str]]]:
+        """(dataset, image embeddings [N, D], labels [N], class names) of every dataset; nothing (and one warning)
+        for a method without a text tower."""
+        if not has_text_tower(method):
+            self.warn_once(f"{type(self).__name__} skipped: {type(method).__name__} has no text tower (encode_text)")
+            return
+        for dataset in self.datasets:
+            features = self.features(method, dataset.shards, representation="joint")
+            labels = features.labels_of(dataset.label_field)
+            classnames = dataset.classnames or read_classnames(dataset.shards, dataset.label_field)
+            if int(labels.max()) >= len(classnames):
+                raise ValueError(
+                    f"{type(self).__name__} {dataset.name!r}: label {int(labels.max())} but only {len(classnames)} "
+                    "class names"
+                )
+            yield dataset, features.image, labels, classnames
+
+
+class ZeroShotClassification(TextClassification):
     """Zero-shot top-1 / top-5 accuracy on labelled shard sets, logged as `zeroshot/<name>/top1`, `.../top5`, and
     each set's confusion matrix as a TensorBoard image `zeroshot/<name>/confusion`.
 
@@ -183,33 +215,16 @@ class ZeroShotClassification(EvaluationCallback):
         every_n_epochs, batch_size, num_workers: see `EvaluationCallback`.
     """
 
-    def __init__(
-        self, datasets: list[ZeroShotDataset], every_n_epochs: int = 1, batch_size: int = 64, num_workers: int = 0
-    ) -> None:
-        super().__init__(every_n_epochs=every_n_epochs, batch_size=batch_size, num_workers=num_workers)
-        for dataset in datasets:
-            resolve_templates(dataset.templates)  # a bad template fails when the callback is built, not at the eval
-        self.datasets = datasets
-
     def evaluate(self, trainer: Trainer, method: LightningModule) -> dict[str, float]:
-        if not has_text_tower(method):
-            self.warn_once(f"ZeroShotClassification skipped: {type(method).__name__} has no text tower (encode_text)")
-            return {}
         metrics: dict[str, float] = {}
-        for dataset in self.datasets:
-            features = self.features(method, dataset.shards, representation="joint")
-            labels = features.labels_of(dataset.label_field)
-            classnames = dataset.classnames or read_classnames(dataset.shards, dataset.label_field)
-            if int(labels.max()) >= len(classnames):
-                raise ValueError(
-                    f"zero-shot {dataset.name!r}: label {int(labels.max())} but only {len(classnames)} class names"
-                )
-            scores = text_classifier_scores(method, features.image, classnames, dataset.templates, self.batch_size)
+        for dataset, images, labels, classnames in self.labelled_sets(method):
+            scores = text_classifier_scores(method, images, classnames, dataset.templates, self.batch_size)
             for metric, value in classification_metrics(scores, labels, len(classnames)).items():
                 metrics[f"zeroshot/{dataset.name}/{metric}"] = value
             counts = multiclass_confusion_matrix(scores.argmax(1), labels, len(classnames)).float()  # [true, predicted]
             confusion = counts / counts.sum(1, keepdim=True).clamp(min=1)  # rows of absent classes stay 0
             log_picture(
-                trainer, f"zeroshot/{dataset.name}/confusion", lambda: confusion_matrix_picture(confusion, classnames)
+                trainer, f"zeroshot/{dataset.name}/confusion",
+                lambda confusion=confusion, classnames=classnames: confusion_matrix_picture(confusion, classnames),
             )
         return metrics

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from data_modules.pipeline import batch_labels
 from data_modules.views import SingleCrop, Views
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 
@@ -143,17 +144,7 @@ class ClassNames:
 
     def labels(self, batch: dict) -> Tensor:
         """The batch's labels in `label_field`, [N] long."""
-        if self.label_field == "cls":
-            if "label" not in batch:
-                raise ValueError("label_field 'cls' needs .cls members in the shards (batch key `label`)")
-            return batch["label"]
-        metas = batch.get("meta")
-        if metas is None or any(self.label_field not in meta for meta in metas):
-            raise ValueError(
-                f"label_field {self.label_field!r} is not a field of every sample's .json; name a field the shards "
-                "have (the emoji shards have subcategory_id) or use cls"
-            )
-        return torch.tensor([int(meta[self.label_field]) for meta in metas], dtype=torch.long)
+        return batch_labels(batch, self.label_field)
 
 
 def base_class_count(num_classes: int) -> int:
