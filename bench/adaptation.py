@@ -58,11 +58,14 @@ def base_to_novel_callback(cli: VLPCLI) -> BaseToNovel:
     return next(callback for callback in cli.trainer.callbacks if isinstance(callback, BaseToNovel))
 
 
-def build(method: str, pretrained: str, steps: int, seed: int, root: Path, extra: tuple[str, ...] = ()) -> VLPCLI:
+def build(method: str, pretrained: str, steps: int | None, seed: int, root: Path,
+          extra: tuple[str, ...] = ()) -> VLPCLI:
+    """The method's tiny recipe from `pretrained`, for `steps` steps (None: the recipe's)."""
     return VLPCLI(args=[
         "--config", str(recipe(method)), f"--model.init_args.pretrained={pretrained}", f"--seed_everything={seed}",
-        f"--trainer.max_steps={steps}", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0", "--checkpoint.save_last=false", *extra,
+        *([f"--trainer.max_steps={steps}"] if steps else []), f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0",
+        "--checkpoint.save_last=false", *extra,
     ], run=False)
 
 
@@ -86,7 +89,7 @@ def zero_shot(pretrained: str, callback: BaseToNovel) -> dict[str, float]:
     return scores(callback, trainer, clip)
 
 
-def train_and_score(method: str, pretrained: str, steps: int, seed: int, root: Path) -> dict:
+def train_and_score(method: str, pretrained: str, steps: int | None, seed: int, root: Path) -> dict:
     cli = build(method, pretrained, steps, seed, root / f"{method}-{seed}")
     callback = base_to_novel_callback(cli)
     seconds = fit(cli)
@@ -113,8 +116,7 @@ def categories(pretrained: str, steps: int | None, root: Path) -> dict[str, dict
         with evaluation_mode(trainer, clip):
             rows[name] = {"top1": top1(callback.evaluate(trainer, clip))}
     for name, method, extra in CATEGORY_RUNS:
-        cli = build(method, pretrained, steps or damvp_recipe.trainer.max_steps, 0, root / f"categories-{name}",
-                    tuple(extra))
+        cli = build(method, pretrained, steps, 0, root / f"categories-{name}", tuple(extra))
         seconds = fit(cli)
         if method == "DAMVP":
             with evaluation_mode(cli.trainer, cli.model):
@@ -203,12 +205,11 @@ def main() -> None:
         root = Path(folder)
         probe = build("CoOp", args.pretrained, 1, 0, root / "probe")
         callback = base_to_novel_callback(probe)
-        recipe_steps = probe.trainer.max_steps
         rows = {"zero-shot CLIP": zero_shot(args.pretrained, callback)}
         print(f"zero-shot: {rows['zero-shot CLIP']}", flush=True)
         runs = {}
         for method in METHODS:
-            runs[method] = [train_and_score(method, args.pretrained, steps or recipe_steps, seed, root)
+            runs[method] = [train_and_score(method, args.pretrained, steps, seed, root)
                             for seed in range(seeds)]
             rows[method] = summary(runs[method])
         category_rows = categories(args.pretrained, steps, root)
@@ -228,7 +229,7 @@ def main() -> None:
     ]
     report = {
         "quick": args.quick, "seconds": time.perf_counter() - started, "pretrained": args.pretrained,
-        "steps": steps or recipe_steps, "seeds": seeds, "rows": rows, "runs": runs,
+        "steps": steps or "the recipes'", "seeds": seeds, "rows": rows, "runs": runs,
         "categories": category_rows, "category_table": category_table(category_rows),
         "saved_activation_bytes": memory_rows, "table": table(rows),
         "targets": [target.as_dict() for target in targets],
