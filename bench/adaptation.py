@@ -60,10 +60,12 @@ def base_to_novel_callback(cli: VLPCLI) -> BaseToNovel:
 
 def build(method: str, pretrained: str, steps: int | None, seed: int, root: Path,
           extra: tuple[str, ...] = ()) -> VLPCLI:
-    """The method's tiny recipe from `pretrained`, for `steps` steps (None: the recipe's)."""
+    """The method's tiny recipe from `pretrained`, for `steps` steps (None: the recipe's). The seed is the global one
+    and the data's (sample order and augmentations: with a deterministic start such as CoOp's "a photo of a", a
+    global seed alone gives identical runs)."""
     return VLPCLI(args=[
         "--config", str(recipe(method)), f"--model.init_args.pretrained={pretrained}", f"--seed_everything={seed}",
-        *([f"--trainer.max_steps={steps}"] if steps else []), f"--trainer.default_root_dir={root}",
+        f"--data.seed={seed}", *([f"--trainer.max_steps={steps}"] if steps else []), f"--trainer.default_root_dir={root}",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0",
         "--checkpoint.save_last=false", *extra,
     ], run=False)

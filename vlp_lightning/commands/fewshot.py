@@ -9,8 +9,9 @@ trains on them with `--seed_everything <seed>` for `--steps` steps (default: the
 recipe's test split; the score is `--metric` (default `test/accuracy`, the adapted classifier's own top-1; any metric
 the recipe's evaluation callbacks log works, e.g. `linear_probe/<name>/top1`).
 
-Seeds vary both the draw and the training (CoOp's protocol, 3 seeds); a known trap is "seed collapse", runs that
-differ in name only: the command checks that the draws of different seeds are different sets and says so when two are
+Seeds vary the draw, the global seed and the data's seed (sample order and augmentations; CoOp's protocol, 3 seeds):
+a known trap is "seed collapse", runs that differ in name only (a global seed alone leaves a method with a
+deterministic start, such as CoOp from "a photo of a", identical across seeds); the command checks that the draws of different seeds are different sets and says so when two are
 identical (a pool with K or fewer samples per class), and the table shows each K's mean, standard deviation and the
 per-seed values. Further `vlp fit` options apply to every run. Results: `<out>/results.json` (default
 `runs/fewshot/<first --config's stem>`), written after every run; a re-run skips the runs already done with the same
@@ -115,7 +116,7 @@ def train_and_test(args: argparse.Namespace, extra: list[str], folder: Path, sho
 
     vlp_args = [arg for config in args.config for arg in ("--config", config)]
     vlp_args += [f"--data.train_shards={folder}/train-*.tar", "--data.val_shards=null",
-                 "--trainer.val_check_interval=1.0", f"--seed_everything={seed}",
+                 "--trainer.val_check_interval=1.0", f"--seed_everything={seed}", f"--data.seed={seed}",
                  f"--trainer.default_root_dir={out}/runs/k{shots}-seed{seed}", "--trainer.enable_progress_bar=false",
                  "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0", "--checkpoint.save_last=false"]
     vlp_args += [f"--trainer.max_steps={args.steps}"] if args.steps else []
