@@ -66,8 +66,8 @@ def build(method: str, pretrained: str, steps: int | None, seed: int, root: Path
     return VLPCLI(args=[
         "--config", str(recipe(method)), f"--model.init_args.pretrained={pretrained}", f"--seed_everything={seed}",
         f"--data.seed={seed}", *([f"--trainer.max_steps={steps}"] if steps else []),
-        f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0",
-        "--checkpoint.save_last=false", *extra,
+        f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0", "--checkpoint.save_last=false", *extra,
     ], run=False)
 
 
