@@ -18,8 +18,8 @@ Memory: the bytes autograd saves for the backward of one training step (`saved_t
 independent of the allocator) for CoOp and CoCoOp at batch 1, 4, 16, with the 50 base classes: CoOp's prompts are the
 same for every image (C sequences through the text tower), CoCoOp's are per image (N x C sequences).
 
-Needs the pretrained CLIP: `vlp fit --config experiments/clip/emoji_tiny.yaml` (runs/clip/emoji_tiny) on the
-`data/emoji` shards of the README's quick start.
+Adapts runs/clip/emoji_tiny (`vlp fit --config experiments/clip/emoji_tiny.yaml` on the `data/emoji` shards of the
+README's quick start), training it first when it is missing (--quick: a 20-step stand-in).
 Usage: python bench/adaptation.py [--quick] [--steps N] [--seeds K] [--pretrained CKPT]
 (writes bench/results/adaptation.json)
 """
@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import REPO_ROOT, Target, publish
+from common import REPO_ROOT, Target, ensure_shards, publish
 from lightning.pytorch import Trainer
 
 from vlp_lightning.callbacks import BaseToNovel, LinearProbe, ZeroShotClassification
@@ -48,6 +49,27 @@ CATEGORY_RUNS = (("DAMVP", "DAMVP", []), ("vanilla fine-tune", "DRTune", ["--mod
                  ("DRTune", "DRTune", []))
 DEFAULT_PRETRAINED = "runs/clip/emoji_tiny/checkpoints/last.ckpt"
 MEMORY_BATCHES = (1, 4, 16)
+
+
+CLIP_RECIPE = REPO_ROOT / "experiments" / "clip" / "emoji_tiny.yaml"
+QUICK_PRETRAINED = "runs/clip/emoji_tiny_bench_quick/checkpoints/last.ckpt"
+
+
+def ensure_pretrained(path: str, quick: bool) -> str:
+    """The CLIP checkpoint to adapt: `path`, or (for the default) trained now with the CLIP tiny recipe, on its
+    shards (built when missing); --quick trains a 20-step stand-in instead."""
+    if quick and path == DEFAULT_PRETRAINED and not Path(path).is_file():
+        path = QUICK_PRETRAINED
+    if Path(path).is_file():
+        return path
+    if path not in (DEFAULT_PRETRAINED, QUICK_PRETRAINED):
+        sys.exit(f"adaptation bench: --pretrained {path}: no such file; give a CLIP checkpoint written by vlp fit")
+    ensure_shards({"clip": CLIP_RECIPE})
+    quick_args = ["--trainer.max_steps=20", "--experiment=emoji_tiny_bench_quick"] if path == QUICK_PRETRAINED else []
+    print(f"adaptation bench: no pretrained CLIP at {path}: training it (vlp fit --config {CLIP_RECIPE})", flush=True)
+    subprocess.run([sys.executable, "-m", "vlp_lightning.cli", "fit", "--config", str(CLIP_RECIPE),
+                    "--trainer.enable_progress_bar=false", *quick_args], check=True, cwd=REPO_ROOT)
+    return path
 
 
 def recipe(method: str) -> Path:
@@ -197,9 +219,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="seeds per method (default 2)")
     parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help=f"CLIP checkpoint (default {DEFAULT_PRETRAINED})")
     args = parser.parse_args()
-    if not Path(args.pretrained).is_file():
-        sys.exit(f"adaptation bench: no pretrained CLIP at {args.pretrained}; train it with "
-                 "`vlp fit --config experiments/clip/emoji_tiny.yaml` (or pass --pretrained)")
+    args.pretrained = ensure_pretrained(args.pretrained, args.quick)
     seeds = 1 if args.quick else args.seeds
     steps = 30 if args.quick else args.steps
     started = time.perf_counter()

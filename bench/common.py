@@ -246,3 +246,20 @@ def rewrite_readme(readme: Path = README, results_dir: Path = RESULTS_DIR) -> No
     else:
         text = f"{text.rstrip()}\n\n## Results\n\n{section}\n"
     readme.write_text(text)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def ensure_shards(recipes: dict[str, Path]) -> None:
+    """Build the shards each recipe names in its header (`# Shards: ...`) when they are missing."""
+    import shlex
+
+    from data_modules.builder import main as vlp_data
+    from vlp_lightning import catalog
+
+    for recipe in recipes.values():
+        command = catalog.shard_command(recipe)
+        folder = Path(shlex.split(command)[2]) if command else None
+        if command and folder and not (REPO_ROOT / folder / "manifest.json").is_file():
+            print(f"building {folder}: {command}", flush=True)
+            if vlp_data(shlex.split(command)[1:]) != 0:
+                raise SystemExit(f"`{command}` failed; build the shards by hand and rerun")

@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import resource
-import shlex
 import statistics
 import tempfile
 import time
@@ -41,10 +40,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from common import CLOCKS, REPO_ROOT, StepTime, Target, cpu_model, publish, step_summary
+from common import CLOCKS, REPO_ROOT, StepTime, Target, cpu_model, ensure_shards, publish, step_summary
 from lockstep import Lockstep, TurnClock, TurnClockCallback, UpdateClock, run_in_lockstep
 
-from data_modules.builder import main as vlp_data
 from data_modules.pipeline import STREAM_FIELD
 from vlp_lightning import catalog
 from vlp_lightning.cli import VLPCLI
@@ -70,17 +68,6 @@ def methods_to_run(names: list[str] | None) -> dict[str, Path]:
     if names:
         entries = [catalog.find(name) for name in names]
     return {entry.name: tiny_recipe(entry) for entry in entries}
-
-
-def ensure_shards(recipes: dict[str, Path]) -> None:
-    """Build the shards a recipe names in its header when its training shards are missing."""
-    for recipe in recipes.values():
-        command = catalog.shard_command(recipe)
-        folder = Path(shlex.split(command)[2]) if command else None
-        if command and folder and not (REPO_ROOT / folder / "manifest.json").is_file():
-            print(f"building {folder}: {command}", flush=True)
-            if vlp_data(shlex.split(command)[1:]) != 0:
-                raise SystemExit(f"`{command}` failed; build the shards by hand and rerun")
 
 
 def cli_for(recipe: Path, total_steps: int, run_dir: Path) -> VLPCLI:
