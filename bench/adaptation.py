@@ -217,7 +217,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="30 steps, one seed: a smoke run of the whole bench")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default: the recipes')")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per method (default 2)")
-    parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help=f"CLIP checkpoint (default {DEFAULT_PRETRAINED})")
+    parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED,
+                        help=f"CLIP checkpoint (default {DEFAULT_PRETRAINED}, trained first when missing)")
     args = parser.parse_args()
     args.pretrained = ensure_pretrained(args.pretrained, args.quick)
     seeds = 1 if args.quick else args.seeds

@@ -277,7 +277,8 @@ def test_damvp_clusters_its_training_shards_and_starts_from_a_meta_prompt(tiny_c
     assert trainable and all(name.startswith("cluster_prompts.prompts.") for name in trainable)
     checkpoint = tmp_path / "damvp.ckpt"
     torch.save({"state_dict": method.state_dict()}, checkpoint)
-    started = methods.DAMVP(pretrained=tiny_clip_checkpoint, classnames_from=shards.pattern, meta_prompt=str(checkpoint))
+    started = methods.DAMVP(pretrained=tiny_clip_checkpoint, classnames_from=shards.pattern,
+                            meta_prompt=str(checkpoint))
     mean_top = torch.stack([prompt.top for prompt in method.cluster_prompts.prompts]).mean(0)
     assert torch.allclose(started.cluster_prompts.prompts[0].top, mean_top)
     with pytest.raises(ValueError, match="text head needs an image-text space"):

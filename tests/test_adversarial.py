@@ -1,4 +1,4 @@
-"""PGD stays in its ε-ball and the pixel range, lowers a classifier's accuracy, and the callback reports clean >= pgd."""
+"""PGD stays in its ε-ball and the pixel range, lowers a classifier's accuracy; the callback reports clean >= pgd."""
 
 from __future__ import annotations
 

@@ -65,7 +65,9 @@ class AdversarialRobustness(EvaluationCallback):
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, batch_size=batch_size, num_workers=num_workers)
         if epsilon < 0 or step_size <= 0 or steps < 1:
-            raise ValueError(f"PGD needs epsilon >= 0, step_size > 0 and steps >= 1, got {epsilon}, {step_size}, {steps}")
+            raise ValueError(
+                f"PGD needs epsilon >= 0, step_size > 0 and steps >= 1, got {epsilon}, {step_size}, {steps}"
+            )
         self.shards, self.name, self.label_field = shards, name, label_field
         self.epsilon, self.step_size, self.steps = epsilon, step_size, steps
         self.max_samples, self.seed = max_samples, seed

@@ -13,9 +13,9 @@ method reading `vision.model.blocks(x)`) compute the adapted features, the promp
   ("xavier_uniform" on the patch projection's fan-in); its default prompt dropout 0 and no prompt projection.
 * LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3 and sec. 4.1):
   h = W_0 x + (alpha / r) B A x on chosen Linear layers (default the fused attention `qkv` of every block: W_q, W_k and
-  W_v at once, where sec. 7.1 finds W_q and W_v enough), A [r, in] Kaiming-uniform (a = sqrt(5), as nn.Linear and the official `loralib`), B [out, r] zero, so
-  training starts from the frozen model; dropout on x before A (Hugging Face `peft`'s `lora_dropout`). `merge_lora`
-  folds W_0 + (alpha / r) B A into plain Linear layers for inference.
+  W_v at once, where sec. 7.1 finds W_q and W_v enough), A [r, in] Kaiming-uniform (a = sqrt(5), as nn.Linear and
+  the official `loralib`), B [out, r] zero, so training starts from the frozen model; dropout on x before A (Hugging
+  Face `peft`'s `lora_dropout`). `merge_lora` folds W_0 + (alpha / r) B A into plain Linear layers for inference.
 * Adapter (Chen et al. 2022, "AdaptFormer: Adapting Vision Transformers for Scalable Visual Recognition", eq. 1-2):
   a bottleneck x~ = ReLU(LN(x') W_down) W_up in parallel to each block's MLP, x = MLP(LN(x')) + s x~ + x', s = 0.1,
   bottleneck 64, dropout 0.1 after the ReLU, W_down Kaiming-uniform, W_up and both biases zero (official

@@ -29,7 +29,9 @@ from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 PretrainedKind = Literal["image", "joint"]
 TrainClasses = Literal["all", "base"]
 
-_PRETRAIN_HINT = "e.g. runs/clip/emoji_tiny/checkpoints/last.ckpt after `vlp fit --config experiments/clip/emoji_tiny.yaml`"
+_PRETRAIN_HINT = (
+    "e.g. runs/clip/emoji_tiny/checkpoints/last.ckpt after `vlp fit --config experiments/clip/emoji_tiny.yaml`"
+)
 
 
 class AdaptationMethod(VLPMethod):

@@ -55,7 +55,9 @@ class CoCoOp(PromptLearning):
         )
         width = self.prompts.ctx.shape[-1]
         hidden = max(1, self.embed_dim // meta_reduction)
-        self.meta_net = nn.Sequential(nn.Linear(self.embed_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, width))
+        self.meta_net = nn.Sequential(
+            nn.Linear(self.embed_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, width)
+        )
 
     def context(self, image_features: Tensor) -> Tensor:
         """v_m(x) = v_m + h_θ(f(x)) for every image: [N, 1, M, width]."""
