@@ -585,13 +585,18 @@ def make_parser() -> argparse.ArgumentParser:
         "K samples per class of existing shards, drawn with --seed (few-shot adaptation: 1, 2, 4, 8, 16 shots)",
         "shard pattern to draw from, e.g. 'data/emoji/train-{000000..000001}.tar'",
     )
-    shots.add_argument("--shots", type=_positive_int, required=True, metavar="K", help="samples per class")
+    amount = shots.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--shots", type=_positive_int, metavar="K", help="samples per class")
+    amount.add_argument("--fraction", type=float, metavar="F",
+                        help="instead of K: this fraction of every class (the data-scaling study's 1/8, 1/4, ...)")
     shots.add_argument(
         "--label-field", default="cls", metavar="FIELD",
         help="the label: cls (the .cls member) or an integer field of the .json member, e.g. subcategory_id "
         "(default: %(default)s)",
     )
-    shots.set_defaults(make_source=lambda a: few_shot_source(str(a.input), a.shots, a.seed, a.label_field))
+    shots.set_defaults(
+        make_source=lambda a: few_shot_source(str(a.input), a.shots, a.seed, a.label_field, a.fraction)
+    )
 
     inspect_summary = "counts, members, examples and a decode check of every sample"
     inspect = commands.add_parser("inspect", help=inspect_summary, description=inspect_summary)

@@ -301,10 +301,30 @@ def test_vlp_fewshot_trains_each_shot_count_and_seed_and_reruns_nothing(tiny_cli
             "--trainer.callbacks", "[]"]
     assert fewshot.main(argv) == 0
     results = json.loads((tmp_path / "out/results.json").read_text())
-    assert [row["shots"] for row in results["summary"]] == [1, 2]
+    assert [row["point"] for row in results["summary"]] == ["k1", "k2"]
     assert all(len(row["scores"]) == 2 and 0 <= row["mean"] <= 1 for row in results["summary"])
-    assert len(fewshot.drawn_keys(tmp_path / "out/shots/k1-seed0")) == 4  # one per class
-    assert fewshot.drawn_keys(tmp_path / "out/shots/k1-seed0") != fewshot.drawn_keys(tmp_path / "out/shots/k1-seed1")
+    assert len(fewshot.drawn_keys(tmp_path / "out/subsets/k1-seed0")) == 4  # one per class
+    assert fewshot.drawn_keys(tmp_path / "out/subsets/k1-seed0") != fewshot.drawn_keys(tmp_path / "out/subsets/k1-seed1")
     capsys.readouterr()
     assert fewshot.main(argv) == 0  # everything done before: no run repeats
     assert capsys.readouterr().out.count("done before") == 4
+
+
+def test_vlp_scaling_fits_a_line_against_log_data_size(tiny_clip_checkpoint, make_shards, tmp_path, monkeypatch,
+                                                       capsys):
+    from vlp_lightning.commands import scaling
+
+    assert scaling.log_fit([10, 100, 1000], [0.2, 0.3, 0.4]) == pytest.approx(
+        {"intercept": 0.1, "slope_per_decade": 0.1, "r2": 1.0})
+    monkeypatch.setattr("sys.argv", ["vlp"])
+    monkeypatch.chdir(tmp_path)
+    pool = make_shards(tmp_path / "pool", n=32, per_shard=32, image_size=32, num_classes=4)
+    argv = ["--config", f"{EXPERIMENTS}/peftclassifier/fashion_mnist_tiny.yaml", "--pool", pool.pattern,
+            "--fractions", "0.25", "1", "--seeds", "0", "--steps", "2", "--out", str(tmp_path / "out"),
+            "--model.init_args.pretrained", tiny_clip_checkpoint, "--model.init_args.classnames_from", pool.pattern,
+            "--data.test_shards", pool.pattern, "--data.batch_size", "4", "--data.num_workers", "0",
+            "--trainer.callbacks", "[]"]
+    assert scaling.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| 0.25 | 8 |" in out and "| 1.0 | 32 |" in out and "log10(samples)" in out
+    assert scaling.main([*argv[:6], "--fractions", "2"]) == 2

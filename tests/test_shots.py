@@ -36,3 +36,14 @@ def test_shots_reads_labels_from_a_json_field_and_names_a_missing_one(make_shard
     error = capsys.readouterr().err.strip()
     assert error.startswith("vlp-data: error: sample train000000 has no integer label ('colour' in its .json")
     assert "pass --label-field" in error and "\n" not in error
+
+
+def test_fraction_draws_a_class_balanced_nested_subset(make_shards, tmp_path):
+    shards = make_shards(tmp_path / "src", n=40, per_shard=20, num_classes=4)
+    for fraction in ("0.25", "0.5"):
+        assert main(["shots", shards.pattern, str(tmp_path / fraction), "--fraction", fraction]) == 0
+    quarter, half = drawn(tmp_path / "0.25"), drawn(tmp_path / "0.5")
+    per_class = Counter(shards.labels.values())
+    assert Counter(half.values()) == {label: max(1, round(0.5 * count)) for label, count in per_class.items()}
+    assert set(quarter) < set(half)
+    assert main(["shots", shards.pattern, str(tmp_path / "bad"), "--fraction", "1.5"]) == 2

@@ -54,7 +54,8 @@ DESCRIPTION = (
     "Other commands (each with --help): `vlp methods [NAME]` lists the methods and how to run them, "
     "`vlp compare` trains several methods on the same data for the same budget and prints one table, "
     "`vlp export CKPT OUT` writes a checkpoint's towers for timm / open_clip / transformers, "
-    "`vlp fewshot` trains a recipe on K shots per class for several K and seeds and prints the curve."
+    "`vlp fewshot` trains a recipe on K shots per class for several K and seeds and prints the curve, "
+    "`vlp scaling` trains it on 1/8 ... all of a data pool and fits score against log data size."
 )
 
 #: `vlp <command>` outside Lightning's fit / validate / test / predict: command -> module with `main(argv) -> int`.
@@ -63,6 +64,7 @@ COMMANDS = {
     "compare": "vlp_lightning.commands.compare",
     "export": "vlp_lightning.commands.export",
     "fewshot": "vlp_lightning.commands.fewshot",
+    "scaling": "vlp_lightning.commands.scaling",
 }
 
 

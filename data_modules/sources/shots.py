@@ -38,8 +38,15 @@ def _label(sample: dict[str, bytes], label_field: str, key: str) -> int:
                           "field every sample has") from None
 
 
-def few_shot_source(shards: str, shots: int, seed: int, label_field: str) -> SourceData:
-    """K = `shots` samples per class of `shards` (a shard pattern), drawn with `seed` (module doc)."""
+def few_shot_source(shards: str, shots: int | None, seed: int, label_field: str, fraction: float | None = None
+                    ) -> SourceData:
+    """K = `shots` samples per class of `shards` (a shard pattern), drawn with `seed` (module doc); or, with
+    `fraction`, round(fraction x n_c) (at least 1) of each class's n_c samples: a class-balanced subset of the pool
+    (the data-scaling study's 1/8, 1/4, 1/2 of a pool), nested across fractions as the shots are across K."""
+    if (shots is None) == (fraction is None):
+        raise SourceError("give either --shots K or --fraction F")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise SourceError(f"--fraction {fraction} is not in (0, 1]")
     from data_modules.builder import iterate_shard  # the builder imports the sources
 
     paths = [local_path(url) for url in expand_shards(shards)]
@@ -53,16 +60,18 @@ def few_shot_source(shards: str, shots: int, seed: int, label_field: str) -> Sou
     for label in sorted(by_class):
         members = sorted(by_class[label], key=lambda item: item[0])
         random.Random(f"{seed}:{label}").shuffle(members)
-        if len(members) < shots:
+        count = shots if fraction is None else max(1, round(fraction * len(members)))
+        if len(members) < count:
             short.append(f"{label} ({len(members)})")
-        for key, sample, path in members[:shots]:
+        for key, sample, path in members[:count]:
             records.append(_record(key, sample, path))
     if short:
         print(f"vlp-data shots: {len(short)} classes have fewer than {shots} samples and give all they have: "
               f"{', '.join(short[:10])}{' ...' if len(short) > 10 else ''}", file=sys.stderr)
     manifest = read_manifest(paths[0].parent) or {}
     return SourceData(
-        name=f"{shots}-shot subset (seed {seed}, label field {label_field}) of {shards} "
+        name=f"{f'{shots}-shot' if fraction is None else f'{fraction:g}-of-each-class'} subset (seed {seed}, label "
+             f"field {label_field}) of {shards} "
              f"({manifest.get('source', 'unknown source')})",
         licence=manifest.get("licence", "as the source shards"),
         records=records,

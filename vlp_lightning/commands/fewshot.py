@@ -4,7 +4,7 @@
         --shots 1 2 4 8 16 --seeds 1 2 3 --steps 200
 
 For every K and seed, `vlp-data shots` draws K samples per class of `--pool` with that seed (`--label-field`:
-`.cls` or an integer `.json` field; the draws are nested across K and written once under `<out>/shots/`), the recipe
+`.cls` or an integer `.json` field; the draws are nested across K and written once under `<out>/subsets/`), the recipe
 trains on them with `--seed_everything <seed>` for `--steps` steps (default: the recipe's), and `vlp test` scores the
 recipe's test split; the score is `--metric` (default `test/accuracy`, the adapted classifier's own top-1; any metric
 the recipe's evaluation callbacks log works, e.g. `linear_probe/<name>/top1`).
@@ -31,6 +31,18 @@ from data_modules import builder
 from data_modules.pipeline import expand_shards
 
 
+def add_protocol_arguments(result: argparse.ArgumentParser, default_out: str) -> None:
+    """The options `vlp fewshot` and `vlp scaling` share."""
+    result.add_argument("--config", action="append", required=True, metavar="YAML", help="the recipe (repeatable)")
+    result.add_argument("--pool", required=True, metavar="SHARDS", help="labelled shards the subsets are drawn from")
+    result.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], metavar="S", help="default: 1 2 3")
+    result.add_argument("--label-field", default="cls", help="cls or an integer .json field (default: cls)")
+    result.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the recipe's)")
+    result.add_argument("--metric", default="test/accuracy", help="the score (default: test/accuracy)")
+    result.add_argument("--out", type=Path, default=None, help=f"output folder (default: {default_out}/<stem>)")
+    result.add_argument("--force", action="store_true", help="re-run the runs already in results.json")
+
+
 def parser() -> argparse.ArgumentParser:
     result = argparse.ArgumentParser(
         prog="vlp fewshot", description=__doc__.split("\n\n")[0].removeprefix("`vlp fewshot`: "),
@@ -39,16 +51,9 @@ def parser() -> argparse.ArgumentParser:
                "other options (e.g. --model.init_args.pretrained CKPT) go to every `vlp fit`",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    result.add_argument("--config", action="append", required=True, metavar="YAML", help="the recipe (repeatable)")
-    result.add_argument("--pool", required=True, metavar="SHARDS", help="labelled shards the shots are drawn from")
+    add_protocol_arguments(result, "runs/fewshot")
     result.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], metavar="K",
                         help="samples per class (default: 1 2 4 8 16)")
-    result.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], metavar="S", help="default: 1 2 3")
-    result.add_argument("--label-field", default="cls", help="cls or an integer .json field (default: cls)")
-    result.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the recipe's)")
-    result.add_argument("--metric", default="test/accuracy", help="the score (default: test/accuracy)")
-    result.add_argument("--out", type=Path, default=None, help="output folder (default: runs/fewshot/<stem>)")
-    result.add_argument("--force", action="store_true", help="re-run the runs already in results.json")
     return result
 
 
@@ -57,42 +62,65 @@ def main(argv: list[str]) -> int:
     if any(k < 1 for k in args.shots):
         print(f"vlp fewshot: error: --shots must be positive, got {args.shots}", file=sys.stderr)
         return 2
-    if not expand_shards(args.pool) or not all(Path(url).is_file() for url in expand_shards(args.pool)):
-        print(f"vlp fewshot: error: --pool {args.pool!r} matches no shard file; build one with vlp-data",
-              file=sys.stderr)
+    points = [(f"k{shots}", ["--shots", str(shots)]) for shots in args.shots]
+    results = run_subsets("fewshot", args, extra, points, Path("runs/fewshot"))
+    if results is None:
         return 2
-    out = args.out or Path("runs/fewshot") / Path(args.config[0]).stem
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": {}}
-    draws: dict[tuple[int, int], set[str]] = {}
-    for shots in args.shots:
-        for seed in args.seeds:
-            folder = out / "shots" / f"k{shots}-seed{seed}"
-            if builder.main(["shots", args.pool, str(folder), "--shots", str(shots), "--seed", str(seed),
-                             "--label-field", args.label_field]) != 0:
-                return 2
-            draws[shots, seed] = drawn_keys(folder)
-            key = run_key(args, extra, shots, seed)
-            if not args.force and results["runs"].get(key, {}).get("settings") == settings(args, extra, shots, seed):
-                print(f"fewshot: K={shots} seed={seed}: done before ({results['runs'][key]['score']:.4f})")
-                continue
-            score, steps = train_and_test(args, extra, folder, shots, seed, out)
-            results["runs"][key] = {"settings": settings(args, extra, shots, seed), "score": score, "steps": steps,
-                                    "shots": shots, "seed": seed}
-            results_path.write_text(json.dumps(results, indent=2) + "\n")
-            print(f"fewshot: K={shots} seed={seed}: {args.metric} = {score:.4f} ({steps} steps)", flush=True)
-    for shots in args.shots:
-        same = [(a, b) for a in args.seeds for b in args.seeds if a < b and draws[shots, a] == draws[shots, b]]
+    for shots, (name, _) in zip(args.shots, points):
+        same = [(a, b) for a in args.seeds for b in args.seeds
+                if a < b and results["draws"][name][str(a)] == results["draws"][name][str(b)]]
         if same:
             print(f"fewshot: warning: K={shots}: seeds {same[0][0]} and {same[0][1]} drew the same samples (the pool "
                   f"has at most {shots} per class), so their runs differ only in the training seed", file=sys.stderr)
-    rows = summary(results, args, extra)
-    results["summary"] = rows
-    results_path.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(rows, args.metric))
-    print(f"results: {results_path}")
+    rows = [{"shots": shots, **row} for shots, row in zip(args.shots, results["summary"])]
+    print(table(rows, "shots", args.metric))
+    print(f"results: {results['path']}")
     return 0
+
+
+def run_subsets(command: str, args: argparse.Namespace, extra: list[str], points: list[tuple[str, list[str]]],
+                default_out: Path) -> dict | None:
+    """For every point (name, `vlp-data shots` arguments) and seed: draw the subset of `--pool`, train the recipe on
+    it, test; results.json written after every run, runs done before with the same settings skipped. Returns the
+    results with `summary` (per point: mean, std, per-seed scores, samples), `draws` (point -> seed -> drawn keys)
+    and `path`; None (after one error line) for a bad pool."""
+    urls = expand_shards(args.pool)
+    if not urls or not all(Path(url).is_file() for url in urls):
+        print(f"vlp {command}: error: --pool {args.pool!r} matches no shard file; build one with vlp-data",
+              file=sys.stderr)
+        return None
+    out = args.out or default_out / Path(args.config[0]).stem
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": {}}
+    draws: dict[str, dict[str, list[str]]] = {}
+    summary = []
+    for name, draw in points:
+        scores, samples = [], 0
+        for seed in args.seeds:
+            folder = out / "subsets" / f"{name}-seed{seed}"
+            if builder.main(["shots", args.pool, str(folder), *draw, "--seed", str(seed),
+                             "--label-field", args.label_field]) != 0:
+                return None
+            keys = drawn_keys(folder)
+            draws.setdefault(name, {})[str(seed)] = sorted(keys)
+            samples = len(keys)
+            wanted = settings(args, extra, name, seed)
+            key = run_key(wanted)
+            if not args.force and results["runs"].get(key, {}).get("settings") == wanted:
+                print(f"{command}: {name} seed {seed}: done before ({results['runs'][key]['score']:.4f})")
+            else:
+                score, steps = train_and_test(args, extra, folder, name, seed, out)
+                results["runs"][key] = {"settings": wanted, "score": score, "steps": steps, "samples": samples}
+                results_path.write_text(json.dumps(results, indent=2) + "\n")
+                print(f"{command}: {name} seed {seed}: {args.metric} = {score:.4f} ({steps} steps, {samples} "
+                      "samples)", flush=True)
+            scores.append(results["runs"][key]["score"])
+        summary.append({"point": name, "mean": statistics.fmean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                        "scores": scores, "samples": samples})
+    results["summary"] = summary
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    return {**results, "draws": draws, "path": results_path}
 
 
 def drawn_keys(folder: Path) -> set[str]:
@@ -100,46 +128,37 @@ def drawn_keys(folder: Path) -> set[str]:
     return {key for shard in manifest["shards"].values() for key in shard["keys"]}
 
 
-def settings(args: argparse.Namespace, extra: list[str], shots: int, seed: int) -> dict:
+def settings(args: argparse.Namespace, extra: list[str], point: str, seed: int) -> dict:
     return {"config": args.config, "pool": args.pool, "label_field": args.label_field, "steps": args.steps,
-            "metric": args.metric, "extra": extra, "shots": shots, "seed": seed}
+            "metric": args.metric, "extra": extra, "point": point, "seed": seed}
 
 
-def run_key(args: argparse.Namespace, extra: list[str], shots: int, seed: int) -> str:
-    digest = hashlib.sha1(json.dumps(settings(args, extra, shots, seed), sort_keys=True).encode()).hexdigest()[:8]
-    return f"k{shots}-seed{seed}-{digest}"
+def run_key(wanted: dict) -> str:
+    digest = hashlib.sha1(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{wanted['point']}-seed{wanted['seed']}-{digest}"
 
 
-def train_and_test(args: argparse.Namespace, extra: list[str], folder: Path, shots: int, seed: int,
+def train_and_test(args: argparse.Namespace, extra: list[str], folder: Path, point: str, seed: int,
                    out: Path) -> tuple[float, int]:
     from vlp_lightning.cli import VLPCLI  # heavy: imported once a run is due
 
     vlp_args = [arg for config in args.config for arg in ("--config", config)]
     vlp_args += [f"--data.train_shards={folder}/train-*.tar", "--data.val_shards=null",
                  "--trainer.val_check_interval=1.0", f"--seed_everything={seed}", f"--data.seed={seed}",
-                 f"--trainer.default_root_dir={out}/runs/k{shots}-seed{seed}", "--trainer.enable_progress_bar=false",
+                 f"--trainer.default_root_dir={out}/runs/{point}-seed{seed}", "--trainer.enable_progress_bar=false",
                  "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0", "--checkpoint.save_last=false"]
     vlp_args += [f"--trainer.max_steps={args.steps}"] if args.steps else []
     cli = VLPCLI(args=[*vlp_args, *extra], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     if args.metric not in cli.trainer.callback_metrics:
-        raise SystemExit(f"vlp fewshot: error: the test logged no {args.metric!r}; it logged "
+        raise SystemExit(f"vlp: error: the test logged no {args.metric!r}; it logged "
                          f"{', '.join(sorted(cli.trainer.callback_metrics))}; pass one of them as --metric")
     return float(cli.trainer.callback_metrics[args.metric]), int(cli.trainer.global_step)
 
 
-def summary(results: dict, args: argparse.Namespace, extra: list[str]) -> list[dict]:
-    rows = []
-    for shots in args.shots:
-        scores = [results["runs"][run_key(args, extra, shots, seed)]["score"] for seed in args.seeds]
-        rows.append({"shots": shots, "mean": statistics.fmean(scores),
-                     "std": statistics.stdev(scores) if len(scores) > 1 else 0.0, "scores": scores})
-    return rows
-
-
-def table(rows: list[dict], metric: str) -> str:
-    lines = [f"| shots | {metric} mean | std | per seed |", "|---|---|---|---|"]
-    lines += [f"| {row['shots']} | {row['mean']:.4f} | {row['std']:.4f} | "
+def table(rows: list[dict], point: str, metric: str) -> str:
+    lines = [f"| {point} | samples | {metric} mean | std | per seed |", "|---|---|---|---|---|"]
+    lines += [f"| {row[point]} | {row['samples']} | {row['mean']:.4f} | {row['std']:.4f} | "
               f"{' '.join(f'{score:.4f}' for score in row['scores'])} |" for row in rows]
     return "\n".join(lines)
