@@ -328,3 +328,23 @@ def test_vlp_scaling_fits_a_line_against_log_data_size(tiny_clip_checkpoint, mak
     out = capsys.readouterr().out
     assert "| 0.25 | 8 |" in out and "| 1.0 | 32 |" in out and "log10(samples)" in out
     assert scaling.main([*argv[:6], "--fractions", "2"]) == 2
+
+
+def test_vlp_backbones_scores_every_checkpoint_on_the_tasks_it_can_do(tiny_clip_checkpoint, make_shards, tmp_path,
+                                                                      capsys):
+    from vlp_lightning.commands import backbones
+
+    shards = make_shards(tmp_path / "shards", n=24, per_shard=24, image_size=32, num_classes=4)
+    config = {"class_path": "vlp_lightning.methods.SwAV"}
+    swav, _ = build_method(config, "test", "")
+    swav_checkpoint = str(save_checkpoint(swav, tmp_path / "swav.ckpt", config))
+    argv = [tiny_clip_checkpoint, swav_checkpoint, "--train", shards.pattern, "--test", shards.pattern,
+            "--shots", "1", "2", "--seeds", "0", "1", "--out", str(tmp_path / "out")]
+    assert backbones.main(argv) == 0
+    rows = json.loads((tmp_path / "out/results.json").read_text())["rows"]
+    assert [row["method"] for row in rows] == ["CLIP", "SwAV"]
+    assert {"knn_top1", "linear_top1", "fewshot_1", "fewshot_2", "zeroshot_top1", "i2t_R@1"} <= set(rows[0])
+    assert "zeroshot_top1" not in rows[1] and all(0 <= rows[1][key] <= 1 for key in ("knn_top1", "fewshot_2"))
+    assert "| SwAV |" in capsys.readouterr().out
+    assert backbones.main([str(tmp_path / "missing.ckpt"), "--train", shards.pattern, "--test", shards.pattern]) == 2
+    assert len(backbones.few_shot_indices(torch.tensor([0, 0, 0, 1, 1, 2]), 2, seed=0)) == 5

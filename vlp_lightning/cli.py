@@ -55,7 +55,8 @@ DESCRIPTION = (
     "`vlp compare` trains several methods on the same data for the same budget and prints one table, "
     "`vlp export CKPT OUT` writes a checkpoint's towers for timm / open_clip / transformers, "
     "`vlp fewshot` trains a recipe on K shots per class for several K and seeds and prints the curve, "
-    "`vlp scaling` trains it on 1/8 ... all of a data pool and fits score against log data size."
+    "`vlp scaling` trains it on 1/8 ... all of a data pool and fits score against log data size, "
+    "`vlp backbones CKPT ...` scores checkpoints on the same tasks (kNN, linear, few-shot, zero-shot, retrieval)."
 )
 
 #: `vlp <command>` outside Lightning's fit / validate / test / predict: command -> module with `main(argv) -> int`.
@@ -65,6 +66,7 @@ COMMANDS = {
     "export": "vlp_lightning.commands.export",
     "fewshot": "vlp_lightning.commands.fewshot",
     "scaling": "vlp_lightning.commands.scaling",
+    "backbones": "vlp_lightning.commands.backbones",
 }
 
 
