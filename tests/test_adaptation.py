@@ -304,7 +304,8 @@ def test_vlp_fewshot_trains_each_shot_count_and_seed_and_reruns_nothing(tiny_cli
     assert [row["point"] for row in results["summary"]] == ["k1", "k2"]
     assert all(len(row["scores"]) == 2 and 0 <= row["mean"] <= 1 for row in results["summary"])
     assert len(fewshot.drawn_keys(tmp_path / "out/subsets/k1-seed0")) == 4  # one per class
-    assert fewshot.drawn_keys(tmp_path / "out/subsets/k1-seed0") != fewshot.drawn_keys(tmp_path / "out/subsets/k1-seed1")
+    draws = [fewshot.drawn_keys(tmp_path / f"out/subsets/k1-seed{seed}") for seed in (0, 1)]
+    assert draws[0] != draws[1]
     capsys.readouterr()
     assert fewshot.main(argv) == 0  # everything done before: no run repeats
     assert capsys.readouterr().out.count("done before") == 4

@@ -11,11 +11,11 @@ the recipe's evaluation callbacks log works, e.g. `linear_probe/<name>/top1`).
 
 Seeds vary the draw, the global seed and the data's seed (sample order and augmentations; CoOp's protocol, 3 seeds):
 a known trap is "seed collapse", runs that differ in name only (a global seed alone leaves a method with a
-deterministic start, such as CoOp from "a photo of a", identical across seeds); the command checks that the draws
-of different seeds are different sets and says so when two are identical (a pool with K or fewer samples per
-class), and the table shows each K's mean, standard deviation and the per-seed values. Further `vlp fit` options apply to every run. Results: `<out>/results.json` (default
-`runs/fewshot/<first --config's stem>`), written after every run; a re-run skips the runs already done with the same
-settings (`--force` re-runs them).
+deterministic start, such as CoOp from "a photo of a", identical across seeds); the command checks that the draws of
+different seeds are different sets and says so when two are identical (a pool with K or fewer samples per class),
+and the table shows each K's mean, standard deviation and the per-seed values. Further `vlp fit` options apply to
+every run. Results: `<out>/results.json` (default `runs/fewshot/<first --config's stem>`), written after every run;
+a re-run skips the runs already done with the same settings (`--force` re-runs them).
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def run_subsets(command: str, args: argparse.Namespace, extra: list[str], points
                 print(f"{command}: {name} seed {seed}: {args.metric} = {score:.4f} ({steps} steps, {samples} "
                       "samples)", flush=True)
             scores.append(results["runs"][key]["score"])
-        summary.append({"point": name, "mean": statistics.fmean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+        summary.append({"point": name, "mean": statistics.fmean(scores),
+                        "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
                         "scores": scores, "samples": samples})
     results["summary"] = summary
     results_path.write_text(json.dumps(results, indent=2) + "\n")
