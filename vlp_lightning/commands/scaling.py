@@ -2,8 +2,9 @@
 against log data size, with a fitted line (Sun et al. 2017, "Revisiting Unreasonable Effectiveness of Data in Deep
 Learning Era", sec. 5: performance grows logarithmically with the volume of training data).
 
-    vlp scaling --config experiments/simclr/fashion_mnist_tiny.yaml --pool 'data/fashion-mnist/train-*.tar' \\
-        --fractions 0.125 0.25 0.5 1 --seeds 1 2 --steps 300 --metric linear_probe/fashion_test/top1
+    vlp scaling --config experiments/mae/fashion_mnist_tiny.yaml --pool 'data/fashion-mnist/train-*.tar' \\
+        --fractions 0.125 0.25 0.5 1 --seeds 1 2 --steps 300 --metric linear_probe/fashion_mnist/top1 \\
+        --data.test_shards 'data/fashion-mnist/test-{000000..000009}.tar'
 
 Each fraction F is a class-balanced subset of the pool (`vlp-data shots --fraction F`: round(F x n_c) samples of
 every class, seeded, nested across F), trained for the same `--steps` (the paper's point is data, not compute:
@@ -26,9 +27,10 @@ from vlp_lightning.commands.fewshot import add_protocol_arguments, run_subsets, 
 def parser() -> argparse.ArgumentParser:
     result = argparse.ArgumentParser(
         prog="vlp scaling", description=__doc__.split("\n\n")[0].removeprefix("`vlp scaling`: "),
-        epilog="example:\n  vlp scaling --config experiments/simclr/fashion_mnist_tiny.yaml "
+        epilog="example:\n  vlp scaling --config experiments/mae/fashion_mnist_tiny.yaml "
                "--pool 'data/fashion-mnist/train-*.tar' --fractions 0.125 0.25 0.5 1 --seeds 1 2 --steps 300 "
-               "--metric linear_probe/fashion_test/top1\nother options go to every `vlp fit`",
+               "--metric linear_probe/fashion_mnist/top1 --data.test_shards 'data/fashion-mnist/test-{000000..000009}.tar'"
+               "\nother options go to every `vlp fit`",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_protocol_arguments(result, "runs/scaling")
