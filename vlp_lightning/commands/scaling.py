@@ -29,8 +29,8 @@ def parser() -> argparse.ArgumentParser:
         prog="vlp scaling", description=__doc__.split("\n\n")[0].removeprefix("`vlp scaling`: "),
         epilog="example:\n  vlp scaling --config experiments/mae/fashion_mnist_tiny.yaml "
                "--pool 'data/fashion-mnist/train-*.tar' --fractions 0.125 0.25 0.5 1 --seeds 1 2 --steps 300 "
-               "--metric linear_probe/fashion_mnist/top1 --data.test_shards 'data/fashion-mnist/test-{000000..000009}.tar'"
-               "\nother options go to every `vlp fit`",
+               "--metric linear_probe/fashion_mnist/top1 \\\n    --data.test_shards "
+               "'data/fashion-mnist/test-{000000..000009}.tar'\nother options go to every `vlp fit`",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_protocol_arguments(result, "runs/scaling")
