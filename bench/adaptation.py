@@ -14,6 +14,11 @@ steps; the score is top-1 on the validation + test splits: DAMVP through CLIP's 
 `ZeroShotClassification` of the prompted images), vanilla fine-tuning (`DRTune` with `regularize: false`) and DRTune
 through their own linear heads, the linear probe a logistic regression on the frozen tower's features.
 
+PEFT: PVP's two stages on the emoji categories. Upstream, PEFTClassifier (VPT-deep, 5 prompts per block) learns
+its prompts and head on the Twitter drawings of the demo's seen emoji; downstream, on 4 shots per category of the
+Google training split, PVP starts its prompts from the upstream run (new head) and PEFTClassifier from random
+prompts, the same steps; both against a logistic-regression probe of the frozen tower on the same 4 shots.
+
 Memory: the bytes autograd saves for the backward of one training step (`saved_tensors_hooks`, exact and
 independent of the allocator) for CoOp and CoCoOp at batch 1, 4, 16, with the 50 base classes: CoOp's prompts are the
 same for every image (C sequences through the text tower), CoCoOp's are per image (N x C sequences).
@@ -27,6 +32,7 @@ Usage: python bench/adaptation.py [--quick] [--steps N] [--seeds K] [--pretraine
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -81,12 +87,13 @@ def base_to_novel_callback(cli: VLPCLI) -> BaseToNovel:
 
 
 def build(method: str, pretrained: str, steps: int | None, seed: int, root: Path,
-          extra: tuple[str, ...] = ()) -> VLPCLI:
+          extra: tuple[str, ...] = (), config: Path | None = None) -> VLPCLI:
     """The method's tiny recipe from `pretrained`, for `steps` steps (None: the recipe's). The seed is the global one
     and the data's (sample order and augmentations: with a deterministic start such as CoOp's "a photo of a", a
     global seed alone gives identical runs)."""
     return VLPCLI(args=[
-        "--config", str(recipe(method)), f"--model.init_args.pretrained={pretrained}", f"--seed_everything={seed}",
+        "--config", str(config or recipe(method)), f"--model.init_args.pretrained={pretrained}",
+        f"--seed_everything={seed}",
         f"--data.seed={seed}", *([f"--trainer.max_steps={steps}"] if steps else []),
         f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0", "--checkpoint.save_last=false", *extra,
@@ -102,9 +109,8 @@ def fit(cli: VLPCLI) -> float:
 
 
 def scores(callback: BaseToNovel, trainer: Trainer, method) -> dict[str, float]:
-    with evaluation_mode(trainer, method):
-        metrics = callback.evaluate(trainer, method)
-    return {name.rsplit("/", 1)[1]: value for name, value in metrics.items()}
+    """base / novel / hm of one method."""
+    return {name.rsplit("/", 1)[1]: value for name, value in scores_of(callback, trainer, method).items()}
 
 
 def zero_shot(pretrained: str, callback: BaseToNovel) -> dict[str, float]:
@@ -128,28 +134,87 @@ def top1(metrics: dict[str, float]) -> float:
 
 
 def categories(pretrained: str, steps: int | None, root: Path) -> dict[str, dict]:
-    """The category rows (module doc): frozen references, then each trained run."""
-    damvp_recipe = build("DAMVP", pretrained, 1, 0, root / "categories-probe")
-    zero_shot_callback = next(c for c in damvp_recipe.trainer.callbacks if isinstance(c, ZeroShotClassification))
-    drtune_recipe = build("DRTune", pretrained, 1, 0, root / "categories-probe-2")
-    probe_callback = next(c for c in drtune_recipe.trainer.callbacks if isinstance(c, LinearProbe))
-    clip, _ = load_method(pretrained, name="--pretrained")
-    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    rows = {}
-    for name, callback in (("zero-shot CLIP", zero_shot_callback), ("linear probe (frozen)", probe_callback)):
-        with evaluation_mode(trainer, clip):
-            rows[name] = {"top1": top1(callback.evaluate(trainer, clip))}
+    """The category rows (module doc): each trained run, then the frozen references scored by the recipes' own
+    callbacks (DAMVP's zero-shot classifier, DRTune's linear probe), taken from those runs (no extra builds)."""
+    trained, evaluations = {}, {}
     for name, method, extra in CATEGORY_RUNS:
         cli = build(method, pretrained, steps, 0, root / f"categories-{name}", tuple(extra))
+        evaluations.update({type(c): c for c in cli.trainer.callbacks if isinstance(c, EvaluationCallback)})
         seconds = fit(cli)
         if method == "DAMVP":
-            with evaluation_mode(cli.trainer, cli.model):
-                accuracy = top1(zero_shot_callback.evaluate(cli.trainer, cli.model))
+            accuracy = top1(scores_of(evaluations[ZeroShotClassification], cli.trainer, cli.model))
         else:
-            accuracy = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]["test/accuracy"]
+            accuracy = test_accuracy(cli)
         trainable = sum(param.numel() for param in cli.model.parameters() if param.requires_grad)
-        rows[name] = {"top1": accuracy, "seconds": seconds, "trainable_parameters": trainable}
+        trained[name] = {"top1": accuracy, "seconds": seconds, "trainable_parameters": trainable}
         print(f"{name}: top-1 {accuracy:.3f} in {seconds:.0f} s", flush=True)
+    clip, _ = load_method(pretrained, name="--pretrained")
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    references = {name: {"top1": top1(scores_of(evaluations[kind], trainer, clip))}
+                  for name, kind in (("zero-shot CLIP", ZeroShotClassification),
+                                     ("linear probe (frozen)", LinearProbe))}
+    return {**references, **trained}
+
+
+def scores_of(callback: EvaluationCallback, trainer: Trainer, method) -> dict[str, float]:
+    with evaluation_mode(trainer, method):
+        return callback.evaluate(trainer, method)
+
+
+def test_accuracy(cli: VLPCLI) -> float:
+    return cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]["test/accuracy"]
+
+
+PEFT_RECIPE = REPO_ROOT / "experiments" / "peftclassifier" / "fashion_mnist_tiny.yaml"
+#: PVP's upstream data: the Twitter drawings of the demo's seen emoji; downstream: K shots of the Google training split.
+UPSTREAM_SHARDS = "data/emoji-twitter/seen-{000000..000001}.tar"
+DOWNSTREAM_POOL = "data/emoji/train-{000000..000001}.tar"
+EVAL_SHARDS = "data/emoji/val-000000.tar::data/emoji/test-000000.tar"
+PEFT_SHOTS = 4
+
+
+def peft_run(pretrained: str, train: str, steps: int, root: Path, extra: tuple[str, ...] = ()) -> VLPCLI:
+    """The PEFTClassifier recipe (VPT-deep) re-aimed at the emoji categories: trained on `train`, tested on the
+    Google validation + test splits."""
+    cli = build("PEFTClassifier", pretrained, steps, 0, root, (
+        "--model.init_args.classnames_from=data/emoji/train-000000.tar", "--model.init_args.label_field=cls",
+        f"--data.train_shards={train}", "--data.val_shards=null", f"--data.test_shards={EVAL_SHARDS}",
+        "--data.batch_size=32", "--trainer.val_check_interval=1.0", *extra), config=PEFT_RECIPE)
+    fit(cli)
+    return cli
+
+
+def peft(pretrained: str, steps: int | None, root: Path) -> dict[str, dict]:
+    """PVP's two stages vs its baselines on K shots per category (module doc)."""
+    from data_modules.builder import main as vlp_data
+    from vlp_lightning.callbacks.features import extract_features
+    from vlp_lightning.callbacks.linear_probe import linear_probe_scores
+
+    if not (REPO_ROOT / "data/emoji-twitter/manifest.json").is_file():
+        raise SystemExit("adaptation bench: PVP's upstream needs data/emoji-twitter; build it with `make demo` (or "
+                         "vlp-data emoji data/emoji-twitter --style twitter --split seen=0.8,unseen=0.2)")
+    shots = root / f"emoji-{PEFT_SHOTS}shot"
+    if vlp_data(["shots", DOWNSTREAM_POOL, str(shots), "--shots", str(PEFT_SHOTS), "--seed", "1"]) != 0:
+        raise SystemExit("adaptation bench: could not draw the few-shot emoji set")
+    few = f"{shots}/train-*.tar"
+    rows = {}
+    clip, _ = load_method(pretrained, name="--pretrained")
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with evaluation_mode(trainer, clip):
+        train, test = extract_features(clip, few), extract_features(clip, EVAL_SHARDS)
+    scores = linear_probe_scores(train.image, train.labels, test.image, 10, standardize=True)
+    rows[f"linear probe ({PEFT_SHOTS}-shot)"] = {"top1": (scores.argmax(1) == test.labels).float().mean().item()}
+    upstream = peft_run(pretrained, UPSTREAM_SHARDS, steps or 150, root / "upstream")
+    rows["PEFTClassifier upstream (Twitter drawings, all)"] = {"top1": test_accuracy(upstream)}
+    checkpoint = root / "upstream.ckpt"
+    upstream.trainer.save_checkpoint(checkpoint)
+    for name, extra in ((f"PEFTClassifier ({PEFT_SHOTS}-shot, random prompts)", ()),
+                        (f"PVP ({PEFT_SHOTS}-shot, prompts from upstream)",
+                         ("--model.init_args.peft_checkpoint=" + str(checkpoint),))):
+        cli = peft_run(pretrained, few, steps or 100, root / name.split()[0], extra)
+        trainable = sum(param.numel() for param in cli.model.parameters() if param.requires_grad)
+        rows[name] = {"top1": test_accuracy(cli), "trainable_parameters": trainable}
+        print(f"{name}: top-1 {rows[name]['top1']:.3f}", flush=True)
     return rows
 
 
@@ -212,6 +277,10 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+SECTIONS = ("base2novel", "categories", "peft", "memory")
+RESULTS = REPO_ROOT / "bench" / "results" / "adaptation.json"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="30 steps, one seed: a smoke run of the whole bench")
@@ -219,46 +288,71 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="seeds per method (default 2)")
     parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED,
                         help=f"CLIP checkpoint (default {DEFAULT_PRETRAINED}, trained first when missing)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="run only these parts; the others keep their results from the last run")
     args = parser.parse_args()
     args.pretrained = ensure_pretrained(args.pretrained, args.quick)
     seeds = 1 if args.quick else args.seeds
     steps = 30 if args.quick else args.steps
     started = time.perf_counter()
+    kept = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not args.quick else {}
+    report = {name: kept[name] for name in ("rows", "runs", "categories", "peft", "saved_activation_bytes")
+              if name in kept}
     with tempfile.TemporaryDirectory(prefix="vlp-adaptation-") as folder:
         root = Path(folder)
-        probe = build("CoOp", args.pretrained, 1, 0, root / "probe")
-        callback = base_to_novel_callback(probe)
-        rows = {"zero-shot CLIP": zero_shot(args.pretrained, callback)}
-        print(f"zero-shot: {rows['zero-shot CLIP']}", flush=True)
-        runs = {}
-        for method in METHODS:
-            runs[method] = [train_and_score(method, args.pretrained, steps, seed, root)
-                            for seed in range(seeds)]
-            rows[method] = summary(runs[method])
-        category_rows = categories(args.pretrained, steps, root)
-        memory_rows = memory(args.pretrained, root)
-    print("\n" + table(rows))
-    print("\n" + category_table(category_rows))
-    coop_hm = rows["CoOp"]["hm"]
-    targets = [
-        Target("MaPLe H - CoOp H (points)", 100 * (rows["MaPLe"]["hm"] - coop_hm), 0.0, ">="),
-        Target("PRE H - CoOp H (points)", 100 * (rows["PRE"]["hm"] - coop_hm), 0.0, ">="),
-        *(Target(f"{method} base - zero-shot base (points)",
-                 100 * (rows[method]["base"] - rows["zero-shot CLIP"]["base"]), 0.0, ">=") for method in METHODS),
-        Target("DRTune - vanilla fine-tune top-1 (points)",
-               100 * (category_rows["DRTune"]["top1"] - category_rows["vanilla fine-tune"]["top1"]), 0.0, ">="),
-        Target("DAMVP - zero-shot top-1 (points)",
-               100 * (category_rows["DAMVP"]["top1"] - category_rows["zero-shot CLIP"]["top1"]), 0.0, ">="),
-    ]
-    report = {
-        "quick": args.quick, "seconds": time.perf_counter() - started, "pretrained": args.pretrained,
-        "steps": steps or "the recipes'", "seeds": seeds, "rows": rows, "runs": runs,
-        "categories": category_rows, "category_table": category_table(category_rows),
-        "saved_activation_bytes": memory_rows, "table": table(rows),
-        "targets": [target.as_dict() for target in targets],
-    }
+        if "base2novel" in args.sections:
+            probe = build("CoOp", args.pretrained, 1, 0, root / "probe")
+            rows = {"zero-shot CLIP": zero_shot(args.pretrained, base_to_novel_callback(probe))}
+            print(f"zero-shot: {rows['zero-shot CLIP']}", flush=True)
+            runs = {}
+            for method in METHODS:
+                runs[method] = [train_and_score(method, args.pretrained, steps, seed, root) for seed in range(seeds)]
+                rows[method] = summary(runs[method])
+            report.update(rows=rows, runs=runs)
+        if "categories" in args.sections:
+            report["categories"] = categories(args.pretrained, steps, root)
+        if "peft" in args.sections:
+            report["peft"] = peft(args.pretrained, steps, root)
+        if "memory" in args.sections:
+            report["saved_activation_bytes"] = memory(args.pretrained, root)
+    targets = []
+    if "rows" in report:
+        rows = report["rows"]
+        print("\n" + table(rows))
+        coop_hm = rows["CoOp"]["hm"]
+        targets += [
+            Target("MaPLe H - CoOp H (points)", 100 * (rows["MaPLe"]["hm"] - coop_hm), 0.0, ">="),
+            Target("PRE H - CoOp H (points)", 100 * (rows["PRE"]["hm"] - coop_hm), 0.0, ">="),
+            *(Target(f"{method} base - zero-shot base (points)",
+                     100 * (rows[method]["base"] - rows["zero-shot CLIP"]["base"]), 0.0, ">=") for method in METHODS),
+        ]
+        report["table"] = table(rows)
+    if "categories" in report:
+        category_rows = report["categories"]
+        print("\n" + category_table(category_rows))
+        targets += [
+            Target("DRTune - vanilla fine-tune top-1 (points)",
+                   100 * (category_rows["DRTune"]["top1"] - category_rows["vanilla fine-tune"]["top1"]), 0.0, ">="),
+            Target("DAMVP - zero-shot top-1 (points)",
+                   100 * (category_rows["DAMVP"]["top1"] - category_rows["zero-shot CLIP"]["top1"]), 0.0, ">="),
+        ]
+        report["category_table"] = category_table(category_rows)
+    if "peft" in report:
+        peft_rows = report["peft"]
+        print("\n" + category_table(peft_rows))
+        random_start = peft_rows[f"PEFTClassifier ({PEFT_SHOTS}-shot, random prompts)"]["top1"]
+        targets += [
+            Target("PVP - random-prompt PEFT top-1 (points)",
+                   100 * (peft_rows[f"PVP ({PEFT_SHOTS}-shot, prompts from upstream)"]["top1"] - random_start),
+                   0.0, ">="),
+            Target(f"random-prompt PEFT - {PEFT_SHOTS}-shot linear probe top-1 (points)",
+                   100 * (random_start - peft_rows[f"linear probe ({PEFT_SHOTS}-shot)"]["top1"]), 0.0, ">="),
+        ]
+        report["peft_table"] = category_table(peft_rows)
+    report.update(quick=args.quick, seconds=time.perf_counter() - started, pretrained=args.pretrained,
+                  steps=steps or "the recipes'", seeds=seeds, sections=args.sections,
+                  targets=[target.as_dict() for target in targets])
     publish("adaptation", report, targets)
-
 
 if __name__ == "__main__":
     main()

@@ -186,20 +186,18 @@ class ContextPrompts(nn.Module):
             )
         return self._layouts[key]
 
-    def context(self, num_classes: int) -> Tensor:
+    def context(self) -> Tensor:
         """The context vectors as [1, C or 1, M, width]."""
-        if self.class_specific:
-            if self.ctx.shape[0] != num_classes:
-                raise ValueError(
-                    f"the class-specific context was learned for {self.ctx.shape[0]} classes and cannot prompt "
-                    f"{num_classes} others (unseen classes need a shared context: class_specific false)"
-                )
-            return self.ctx[None]
-        return self.ctx[None, None]
+        return self.ctx[None] if self.class_specific else self.ctx[None, None]
 
     def embeddings(self, text: TextTransformer, classnames: list[str], ctx: Tensor) -> tuple[Tensor, Tensor]:
         """Prompt embeddings [B*C, L, width] and end positions [B*C] for context vectors `ctx` [B, C or 1, M,
         width] (B = 1 for a context shared by all images, N for CoCoOp's image-conditioned one)."""
+        if ctx.shape[1] not in (1, len(classnames)):
+            raise ValueError(
+                f"the class-specific context was learned for {ctx.shape[1]} classes and cannot prompt "
+                f"{len(classnames)} others (unseen classes need a shared context: class_specific false)"
+            )
         layout = self.layout(classnames, text.context_length)
         ids = layout.input_ids.to(ctx.device)
         with torch.no_grad():

@@ -76,7 +76,7 @@ class PromptLearning(AdaptationMethod):
     def context(self, image_features: Tensor) -> Tensor:
         """Context vectors [B, C or 1, M, width] for images with normalised embeddings [N, D]; B = 1 when the
         context does not depend on the image (CoOp: the learned vectors as they are)."""
-        return self.prompts.context(len(self.classes.trained) if self.prompts.class_specific else 1)
+        return self.prompts.context()
 
     def text_before_block(self) -> Callable[[int, Tensor], Tensor] | None:
         """A rewrite of the text sequence before each block (MaPLe's deep prompts); None: none."""
@@ -94,8 +94,6 @@ class PromptLearning(AdaptationMethod):
     def class_embeddings(self, classnames: list[str], image_features: Tensor) -> Tensor:
         """Normalised embeddings of the prompted classes, [B, C, D] (B = 1 or N, see `context`)."""
         ctx = self.context(image_features)
-        if self.prompts.class_specific and len(classnames) != self.prompts.ctx.shape[0]:
-            self.prompts.context(len(classnames))  # one sentence: a class-specific context cannot prompt others
         text = self.pretrained.text
         embeddings, end = self.prompts.embeddings(text, classnames, ctx)
         features = text.forward_embeddings(embeddings, end, self.text_before_block())
