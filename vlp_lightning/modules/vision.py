@@ -158,6 +158,19 @@ class VisionEncoder(LockableEncoder):
             x = block(x)
         return model.forward_head(model.norm(x)[:, :-count])
 
+    def forward_sequence(self, images: Tensor) -> Tensor:
+        """images [N, 3, H, W] -> every token after the final norm [N, prefix + L, width] (a ViT's class token
+        first; a CNN's flattened feature map): what fusion layers cross-attend to (ALBEF, CoCa)."""
+        features = self.model.forward_features(images)
+        return features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
+
+    def pool(self, sequence: Tensor) -> Tensor:
+        """`forward_sequence` output -> the pooled features `forward` returns (the model's own pooling)."""
+        if sequence.ndim == 3 and not hasattr(self.model, "num_prefix_tokens"):  # CNN: back to [N, C, H, W]
+            side = int(sequence.shape[1] ** 0.5)
+            sequence = sequence.transpose(1, 2).reshape(sequence.shape[0], -1, side, side)
+        return self.model.forward_head(sequence)
+
     def forward_tokens(self, images: Tensor) -> Tensor:
         """images [N, 3, H, W] -> spatial tokens [N, L, width] after the final norm (class/register tokens
         dropped; a CNN feature map is flattened row-major), for methods that work on patches (MAE-like)."""

@@ -1,0 +1,141 @@
+"""Fusion layers, the text-fusion transformer, generation, and the fusion / captioning methods' own mechanisms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vlp_lightning.modules.fusion import AttentionalPooler, FusionBlock, FusionTextTransformer
+from vlp_lightning.modules.generation import generate
+
+
+def test_a_gated_block_starts_as_the_text_only_block():
+    torch.manual_seed(0)
+    gated = FusionBlock(16, 2, cross_attention=True, memory_width=8, gated=True)
+    plain = FusionBlock(16, 2)
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k in plain.state_dict()})
+    x, memory = torch.randn(2, 5, 16), torch.randn(2, 3, 8)
+    torch.testing.assert_close(gated(x, memory=memory), plain(x))
+    with torch.no_grad():
+        gated.gate.fill_(1.0)
+    assert not torch.allclose(gated(x, memory=memory), plain(x))  # the gate opens the image path
+
+
+def test_cross_attention_without_memory_is_one_sentence():
+    with pytest.raises(ValueError, match="needs image tokens"):
+        FusionBlock(16, 2, cross_attention=True)(torch.randn(1, 3, 16))
+    with pytest.raises(ValueError, match="set cross_attention=True"):
+        FusionBlock(16, 2, gated=True)
+
+
+def _text(ids: list[list[int]], length: int) -> dict[str, torch.Tensor]:
+    input_ids = torch.zeros(len(ids), length, dtype=torch.long)
+    mask = torch.zeros(len(ids), length, dtype=torch.long)
+    for row, tokens in enumerate(ids):
+        input_ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("causal,class_token", [(False, False), (True, True)])
+def test_padding_never_changes_the_real_tokens_or_the_pooled_feature(causal, class_token):
+    torch.manual_seed(0)
+    model = FusionTextTransformer(20, context_length=12, width=16, heads=2, causal=causal, class_token=class_token)
+    model.eval()
+    memory = torch.randn(1, 4, 16)
+    short, long = _text([[1, 5, 6, 2]], 4), _text([[1, 5, 6, 2]], 12)
+    long["input_ids"][0, 4:] = 7  # padding ids that are real tokens elsewhere must not leak in
+    pooled_short, states_short, mask_short = model.encode(short)
+    pooled_long, states_long, mask_long = model.encode(long)
+    torch.testing.assert_close(pooled_short, pooled_long)
+    torch.testing.assert_close(states_short, states_long[:, :4])
+    fused_short = model.fuse(states_short, mask_short, memory)
+    torch.testing.assert_close(fused_short, model.fuse(states_long, mask_long, memory)[:, :4])
+
+
+def test_a_causal_decoder_never_sees_the_future():
+    torch.manual_seed(0)
+    model = FusionTextTransformer(20, context_length=8, width=16, heads=2, causal=True).eval()
+    memory = torch.randn(1, 4, 16)
+    a, b = _text([[1, 3, 4, 5]], 4), _text([[1, 3, 9, 9]], 4)
+    torch.testing.assert_close(model(a, memory)[:, :2], model(b, memory)[:, :2])
+    assert not torch.allclose(model(a, memory)[:, 3], model(b, memory)[:, 3])
+
+
+def test_too_long_text_is_one_sentence():
+    model = FusionTextTransformer(20, context_length=4, width=16, heads=2)
+    with pytest.raises(ValueError, match="longer than the context length 4"):
+        model.encode(_text([[1, 2, 3, 4, 5]], 5))
+
+
+def test_attentional_pooler_gives_its_queries():
+    pooler = AttentionalPooler(16, 8, n_queries=3, heads=2)
+    assert pooler(torch.randn(2, 5, 8)).shape == (2, 3, 16)
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+START, STOP = 0, 4
+#: next-token probabilities of a toy decoder after the last token: greedy takes 1 (0.5), then 3 (0.6), then stops:
+#: 0.3 in all; the beam finds 2 (0.4) then the stop (0.9): 0.36.
+TABLE = {
+    START: [0.0, 0.5, 0.4, 0.0, 0.1],
+    1: [0.0, 0.0, 0.0, 0.6, 0.4],
+    2: [0.0, 0.0, 0.0, 0.1, 0.9],
+    3: [0.0, 0.0, 0.0, 0.0, 1.0],
+}
+
+
+def toy_decoder(calls: list[int] | None = None):
+    def next_token_logits(prefixes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if calls is not None:
+            calls.append(prefixes.shape[1])
+        probabilities = torch.tensor([TABLE.get(int(last), [0.0, 0.0, 0.0, 0.0, 1.0]) for last in prefixes[:, -1]])
+        return (probabilities + 1e-9).log()
+
+    return next_token_logits
+
+
+def test_greedy_follows_the_most_likely_token_and_stops_at_the_stop_token():
+    out = generate(toy_decoder(), 2, start_token_id=START, stop_token_id=STOP, max_length=10)
+    assert out == [[1, 3], [1, 3]]  # the stop token ends the caption and is not part of it
+
+
+def test_beam_search_finds_the_likelier_sequence_greedy_misses():
+    greedy = generate(toy_decoder(), 1, start_token_id=START, stop_token_id=STOP, max_length=10)[0]
+    beam = generate(toy_decoder(), 1, start_token_id=START, stop_token_id=STOP, max_length=10, beam_size=3)[0]
+
+    def probability(tokens: list[int]) -> float:
+        previous, total = START, 1.0
+        for token in [*tokens, STOP]:
+            total *= TABLE.get(previous, [0, 0, 0, 0, 1])[token]
+            previous = token
+        return total
+
+    assert beam == [2] and greedy == [1, 3]
+    assert probability(beam) > probability(greedy)
+
+
+def test_generation_respects_the_length_limit_and_ends_when_all_stopped():
+    def never_stop(prefixes, rows):
+        logits = torch.zeros(prefixes.shape[0], 5)
+        logits[:, 3] = 10.0
+        return logits
+
+    assert generate(never_stop, 3, start_token_id=START, stop_token_id=STOP, max_length=6) == [[3] * 6] * 3
+    calls: list[int] = []
+    generate(toy_decoder(calls), 1, start_token_id=START, stop_token_id=STOP, max_length=50, beam_size=2)
+    assert len(calls) < 50  # stopped once every beam had ended
+    with pytest.raises(ValueError, match="max_length"):
+        generate(never_stop, 1, start_token_id=START, stop_token_id=STOP, max_length=0)
+
+
+def test_logits_processors_apply_before_the_choice():
+    def ban_one(prefixes, logits):
+        logits[:, 1] = -math.inf
+        return logits
+
+    out = generate(toy_decoder(), 1, start_token_id=START, stop_token_id=STOP, max_length=5,
+                   logits_processors=[ban_one])
+    assert out == [[2]]

@@ -1,0 +1,138 @@
+"""What the fusion and captioning methods share: the special tokens of a tokenizer, sample identities, image-text
+matching with hard negatives, and the caption protocol (`CaptionGenerator`)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vlp_lightning.distributed import all_gather_no_grad, all_gather_with_grad, rank
+from vlp_lightning.losses.fusion import itm_loss, sample_hard_negatives
+from vlp_lightning.modules.fusion import FusionTextTransformer
+from vlp_lightning.modules.generation import generate
+from vlp_lightning.modules.tokenizers import Tokenizer
+
+
+@dataclass(frozen=True)
+class TextSpecials:
+    """Token ids a fusion text model needs besides the tokenizer's: where a text starts and stops, the id of the
+    [MASK] token (a tokenizer without one gets an extra id, `vocab_size - 1`, its own embedding row), and which ids
+    masking must never choose."""
+
+    vocab_size: int
+    start_token_id: int
+    stop_token_id: int
+    mask_token_id: int
+
+    @property
+    def special_token_ids(self) -> tuple[int, int, int]:
+        return (self.start_token_id, self.stop_token_id, self.mask_token_id)
+
+
+def text_specials(tokenizer: Tokenizer) -> TextSpecials:
+    """The `TextSpecials` of any suite tokenizer: its start / end tokens (`sot_token_id` / `eot_token_id`) and its
+    own mask token when it has one (BERT's [MASK]), else one id past its vocabulary."""
+    start, stop = getattr(tokenizer, "sot_token_id", None), getattr(tokenizer, "eot_token_id", None)
+    if start is None or stop is None:
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no sot_token_id / eot_token_id; fusion and captioning methods need a "
+            "tokenizer that marks where a text starts and stops (ByteTokenizer, CLIPTokenizer, HFTokenizer)"
+        )
+    mask = getattr(tokenizer, "mask_token_id", None)
+    if mask is None:
+        return TextSpecials(tokenizer.vocab_size + 1, start, stop, tokenizer.vocab_size)
+    return TextSpecials(tokenizer.vocab_size, start, stop, mask)
+
+
+def sample_ids(batch: dict) -> Tensor:
+    """One int64 per sample naming its image, equal for equal `__key__`s on every rank and in every process (a
+    stable hash, not Python's salted `hash`): two rows of one image are never each other's negatives. Without keys
+    every row is its own image (row index offset by the rank)."""
+    keys = batch.get("__key__")
+    if keys is None:
+        count = batch["image"].shape[0]
+        return torch.arange(count) + rank() * count
+    digests = [hashlib.blake2b(str(key).encode(), digest_size=8).digest() for key in keys]
+    return torch.tensor([int.from_bytes(digest, "little") >> 1 for digest in digests], dtype=torch.long)
+
+
+def match_with_hard_negatives(
+    fusion: FusionTextTransformer,
+    head: nn.Module,
+    image_tokens: Tensor,
+    text_states: Tensor,
+    text_mask: Tensor,
+    similarity_i2t: Tensor,
+    similarity_t2i: Tensor,
+    ids: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Image-text matching with contrastive hard negatives (ALBEF, Li et al. 2021, sec. 3.2): the B positive
+    pairs, one negative text for every image and one negative image for every text, each drawn with probability
+    softmax(similarity) among the other images / texts of the *global* batch (gathered from every rank with
+    gradient; ALBEF draws from the local batch, BLIP from the gathered one), so the fusion encoder must tell apart
+    pairs the contrastive space confuses. Returns (the 2-way cross-entropy over the 3B pairs, its accuracy).
+
+    Args:
+        image_tokens: [B, S, W_img] the local batch's image tokens.
+        text_states, text_mask: `fusion.encode` outputs of the local batch's texts ([B, L, W], [B, 1, L, L]).
+        similarity_i2t: [B, G] local images against the gathered texts; similarity_t2i: [B, G] local texts against
+            the gathered images (G = B x world, columns in rank order).
+        ids: [B] sample identities (`sample_ids`): a column of the same image is never a negative.
+    """
+    batch = image_tokens.shape[0]
+    all_images, all_states = all_gather_with_grad(image_tokens), all_gather_with_grad(text_states)
+    all_masks, all_ids = all_gather_no_grad(text_mask), all_gather_no_grad(ids.to(image_tokens.device))
+    ids = ids.to(image_tokens.device)
+    negative_text = sample_hard_negatives(similarity_i2t.detach(), ids, all_ids)  # [B] columns
+    negative_image = sample_hard_negatives(similarity_t2i.detach(), ids, all_ids)
+    images = torch.cat([image_tokens, all_images[negative_image], image_tokens])
+    states = torch.cat([text_states, text_states, all_states[negative_text]])
+    masks = torch.cat([text_mask, text_mask, all_masks[negative_text]])
+    logits = head(fusion.fuse(states, masks, images)[:, 0])  # the fused [CLS] / first token
+    labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
+    return itm_loss(logits, labels), (logits.argmax(-1) == labels).float().mean()
+
+
+class CaptionGenerator:
+    """The caption protocol of the suite's decoders (`callbacks.CaptionMetrics` calls `generate_captions`): a method
+    mixing this in defines `caption_logits(image_memory, prefixes)` and `caption_memory(images)`, and keeps its
+    tokenizer and `TextSpecials` as `self.tokenizer` / `self.specials`."""
+
+    #: generated tokens when the caller does not say (the tokenizer's context, less the start token, at most).
+    default_caption_length: int = 30
+
+    def caption_memory(self, images: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define caption_memory(images)")
+
+    def caption_logits(self, memory: Tensor, prefixes: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define caption_logits(memory, prefixes)")
+
+    @torch.no_grad()
+    def generate_captions(self, images: Tensor, max_length: int | None = None, beam_size: int = 1) -> list[str]:
+        """Captions of images [N, 3, H, W]: greedy (beam_size 1) or beam search, at most `max_length` tokens."""
+        memory = self.caption_memory(images)
+        limit = min(max_length or self.default_caption_length, self.tokenizer.context_length - 1)
+
+        def next_token_logits(prefixes: Tensor, rows: Tensor) -> Tensor:
+            return self.caption_logits(memory[rows], prefixes)[:, -1]
+
+        def never_special(prefixes: Tensor, logits: Tensor) -> Tensor:
+            """No start token and no id past the tokenizer's vocabulary (an added [MASK]) in a caption."""
+            logits[:, self.specials.start_token_id] = -torch.inf
+            logits[:, self.tokenizer.vocab_size :] = -torch.inf
+            return logits
+
+        tokens = generate(
+            next_token_logits,
+            images.shape[0],
+            start_token_id=self.specials.start_token_id,
+            stop_token_id=self.specials.stop_token_id,
+            max_length=limit,
+            beam_size=beam_size,
+            logits_processors=(never_special,),
+            device=images.device,
+        )
+        return [self.tokenizer.decode(ids) for ids in tokens]
