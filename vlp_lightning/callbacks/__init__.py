@@ -4,7 +4,9 @@ Evaluation (`features.EvaluationCallback`: end of validate / test, and every `ev
 `ZeroShotClassification`, `Retrieval`, `KNNClassifier`, `LinearProbe`, `EmbeddingProjector`,
 `ZeroShotSegmentation` (MMC's prompt-patch segmentation, scored on `.mask.png` foreground masks), `BaseToNovel`
 (base / novel / harmonic-mean accuracy of prompt learning, zero-shot for other CLIP-family methods),
-`AdversarialRobustness` (clean and ℓ∞ PGD accuracy of a method with `classify(images)`).
+`AdversarialRobustness` (clean and ℓ∞ PGD accuracy of a method with `classify(images)`), `CaptionMetrics` (BLEU,
+ROUGE-L and CIDEr-D of a method with `generate_captions(images, ...)`; `nearest_neighbour_captions` is the 1-NN
+caption baseline).
 Monitoring: `ThroughputMonitor` (samples/s, data wait, MFU), `NonFiniteLossGuard`.
 Set-up: `GlobalBatchSize` (effective global batch vs the paper's, learning-rate scaling rule).
 Output: `EmbeddingWriter` (`vlp predict`: keys and embeddings of a shard set to `.npz`).
@@ -13,6 +15,7 @@ Console: `VLPProgressBar` (steps of a `max_steps` run), `VLPModelSummary` (no FL
 
 from vlp_lightning.callbacks.adversarial import AdversarialRobustness, pgd_attack
 from vlp_lightning.callbacks.base_to_novel import BaseToNovel, harmonic_mean
+from vlp_lightning.callbacks.captioning import CaptionMetrics, caption_metrics, nearest_neighbour_captions
 from vlp_lightning.callbacks.embedding_projector import EmbeddingProjector
 from vlp_lightning.callbacks.embedding_writer import EmbeddingWriter
 from vlp_lightning.callbacks.features import EvalFeatures, EvaluationCallback, extract_features
@@ -35,6 +38,7 @@ from vlp_lightning.callbacks.zero_shot_segmentation import ZeroShotSegmentation
 __all__ = [
     "AdversarialRobustness",
     "BaseToNovel",
+    "CaptionMetrics",
     "EmbeddingProjector",
     "EmbeddingWriter",
     "EvalFeatures",
@@ -52,10 +56,12 @@ __all__ = [
     "ZeroShotDataset",
     "ZeroShotSegmentation",
     "build_zero_shot_classifier",
+    "caption_metrics",
     "extract_features",
     "fit_logistic_regression",
     "harmonic_mean",
     "linear_probe_scores",
+    "nearest_neighbour_captions",
     "pgd_attack",
     "lr_scale_factor",
     "retrieval_metrics",

@@ -151,6 +151,21 @@ def to_thumbnails(
     return (pixels * 255).round().to(torch.uint8)
 
 
+def method_eval_loader(
+    method: VLPMethod, shards: str, batch_size: int = 64, num_workers: int = 0
+) -> tuple[Iterable[dict], EvalView]:
+    """The evaluation batches of `shards` for `method` (`make_eval_loader`) and their view: the deterministic
+    `EvalView` at `method.image_size`, normalised as the method's training views are (so the encoders see the
+    statistics they were trained on), the images on the method's device. `view.normalization` undoes it for
+    thumbnails (`to_thumbnails`)."""
+    mean, std = method.train_views().normalization
+    view = EvalView(mean=mean, std=std)
+    loader = make_eval_loader(
+        shards, method.image_size, batch_size, num_workers=num_workers, view=view, device=module_device(method)
+    )
+    return loader, view
+
+
 def extract_features(
     method: VLPMethod,
     shards: str,
@@ -164,11 +179,8 @@ def extract_features(
     `evaluation_mode`."""
     encode_images = {"probe": method.probe_features, "joint": method.encode_image}[representation]
     device = module_device(method)
-    # normalised as the method's training views are, so the encoders see the statistics they were trained on
-    mean, std = method.train_views().normalization
-    loader = make_eval_loader(
-        shards, method.image_size, batch_size, num_workers=num_workers, view=EvalView(mean=mean, std=std), device=device
-    )
+    loader, view = method_eval_loader(method, shards, batch_size, num_workers)
+    mean, std = view.normalization
     keys: list[str] = []
     captions: list[str] = []
     labels: list[Tensor] = []
@@ -271,6 +283,24 @@ def font(size: int = 11) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 def text_width(text: str, typeface: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> int:
     left, _, right, _ = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=typeface)
     return int(right - left)
+
+
+def examples_picture(thumbnails: Tensor, lines_per_query: list[list[tuple[str, bool]]]) -> np.ndarray:
+    """One row per query: its thumbnail, then its text lines, ground-truth ones green with a `*`. [H, W, 3] uint8."""
+    line_height, text_width, gap = 14, 520, 8
+    row_height = max(THUMBNAIL_SIZE, line_height * max(len(lines) for lines in lines_per_query)) + gap
+    canvas = Image.new("RGB", (THUMBNAIL_SIZE + 2 * gap + text_width, row_height * len(lines_per_query)), "white")
+    draw = ImageDraw.Draw(canvas)
+    typeface = font(11)
+    for row, (thumbnail, lines) in enumerate(zip(thumbnails, lines_per_query)):
+        top = row * row_height + gap // 2
+        canvas.paste(Image.fromarray(thumbnail.permute(1, 2, 0).numpy()), (gap // 2, top))
+        for place, (line, is_ground_truth) in enumerate(lines):
+            shown = line if len(line) <= 80 else line[:77] + "..."
+            marker = "*" if is_ground_truth else " "
+            colour = (0, 140, 40) if is_ground_truth else (60, 60, 60)
+            draw.text((THUMBNAIL_SIZE + gap, top + place * line_height), f"{marker}{shown}", fill=colour, font=typeface)
+    return np.asarray(canvas)
 
 
 def format_results_table(metrics: dict[str, float]) -> str:

