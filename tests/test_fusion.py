@@ -139,3 +139,131 @@ def test_logits_processors_apply_before_the_choice():
     out = generate(toy_decoder(), 1, start_token_id=START, stop_token_id=STOP, max_length=5,
                    logits_processors=[ban_one])
     assert out == [[2]]
+
+
+# ---------------------------------------------------------------------------------------------------- methods
+def _fit(method, batches, steps: int, tmp_path):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(method, train_dataloaders=DataLoader(batches, batch_size=None))
+    return trainer
+
+
+def test_albef_enqueues_momentum_features_clamps_temperature_and_moves_its_momentum_model(tmp_path):
+    from test_methods import make_batch
+    from vlp_lightning.methods import ALBEF
+
+    torch.manual_seed(0)
+    method = ALBEF(lr_scheduler=None, momentum=0.5)
+    with torch.no_grad():
+        method.temperature.fill_(0.9)  # above ALBEF's cap of 0.5
+    initial_teacher = {k: v.clone() for k, v in method.text_m.state_dict().items()}
+    initial_queue = method.text_queue.bank.clone()
+    _fit(method, [make_batch(method, seed=i) for i in range(2)], 2, tmp_path)
+    assert int(method.image_queue.pointer) == int(method.text_queue.pointer) == 16  # 2 steps x 8 pairs
+    assert not torch.equal(method.text_queue.bank[:16], initial_queue[:16])
+    torch.testing.assert_close(method.text_queue.bank[16:], initial_queue[16:])
+    assert 0.001 <= float(method.temperature) <= 0.5
+    assert any(not torch.equal(v, initial_teacher[k]) for k, v in method.text_m.state_dict().items())
+    assert not any(p.requires_grad for p in method.text_m.parameters())
+
+
+def test_albef_match_scores_rank_its_own_pair_first_after_training():
+    """ITM learns on a fixed batch: each image's own caption scores above the hard negatives it was trained on."""
+    from vlp_lightning.methods import ALBEF
+
+    torch.manual_seed(0)
+    method = ALBEF(lr_scheduler=None)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    batch = {"image": images, "text": method.tokenizer(["red apple", "blue car", "green tree", "cat face"]),
+             "__key__": ["a", "b", "c", "d"]}
+    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(40):
+        loss = method.forward_loss(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    method.eval()
+    images, text = batch["image"], batch["text"]
+    scores = torch.stack([method.match_scores(images, {k: v.roll(shift, 0) for k, v in text.items()})
+                          for shift in range(4)], dim=1)  # [4 images, 4 shifts]: column 0 the own caption
+    assert (scores.argmax(dim=1) == 0).float().mean() >= 0.75, scores
+
+
+def test_reranking_moves_the_ground_truth_only_within_the_top_k():
+    from vlp_lightning.callbacks.retrieval import reranked_ranks
+
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1], [0.9, 0.8, 0.7, 0.1]])  # the truth: candidate 2, then 3
+    own = [torch.tensor(2), torch.tensor(3)]
+
+    def is_own(query, candidates):
+        return candidates == own[query]
+
+    def match(query, candidates):
+        return (candidates == own[query]).float()  # a perfect matching head
+
+    assert reranked_ranks(scores, is_own, match, top_k=3).tolist() == [0, 3]  # 3 is outside the top 3: kept
+    assert reranked_ranks(scores, is_own, lambda q, c: -c.float(), top_k=3).tolist() == [2, 3]
+
+
+def test_coca_learns_to_caption_and_generates_the_caption(tmp_path):
+    """Overfitting two images with two captions: greedy and beam decoding give back each image's caption."""
+    from vlp_lightning.methods import CoCa
+
+    torch.manual_seed(0)
+    method = CoCa(lr_scheduler=None)
+    images = torch.stack([torch.full((3, 32, 32), -1.0), torch.full((3, 32, 32), 1.0)])
+    captions = ["red apple", "blue car"]
+    batch = {"image": images, "text": method.tokenizer(captions)}
+    optimizer = torch.optim.AdamW(method.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = method.forward_loss(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    method.eval()
+    assert method.generate_captions(images) == captions
+    assert method.generate_captions(images, beam_size=3) == captions
+    assert all(len(caption) <= 5 for caption in method.generate_captions(images, max_length=5))
+
+
+def test_coca_caption_loss_ignores_padding():
+    from vlp_lightning.methods import CoCa
+
+    torch.manual_seed(0)
+    method = CoCa().eval()
+    images = torch.randn(2, 3, 32, 32)
+    text = method.tokenizer(["cat", "a dog"])
+    other = {k: v.clone() for k, v in text.items()}
+    other["input_ids"][other["attention_mask"] == 0] = 99  # different ids where the mask says padding
+    first = method.forward_loss({"image": images, "text": text})
+    second = method.forward_loss({"image": images, "text": other})
+    torch.testing.assert_close(first["caption"], second["caption"])
+    torch.testing.assert_close(first["contrastive"], second["contrastive"])
+
+
+def test_vlp_test_on_coca_prints_caption_metrics(make_shards, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from vlp_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    shards = make_shards(tmp_path / "shards", n=16, per_shard=16, image_size=32)
+    recipe = Path(__file__).parents[1] / "experiments/coca/emoji_tiny.yaml"
+    common = ["--config", str(recipe), "--data.train_shards", shards.pattern, "--data.val_shards", "null",
+              "--data.test_shards", shards.pattern, "--data.batch_size", "8", "--data.num_workers", "0",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--trainer.callbacks", "[]", "--trainer.callbacks+=vlp_lightning.callbacks.CaptionMetrics",
+              "--trainer.callbacks.shards", shards.pattern, "--trainer.callbacks.name", "generated",
+              "--trainer.callbacks.every_n_epochs", "0", "--model.init_args.vision.init_args.img_size", "32",
+              "--model.init_args.vision.init_args.depth", "1"]
+    main(["fit", *common, "--trainer.max_steps", "2"])
+    (checkpoint,) = (tmp_path / "runs").glob("*/*/checkpoints/last.ckpt")
+    main(["test", *common, "--ckpt_path", str(checkpoint)])
+    out = capsys.readouterr()
+    printed = out.out + out.err
+    for metric in ("captions/generated/BLEU-4", "captions/generated/ROUGE-L", "captions/generated/CIDEr"):
+        assert metric in printed

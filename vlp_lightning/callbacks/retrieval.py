@@ -12,6 +12,8 @@ strictly better candidates), so identical captions of different images all count
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ from vlp_lightning.callbacks.features import (
     examples_picture,
     has_text_tower,
     log_picture,
+    method_eval_loader,
 )
 
 RECALL_AT = (1, 5, 10)
@@ -55,6 +58,30 @@ def retrieval_ranks(
         own = scores.gather(1, text_to_image[start : start + chunk_size, None])  # [b, 1]
         text_ranks.append((scores > own).sum(1))
     return torch.cat(image_ranks), torch.cat(text_ranks)
+
+
+def reranked_ranks(
+    scores: Tensor,
+    is_own: Callable[[int, Tensor], Tensor],
+    match_scores: Callable[[int, Tensor], Tensor],
+    top_k: int,
+) -> Tensor:
+    """0-based ranks after re-ranking each query's top `top_k` candidates by a second score (ALBEF's retrieval,
+    Li et al. 2021, official `Retrieval.py`: the ITM logit re-scores the ITC top k, every other candidate keeps
+    score -100). `scores` [Q, C] are the first-stage similarities; `is_own(q, candidates)` flags the query's ground
+    truth among candidate indices, `match_scores(q, candidates)` re-scores them. A query whose ground truth is not in
+    its top k keeps its first-stage rank (>= k)."""
+    ranks = []
+    k = min(top_k, scores.shape[1])
+    for query, row in enumerate(scores):
+        candidates = row.topk(k).indices
+        own = is_own(query, candidates)
+        if not bool(own.any()):
+            ranks.append(int((row > row[is_own(query, torch.arange(len(row)))].max()).sum()))
+            continue
+        second = match_scores(query, candidates).float().cpu()
+        ranks.append(int((second > second[own].max()).sum()))
+    return torch.tensor(ranks)
 
 
 def retrieval_metrics(image_ranks: Tensor, text_ranks: Tensor) -> dict[str, float]:
@@ -91,11 +118,17 @@ class Retrieval(EvaluationCallback):
 
     Needs a method with a text tower (`encode_text`) and a tokenizer; other methods skip it with one warning.
 
+    `rerank_top_k` > 0 re-ranks, for a method with a matching head (`match_scores(images, text) -> [N]`, ALBEF's
+    ITM), each query's top k of the contrastive ranking by that head, as ALBEF evaluates retrieval (k 128 / 256
+    there), and logs both: `.../i2t_R@1` etc. re-ranked, `.../itc_i2t_R@1` etc. contrastive only. Every rank
+    re-ranks every query (k fusion passes a query: keep the set small or `max_samples` set).
+
     Args:
         shards: captioned shard pattern (`.txt`; several lines = several captions of the image).
         name: metric prefix.
         max_samples: evaluate the first this many images (None: all).
         num_examples: images shown in the TensorBoard picture.
+        rerank_top_k: candidates a query re-ranks with the method's matching head (0: none).
         every_n_epochs, batch_size, num_workers: see `EvaluationCallback`.
     """
 
@@ -105,6 +138,7 @@ class Retrieval(EvaluationCallback):
         name: str = "retrieval",
         max_samples: int | None = None,
         num_examples: int = 4,
+        rerank_top_k: int = 0,
         every_n_epochs: int = 1,
         batch_size: int = 64,
         num_workers: int = 0,
@@ -114,6 +148,9 @@ class Retrieval(EvaluationCallback):
         self.name = name
         self.max_samples = max_samples
         self.num_examples = num_examples
+        if rerank_top_k < 0:
+            raise ValueError(f"rerank_top_k is a number of candidates (0: no re-ranking), got {rerank_top_k}")
+        self.rerank_top_k = rerank_top_k
 
     def evaluate(self, trainer: Trainer, method: LightningModule) -> dict[str, float]:
         if not has_text_tower(method):
@@ -128,6 +165,12 @@ class Retrieval(EvaluationCallback):
         text_features = encode_texts(method, method.tokenizer, texts, self.batch_size)
         image_ranks, text_ranks = retrieval_ranks(features.image, text_features, text_to_image)
         metrics = retrieval_metrics(image_ranks, text_ranks)
+        if self.rerank_top_k and not hasattr(method, "match_scores"):
+            self.warn_once(f"Retrieval {self.name!r}: {type(method).__name__} has no matching head (match_scores); "
+                           "ranked by the contrastive similarity only")
+        elif self.rerank_top_k:
+            reranked = retrieval_metrics(*self.rerank(method, features.image, text_features, texts, text_to_image))
+            metrics = {**reranked, **{f"itc_{name}": value for name, value in metrics.items()}}
 
         def draw() -> np.ndarray:
             queries = F.normalize(features.image[: self.num_examples], dim=-1)
@@ -138,3 +181,33 @@ class Retrieval(EvaluationCallback):
         if self.num_examples > 0:
             log_picture(trainer, f"retrieval/{self.name}/examples", draw)
         return {f"retrieval/{self.name}/{metric}": value for metric, value in metrics.items()}
+
+    def rerank(
+        self, method: LightningModule, image_features: Tensor, text_features: Tensor, texts: list[str],
+        text_to_image: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Image and text ranks after re-ranking the contrastive top `rerank_top_k` by `method.match_scores`."""
+        loader, _ = method_eval_loader(method, self.shards, self.batch_size, self.num_workers)
+        images = torch.cat([batch["image"] for batch in loader])[: len(image_features)]
+        tokens = method.tokenizer(texts)
+        device = images.device
+        similarity = F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
+
+        def text_batch(indices: Tensor) -> dict[str, Tensor]:
+            return {name: value[indices].to(device) for name, value in tokens.items()}
+
+        image_ranks = reranked_ranks(
+            similarity,
+            lambda query, candidates: text_to_image[candidates] == query,
+            lambda query, candidates: method.match_scores(images[query].expand(len(candidates), -1, -1, -1),
+                                                          text_batch(candidates)),
+            self.rerank_top_k,
+        )
+        text_ranks = reranked_ranks(
+            similarity.T,
+            lambda query, candidates: candidates == text_to_image[query],
+            lambda query, candidates: method.match_scores(images[candidates.to(device)],
+                                                          text_batch(torch.full_like(candidates, query))),
+            self.rerank_top_k,
+        )
+        return image_ranks, text_ranks

@@ -299,6 +299,8 @@ class HFTokenizer:
         self.pad_token_id = tokenizer.pad_token_id
         self.sot_token_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
         self.eot_token_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        #: BERT's [MASK] (masked language modelling uses it); None for tokenizers without one.
+        self.mask_token_id = tokenizer.mask_token_id
 
     def decode(self, ids: list[int]) -> str:
         """The text of `ids` up to the first end token: `tokenizer.decode(ids, skip_special_tokens=True)`."""

@@ -154,11 +154,12 @@ class ALBEF(MomentumMethod):
 
     @torch.no_grad()
     def match_scores(self, images: Tensor, text: dict[str, Tensor]) -> Tensor:
-        """ITM logit of "match" for each pair (images[i], text[i]) [N] (ALBEF's retrieval re-ranking score,
-        `itm_head(...)[:, 1]`, official `Retrieval.py`)."""
+        """ITM log-odds of "match" for each pair (images[i], text[i]) [N]: ALBEF's retrieval re-ranking score (the
+        official `Retrieval.py` takes the match logit `itm_head(...)[:, 1]` alone; the log-odds logit_1 - logit_0 is
+        monotone in p(match), which the logit alone is not when the other logit moves too)."""
         _, states, mask = self.text.encode(text)
-        fused = self.text.fuse(states, mask, self.vision.forward_sequence(images))
-        return self.itm_head(fused[:, 0])[:, 1]
+        logits = self.itm_head(self.text.fuse(states, mask, self.vision.forward_sequence(images))[:, 0]).float()
+        return logits[:, 1] - logits[:, 0]
 
     # ------------------------------------------------------------------ training
     def current_alpha(self) -> float:
@@ -212,13 +213,14 @@ class ALBEF(MomentumMethod):
             probability=self.mask_probability,
         )
         masked = {"input_ids": masked_ids, "attention_mask": text["attention_mask"]}
-        logits = self.text.token_logits(self.mlm_head(self.text(masked, image_tokens)))
+        chosen = labels != -100  # vocabulary logits only where a token was masked: 15 % of [B, L, V]
+        logits = self.text.token_logits(self.mlm_head(self.text(masked, image_tokens)[chosen]))[None]
         with torch.no_grad():
             soft = None
             if alpha > 0:
-                logits_m = self.text_m.token_logits(self.mlm_head_m(self.text_m(masked, image_tokens_m)))
-                soft = logits_m.float().softmax(-1)
-        loss_mlm = mlm_loss(logits, labels, soft_targets=soft, alpha=alpha)
+                states_m = self.text_m(masked, image_tokens_m)[chosen]
+                soft = self.text_m.token_logits(self.mlm_head_m(states_m)).float().softmax(-1)[None]
+        loss_mlm = mlm_loss(logits, labels[chosen][None], soft_targets=soft, alpha=alpha)
         loss = loss_itc + self.itm_weight * loss_itm + self.mlm_weight * loss_mlm
         return {"loss": loss, "itc": loss_itc.detach(), "itm": loss_itm.detach(), "mlm": loss_mlm.detach(),
                 "itm_accuracy": itm_accuracy, "temperature": temperature.detach()}

@@ -136,9 +136,12 @@ class CoCa(CaptionGenerator, VLPMethod):
         text_pooled, text_states, text_mask = self.text.encode(text)
         text_features = F.normalize(self.text_projection(text_pooled), dim=-1)
         loss_con = clip_contrastive_loss(image_features, text_features, self.logit_scale.float().exp())
-        logits = self.text.token_logits(self.text.fuse(text_states, text_mask, self.caption_pooler(image_tokens)))
-        # position t predicts token t + 1 (open_clip: logits[:, :-1] against text[:, 1:])
-        loss_cap = caption_loss(logits[:, :-1], text["input_ids"][:, 1:], text["attention_mask"][:, 1:] == 0)
+        fused = self.text.fuse(text_states, text_mask, self.caption_pooler(image_tokens))
+        # position t predicts token t + 1 (open_clip: logits[:, :-1] against text[:, 1:]); vocabulary logits only
+        # where the target is a real token (padding would be most of [B, L, V])
+        real = text["attention_mask"][:, 1:].bool()
+        logits = self.text.token_logits(fused[:, :-1][real])[None]  # [1, M, V]
+        loss_cap = caption_loss(logits, text["input_ids"][:, 1:][real][None], ~real[real][None])
         loss = self.contrastive_weight * loss_con + self.caption_weight * loss_cap
         return {"loss": loss, "contrastive": loss_con.detach(), "caption": loss_cap.detach(),
                 "logit_scale": self.logit_scale.detach().exp()}

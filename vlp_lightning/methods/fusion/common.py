@@ -111,8 +111,12 @@ class CaptionGenerator:
         raise NotImplementedError(f"{type(self).__name__} must define caption_logits(memory, prefixes)")
 
     @torch.no_grad()
-    def generate_captions(self, images: Tensor, max_length: int | None = None, beam_size: int = 1) -> list[str]:
-        """Captions of images [N, 3, H, W]: greedy (beam_size 1) or beam search, at most `max_length` tokens."""
+    def generate_captions(
+        self, images: Tensor, max_length: int | None = None, beam_size: int = 1, length_penalty: float = 1.0
+    ) -> list[str]:
+        """Captions of images [N, 3, H, W]: greedy (beam_size 1) or beam search, at most `max_length` tokens; beams
+        are ranked by mean log-probability per token (`length_penalty` 1, Hugging Face's default, which open_clip's
+        CoCa decodes with): a raw sum favours stopping early."""
         memory = self.caption_memory(images)
         limit = min(max_length or self.default_caption_length, self.tokenizer.context_length - 1)
 
@@ -132,6 +136,7 @@ class CaptionGenerator:
             stop_token_id=self.specials.stop_token_id,
             max_length=limit,
             beam_size=beam_size,
+            length_penalty=length_penalty,
             logits_processors=(never_special,),
             device=images.device,
         )
