@@ -18,13 +18,14 @@ def test_a_gated_block_starts_as_the_text_only_block():
     plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k in plain.state_dict()})
     x, memory = torch.randn(2, 5, 16), torch.randn(2, 3, 8)
     torch.testing.assert_close(gated(x, memory=memory), plain(x))
+    torch.testing.assert_close(gated(x), plain(x))  # no image tokens: fusion switched off (FIBER's ITC)
     with torch.no_grad():
         gated.gate.fill_(1.0)
     assert not torch.allclose(gated(x, memory=memory), plain(x))  # the gate opens the image path
 
 
 def test_cross_attention_without_memory_is_one_sentence():
-    with pytest.raises(ValueError, match="needs image tokens"):
+    with pytest.raises(ValueError, match="ungated cross-attention needs image tokens"):
         FusionBlock(16, 2, cross_attention=True)(torch.randn(1, 3, 16))
     with pytest.raises(ValueError, match="set cross_attention=True"):
         FusionBlock(16, 2, gated=True)
@@ -267,3 +268,48 @@ def test_vlp_test_on_coca_prints_caption_metrics(make_shards, tmp_path, monkeypa
     printed = out.out + out.err
     for metric in ("captions/generated/BLEU-4", "captions/generated/ROUGE-L", "captions/generated/CIDEr"):
         assert metric in printed
+
+
+def test_fiber_starts_as_two_separate_encoders_and_its_gates_open_with_training():
+    """FIBER's gates α are 0 at init: fusion on equals fusion off (a dual encoder) until training moves them."""
+    from test_methods import make_batch
+    from vlp_lightning.methods import FIBER
+
+    torch.manual_seed(0)
+    method = FIBER(lr_scheduler=None)
+    batch = make_batch(method, batch_size=4)
+    padding = batch["text"]["attention_mask"]
+
+    def both_ways():
+        image = method.image_bottom(batch["image"])
+        _, states, mask = method.text.encode(batch["text"])
+        return (method.top_layers(image, states, mask, padding, fuse=True),
+                method.top_layers(image, states, mask, padding, fuse=False))
+
+    fused, unfused = both_ways()
+    torch.testing.assert_close(fused, unfused)
+    optimizer = torch.optim.AdamW(method.parameter_groups(), lr=1e-2)
+    for _ in range(3):
+        loss = method.forward_loss(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(float(cross.gate) != 0 for cross in method.image_cross)
+    fused, unfused = both_ways()
+    assert not torch.allclose(fused[0], unfused[0]) and not torch.allclose(fused[1], unfused[1])
+
+
+def test_fiber_trains_its_new_modules_at_their_own_learning_rate():
+    from vlp_lightning.methods import FIBER
+
+    method = FIBER(new_module_lr=5e-5)
+    groups = method.parameter_groups()
+    fast = {id(p) for group in groups if group.get("lr") == 5e-5 for p in group["params"]}
+    assert {id(p) for p in method.itm_head.parameters()} <= fast
+    assert {id(p) for p in method.image_cross.parameters()} <= fast
+    assert id(method.text.fusion_blocks[0].gate) in fast
+    assert not {id(p) for p in method.vision.parameters()} & fast
+    assert not {id(p) for p in method.text.fusion_blocks[0].attn.parameters()} & fast  # the backbone's own layer
+    assert sum(len(group["params"]) for group in groups) == sum(1 for p in method.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="fusion_layers=3"):
+        FIBER(fusion_layers=3)

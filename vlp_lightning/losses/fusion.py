@@ -263,6 +263,26 @@ def distilled_contrastive_loss(sim_i2t: Tensor, sim_t2i: Tensor, targets_i2t: Te
         return 0.5 * (loss_i2t + loss_t2i)
 
 
+def queue_contrastive_loss(
+    image_features: Tensor, text_features: Tensor, image_queue: Tensor, text_queue: Tensor, temperature: Tensor | float
+) -> Tensor:
+    """Two-way InfoNCE of the local batch against itself and a queue of past features, without distillation
+    (ALBEF's ITC with α = 0; FIBER's coarse-grained ITC, official code: a queue of detached features, no momentum
+    encoder): image i's positive is text i among the B texts and the K queued ones, and conversely.
+
+    Args:
+        image_features, text_features: [B, D] L2-normalised features of the local batch (with gradient).
+        image_queue, text_queue: [K, D] queued features (no gradient).
+        temperature: τ; the logits are cosine / τ.
+    """
+    texts = torch.cat([text_features, text_queue.to(text_features.dtype)])  # [B + K, D]
+    images = torch.cat([image_features, image_queue.to(image_features.dtype)])
+    positive = torch.eye(image_features.shape[0], texts.shape[0], dtype=torch.bool, device=image_features.device)
+    targets = positive.float()
+    return distilled_contrastive_loss(image_features @ texts.T / temperature, text_features @ images.T / temperature,
+                                      targets, targets)
+
+
 def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Image-text matching: 2-way cross-entropy on the fusion [CLS] (ALBEF sec. 3.2, L_itm), in fp32.
 

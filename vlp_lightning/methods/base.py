@@ -244,6 +244,21 @@ class VLPMethod(LightningModule):
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups
 
+    def parameter_groups_at(self, lr: float | None, modules: Iterable[nn.Module]) -> list[dict]:
+        """`parameter_groups`, each split in two: the parameters of `modules` at learning rate `lr`, the others at
+        the optimizer's (a head or new layers trained faster than a pretrained body; `lr` None: no split)."""
+        if lr is None:
+            return VLPMethod.parameter_groups(self)
+        chosen = {id(param) for module in modules for param in module.parameters()}
+        groups = []
+        for group in VLPMethod.parameter_groups(self):  # the weight-decay split (an override calls this method)
+            extra = {name: value for name, value in group.items() if name != "params"}
+            rest = [param for param in group["params"] if id(param) not in chosen]
+            picked = [param for param in group["params"] if id(param) in chosen]
+            groups += [{"params": rest, **extra}] if rest else []
+            groups += [{"params": picked, **extra, "lr": lr}] if picked else []
+        return groups
+
     def configure_optimizers(self):
         groups = self.parameter_groups()
         optimizer = self.optimizer_factory(groups, **fast_optimizer_options(self.optimizer_factory, groups))

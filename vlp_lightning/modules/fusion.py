@@ -5,7 +5,8 @@
   key padding and CoCa's class-token mask combine in one tensor.
 * `FusionBlock` — a pre-LN transformer block: self-attention, then (optionally) cross-attention to image tokens, then
   the MLP. A *gated* block scales its cross-attention by tanh(g) with g initialised to 0 (Flamingo, Alayrac et al.
-  2022, eq. 1 "tanh-gating"), so a model built from gated blocks starts as exactly the text-only model.
+  2022, eq. 1 "tanh-gating"; FIBER's α multiplies as it is), so a model built from gated blocks starts as exactly
+  the text-only model.
   Without gating the block is the fusion layer of ALBEF (Li et al. 2021, sec. 3.1: "the multimodal encoder fuses the
   image features with the text features through cross attention at each layer") and the multimodal decoder of CoCa
   (Yu et al. 2022, sec. 3.2).
@@ -22,6 +23,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +60,8 @@ class FusionBlock(nn.Module):
         width, heads, mlp_ratio: the transformer block.
         cross_attention: add the cross-attention to image tokens (memory).
         memory_width: width of the image tokens (default: `width`).
-        gated: scale the cross-attention by tanh(g), g = 0 at init, so the block starts as the text-only block.
+        gated: scale the cross-attention by a learned gate g = 0 at init, so the block starts as the text-only block.
+        gate_activation: "tanh" scales by tanh(g) (Flamingo), "none" by g itself (FIBER's α).
     """
 
     def __init__(
@@ -69,8 +72,12 @@ class FusionBlock(nn.Module):
         cross_attention: bool = False,
         memory_width: int | None = None,
         gated: bool = False,
+        gate_activation: Literal["tanh", "none"] = "tanh",
     ) -> None:
         super().__init__()
+        if gate_activation not in ("tanh", "none"):
+            raise ValueError(f"gate_activation must be 'tanh' or 'none', got {gate_activation!r}")
+        self.gate_activation = gate_activation
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.cross_attention = cross_attention
@@ -89,14 +96,21 @@ class FusionBlock(nn.Module):
         self, x: Tensor, mask: Tensor | None = None, memory: Tensor | None = None, memory_mask: Tensor | None = None
     ) -> Tensor:
         """x [N, L, width]; `mask` the self-attention mask (True = attend); `memory` [N, S, memory_width] image
-        tokens and `memory_mask` [N, 1, 1, S] (True = a real token) for the cross-attention."""
+        tokens and `memory_mask` [N, 1, 1, S] (True = a real token) for the cross-attention. A gated block given no
+        memory skips its cross-attention (the gate's zero point: fusion switched off)."""
         x = x + self.attn(self.ln_1(x), mask=mask)
-        if self.cross_attention:
+        # a gated block without image tokens is the text-only block: fusion switched off (FIBER's ITC)
+        if self.cross_attention and (memory is not None or self.gate is None):
             if memory is None:
-                raise ValueError("a FusionBlock with cross-attention needs image tokens: pass memory=[N, S, width]")
+                raise ValueError(
+                    "a FusionBlock with ungated cross-attention needs image tokens: pass memory=[N, S, width]"
+                )
             attended = self.cross_attn(self.ln_cross(x), self.ln_memory(memory), mask=memory_mask)
-            x = x + (attended if self.gate is None else torch.tanh(self.gate) * attended)
+            x = x + (attended if self.gate is None else self.gate_value() * attended)
         return x + self.mlp(self.ln_2(x))
+
+    def gate_value(self) -> Tensor:
+        return torch.tanh(self.gate) if self.gate_activation == "tanh" else self.gate
 
 
 class FusionTextTransformer(nn.Module):
@@ -112,7 +126,8 @@ class FusionTextTransformer(nn.Module):
         memory_width: width of the image tokens the fusion layers read (default: `width`).
         causal: causal self-attention (a decoder) instead of bidirectional (an encoder).
         class_token: append a learnable token after the text whose text-layer output pools the text (CoCa).
-        gated: tanh-gated cross-attention, starting as the text-only model (`FusionBlock`).
+        gated: gated cross-attention, starting as the text-only model (`FusionBlock`).
+        gate_activation: the gate's form, tanh(g) or g (`FusionBlock`).
     """
 
     def __init__(
@@ -128,6 +143,7 @@ class FusionTextTransformer(nn.Module):
         causal: bool = False,
         class_token: bool = False,
         gated: bool = False,
+        gate_activation: Literal["tanh", "none"] = "tanh",
     ) -> None:
         super().__init__()
         self.context_length = context_length
@@ -139,7 +155,7 @@ class FusionTextTransformer(nn.Module):
         self.class_embedding = nn.Parameter(torch.zeros(width)) if class_token else None
         self.text_blocks = nn.ModuleList(FusionBlock(width, heads, mlp_ratio) for _ in range(text_layers))
         self.fusion_blocks = nn.ModuleList(
-            FusionBlock(width, heads, mlp_ratio, cross_attention=True, memory_width=memory_width, gated=gated)
+            FusionBlock(width, heads, mlp_ratio, True, memory_width, gated, gate_activation)
             for _ in range(fusion_layers)
         )
         self.ln_text = nn.LayerNorm(width)  # the pooled unimodal text feature

@@ -128,17 +128,7 @@ class DRTune(AdaptationMethod):
 
     def parameter_groups(self) -> list[dict]:
         """The base's groups, the head's in groups of its own at `head_lr` (when set)."""
-        if self.head_lr is None:
-            return super().parameter_groups()
-        head = {id(param) for param in self.head.parameters()}
-        groups = []
-        for group in super().parameter_groups():
-            body = [param for param in group["params"] if id(param) not in head]
-            heads = [param for param in group["params"] if id(param) in head]
-            extra = {name: value for name, value in group.items() if name != "params"}
-            groups += [{"params": body, **extra}] if body else []
-            groups += [{"params": heads, **extra, "lr": self.head_lr}] if heads else []
-        return groups
+        return self.parameter_groups_at(self.head_lr, [self.head])
 
     def forward_loss(self, batch: dict) -> dict[str, Tensor]:
         labels = self.classes.labels(batch).to(self.device)

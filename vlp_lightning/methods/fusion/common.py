@@ -4,6 +4,7 @@ matching with hard negatives, and the caption protocol (`CaptionGenerator`)."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,42 @@ def sample_ids(batch: dict) -> Tensor:
     return torch.tensor([int.from_bytes(digest, "little") >> 1 for digest in digests], dtype=torch.long)
 
 
+def _gather(x: Tensor) -> Tensor:
+    """Across ranks: floating tensors with gradient (negatives from other ranks train them too), masks without."""
+    return all_gather_with_grad(x) if x.is_floating_point() else all_gather_no_grad(x)
+
+
+def hard_negative_batch(
+    image_side: Sequence[Tensor],
+    text_side: Sequence[Tensor],
+    similarity_i2t: Tensor,
+    similarity_t2i: Tensor,
+    ids: Tensor,
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """The 3B pairs image-text matching scores (ALBEF, Li et al. 2021, sec. 3.2): the B positive pairs, one negative
+    image for every text and one negative text for every image, each drawn with probability softmax(similarity)
+    among the other images / texts of the *global* batch (gathered from every rank with gradient; ALBEF draws from
+    the local batch, BLIP from the gathered one), so the fusion must tell apart the pairs the contrastive space
+    confuses. Returns (image-side tensors [3B, ...], text-side tensors [3B, ...], labels [3B]: 1 = match).
+
+    Args:
+        image_side, text_side: the local batch's per-sample tensors of each side ([B, ...] each: tokens, masks...).
+        similarity_i2t: [B, G] local images against the gathered texts; similarity_t2i: [B, G] local texts against
+            the gathered images (G = B x world, columns in rank order).
+        ids: [B] sample identities (`sample_ids`): a column of the same image is never a negative.
+    """
+    batch = similarity_i2t.shape[0]
+    device = similarity_i2t.device
+    ids = ids.to(device)
+    all_ids = all_gather_no_grad(ids)
+    negative_text = sample_hard_negatives(similarity_i2t.detach(), ids, all_ids)  # [B] columns
+    negative_image = sample_hard_negatives(similarity_t2i.detach(), ids, all_ids)
+    images = [torch.cat([x, _gather(x)[negative_image], x]) for x in image_side]
+    texts = [torch.cat([x, x, _gather(x)[negative_text]]) for x in text_side]
+    labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(device)
+    return images, texts, labels
+
+
 def match_with_hard_negatives(
     fusion: FusionTextTransformer,
     head: nn.Module,
@@ -69,30 +106,12 @@ def match_with_hard_negatives(
     similarity_t2i: Tensor,
     ids: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Image-text matching with contrastive hard negatives (ALBEF, Li et al. 2021, sec. 3.2): the B positive
-    pairs, one negative text for every image and one negative image for every text, each drawn with probability
-    softmax(similarity) among the other images / texts of the *global* batch (gathered from every rank with
-    gradient; ALBEF draws from the local batch, BLIP from the gathered one), so the fusion encoder must tell apart
-    pairs the contrastive space confuses. Returns (the 2-way cross-entropy over the 3B pairs, its accuracy).
-
-    Args:
-        image_tokens: [B, S, W_img] the local batch's image tokens.
-        text_states, text_mask: `fusion.encode` outputs of the local batch's texts ([B, L, W], [B, 1, L, L]).
-        similarity_i2t: [B, G] local images against the gathered texts; similarity_t2i: [B, G] local texts against
-            the gathered images (G = B x world, columns in rank order).
-        ids: [B] sample identities (`sample_ids`): a column of the same image is never a negative.
-    """
-    batch = image_tokens.shape[0]
-    all_images, all_states = all_gather_with_grad(image_tokens), all_gather_with_grad(text_states)
-    all_masks, all_ids = all_gather_no_grad(text_mask), all_gather_no_grad(ids.to(image_tokens.device))
-    ids = ids.to(image_tokens.device)
-    negative_text = sample_hard_negatives(similarity_i2t.detach(), ids, all_ids)  # [B] columns
-    negative_image = sample_hard_negatives(similarity_t2i.detach(), ids, all_ids)
-    images = torch.cat([image_tokens, all_images[negative_image], image_tokens])
-    states = torch.cat([text_states, text_states, all_states[negative_text]])
-    masks = torch.cat([text_mask, text_mask, all_masks[negative_text]])
+    """ALBEF's ITM: the `hard_negative_batch` pairs through the fusion layers, a 2-way head on the fused first
+    token; (cross-entropy, accuracy). `text_states` / `text_mask` are `fusion.encode` outputs of the local texts."""
+    (images,), (states, masks), labels = hard_negative_batch(
+        [image_tokens], [text_states, text_mask], similarity_i2t, similarity_t2i, ids
+    )
     logits = head(fusion.fuse(states, masks, images)[:, 0])  # the fused [CLS] / first token
-    labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
     return itm_loss(logits, labels), (logits.argmax(-1) == labels).float().mean()
 
 
