@@ -6,19 +6,20 @@ drawings of the seen 80 % of the emoji concepts (1,529 images, the emoji's name 
 Twitter's drawings: of the *unseen* concepts (382 images: a new style and names never trained on) and, for
 captioning, of the seen concepts too (a new style only).
 
-Runs: CLIP, ALBEF and CoCa each train their tiny recipe (`experiments/<method>/emoji_tiny.yaml`) with the same image
+Runs: CLIP, ALBEF, FIBER and CoCa each train their tiny recipe (`experiments/<method>/emoji_tiny.yaml`) with the same image
 tower (the recipes' ViT-Tiny at 64 px, 6 blocks) for the same wall-clock budget (`--minutes`, Lightning's max_time),
 fp32, one seed.
 
-* Retrieval (`callbacks.Retrieval`): image -> text and text -> image R@1 / R@5 among the 382 unseen names. ALBEF is
-  scored twice: by its contrastive (ITC) space alone, and with the ITC top 16 of every query re-ranked by its ITM
-  head (`rerank_top_k`, ALBEF's protocol with k 128/256 on Flickr/COCO).
+* Retrieval (`callbacks.Retrieval`): image -> text and text -> image R@1 / R@5 among the 382 unseen names (and,
+  for reference, among the 1,529 seen names in the new style). ALBEF and
+  FIBER are scored twice: by their contrastive (ITC) space alone, and with the ITC top 16 of every query re-ranked
+  by their ITM head (`rerank_top_k`, ALBEF's protocol with k 128/256 on Flickr/COCO).
 * Captioning (`callbacks.CaptionMetrics`): CoCa's greedy captions, BLEU-4 / ROUGE-L / CIDEr-D against the true
   name; the baseline gives each test image the caption of its nearest training image (cosine in CoCa's own
   contrastive image space, and in CLIP's; `nearest_neighbour_captions`). On unseen concepts the baseline can never
   be exactly right (no training image has the name), which is what generation is for.
 
-Usage: python bench/fusion.py [--minutes M] [--quick]   (writes bench/results/fusion.json)
+Usage: python bench/fusion.py [--minutes M] [--quick] [--methods ...]   (writes bench/results/fusion.json)
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from vlp_lightning.cli import VLPCLI
 TRAIN = "data/emoji-google/seen-{000000..000001}.tar"
 UNSEEN = "data/emoji-twitter/unseen-000000.tar"
 SEEN_STYLE = "data/emoji-twitter/seen-{000000..000001}.tar"
-METHODS = ("CLIP", "ALBEF", "CoCa")
+METHODS = ("CLIP", "ALBEF", "FIBER", "CoCa")
+RERANKS = {"ALBEF", "FIBER"}  # methods with an ITM head: scored with and without re-ranking
 DEMO_RECIPE = REPO_ROOT / "experiments" / "clip" / "emoji_heldout_tiny.yaml"
 RESULTS = REPO_ROOT / "bench" / "results" / "fusion.json"
 
@@ -80,29 +82,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=4.0, help="training wall-clock per method (default 4)")
     parser.add_argument("--quick", action="store_true", help="20 seconds per method: a smoke run of the bench")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="train and score only these; the others keep their rows from the last run")
     args = parser.parse_args()
     minutes = 1 / 3 if args.quick else args.minutes
     ensure_shards({"demo": DEMO_RECIPE})
     started = time.perf_counter()
-    runs, retrieval, captions = {}, {}, {}
+    kept = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not args.quick else {}
+    runs, retrieval, captions = kept.get("runs", {}), kept.get("retrieval", {}), kept.get("captions", {})
     with tempfile.TemporaryDirectory(prefix="vlp-fusion-") as folder:
-        for method in METHODS:
+        for method in args.methods:
             torch.manual_seed(0)
             cli = build(method, minutes, Path(folder))
             start = time.perf_counter()
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
             runs[method] = {"seconds": time.perf_counter() - start, "steps": cli.trainer.global_step}
             print(f"{method}: {runs[method]['steps']} steps in {runs[method]['seconds']:.0f} s", flush=True)
-            scored = evaluate(Retrieval(UNSEEN, name="unseen", rerank_top_k=16 if method == "ALBEF" else 0,
-                                        num_examples=0), cli)
-            if method == "ALBEF":
-                retrieval["ALBEF (ITC only)"] = {k.removeprefix("itc_"): v for k, v in scored.items()
-                                                 if k.startswith("itc_")}
-                retrieval["ALBEF (ITM re-ranked top 16)"] = {k: v for k, v in scored.items()
-                                                              if not k.startswith("itc_")}
-            else:
-                retrieval[method] = scored
-            print(f"{method} retrieval: {scored}", flush=True)
+            for split, shards in (("unseen", UNSEEN), ("seen style", SEEN_STYLE)):
+                scored = evaluate(Retrieval(shards, name=split, rerank_top_k=16 if method in RERANKS else 0,
+                                            num_examples=0), cli)
+                rows = retrieval.setdefault(split, {})
+                if method in RERANKS:
+                    rows[f"{method} (ITC only)"] = {k.removeprefix("itc_"): v for k, v in scored.items()
+                                                    if k.startswith("itc_")}
+                    rows[f"{method} (ITM re-ranked top 16)"] = {k: v for k, v in scored.items()
+                                                                if not k.startswith("itc_")}
+                else:
+                    rows[method] = scored
+                print(f"{method} retrieval, {split}: {scored}", flush=True)
             for split, shards in (("unseen", UNSEEN), ("seen style", SEEN_STYLE)):
                 if method == "CoCa":
                     captions.setdefault(split, {})["CoCa (greedy)"] = evaluate(
@@ -111,27 +118,33 @@ def main() -> None:
                     captions.setdefault(split, {})[f"1-NN caption ({method} space)"] = nearest_neighbour_baseline(
                         cli, shards)
             print(f"{method} captions: {json.dumps(captions, indent=1)}", flush=True)
+    order = [f"{m}{suffix}" for m in METHODS for suffix in ("", " (ITC only)", " (ITM re-ranked top 16)")]
+    retrieval = {split: {row: rows[row] for row in order if row in rows} for split, rows in retrieval.items()}
     report = {"seconds": time.perf_counter() - started, "minutes_per_method": minutes, "runs": runs,
               "retrieval": retrieval, "captions": captions}
     report["table"] = tables(report)
     print("\n" + report["table"])
+    unseen = retrieval.get("unseen", {})
     targets = [
-        Target("ALBEF ITM-reranked i2t R@1 - CLIP i2t R@1 (points)",
-               100 * (retrieval["ALBEF (ITM re-ranked top 16)"]["i2t_R@1"] - retrieval["CLIP"]["i2t_R@1"]), 0.0),
-        Target("CoCa CIDEr - 1-NN CIDEr, unseen concepts",
-               captions["unseen"]["CoCa (greedy)"]["CIDEr"] - captions["unseen"]["1-NN caption (CoCa space)"]["CIDEr"],
-               0.0),
+        Target(f"{method} ITM-reranked i2t R@1 - CLIP i2t R@1, unseen (points)",
+               100 * (unseen[f"{method} (ITM re-ranked top 16)"]["i2t_R@1"] - unseen["CLIP"]["i2t_R@1"]), 0.0)
+        for method in sorted(RERANKS) if f"{method} (ITM re-ranked top 16)" in unseen and "CLIP" in unseen
     ]
+    if "CoCa (greedy)" in captions.get("unseen", {}):
+        targets.append(Target("CoCa CIDEr - 1-NN CIDEr, unseen concepts",
+                              captions["unseen"]["CoCa (greedy)"]["CIDEr"]
+                              - captions["unseen"]["1-NN caption (CoCa space)"]["CIDEr"], 0.0))
     publish("fusion", report, targets)
 
 
 def tables(report: dict) -> str:
-    lines = ["| retrieval, unseen concepts in the unseen style (382) | steps | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 |",
-             "|---|---|---|---|---|---|"]
-    for row, metrics in report["retrieval"].items():
-        steps = report["runs"][row.split(" ")[0]]["steps"]
-        lines.append(f"| {row} | {steps} | " + " | ".join(
-            f"{100 * metrics[name]:.1f}" for name in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5")) + " |")
+    lines = ["| retrieval (Twitter drawings) | split | steps | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 |",
+             "|---|---|---|---|---|---|---|"]
+    for split, rows in report["retrieval"].items():
+        for row, metrics in rows.items():
+            steps = report["runs"][row.split(" ")[0]]["steps"]
+            lines.append(f"| {row} | {split} | {steps} | " + " | ".join(
+                f"{100 * metrics[name]:.1f}" for name in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5")) + " |")
     lines += ["", "| captioning | split | BLEU-4 | ROUGE-L | CIDEr |", "|---|---|---|---|---|"]
     for split, rows in report["captions"].items():
         for row, metrics in rows.items():

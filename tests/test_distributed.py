@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -82,6 +83,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for name, options in LOSS_MODES.items():
             results[name] = clip_loss_and_grads(images[local], texts[local], **options)
         results["convirt"] = convirt_loss_and_grads(images[local], texts[local])
+        results["hard_negatives"] = hard_negative_draws(rank)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -107,9 +109,48 @@ def test_helpers_are_identities_in_one_process() -> None:
     torch.testing.assert_close(distributed.all_reduce_sum(x), x.detach())
 
 
-def test_two_gloo_processes_match_one_process_on_the_concatenated_batch(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def gloo_ranks(tmp_path_factory) -> list[dict]:
+    """What `_worker` computed on each of 2 gloo processes (one spawn for every test of this module)."""
+    folder = tmp_path_factory.mktemp("gloo")
+    mp.spawn(_worker, args=(free_port(), str(folder)), nprocs=WORLD, join=True)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def hard_negative_draws(rank: int) -> dict[str, torch.Tensor]:
+    """ITM hard negatives on 2 ranks (`hard_negative_batch`, ALBEF / FIBER): 4 samples a rank, each sample's
+    feature its global column index (so a drawn negative shows where it came from); rank 1's first sample is the
+    same image as rank 0's first (id 0 on both); columns 0 and 4 (those two) are the most similar to every row."""
+    from vlp_lightning.methods.fusion.common import hard_negative_batch
+
+    ids = torch.arange(LOCAL_BATCH) + rank * LOCAL_BATCH
+    if rank == 1:
+        ids[0] = 0
+    features = (torch.arange(LOCAL_BATCH) + rank * LOCAL_BATCH).float()[:, None].repeat(1, 3).requires_grad_(True)
+    similarity = torch.zeros(LOCAL_BATCH, WORLD * LOCAL_BATCH)
+    similarity[:, [0, LOCAL_BATCH]] = 50.0
+    draws = []
+    for _ in range(50):
+        (images,), _, _ = hard_negative_batch([features], [features], similarity, similarity, ids)
+        draws.append(images[LOCAL_BATCH : 2 * LOCAL_BATCH, 0].detach())
+    images[LOCAL_BATCH : 2 * LOCAL_BATCH].sum().backward()  # negatives drawn from the other rank send gradient back
+    return {"draws": torch.stack(draws), "grad": features.grad}
+
+
+def test_hard_negatives_come_from_the_whole_gathered_batch_never_a_duplicate_across_ranks(gloo_ranks) -> None:
+    """Row 0 of each rank (image 0) never draws column 0 or 4 (itself and its twin on the other rank), though they
+    are the most similar; the other rows draw both (one of them is the other rank's); gathered negatives carry
+    gradient back to the rank that owns them."""
+    for result in gloo_ranks:
+        draws = result["hard_negatives"]["draws"]  # [50 draws, 4 rows]: the global column of each row's negative
+        assert not bool(((draws[:, 0] == 0) | (draws[:, 0] == LOCAL_BATCH)).any())
+        assert bool(((draws[:, 1:] == 0) | (draws[:, 1:] == LOCAL_BATCH)).float().mean() > 0.9)
+        assert bool((draws[:, 1:] == LOCAL_BATCH).any()) and bool((draws[:, 1:] == 0).any())
+    assert all(bool((result["hard_negatives"]["grad"] != 0).any()) for result in gloo_ranks)
+
+
+def test_two_gloo_processes_match_one_process_on_the_concatenated_batch(gloo_ranks) -> None:
+    ranks = gloo_ranks
     images, texts = global_batch()
     single = clip_loss_and_grads(images, texts)
     weights = torch.arange(WORLD * LOCAL_BATCH * DIM, dtype=torch.float32).reshape(WORLD * LOCAL_BATCH, DIM)

@@ -313,3 +313,4 @@ def test_fiber_trains_its_new_modules_at_their_own_learning_rate():
     assert sum(len(group["params"]) for group in groups) == sum(1 for p in method.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="fusion_layers=3"):
         FIBER(fusion_layers=3)
+
