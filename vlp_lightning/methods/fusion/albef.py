@@ -158,7 +158,8 @@ class ALBEF(MomentumMethod):
         official `Retrieval.py` takes the match logit `itm_head(...)[:, 1]` alone; the log-odds logit_1 - logit_0 is
         monotone in p(match), which the logit alone is not when the other logit moves too)."""
         _, states, mask = self.text.encode(text)
-        logits = self.itm_head(self.text.fuse(states, mask, self.vision.forward_sequence(images))[:, 0]).float()
+        memory = self.fusion_memory(self.fusion_tokens(images), states)
+        logits = self.itm_head(self.text.fuse(states, mask, memory)[:, 0]).float()
         return logits[:, 1] - logits[:, 0]
 
     # ------------------------------------------------------------------ training
@@ -180,33 +181,72 @@ class ALBEF(MomentumMethod):
         images, text = batch["image"], batch["text"]
         alpha, temperature = self.current_alpha(), self.temperature.float()
         image_tokens = self.vision.forward_sequence(images)  # [B, 1 + P, W_img]
-        image_features = F.normalize(self.vision_projection(image_tokens[:, 0]).float(), dim=-1)
         text_pooled, text_states, text_mask = self.text.encode(text)
-        text_features = F.normalize(self.text_projection(text_pooled).float(), dim=-1)
-
         with torch.no_grad():
             image_tokens_m = self.vision_m.forward_sequence(images.to(next(self.vision_m.parameters()).dtype))
-            image_features_m = F.normalize(self.vision_projection_m(image_tokens_m[:, 0]).float(), dim=-1)
+        loss_itc, image_features, text_features = self.contrastive_loss(
+            image_tokens[:, 0], text_pooled, image_tokens_m[:, 0], text, alpha, temperature
+        )
+        loss_itm, itm_accuracy = self.matching_loss(
+            image_tokens, text_states, text_mask, image_features, text_features, temperature, batch
+        )
+        loss_mlm = self.masked_language_loss(text, image_tokens, image_tokens_m, alpha)
+        loss = loss_itc + self.itm_weight * loss_itm + self.mlm_weight * loss_mlm
+        return {"loss": loss, "itc": loss_itc.detach(), "itm": loss_itm.detach(), "mlm": loss_mlm.detach(),
+                "itm_accuracy": itm_accuracy, "temperature": temperature.detach()}
+
+    # the three losses, one method each (BUS, `fusion.bus`, feeds them other image tokens)
+    def fusion_tokens(self, images: Tensor) -> Tensor:
+        """The image tokens `fusion_memory` reads for images [N, 3, H, W]: the ViT's output sequence."""
+        return self.vision.forward_sequence(images)
+
+    def fusion_memory(self, image_tokens: Tensor, text_states: Tensor, momentum: bool = False) -> Tensor:
+        """The tokens the fusion layers cross-attend to for texts `text_states` [N, L, W]: ALBEF's image tokens as
+        they are (BUS summarises them under each text). `momentum`: for the momentum model."""
+        return image_tokens
+
+    def contrastive_loss(
+        self, image_cls: Tensor, text_pooled: Tensor, image_cls_m: Tensor, text: dict[str, Tensor], alpha: float,
+        temperature: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """ITC with momentum distillation against the momentum features of the batch and the queues (module doc,
+        eq. 1-3 and 6) from the image [CLS] tokens (the student's and the momentum model's) and the pooled text;
+        stashes the momentum features to enqueue. Returns (the loss, the unit image and text features)."""
+        image_features = F.normalize(self.vision_projection(image_cls).float(), dim=-1)
+        text_features = F.normalize(self.text_projection(text_pooled).float(), dim=-1)
+        with torch.no_grad():
+            image_features_m = F.normalize(self.vision_projection_m(image_cls_m).float(), dim=-1)
             text_features_m = F.normalize(self.text_projection_m(self.text_m.encode(text)[0]).float(), dim=-1)
             image_all = torch.cat([image_features_m, self.image_queue.bank.float()])  # [B + K, D]
             text_all = torch.cat([text_features_m, self.text_queue.bank.float()])
-            positive = torch.eye(image_features.shape[0], image_all.shape[0], dtype=torch.bool, device=images.device)
+            positive = torch.eye(image_features.shape[0], image_all.shape[0], dtype=torch.bool,
+                                 device=image_cls.device)
             targets_i2t = momentum_targets(image_features_m @ text_all.T / temperature, positive, alpha)
             targets_t2i = momentum_targets(text_features_m @ image_all.T / temperature, positive, alpha)
         similarity_i2t = image_features @ text_all.T / temperature
         similarity_t2i = text_features @ image_all.T / temperature
-        loss_itc = distilled_contrastive_loss(similarity_i2t, similarity_t2i, targets_i2t, targets_t2i)
+        loss = distilled_contrastive_loss(similarity_i2t, similarity_t2i, targets_i2t, targets_t2i)
         if self.training:
             self._to_enqueue = (image_features_m, text_features_m)
+        return loss, image_features, text_features
 
-        with torch.no_grad():  # hard negatives from the similarities to the global batch's current pairs
+    def matching_loss(
+        self, image_tokens: Tensor, text_states: Tensor, text_mask: Tensor, image_features: Tensor,
+        text_features: Tensor, temperature: Tensor, batch: dict,
+    ) -> tuple[Tensor, Tensor]:
+        """ITM with hard negatives drawn by the ITC similarities to the global batch's current pairs (eq. 4)."""
+        with torch.no_grad():
             sampling_i2t = image_features @ all_gather_no_grad(text_features).T
             sampling_t2i = text_features @ all_gather_no_grad(image_features).T
-        loss_itm, itm_accuracy = match_with_hard_negatives(
+        return match_with_hard_negatives(
             self.text, self.itm_head, image_tokens, text_states, text_mask,
-            sampling_i2t / temperature, sampling_t2i / temperature, sample_ids(batch),
+            sampling_i2t / temperature, sampling_t2i / temperature, sample_ids(batch), memory=self.fusion_memory,
         )
 
+    def masked_language_loss(
+        self, text: dict[str, Tensor], image_tokens: Tensor, image_tokens_m: Tensor, alpha: float
+    ) -> Tensor:
+        """Image-conditioned MLM distilled from the momentum model's predictions (eq. 5 and 7)."""
         masked_ids, labels = mask_tokens(
             text["input_ids"], text["attention_mask"], mask_token_id=self.specials.mask_token_id,
             vocab_size=self.specials.vocab_size, special_token_ids=self.specials.special_token_ids,
@@ -214,16 +254,16 @@ class ALBEF(MomentumMethod):
         )
         masked = {"input_ids": masked_ids, "attention_mask": text["attention_mask"]}
         chosen = labels != -100  # vocabulary logits only where a token was masked: 15 % of [B, L, V]
-        logits = self.text.token_logits(self.mlm_head(self.text(masked, image_tokens)[chosen]))[None]
+        _, states, mask = self.text.encode(masked)
+        fused = self.text.fuse(states, mask, self.fusion_memory(image_tokens, states))
+        logits = self.text.token_logits(self.mlm_head(fused[chosen]))[None]
         with torch.no_grad():
             soft = None
             if alpha > 0:
-                states_m = self.text_m(masked, image_tokens_m)[chosen]
-                soft = self.text_m.token_logits(self.mlm_head_m(states_m)).float().softmax(-1)[None]
-        loss_mlm = mlm_loss(logits, labels[chosen][None], soft_targets=soft, alpha=alpha)
-        loss = loss_itc + self.itm_weight * loss_itm + self.mlm_weight * loss_mlm
-        return {"loss": loss, "itc": loss_itc.detach(), "itm": loss_itm.detach(), "mlm": loss_mlm.detach(),
-                "itm_accuracy": itm_accuracy, "temperature": temperature.detach()}
+                _, states_m, mask_m = self.text_m.encode(masked)
+                fused_m = self.text_m.fuse(states_m, mask_m, self.fusion_memory(image_tokens_m, states_m, True))
+                soft = self.text_m.token_logits(self.mlm_head_m(fused_m[chosen])).float().softmax(-1)[None]
+        return mlm_loss(logits, labels[chosen][None], soft_targets=soft, alpha=alpha)
 
     def on_after_backward(self) -> None:
         """Enqueue the batch's momentum features once its loss went backward (the queues are read by it; ALBEF's

@@ -32,9 +32,8 @@ from torch import Tensor, nn
 from data_modules.views import SingleCrop, Views
 from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.contrastive import clip_contrastive_loss
-from vlp_lightning.losses.fusion import caption_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
-from vlp_lightning.methods.fusion.common import CaptionGenerator, text_specials
+from vlp_lightning.methods.fusion.common import CaptionGenerator, captioning_loss, next_token_logits, text_specials
 from vlp_lightning.methods.self_supervised.common import tiny_vit
 from vlp_lightning.modules.fusion import AttentionalPooler, FusionTextTransformer
 from vlp_lightning.modules.tokenizers import ByteTokenizer, Tokenizer
@@ -119,9 +118,7 @@ class CoCa(CaptionGenerator, VLPMethod):
 
     def caption_logits(self, memory: Tensor, prefixes: Tensor) -> Tensor:
         """Next-token logits [N, t, vocab] of the multimodal decoder for token prefixes [N, t] (no padding)."""
-        text = {"input_ids": prefixes, "attention_mask": torch.ones_like(prefixes)}
-        _, states, mask = self.text.encode(text)
-        return self.text.token_logits(self.text.fuse(states, mask, memory))
+        return next_token_logits(self.text, memory, prefixes)
 
     # ------------------------------------------------------------------ training
     def after_optimizer_step(self) -> None:
@@ -136,12 +133,7 @@ class CoCa(CaptionGenerator, VLPMethod):
         text_pooled, text_states, text_mask = self.text.encode(text)
         text_features = F.normalize(self.text_projection(text_pooled), dim=-1)
         loss_con = clip_contrastive_loss(image_features, text_features, self.logit_scale.float().exp())
-        fused = self.text.fuse(text_states, text_mask, self.caption_pooler(image_tokens))
-        # position t predicts token t + 1 (open_clip: logits[:, :-1] against text[:, 1:]); vocabulary logits only
-        # where the target is a real token (padding would be most of [B, L, V])
-        real = text["attention_mask"][:, 1:].bool()
-        logits = self.text.token_logits(fused[:, :-1][real])[None]  # [1, M, V]
-        loss_cap = caption_loss(logits, text["input_ids"][:, 1:][real][None], ~real[real][None])
+        loss_cap = captioning_loss(self.text, text_states, text_mask, self.caption_pooler(image_tokens), text)
         loss = self.contrastive_weight * loss_con + self.caption_weight * loss_cap
         return {"loss": loss, "contrastive": loss_con.detach(), "caption": loss_cap.detach(),
                 "logit_scale": self.logit_scale.detach().exp()}

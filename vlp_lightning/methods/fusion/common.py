@@ -1,17 +1,18 @@
 """What the fusion and captioning methods share: the special tokens of a tokenizer, sample identities, image-text
-matching with hard negatives, and the caption protocol (`CaptionGenerator`)."""
+matching with hard negatives, the captioning loss and next-token logits of a decoder, and the caption protocol
+(`CaptionGenerator`)."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from vlp_lightning.distributed import all_gather_no_grad, all_gather_with_grad, rank
-from vlp_lightning.losses.fusion import itm_loss, sample_hard_negatives
+from vlp_lightning.losses.fusion import caption_loss, itm_loss, sample_hard_negatives
 from vlp_lightning.modules.fusion import FusionTextTransformer
 from vlp_lightning.modules.generation import generate
 from vlp_lightning.modules.tokenizers import Tokenizer
@@ -105,14 +106,39 @@ def match_with_hard_negatives(
     similarity_i2t: Tensor,
     similarity_t2i: Tensor,
     ids: Tensor,
+    memory: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """ALBEF's ITM: the `hard_negative_batch` pairs through the fusion layers, a 2-way head on the fused first
-    token; (cross-entropy, accuracy). `text_states` / `text_mask` are `fusion.encode` outputs of the local texts."""
+    token; (cross-entropy, accuracy). `text_states` / `text_mask` are `fusion.encode` outputs of the local texts.
+    `memory(image tokens [3B, S, W_img], text states [3B, L, W])` gives the tokens the fusion layers attend to
+    (default the image tokens themselves, ALBEF); BUS summarises each image under the pair's own text (its
+    text-aware patch selector), negatives included."""
     (images,), (states, masks), labels = hard_negative_batch(
         [image_tokens], [text_states, text_mask], similarity_i2t, similarity_t2i, ids
     )
-    logits = head(fusion.fuse(states, masks, images)[:, 0])  # the fused [CLS] / first token
+    attended = images if memory is None else memory(images, states)
+    logits = head(fusion.fuse(states, masks, attended)[:, 0])  # the fused [CLS] / first token
     return itm_loss(logits, labels), (logits.argmax(-1) == labels).float().mean()
+
+
+def captioning_loss(
+    decoder: FusionTextTransformer, states: Tensor, mask: Tensor, memory: Tensor, text: dict[str, Tensor]
+) -> Tensor:
+    """Next-token cross-entropy of a causal decoder reading `memory` (CoCa's L_Cap, Yu et al. 2022, eq. 3; the
+    language-modelling loss of captioners). `states`, `mask`: `decoder.encode(text)` outputs. Position t predicts
+    token t + 1 (open_clip: logits[:, :-1] against text[:, 1:]); vocabulary logits only where the target is a real
+    token (padding would be most of [B, L, V])."""
+    fused = decoder.fuse(states, mask, memory)
+    real = text["attention_mask"][:, 1:].bool()
+    logits = decoder.token_logits(fused[:, :-1][real])[None]  # [1, M, V]
+    return caption_loss(logits, text["input_ids"][:, 1:][real][None], ~real[real][None])
+
+
+def next_token_logits(decoder: FusionTextTransformer, memory: Tensor, prefixes: Tensor) -> Tensor:
+    """Logits [N, t, vocab] of a causal decoder reading `memory` [N, S, W_mem] for token prefixes [N, t] (no
+    padding): what `CaptionGenerator.caption_logits` returns for a decoder built on `FusionTextTransformer`."""
+    _, states, mask = decoder.encode({"input_ids": prefixes, "attention_mask": torch.ones_like(prefixes)})
+    return decoder.token_logits(decoder.fuse(states, mask, memory))
 
 
 class CaptionGenerator:
