@@ -6,17 +6,17 @@ drawings of the seen 80 % of the emoji concepts (1,529 images, the emoji's name 
 Twitter's drawings: of the *unseen* concepts (382 images: a new style and names never trained on) and, for
 captioning, of the seen concepts too (a new style only).
 
-Runs: CLIP, ALBEF, FIBER and CoCa each train their tiny recipe (`experiments/<method>/emoji_tiny.yaml`) with the same image
+Runs: CLIP, ALBEF, FIBER, CoCa and BUS each train their tiny recipe (`experiments/<method>/emoji_tiny.yaml`) with the same image
 tower (the recipes' ViT-Tiny at 64 px, 6 blocks) for the same wall-clock budget (`--minutes`, Lightning's max_time),
 fp32, one seed.
 
 * Retrieval (`callbacks.Retrieval`): image -> text and text -> image R@1 / R@5 among the 382 unseen names (and,
-  for reference, among the 1,529 seen names in the new style). ALBEF and
-  FIBER are scored twice: by their contrastive (ITC) space alone, and with the ITC top 16 of every query re-ranked
+  for reference, among the 1,529 seen names in the new style). ALBEF,
+  FIBER and BUS are scored twice: by their contrastive (ITC) space alone, and with the ITC top 16 of every query re-ranked
   by their ITM head (`rerank_top_k`, ALBEF's protocol with k 128/256 on Flickr/COCO).
-* Captioning (`callbacks.CaptionMetrics`): CoCa's greedy captions, BLEU-4 / ROUGE-L / CIDEr-D against the true
-  name; the baseline gives each test image the caption of its nearest training image (cosine in CoCa's own
-  contrastive image space, and in CLIP's; `nearest_neighbour_captions`). On unseen concepts the baseline can never
+* Captioning (`callbacks.CaptionMetrics`): CoCa's and BUS's greedy captions, BLEU-4 / ROUGE-L / CIDEr-D against
+  the true name; the baseline gives each test image the caption of its nearest training image (cosine in the
+  captioner's own contrastive image space, and in CLIP's; `nearest_neighbour_captions`). On unseen concepts the baseline can never
   be exactly right (no training image has the name), which is what generation is for.
 
 Usage: python bench/fusion.py [--minutes M] [--quick] [--methods ...]   (writes bench/results/fusion.json)
@@ -42,8 +42,9 @@ from vlp_lightning.cli import VLPCLI
 TRAIN = "data/emoji-google/seen-{000000..000001}.tar"
 UNSEEN = "data/emoji-twitter/unseen-000000.tar"
 SEEN_STYLE = "data/emoji-twitter/seen-{000000..000001}.tar"
-METHODS = ("CLIP", "ALBEF", "FIBER", "CoCa")
-RERANKS = {"ALBEF", "FIBER"}  # methods with an ITM head: scored with and without re-ranking
+METHODS = ("CLIP", "ALBEF", "FIBER", "CoCa", "BUS")
+RERANKS = {"ALBEF", "FIBER", "BUS"}  # methods with an ITM head: scored with and without re-ranking
+CAPTIONERS = {"CoCa", "BUS"}
 DEMO_RECIPE = REPO_ROOT / "experiments" / "clip" / "emoji_heldout_tiny.yaml"
 RESULTS = REPO_ROOT / "bench" / "results" / "fusion.json"
 
@@ -111,10 +112,10 @@ def main() -> None:
                     rows[method] = scored
                 print(f"{method} retrieval, {split}: {scored}", flush=True)
             for split, shards in (("unseen", UNSEEN), ("seen style", SEEN_STYLE)):
-                if method == "CoCa":
-                    captions.setdefault(split, {})["CoCa (greedy)"] = evaluate(
+                if method in CAPTIONERS:
+                    captions.setdefault(split, {})[f"{method} (greedy)"] = evaluate(
                         CaptionMetrics(shards, name=split, num_examples=0), cli)
-                if method in ("CoCa", "CLIP"):
+                if method in CAPTIONERS or method == "CLIP":
                     captions.setdefault(split, {})[f"1-NN caption ({method} space)"] = nearest_neighbour_baseline(
                         cli, shards)
             print(f"{method} captions: {json.dumps(captions, indent=1)}", flush=True)
@@ -130,10 +131,11 @@ def main() -> None:
                100 * (unseen[f"{method} (ITM re-ranked top 16)"]["i2t_R@1"] - unseen["CLIP"]["i2t_R@1"]), 0.0)
         for method in sorted(RERANKS) if f"{method} (ITM re-ranked top 16)" in unseen and "CLIP" in unseen
     ]
-    if "CoCa (greedy)" in captions.get("unseen", {}):
-        targets.append(Target("CoCa CIDEr - 1-NN CIDEr, unseen concepts",
-                              captions["unseen"]["CoCa (greedy)"]["CIDEr"]
-                              - captions["unseen"]["1-NN caption (CoCa space)"]["CIDEr"], 0.0))
+    for method in sorted(CAPTIONERS):
+        if f"{method} (greedy)" in captions.get("unseen", {}):
+            targets.append(Target(f"{method} CIDEr - 1-NN CIDEr in its space, unseen concepts",
+                                  captions["unseen"][f"{method} (greedy)"]["CIDEr"]
+                                  - captions["unseen"][f"1-NN caption ({method} space)"]["CIDEr"], 0.0))
     publish("fusion", report, targets)
 
 
