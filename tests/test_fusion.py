@@ -143,6 +143,16 @@ def test_logits_processors_apply_before_the_choice():
 
 
 # ---------------------------------------------------------------------------------------------------- methods
+def overfit(method, batch: dict, steps: int, lr: float = 3e-3) -> None:
+    """`steps` AdamW steps of the method's whole loss on one fixed batch."""
+    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        loss = method.forward_loss(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 def _fit(method, batches, steps: int, tmp_path):
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
@@ -181,12 +191,7 @@ def test_albef_match_scores_rank_its_own_pair_first_after_training():
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     batch = {"image": images, "text": method.tokenizer(["red apple", "blue car", "green tree", "cat face"]),
              "__key__": ["a", "b", "c", "d"]}
-    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=3e-3)
-    for _ in range(40):
-        loss = method.forward_loss(batch)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    overfit(method, batch, steps=40)
     method.eval()
     images, text = batch["image"], batch["text"]
     scores = torch.stack([method.match_scores(images, {k: v.roll(shift, 0) for k, v in text.items()})
@@ -219,12 +224,7 @@ def test_coca_learns_to_caption_and_generates_the_caption(tmp_path):
     images = torch.stack([torch.full((3, 32, 32), -1.0), torch.full((3, 32, 32), 1.0)])
     captions = ["red apple", "blue car"]
     batch = {"image": images, "text": method.tokenizer(captions)}
-    optimizer = torch.optim.AdamW(method.parameters(), lr=3e-3)
-    for _ in range(60):
-        loss = method.forward_loss(batch)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    overfit(method, batch, steps=60)
     method.eval()
     assert method.generate_captions(images) == captions
     assert method.generate_captions(images, beam_size=3) == captions
@@ -288,12 +288,7 @@ def test_fiber_starts_as_two_separate_encoders_and_its_gates_open_with_training(
 
     fused, unfused = both_ways()
     torch.testing.assert_close(fused, unfused)
-    optimizer = torch.optim.AdamW(method.parameter_groups(), lr=1e-2)
-    for _ in range(3):
-        loss = method.forward_loss(batch)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    overfit(method, batch, steps=3, lr=1e-2)
     assert all(float(cross.gate) != 0 for cross in method.image_cross)
     fused, unfused = both_ways()
     assert not torch.allclose(fused[0], unfused[0]) and not torch.allclose(fused[1], unfused[1])
