@@ -13,6 +13,7 @@ from vlp_lightning.methods.clip import CLIP
 from vlp_lightning.methods.convirt import ConVIRT
 from vlp_lightning.methods.fusion.albef import ALBEF
 from vlp_lightning.methods.fusion.coca import CoCa
+from vlp_lightning.methods.fusion.urbanclip import UrbanCLIP
 from vlp_lightning.methods.mae import MAE
 from vlp_lightning.methods.self_supervised.barlow_twins import BarlowTwins
 from vlp_lightning.methods.self_supervised.byol import BYOL
@@ -40,5 +41,5 @@ __all__ = [
     "VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "SwAV", "MAE", "Selfie", "SiT",
     "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg", "MMC", "LOOK", "HVP",
     "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP", "PEFTClassifier", "PVP",
-    "ALBEF", "CoCa",
+    "ALBEF", "CoCa", "UrbanCLIP",
 ]
