@@ -4,8 +4,10 @@ Each style package holds one 64x64 PNG per emoji (`img/<style>/64/<code points>.
 (MIT), whose entries give the Unicode name ("FATHER CHRISTMAS"), short names ("santa"), one of 10 categories and
 one of 99 subcategories. Version 16.0.0 has 1,911 emoji (skin-tone variants are left out: they share their base
 emoji's name). The captions are the lower-cased names; the category is the `.cls` label and the subcategory an
-integer `subcategory_id` in `.json`, both with manifest classnames. Keys are the code points, identical across
-styles, so a Twitter-trained model can be evaluated on Google's drawings of the same concepts (held-out style).
+integer `subcategory_id` in `.json`, both with manifest classnames. `added_in` in `.json` is the Emoji version that
+introduced the emoji (emoji.json's "0.6" ... "16.0", as a number): a real numeric target for `RegressionProbe`.
+Keys are the code points, identical across styles, so a Twitter-trained model can be evaluated on Google's drawings
+of the same concepts (held-out style).
 
 Image licences differ by style (emoji-data README): Twemoji CC-BY 4.0, Noto Apache-2.0; Apple's and Facebook's
 images are not openly licensed.
@@ -115,6 +117,7 @@ def emoji_source(style: str, package_dir: Path | None, cache_dir: Path) -> Sourc
                 "subcategory": entry["subcategory"],
                 "subcategory_id": subcategories.index(entry["subcategory"]),
                 "style": style,
+                **_added_in(entry),
             },
         )
         for entry in entries
@@ -127,6 +130,12 @@ def emoji_source(style: str, package_dir: Path | None, cache_dir: Path) -> Sourc
         inputs=[metadata_file, *(image_dir / entry["image"] for entry in entries)],
         classnames={"cls": categories, "subcategory_id": subcategories},
     )
+
+
+def _added_in(entry: dict[str, object]) -> dict[str, float]:
+    """`{"added_in": 13.1}`: the Emoji version that introduced the emoji (emoji.json's `added_in`, "0.6" ... "16.0"),
+    as a number for regression probes; nothing when the entry has none."""
+    return {"added_in": float(entry["added_in"])} if entry.get("added_in") else {}
 
 
 def emoji_caption(entry: dict[str, object]) -> str:

@@ -6,7 +6,8 @@ Evaluation (`features.EvaluationCallback`: end of validate / test, and every `ev
 (base / novel / harmonic-mean accuracy of prompt learning, zero-shot for other CLIP-family methods),
 `AdversarialRobustness` (clean and ℓ∞ PGD accuracy of a method with `classify(images)`), `CaptionMetrics` (BLEU,
 ROUGE-L and CIDEr-D of a method with `generate_captions(images, ...)`; `nearest_neighbour_captions` is the 1-NN
-caption baseline).
+caption baseline), `RegressionProbe` (UrbanCLIP's MLP regressing a numeric `.json` field from frozen features: R²,
+RMSE, MAE, MAPE, and a ridge regression's R²).
 Monitoring: `ThroughputMonitor` (samples/s, data wait, MFU), `NonFiniteLossGuard`.
 Set-up: `GlobalBatchSize` (effective global batch vs the paper's, learning-rate scaling rule).
 Output: `EmbeddingWriter` (`vlp predict`: keys and embeddings of a shard set to `.npz`).
@@ -25,6 +26,12 @@ from vlp_lightning.callbacks.linear_probe import LinearProbe, fit_logistic_regre
 from vlp_lightning.callbacks.model_summary import VLPModelSummary
 from vlp_lightning.callbacks.non_finite_loss import NonFiniteLossGuard
 from vlp_lightning.callbacks.progress import VLPProgressBar
+from vlp_lightning.callbacks.regression_probe import (
+    RegressionProbe,
+    regression_metrics,
+    regression_probe_predictions,
+    ridge_predictions,
+)
 from vlp_lightning.callbacks.retrieval import Retrieval, retrieval_metrics, retrieval_ranks
 from vlp_lightning.callbacks.throughput import ThroughputMonitor
 from vlp_lightning.callbacks.zero_shot import (
@@ -47,6 +54,7 @@ __all__ = [
     "KNNClassifier",
     "LinearProbe",
     "NonFiniteLossGuard",
+    "RegressionProbe",
     "Retrieval",
     "TEMPLATE_SETS",
     "ThroughputMonitor",
@@ -63,8 +71,11 @@ __all__ = [
     "linear_probe_scores",
     "nearest_neighbour_captions",
     "pgd_attack",
+    "regression_metrics",
+    "regression_probe_predictions",
     "lr_scale_factor",
     "retrieval_metrics",
     "retrieval_ranks",
+    "ridge_predictions",
     "weighted_knn_scores",
 ]
