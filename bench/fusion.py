@@ -19,6 +19,11 @@ fp32, one seed.
   captioner's own contrastive image space, and in CLIP's; `nearest_neighbour_captions`). On unseen concepts the baseline can never
   be exactly right (no training image has the name), which is what generation is for.
 
+Indicator probe (UrbanCLIP's protocol, `callbacks.RegressionProbe`): UrbanCLIP's frozen contrastive image
+embedding -> an MLP regressing each emoji's `added_in` (the Emoji version that introduced it, 0.6 to 16.0) trained on
+the seen Google drawings, scored on the unseen Twitter ones (R2, RMSE, MAE, and a ridge regression's R2), against
+the same model at its random initialisation.
+
 Usage: python bench/fusion.py [--minutes M] [--quick] [--methods ...]   (writes bench/results/fusion.json)
 """
 
@@ -33,7 +38,7 @@ from pathlib import Path
 import torch
 from common import REPO_ROOT, Target, ensure_shards, publish
 
-from vlp_lightning.callbacks import CaptionMetrics, Retrieval
+from vlp_lightning.callbacks import CaptionMetrics, RegressionProbe, Retrieval
 from vlp_lightning.callbacks.captioning import caption_metrics, nearest_neighbour_captions
 from vlp_lightning.callbacks.features import evaluation_mode, extract_features
 from vlp_lightning.callbacks.retrieval import split_captions
@@ -42,9 +47,10 @@ from vlp_lightning.cli import VLPCLI
 TRAIN = "data/emoji-google/seen-{000000..000001}.tar"
 UNSEEN = "data/emoji-twitter/unseen-000000.tar"
 SEEN_STYLE = "data/emoji-twitter/seen-{000000..000001}.tar"
-METHODS = ("CLIP", "ALBEF", "FIBER", "CoCa", "BUS")
+METHODS = ("CLIP", "ALBEF", "FIBER", "CoCa", "BUS", "UrbanCLIP")
 RERANKS = {"ALBEF", "FIBER", "BUS"}  # methods with an ITM head: scored with and without re-ranking
 CAPTIONERS = {"CoCa", "BUS"}
+REGRESSORS = {"UrbanCLIP"}  # scored by its indicator probe (RegressionProbe on `added_in`), before and after training
 DEMO_RECIPE = REPO_ROOT / "experiments" / "clip" / "emoji_heldout_tiny.yaml"
 RESULTS = REPO_ROOT / "bench" / "results" / "fusion.json"
 
@@ -91,14 +97,22 @@ def main() -> None:
     started = time.perf_counter()
     kept = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not args.quick else {}
     runs, retrieval, captions = kept.get("runs", {}), kept.get("retrieval", {}), kept.get("captions", {})
+    regression = kept.get("regression", {})
     with tempfile.TemporaryDirectory(prefix="vlp-fusion-") as folder:
         for method in args.methods:
             torch.manual_seed(0)
             cli = build(method, minutes, Path(folder))
+            probe = RegressionProbe(TRAIN, UNSEEN, "added_in", name="added_in")
+            if method in REGRESSORS:
+                regression[f"{method} (random init)"] = evaluate(probe, cli)
+                print(f"{method} random-init regression: {regression[f'{method} (random init)']}", flush=True)
             start = time.perf_counter()
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
             runs[method] = {"seconds": time.perf_counter() - start, "steps": cli.trainer.global_step}
             print(f"{method}: {runs[method]['steps']} steps in {runs[method]['seconds']:.0f} s", flush=True)
+            if method in REGRESSORS:
+                regression[method] = evaluate(probe, cli)
+                print(f"{method} regression: {regression[method]}", flush=True)
             for split, shards in (("unseen", UNSEEN), ("seen style", SEEN_STYLE)):
                 scored = evaluate(Retrieval(shards, name=split, rerank_top_k=16 if method in RERANKS else 0,
                                             num_examples=0), cli)
@@ -122,7 +136,7 @@ def main() -> None:
     order = [f"{m}{suffix}" for m in METHODS for suffix in ("", " (ITC only)", " (ITM re-ranked top 16)")]
     retrieval = {split: {row: rows[row] for row in order if row in rows} for split, rows in retrieval.items()}
     report = {"seconds": time.perf_counter() - started, "minutes_per_method": minutes, "runs": runs,
-              "retrieval": retrieval, "captions": captions}
+              "retrieval": retrieval, "captions": captions, "regression": regression}
     report["table"] = tables(report)
     print("\n" + report["table"])
     unseen = retrieval.get("unseen", {})
@@ -136,6 +150,9 @@ def main() -> None:
             targets.append(Target(f"{method} CIDEr - 1-NN CIDEr in its space, unseen concepts",
                                   captions["unseen"][f"{method} (greedy)"]["CIDEr"]
                                   - captions["unseen"][f"1-NN caption ({method} space)"]["CIDEr"], 0.0))
+    if "UrbanCLIP" in regression:
+        targets.append(Target("UrbanCLIP R2 - its random-init R2, Emoji version of unseen concepts",
+                              regression["UrbanCLIP"]["R2"] - regression["UrbanCLIP (random init)"]["R2"], 0.0))
     publish("fusion", report, targets)
 
 
@@ -152,6 +169,12 @@ def tables(report: dict) -> str:
         for row, metrics in rows.items():
             lines.append(f"| {row} | {split} | {100 * metrics['BLEU-4']:.1f} | {100 * metrics['ROUGE-L']:.1f} "
                          f"| {metrics['CIDEr']:.3f} |")
+    if report.get("regression"):
+        lines += ["", "| indicator probe: Emoji version (`added_in`) of unseen concepts | R2 | RMSE | MAE | ridge R2 |",
+                  "|---|---|---|---|---|"]
+        for row, metrics in report["regression"].items():
+            lines.append(f"| {row} | {metrics['R2']:.3f} | {metrics['RMSE']:.2f} | {metrics['MAE']:.2f} "
+                         f"| {metrics['ridge_R2']:.3f} |")
     return "\n".join(lines)
 
 
