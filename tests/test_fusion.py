@@ -132,6 +132,17 @@ def test_generation_respects_the_length_limit_and_ends_when_all_stopped():
         generate(never_stop, 1, start_token_id=START, stop_token_id=STOP, max_length=0)
 
 
+def test_min_length_forbids_stopping_early():
+    def stop_at_once(prefixes, rows):
+        logits = torch.zeros(prefixes.shape[0], 5)
+        logits[:, STOP] = 10.0
+        logits[:, 2] = 5.0
+        return logits
+
+    assert generate(stop_at_once, 1, start_token_id=START, stop_token_id=STOP, max_length=5) == [[]]
+    assert generate(stop_at_once, 1, start_token_id=START, stop_token_id=STOP, max_length=5, min_length=2) == [[2, 2]]
+
+
 def test_logits_processors_apply_before_the_choice():
     def ban_one(prefixes, logits):
         logits[:, 1] = -math.inf

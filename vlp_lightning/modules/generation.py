@@ -7,6 +7,9 @@ image tokens; with beams, M = batch x beams). Nothing here knows about images or
 decoders (CoCa) and the frozen language models share it.
 
 * Greedy: the most likely token each step (beam_size 1).
+* `min_length`: the stop token is forbidden before that many generated tokens (open_clip's CoCa decodes with
+  `min_seq_len` 5); an undertrained decoder's most likely first token is often the stop token itself, the one token
+  every caption has.
 * Beam search (Sutskever et al. 2014; the decoding CoCa and ALBEF/BLIP captioners report): `beam_size` hypotheses
   per element, extended by their top continuations each step and pruned to the best `beam_size` by summed
   log-probability. A hypothesis that emitted the stop token is finished: it keeps its score and only pads from then
@@ -38,6 +41,7 @@ def generate(
     stop_token_id: int,
     max_length: int,
     beam_size: int = 1,
+    min_length: int = 0,
     length_penalty: float = 0.0,
     logits_processors: Sequence[LogitsProcessor] = (),
     device: torch.device | str = "cpu",
@@ -55,8 +59,10 @@ def generate(
     scores[:, 1:] = -torch.inf  # every beam starts as the same prefix: expand only the first one at step 1
     finished = torch.zeros(batch_size * beams, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch_size * beams, device=device)
-    for _ in range(max_length):
+    for step in range(max_length):
         logits = next_token_logits(prefixes, rows).float()
+        if step < min_length:
+            logits[:, stop_token_id] = -torch.inf
         for processor in logits_processors:
             logits = processor(prefixes, logits)
         log_probs = torch.log_softmax(logits, dim=-1)  # [B*K, V]

@@ -157,11 +157,17 @@ class CaptionGenerator:
 
     @torch.no_grad()
     def generate_captions(
-        self, images: Tensor, max_length: int | None = None, beam_size: int = 1, length_penalty: float = 1.0
+        self,
+        images: Tensor,
+        max_length: int | None = None,
+        beam_size: int = 1,
+        length_penalty: float = 1.0,
+        min_length: int = 1,
     ) -> list[str]:
-        """Captions of images [N, 3, H, W]: greedy (beam_size 1) or beam search, at most `max_length` tokens; beams
-        are ranked by mean log-probability per token (`length_penalty` 1, Hugging Face's default, which open_clip's
-        CoCa decodes with): a raw sum favours stopping early."""
+        """Captions of images [N, 3, H, W]: greedy (beam_size 1) or beam search, at least `min_length` (never an
+        empty caption) and at most `max_length` tokens; beams are ranked by mean log-probability per token
+        (`length_penalty` 1, Hugging Face's default, which open_clip's CoCa decodes with): a raw sum favours
+        stopping early."""
         memory = self.caption_memory(images)
         limit = min(max_length or self.default_caption_length, self.tokenizer.context_length - 1)
 
@@ -182,6 +188,7 @@ class CaptionGenerator:
             max_length=limit,
             beam_size=beam_size,
             length_penalty=length_penalty,
+            min_length=min_length,
             logits_processors=(never_special,),
             device=images.device,
         )
