@@ -45,7 +45,7 @@ from common import REPO_ROOT, Target, ensure_shards, publish
 from lightning.pytorch import Trainer
 
 from vlp_lightning.callbacks import BaseToNovel, LinearProbe, ZeroShotClassification
-from vlp_lightning.callbacks.features import EvaluationCallback, evaluation_mode
+from vlp_lightning.callbacks.features import EvaluationCallback, evaluation_mode, new_evaluation_pass
 from vlp_lightning.cli import VLPCLI
 from vlp_lightning.pretrained import load_method
 
@@ -157,6 +157,7 @@ def categories(pretrained: str, steps: int | None, root: Path) -> dict[str, dict
 
 
 def scores_of(callback: EvaluationCallback, trainer: Trainer, method) -> dict[str, float]:
+    new_evaluation_pass()  # nothing cached from another model or from before training
     with evaluation_mode(trainer, method):
         return callback.evaluate(trainer, method)
 

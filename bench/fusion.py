@@ -40,7 +40,7 @@ from common import REPO_ROOT, Target, ensure_shards, publish
 
 from vlp_lightning.callbacks import CaptionMetrics, RegressionProbe, Retrieval
 from vlp_lightning.callbacks.captioning import caption_metrics, nearest_neighbour_captions
-from vlp_lightning.callbacks.features import evaluation_mode, extract_features
+from vlp_lightning.callbacks.features import evaluation_mode, extract_features, new_evaluation_pass
 from vlp_lightning.callbacks.retrieval import split_captions
 from vlp_lightning.cli import VLPCLI
 
@@ -70,6 +70,8 @@ def build(method: str, minutes: float, root: Path) -> VLPCLI:
 
 
 def evaluate(callback, cli: VLPCLI) -> dict[str, float]:
+    """`callback`'s metrics for the model as it is now (a new evaluation pass: no features from before training)."""
+    new_evaluation_pass()
     with evaluation_mode(cli.trainer, cli.model):
         metrics = callback.evaluate(cli.trainer, cli.model)
     return {name.rsplit("/", 1)[1]: value for name, value in metrics.items()}

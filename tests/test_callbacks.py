@@ -488,3 +488,26 @@ def test_throughput_monitor_counts_flops_and_sees_a_data_bound_pipeline(tmp_path
     assert 0 < metrics["perf/samples_per_sec"] <= batch_size / (batch_size * delay) * 1.05
     assert metrics["perf/data_wait_fraction"] > 0.5  # loading a batch takes 40 ms, the step well under 1 ms
     assert 0 < metrics["perf/mfu"] < 0.1
+
+
+def test_features_are_never_served_to_another_model_with_the_same_id(make_shards, tmp_path: Path) -> None:
+    """The pass cache is keyed by id(method); an id outlives its object (a new model may get a dead one's id), so an
+    entry of another object is recomputed, and `new_evaluation_pass` forgets everything (a bench's before/after)."""
+    from vlp_lightning.callbacks import features as features_module
+
+    shards = make_shards(tmp_path / "val", n=8, per_shard=8, split="val")
+    callback = Retrieval(shards.pattern, batch_size=8)
+    first, second = ColourMethod(), ColourMethod()
+    callback.features(first, shards.pattern, representation="joint")
+    calls = first.image_calls
+    callback.features(first, shards.pattern, representation="joint")
+    assert first.image_calls == calls  # served from the pass
+    stale = {key: value for key, value in features_module._PASS.features.items()}
+    features_module._PASS.features.clear()
+    for (_, *rest), value in stale.items():  # pretend `second` got the id `first` had
+        features_module._PASS.features[(id(second), *rest)] = value
+    callback.features(second, shards.pattern, representation="joint")
+    assert second.image_calls > 0  # recomputed for its real owner
+    features_module.new_evaluation_pass()
+    callback.features(first, shards.pattern, representation="joint")
+    assert first.image_calls > calls

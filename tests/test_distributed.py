@@ -129,11 +129,13 @@ def hard_negative_draws(rank: int) -> dict[str, torch.Tensor]:
     features = (torch.arange(LOCAL_BATCH) + rank * LOCAL_BATCH).float()[:, None].repeat(1, 3).requires_grad_(True)
     similarity = torch.zeros(LOCAL_BATCH, WORLD * LOCAL_BATCH)
     similarity[:, [0, LOCAL_BATCH]] = 50.0
-    draws = []
+    torch.manual_seed(rank)
+    draws, drawn = [], []
     for _ in range(50):
         (images,), _, _ = hard_negative_batch([features], [features], similarity, similarity, ids)
         draws.append(images[LOCAL_BATCH : 2 * LOCAL_BATCH, 0].detach())
-    images[LOCAL_BATCH : 2 * LOCAL_BATCH].sum().backward()  # negatives drawn from the other rank send gradient back
+        drawn.append(images[LOCAL_BATCH : 2 * LOCAL_BATCH].sum())
+    torch.stack(drawn).sum().backward()  # negatives drawn from the other rank send gradient back to their owner
     return {"draws": torch.stack(draws), "grad": features.grad}
 
 

@@ -22,6 +22,7 @@ the pass is printed.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -317,6 +318,7 @@ def format_results_table(metrics: dict[str, float]) -> str:
 class _CachedFeatures:
     features: EvalFeatures
     max_samples: int | None  # what was asked for; fewer rows than asked means the whole shard set
+    owner: weakref.ref  # the method they are of: an id() outlives its object and may name a new one
 
     def covers(self, max_samples: int | None) -> bool:
         complete = self.max_samples is None or len(self.features) < self.max_samples
@@ -337,6 +339,12 @@ class _EvaluationPass:
 
 
 _PASS = _EvaluationPass()
+
+
+def new_evaluation_pass() -> None:
+    """Forget the features and metrics of the current pass: for code that calls `evaluate` itself between weight
+    updates (a bench scoring a model before and after training); Lightning's hooks start a pass at every epoch."""
+    _PASS.clear()
 
 
 class EvaluationCallback(Callback):
@@ -374,11 +382,13 @@ class EvaluationCallback(Callback):
         method and representation (a callback called on several methods in one pass never mixes their features)."""
         key = (id(method), shards, method.image_size, representation)
         cached = _PASS.features.get(key)
+        if cached is not None and cached.owner() is not method:
+            cached = None
         if cached is None or not cached.covers(max_samples):
             if cached is not None and max_samples is not None:  # a second, larger request: serve both from now on
                 max_samples = None if cached.max_samples is None else max(max_samples, cached.max_samples)
             features = extract_features(method, shards, self.batch_size, self.num_workers, max_samples, representation)
-            cached = _PASS.features[key] = _CachedFeatures(features, max_samples)
+            cached = _PASS.features[key] = _CachedFeatures(features, max_samples, weakref.ref(method))
         return cached.features.head(max_samples)
 
     def warn_once(self, message: str) -> None:
