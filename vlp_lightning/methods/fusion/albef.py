@@ -40,7 +40,7 @@ from vlp_lightning.catalog import Paper
 from vlp_lightning.distributed import all_gather_no_grad
 from vlp_lightning.losses.fusion import distilled_contrastive_loss, mask_tokens, mlm_loss, momentum_targets
 from vlp_lightning.methods.base import WarmupCosineLR
-from vlp_lightning.methods.fusion.common import match_with_hard_negatives, sample_ids, text_specials
+from vlp_lightning.methods.fusion.common import PairQueues, match_with_hard_negatives, sample_ids, text_specials
 from vlp_lightning.methods.momentum import MomentumMethod, momentum_copy
 from vlp_lightning.methods.self_supervised.common import tiny_vit
 from vlp_lightning.modules.fusion import FusionTextTransformer
@@ -54,7 +54,7 @@ def mlm_head(width: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width))
 
 
-class ALBEF(MomentumMethod):
+class ALBEF(PairQueues, MomentumMethod):
     """ITC with momentum distillation + ITM with hard negatives + image-conditioned MLM (module doc).
 
     Args:
@@ -125,7 +125,6 @@ class ALBEF(MomentumMethod):
         self.alpha, self.alpha_warmup = alpha, alpha_warmup
         self.mask_probability = mask_probability
         self.itm_weight, self.mlm_weight = itm_weight, mlm_weight
-        self._to_enqueue: tuple[Tensor, Tensor] | None = None
 
     @property
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -264,11 +263,3 @@ class ALBEF(MomentumMethod):
                 fused_m = self.text_m.fuse(states_m, mask_m, self.fusion_memory(image_tokens_m, states_m, True))
                 soft = self.text_m.token_logits(self.mlm_head_m(fused_m[chosen])).float().softmax(-1)[None]
         return mlm_loss(logits, labels[chosen][None], soft_targets=soft, alpha=alpha)
-
-    def on_after_backward(self) -> None:
-        """Enqueue the batch's momentum features once its loss went backward (the queues are read by it; ALBEF's
-        `_dequeue_and_enqueue` after the loss), gathered from every rank."""
-        if self._to_enqueue is not None:
-            self.image_queue.enqueue(self._to_enqueue[0])
-            self.text_queue.enqueue(self._to_enqueue[1])
-            self._to_enqueue = None

@@ -141,6 +141,21 @@ def next_token_logits(decoder: FusionTextTransformer, memory: Tensor, prefixes: 
     return decoder.token_logits(decoder.fuse(states, mask, memory))
 
 
+class PairQueues:
+    """The image and text feature queues of ALBEF-style ITC (`image_queue`, `text_queue`: `MemoryBank`s the method
+    builds): a training step stores its features in `_to_enqueue`; they are enqueued, gathered from every rank, once
+    the loss went backward (the queues are read by it; ALBEF's `_dequeue_and_enqueue` after the loss), so a
+    checkpoint written at the batch's end holds them."""
+
+    _to_enqueue: tuple[Tensor, Tensor] | None = None
+
+    def on_after_backward(self) -> None:
+        if self._to_enqueue is not None:
+            self.image_queue.enqueue(self._to_enqueue[0])
+            self.text_queue.enqueue(self._to_enqueue[1])
+            self._to_enqueue = None
+
+
 class CaptionGenerator:
     """The caption protocol of the suite's decoders (`callbacks.CaptionMetrics` calls `generate_captions`): a method
     mixing this in defines `caption_logits(image_memory, prefixes)` and `caption_memory(images)`, and keeps its

@@ -41,7 +41,7 @@ from vlp_lightning.distributed import all_gather_no_grad
 from vlp_lightning.losses.fusion import itm_loss, mask_tokens, mlm_loss, queue_contrastive_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.fusion.albef import mlm_head
-from vlp_lightning.methods.fusion.common import hard_negative_batch, sample_ids, text_specials
+from vlp_lightning.methods.fusion.common import PairQueues, hard_negative_batch, sample_ids, text_specials
 from vlp_lightning.methods.self_supervised.common import tiny_vit
 from vlp_lightning.modules.fusion import Attention, FusionTextTransformer
 from vlp_lightning.modules.memory_bank import MemoryBank
@@ -65,7 +65,7 @@ class GatedCrossAttention(nn.Module):
         return self.gate * self.attn(self.ln(x), self.ln_context(context), mask=mask)
 
 
-class FIBER(VLPMethod):
+class FIBER(PairQueues, VLPMethod):
     """Coarse-grained FIBER: fusion in the top layers of both backbones, ITC (fusion off) + ITM + MLM (module doc).
 
     Args:
@@ -136,7 +136,6 @@ class FIBER(VLPMethod):
         self.text_queue = MemoryBank(queue_length, embed_dim)
         self.new_module_lr = new_module_lr
         self.mask_probability = mask_probability
-        self._to_enqueue: tuple[Tensor, Tensor] | None = None
         self.itm_weight, self.mlm_weight = itm_weight, mlm_weight
 
     def train_views(self) -> Views:
@@ -250,10 +249,3 @@ class FIBER(VLPMethod):
         return {"loss": loss, "itc": loss_itc.detach(), "itm": loss_itm.detach(), "mlm": loss_mlm.detach(),
                 "itm_accuracy": (logits_itm.argmax(-1) == labels).float().mean(),
                 "temperature": temperature.detach()}
-
-    def on_after_backward(self) -> None:
-        """Enqueue the batch's ITC features once its loss went backward (gathered from every rank)."""
-        if self._to_enqueue is not None:
-            self.image_queue.enqueue(self._to_enqueue[0])
-            self.text_queue.enqueue(self._to_enqueue[1])
-            self._to_enqueue = None
