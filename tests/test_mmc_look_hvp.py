@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from test_methods import make_batch
 from vlp_lightning import methods
 from vlp_lightning.losses.nearest_neighbour import leave_one_out_knn_loss
-from vlp_lightning.methods.self_supervised.common import tiny_vit
+from vlp_lightning.modules.vision import tiny_vit
 from vlp_lightning.modules.masking import vit_forward_with_mask_tokens
 
 

@@ -33,7 +33,7 @@ from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.modules.heads import GELUMLPProjection
 from vlp_lightning.modules.text import TextTransformer
 from vlp_lightning.modules.tokenizers import ByteTokenizer, Tokenizer
-from vlp_lightning.modules.vision import VisionEncoder
+from vlp_lightning.modules.vision import VisionEncoder, tiny_vit
 
 
 #: most token sequences whose locked-text-tower features are kept (about 200 MB at width 512).
@@ -44,8 +44,8 @@ class CLIP(VLPMethod):
     """Dual-encoder contrastive image-text pretraining.
 
     Args:
-        vision: image tower (default: a tiny timm ViT, 64px, patch 8).
-        text: text tower (default: the built-in causal transformer).
+        vision: image tower (default: `tiny_vit()`, 2 blocks of width 64 on 32 px, patch 8).
+        text: text tower (default: the built-in causal transformer, 2 layers of width 64).
         tokenizer: turns captions into tokens for `text` (default: byte-level, no vocabulary file).
         embed_dim: size of the shared embedding space.
         init_logit_scale: initial exp(logit_scale), 1/0.07 in the paper.
@@ -89,8 +89,10 @@ class CLIP(VLPMethod):
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, compile=compile)
         self.save_hyperparameters(ignore=["vision", "text", "tokenizer", "optimizer", "lr_scheduler"])
         self.tokenizer = tokenizer or ByteTokenizer(context_length=32)
-        self.vision = vision or VisionEncoder("vit_tiny_patch16_224", img_size=64, patch_size=8)
-        self.text = text or TextTransformer(vocab_size=self.tokenizer.vocab_size, context_length=self.tokenizer.context_length)
+        self.vision = vision or tiny_vit()
+        self.text = text or TextTransformer(
+            self.tokenizer.vocab_size, self.tokenizer.context_length, width=64, layers=2, heads=2
+        )
         if project_image:
             self.image_projection = self.projection_head(self.vision.num_features, embed_dim)
         elif self.vision.num_features == embed_dim:

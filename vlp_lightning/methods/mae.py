@@ -41,14 +41,14 @@ from vlp_lightning.modules.masking import (
     vit_tokens,
     vit_transformer,
 )
-from vlp_lightning.modules.vision import VisionEncoder
+from vlp_lightning.modules.vision import VisionEncoder, tiny_vit
 
 
 class MAE(VLPMethod):
     """Masked autoencoder pretraining of a timm ViT.
 
     Args:
-        vision: the ViT encoder (default: a tiny timm ViT, 64px, patch 8, width 192).
+        vision: the ViT encoder (default: `tiny_vit()`, 2 blocks of width 64 on 32 px, patch 8).
         mask_ratio: fraction of patches masked per image (0.75 in the paper).
         decoder_width: decoder token width (512 in the paper).
         decoder_depth: decoder Transformer blocks (8 in the paper).
@@ -80,7 +80,7 @@ class MAE(VLPMethod):
     ) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, compile=compile)
         self.save_hyperparameters(ignore=["vision", "optimizer", "lr_scheduler"])
-        self.vision = vision or VisionEncoder("vit_tiny_patch16_224", img_size=64, patch_size=8)
+        self.vision = vision or tiny_vit()
         vit = self.vision.model
         if self.vision.patch_size is None:
             raise ValueError(f"MAE needs a ViT-like timm model (one with patch_embed); got {type(vit).__name__}")

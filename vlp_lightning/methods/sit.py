@@ -56,7 +56,7 @@ from vlp_lightning.losses.instance_contrastive import nt_xent_loss
 from vlp_lightning.losses.masked_modeling import uncertainty_weighted_sum
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.modules.masking import unpatchify, vit_tokens, vit_transformer
-from vlp_lightning.modules.vision import VisionEncoder
+from vlp_lightning.modules.vision import VisionEncoder, tiny_vit
 
 #: per-task scale of the uncertainty weighting: rotation (cross-entropy), contrastive (cross-entropy), l1.
 TASK_SCALES = (1.0, 1.0, 0.5)
@@ -71,7 +71,7 @@ class SiT(VLPMethod):
     """Rotation prediction + contrastive learning + corrupted image reconstruction on one ViT.
 
     Args:
-        vision: the ViT (default: a tiny timm ViT, 64px, patch 8); it must have a class token (the rotation token).
+        vision: the ViT (default: `tiny_vit()`, 2 blocks of width 64 on 32 px, patch 8); it must have a class token (the rotation token).
         max_corrupted_area: the noise rectangles, and separately the other-image rectangles, add up to U(0, this)
             of the image area (0.3 in the released code, `max_drop`).
         max_rectangle_side: upper bound of a noise / other-image rectangle's side, as a fraction of the image side
@@ -101,7 +101,7 @@ class SiT(VLPMethod):
     ) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, compile=compile)
         self.save_hyperparameters(ignore=["vision", "optimizer", "lr_scheduler"])
-        self.vision = vision or VisionEncoder("vit_tiny_patch16_224", img_size=64, patch_size=8)
+        self.vision = vision or tiny_vit()
         vit = self.vision.model
         if self.vision.patch_size is None:
             raise ValueError(f"SiT needs a ViT-like timm model (one with patch_embed); got {type(vit).__name__}")

@@ -35,14 +35,14 @@ from vlp_lightning.distributed import world_size
 from vlp_lightning.losses.swav import sinkhorn_knopp, swav_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.modules.heads import MLPHead
-from vlp_lightning.modules.vision import VisionEncoder, multi_crop_local_size
+from vlp_lightning.modules.vision import VisionEncoder, multi_crop_local_size, tiny_vit
 
 
 class SwAV(VLPMethod):
     """Online clustering with swapped prediction over multi-crop views.
 
     Args:
-        vision: backbone (default: a tiny timm ViT, 64 px, patch 8, dynamic input size for the local crops).
+        vision: backbone (default: `tiny_vit(dynamic_img_size=True)`, 32 px, patch 8, any input size for the local crops).
         hidden_dim: hidden width of the MLP head (2048 in the paper).
         projection_dim: size of z (128 in the paper).
         head_layers: linear layers of the head (2 in the paper, Linear-BN-ReLU-Linear).
@@ -92,7 +92,7 @@ class SwAV(VLPMethod):
                 f"num_global_crops={num_global_crops}, num_local_crops={num_local_crops}"
             )
         self.save_hyperparameters(ignore=["vision", "optimizer", "lr_scheduler"])
-        self.vision = vision or VisionEncoder("vit_tiny_patch16_224", img_size=64, patch_size=8, dynamic_img_size=True)
+        self.vision = vision or tiny_vit(dynamic_img_size=True)
         self.projector = MLPHead(self.vision.num_features, hidden_dim, projection_dim, layers=head_layers, norm="bn")
         self.prototypes = nn.Linear(projection_dim, num_prototypes, bias=False)
         self.temperature = temperature

@@ -220,3 +220,16 @@ def load_timm_checkpoint(model: nn.Module, path: str) -> None:
         key: value for key, value in state_dict.items() if not any(key.startswith(f"{name}.") for name in classifiers)
     }
     model.load_state_dict(state_dict, strict=True)
+
+def tiny_vit(dynamic_img_size: bool = False) -> VisionEncoder:
+    """The constructor default: a 2-block ViT of width 64 on 32 px images, 8 px patches (a CPU step in
+    milliseconds); recipes pass the paper's backbone (ResNet-50, ViT-S/16, ...)."""
+    return VisionEncoder(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        width=64,
+        depth=2,
+        num_heads=2,
+        dynamic_img_size=dynamic_img_size,
+    )

@@ -42,11 +42,10 @@ from vlp_lightning.losses.fusion import distilled_contrastive_loss, mask_tokens,
 from vlp_lightning.methods.base import WarmupCosineLR
 from vlp_lightning.methods.fusion.common import PairQueues, match_with_hard_negatives, sample_ids, text_specials
 from vlp_lightning.methods.momentum import MomentumMethod, momentum_copy
-from vlp_lightning.methods.self_supervised.common import tiny_vit
 from vlp_lightning.modules.fusion import FusionTextTransformer
 from vlp_lightning.modules.memory_bank import MemoryBank
 from vlp_lightning.modules.tokenizers import ByteTokenizer, Tokenizer
-from vlp_lightning.modules.vision import VisionEncoder
+from vlp_lightning.modules.vision import VisionEncoder, tiny_vit
 
 
 def mlm_head(width: int) -> nn.Sequential:

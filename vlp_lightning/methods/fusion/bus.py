@@ -47,10 +47,9 @@ from vlp_lightning.methods.base import WarmupCosineLR
 from vlp_lightning.methods.fusion.albef import ALBEF
 from vlp_lightning.methods.fusion.common import CaptionGenerator, captioning_loss, next_token_logits
 from vlp_lightning.methods.momentum import momentum_copy
-from vlp_lightning.methods.self_supervised.common import tiny_vit
 from vlp_lightning.modules.fusion import FusionBlock, FusionTextTransformer
 from vlp_lightning.modules.tokenizers import Tokenizer
-from vlp_lightning.modules.vision import VisionEncoder
+from vlp_lightning.modules.vision import VisionEncoder, tiny_vit
 
 
 class TextSemanticsPatchSelector(nn.Module):

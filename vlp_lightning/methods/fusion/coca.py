@@ -34,10 +34,9 @@ from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.contrastive import clip_contrastive_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.fusion.common import CaptionGenerator, captioning_loss, next_token_logits, text_specials
-from vlp_lightning.methods.self_supervised.common import tiny_vit
 from vlp_lightning.modules.fusion import AttentionalPooler, FusionTextTransformer
 from vlp_lightning.modules.tokenizers import ByteTokenizer, Tokenizer
-from vlp_lightning.modules.vision import VisionEncoder
+from vlp_lightning.modules.vision import VisionEncoder, tiny_vit
 
 
 class CoCa(CaptionGenerator, VLPMethod):

@@ -42,11 +42,10 @@ from vlp_lightning.losses.fusion import itm_loss, mask_tokens, mlm_loss, queue_c
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.fusion.albef import mlm_head
 from vlp_lightning.methods.fusion.common import PairQueues, hard_negative_batch, sample_ids, text_specials
-from vlp_lightning.methods.self_supervised.common import tiny_vit
 from vlp_lightning.modules.fusion import Attention, FusionTextTransformer
 from vlp_lightning.modules.memory_bank import MemoryBank
 from vlp_lightning.modules.tokenizers import ByteTokenizer, Tokenizer
-from vlp_lightning.modules.vision import VisionEncoder
+from vlp_lightning.modules.vision import VisionEncoder, tiny_vit
 
 
 class GatedCrossAttention(nn.Module):

@@ -19,9 +19,9 @@ from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.self_distillation import byol_regression_loss
 from vlp_lightning.methods.base import WarmupCosineLR
 from vlp_lightning.methods.momentum import MomentumMethod, momentum_copy
-from vlp_lightning.methods.self_supervised.common import byol_views, expect_views, tiny_vit
+from vlp_lightning.methods.self_supervised.common import byol_views, expect_views
 from vlp_lightning.modules.heads import MLPHead
-from vlp_lightning.modules.vision import VisionEncoder
+from vlp_lightning.modules.vision import VisionEncoder, tiny_vit
 
 
 class BYOL(MomentumMethod):

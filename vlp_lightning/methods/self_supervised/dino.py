@@ -32,9 +32,9 @@ from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.self_distillation import dino_centre, dino_distillation_loss
 from vlp_lightning.methods.base import WarmupCosineLR
 from vlp_lightning.methods.momentum import MomentumMethod, momentum_copy
-from vlp_lightning.methods.self_supervised.common import expect_views, tiny_vit
+from vlp_lightning.methods.self_supervised.common import expect_views
 from vlp_lightning.modules.heads import DINOHead
-from vlp_lightning.modules.vision import VisionEncoder, multi_crop_local_size
+from vlp_lightning.modules.vision import VisionEncoder, multi_crop_local_size, tiny_vit
 
 
 class DINO(MomentumMethod):

@@ -35,7 +35,7 @@ from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.instance_contrastive import nt_xent_loss
 from vlp_lightning.losses.masked_modeling import masked_reconstruction_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
-from vlp_lightning.methods.self_supervised.common import expect_views, tiny_vit
+from vlp_lightning.methods.self_supervised.common import expect_views
 from vlp_lightning.modules.heads import MLPHead
 from vlp_lightning.modules.masking import (
     num_masked_patches,
@@ -44,7 +44,7 @@ from vlp_lightning.modules.masking import (
     random_masking,
     vit_forward_with_mask_tokens,
 )
-from vlp_lightning.modules.vision import VisionEncoder
+from vlp_lightning.modules.vision import VisionEncoder, tiny_vit
 
 
 class HVP(VLPMethod):

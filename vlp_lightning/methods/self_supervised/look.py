@@ -25,10 +25,9 @@ from data_modules.views import SingleCrop, Views
 from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.nearest_neighbour import leave_one_out_knn_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
-from vlp_lightning.methods.self_supervised.common import tiny_vit
 from vlp_lightning.modules.heads import MLPHead
 from vlp_lightning.modules.memory_bank import MemoryBank
-from vlp_lightning.modules.vision import VisionEncoder
+from vlp_lightning.modules.vision import VisionEncoder, tiny_vit
 
 
 class LOOK(VLPMethod):

@@ -24,10 +24,10 @@ from vlp_lightning.distributed import all_gather_no_grad, rank, world_size
 from vlp_lightning.losses.instance_contrastive import moco_queue_loss
 from vlp_lightning.methods.base import WarmupCosineLR
 from vlp_lightning.methods.momentum import MomentumMethod, momentum_copy
-from vlp_lightning.methods.self_supervised.common import expect_views, tiny_vit
+from vlp_lightning.methods.self_supervised.common import expect_views
 from vlp_lightning.modules.heads import MLPHead
 from vlp_lightning.modules.memory_bank import MemoryBank
-from vlp_lightning.modules.vision import VisionEncoder
+from vlp_lightning.modules.vision import VisionEncoder, tiny_vit
 
 
 class MoCoV2(MomentumMethod):

@@ -17,9 +17,9 @@ from data_modules.views import Views
 from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.redundancy_reduction import vicreg_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
-from vlp_lightning.methods.self_supervised.common import byol_views, tiny_vit, two_view_embeddings
+from vlp_lightning.methods.self_supervised.common import byol_views, two_view_embeddings
 from vlp_lightning.modules.heads import MLPHead
-from vlp_lightning.modules.vision import VisionEncoder
+from vlp_lightning.modules.vision import VisionEncoder, tiny_vit
 
 
 class VICReg(VLPMethod):
