@@ -56,6 +56,7 @@ from data_modules.sources.local import csv_source, folder_source, jsonl_source
 from data_modules.sources.openclipart import DEFAULT_ROOT as OPENCLIPART_ROOT
 from data_modules.sources.openclipart import openclipart_source
 from data_modules.sources.shots import few_shot_source
+from data_modules.sources.words import DEFAULT_FONTS_DIR, DEFAULT_VOCABULARY, HELDOUT_SPLIT, words_source
 
 MANIFEST_FORMAT = 1
 BUILDER_VERSION = 1
@@ -455,6 +456,7 @@ def make_parser() -> argparse.ArgumentParser:
             "  vlp-data folder photos/ shards/ --split train=0.9,val=0.1\n"
             "  vlp-data csv captions.csv shards/ --image-col filepath --caption-col title\n"
             "  vlp-data emoji shards/emoji-twitter --style twitter\n"
+            "  vlp-data words shards/words --split train=0.9,val=0.1\n"
             "  vlp-data shots 'shards/emoji/train-*.tar' shards/emoji-16shot --shots 16 --seed 1\n"
             "  vlp-data inspect shards/\n"
             "then train on them:\n"
@@ -579,6 +581,32 @@ def make_parser() -> argparse.ArgumentParser:
         help="folder holding png/ and svg/ (default: %(default)s)",
     )
     clipart.set_defaults(make_source=lambda a: openclipart_source(a.root))
+
+    words = _build_command(
+        commands, "words",
+        f"words (and pages) rendered in the machine's fonts, for text recognition; the --heldout-font fonts only in "
+        f"the split {HELDOUT_SPLIT}",
+    )
+    words.add_argument("--fonts-dir", type=Path, default=DEFAULT_FONTS_DIR, metavar="DIR",
+                       help="folder of .ttf fonts (default: %(default)s)")
+    words.add_argument("--heldout-font", default="DejaVuSerif", metavar="PREFIX",
+                       help=f"fonts whose file name starts with this are used only for the split {HELDOUT_SPLIT} "
+                       "(default: %(default)s)")
+    words.add_argument("--count", type=_positive_int, default=3000,
+                       help="words in the other fonts, divided by --split (default: %(default)s)")
+    words.add_argument("--heldout-count", type=_positive_int, default=500,
+                       help=f"words in the held-out fonts, all in {HELDOUT_SPLIT} (default: %(default)s)")
+    words.add_argument("--pages", type=int, default=0,
+                       help="pages of 2-4 lines of words, in proportion in both font groups (default: %(default)s)")
+    words.add_argument("--size", type=int, default=64, help="side of a word image in pixels (default: %(default)s)")
+    words.add_argument("--vocabulary", type=Path, default=DEFAULT_VOCABULARY, metavar="FILE",
+                       help="one word per line (default: the built-in list of 799 English words)")
+    words.set_defaults(
+        split="train=0.9,val=0.1",
+        make_source=lambda a: words_source(
+            a.fonts_dir, a.heldout_font, a.count, a.heldout_count, a.pages, a.size, a.vocabulary, a.seed
+        ),
+    )
 
     shots = _build_command(
         commands, "shots",
