@@ -91,6 +91,13 @@ def test_cider_of_a_matching_corpus_is_high_and_of_a_shuffled_one_lower() -> Non
     assert caption_metrics(captions[:1], references[:1])["CIDEr"] == 0.0  # IDF from one image: every weight is 0
 
 
+def test_exact_match_is_the_share_of_captions_equal_to_a_reference_after_normalising() -> None:
+    """Word accuracy of text recognition: case and punctuation do not count, a near miss does."""
+    candidates = ["Apple", "pear.", "plum", "kiwi"]
+    references = [["apple"], ["a pear", "PEAR"], ["plums"], ["lime", "kiwi!"]]
+    assert caption_metrics(candidates, references)["exact_match"] == pytest.approx(3 / 4)
+
+
 def test_metrics_reject_images_without_references_and_name_pycocoevalcap_when_missing(monkeypatch) -> None:
     with pytest.raises(ValueError, match="image 1 has no reference caption"):
         caption_metrics(["a", "b"], [["a"], []])
@@ -206,7 +213,7 @@ def test_caption_metrics_inside_trainer_validate(tmp_path: Path, write_tar, capl
             events = EventAccumulator(logger.log_dir).Reload()
             assert "captions/shapes/examples" in events.Tags()["images"]
 
-    names = {f"captions/shapes/{metric}" for metric in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr")}
+    names = {f"captions/shapes/{metric}" for metric in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "exact_match")}
     assert {name for name in results["half"] if name.startswith("captions/")} == names
     assert results["perfect"]["captions/shapes/BLEU-4"] == pytest.approx(1.0)  # matches a reference after normalising
     assert results["perfect"]["captions/shapes/ROUGE-L"] == pytest.approx(1.0)

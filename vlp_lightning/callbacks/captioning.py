@@ -1,5 +1,5 @@
-"""Image captioning: BLEU, ROUGE-L and CIDEr-D of generated captions on a held-out captioned shard set, and the
-nearest-neighbour caption baseline.
+"""Image captioning: BLEU, ROUGE-L, CIDEr-D and exact match of generated captions on a held-out captioned shard
+set, and the nearest-neighbour caption baseline.
 
 The protocol of the COCO caption evaluation (Chen et al. 2015, "Microsoft COCO Captions: Data Collection and
 Evaluation Server"; its code is `pycocoevalcap`): every image gets one generated caption, scored against
@@ -21,6 +21,9 @@ CIDEr-D per image averaged. Candidates and references are normalised once (`norm
   penalty σ = 6, clipped n-gram counts, n = 1..4, x10) by `pycocoevalcap.cider.cider.Cider`, its pure-Python
   scorer (no Java, no download). The n-gram IDF comes from the references of the evaluated images, as in COCO:
   scores depend on the set, and a set of one image scores 0.
+* exact match: the share of images whose caption equals one of its references, both normalised: the word accuracy
+  of text recognition (case- and punctuation-insensitive, as scene-text benchmarks score words), for a reader of
+  rendered words (UNIT on `vlp-data words`) whose caption is the text in the image.
 
 Distributed runs: as in `features`, every rank reads every sample; batch `i` is captioned by rank
 `i % world_size` (`generate_across_ranks`) and the captions are exchanged, so every rank computes the same metrics.
@@ -76,8 +79,8 @@ def _cider_scorer():
 
 
 def caption_metrics(candidates: list[str], references: list[list[str]]) -> dict[str, float]:
-    """`BLEU-1`, `BLEU-4`, `ROUGE-L` and `CIDEr` of one candidate per image against that image's references
-    (module doc), all captions normalised by `normalize_caption` first."""
+    """`BLEU-1`, `BLEU-4`, `ROUGE-L`, `CIDEr` and `exact_match` of one candidate per image against that image's
+    references (module doc), all captions normalised by `normalize_caption` first."""
     if not candidates or len(candidates) != len(references):
         raise ValueError(
             f"caption_metrics needs one candidate per image and at least one image, got {len(candidates)} candidates "
@@ -99,6 +102,7 @@ def caption_metrics(candidates: list[str], references: list[list[str]]) -> dict[
         {image: references[image] for image in images}, {image: [candidates[image]] for image in images}
     )
     metrics["CIDEr"] = float(cider)
+    metrics["exact_match"] = sum(candidate in refs for candidate, refs in zip(candidates, references)) / len(images)
     return metrics
 
 
@@ -166,9 +170,10 @@ def nearest_neighbour_captions(
 
 
 class CaptionMetrics(EvaluationCallback):
-    """BLEU-1, BLEU-4, ROUGE-L and CIDEr of the method's captions of held-out images (module doc), logged as
-    `captions/<name>/BLEU-1`, `.../BLEU-4`, `.../ROUGE-L`, `.../CIDEr`, plus a TensorBoard picture
-    `captions/<name>/examples`: the first `num_examples` images with their generated caption and a true one.
+    """BLEU-1, BLEU-4, ROUGE-L, CIDEr and exact match of the method's captions of held-out images (module doc),
+    logged as `captions/<name>/BLEU-1`, `.../BLEU-4`, `.../ROUGE-L`, `.../CIDEr`, `.../exact_match`, plus a
+    TensorBoard picture `captions/<name>/examples`: the first `num_examples` images with their generated caption
+    and a true one.
 
     Needs a method with `generate_captions(images [N, 3, H, W], max_length: int | None, beam_size: int) -> list[str]`
     (one caption per image); other methods skip it with one warning. The images are the evaluation crops every
