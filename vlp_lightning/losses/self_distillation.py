@@ -6,6 +6,8 @@
   student's over multi-crop views (Caron et al. 2021, eq. 1-3 and Algorithm 1); `dino_centre` is the centre's EMA
   update (eq. 4), with the batch mean taken over the *global* batch: sum over ranks / (B × world), the trap of a
   per-rank centre that each rank lets drift on its own.
+* `feature_reconstruction_loss` — UNIT's L_vis (Zhu et al. 2024): a student's decoded tokens match a frozen
+  teacher's, token by token, with a cosine and an L1 term, L_cos + μ L_1.
 
 Everything is computed in fp32: the teacher temperature 0.04 multiplies logit errors by 25 before the softmax.
 """
@@ -81,3 +83,19 @@ def dino_centre(centre: Tensor, teacher_logits: Sequence[Tensor], momentum: floa
     stacked = torch.cat([t.detach().float() for t in teacher_logits])  # [G*N, K]
     batch_centre = all_reduce_sum(stacked.sum(dim=0)) / (stacked.shape[0] * world_size())
     return centre.float().reshape(-1) * momentum + batch_centre * (1 - momentum)
+
+
+def feature_reconstruction_loss(prediction: Tensor, target: Tensor, l1_weight: float = 1.0) -> Tensor:
+    """UNIT's L_vis: mean over images and tokens of (1 - cos(x̂, f_π(x))) + μ mean |x̂ - f_π(x)| (the L1 averaged over
+    the channels), fp32; the target carries no gradient.
+
+    Args:
+        prediction: [N, L, D] the vision decoder's reconstruction x̂ of every token.
+        target: [N, L, D] the frozen teacher's tokens f_π(x) of the same images.
+        l1_weight: μ.
+    """
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} must have one shape")
+    prediction, target = prediction.float(), target.detach().float()
+    cosine = 1 - F.cosine_similarity(prediction, target, dim=-1)  # [N, L]
+    return (cosine + l1_weight * (prediction - target).abs().mean(-1)).mean()

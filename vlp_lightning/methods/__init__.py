@@ -15,6 +15,7 @@ from vlp_lightning.methods.fusion.albef import ALBEF
 from vlp_lightning.methods.fusion.bus import BUS
 from vlp_lightning.methods.fusion.coca import CoCa
 from vlp_lightning.methods.fusion.fiber import FIBER
+from vlp_lightning.methods.fusion.unit import UNIT
 from vlp_lightning.methods.fusion.urbanclip import UrbanCLIP
 from vlp_lightning.methods.mae import MAE
 from vlp_lightning.methods.self_supervised.barlow_twins import BarlowTwins
@@ -43,5 +44,5 @@ __all__ = [
     "VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "SwAV", "MAE", "Selfie", "SiT",
     "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg", "MMC", "LOOK", "HVP",
     "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP", "PEFTClassifier", "PVP",
-    "ALBEF", "CoCa", "UrbanCLIP", "FIBER", "BUS",
+    "ALBEF", "CoCa", "UrbanCLIP", "FIBER", "BUS", "UNIT",
 ]
