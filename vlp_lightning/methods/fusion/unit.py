@@ -117,7 +117,7 @@ class UNIT(CaptionGenerator, VLPMethod):
         if (document_scale, image_scale) != (1.0, 1.0) and not takes_any_input_size(self.vision):
             raise ValueError(f"document_scale {document_scale} / image_scale {image_scale} feed the ViT other sizes "
                              "than its img_size; build it with dynamic_img_size: true, or keep both scales at 1")
-        self.teacher = momentum_copy(self.vision)  # f_π: the starting encoder, frozen
+        self.teacher = momentum_copy(self.vision).eval()  # f_π: the starting encoder, frozen
         image_width = self.vision.num_features
         self.input_embedding = nn.Sequential(nn.LayerNorm(image_width), nn.Linear(image_width, width))
         self.decoder = FusionTextTransformer(
