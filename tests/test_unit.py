@@ -123,3 +123,24 @@ def test_unit_overfits_two_rendered_words_and_reads_them_back(tmp_path):
         optimizer.step()
     method.eval()
     assert method.generate_captions(images, max_length=6) == words
+
+
+def test_a_second_stage_starts_from_the_first_with_its_original_target(tmp_path):
+    """Inter-scale finetuning continues f_θ and the decoders of stage 1, and f_π stays the starting encoder."""
+    torch.manual_seed(0)
+    first = UNIT()
+    original = {name: value.clone() for name, value in first.teacher.state_dict().items()}
+    with torch.no_grad():
+        for param in first.vision.parameters():
+            param.add_(0.1)  # stage 1 moved the encoder
+    path = tmp_path / "stage1.ckpt"
+    torch.save({"state_dict": first.state_dict(), "vlp": {"method": "vlp_lightning.methods.fusion.unit.UNIT"}}, path)
+    second = UNIT(start_from=str(path))
+    moved = first.vision.state_dict()
+    assert all(torch.equal(second.vision.state_dict()[name], value) for name, value in moved.items())
+    assert all(torch.equal(second.teacher.state_dict()[name], value) for name, value in original.items())
+    with pytest.raises(ValueError, match="does not fit this UNIT"):
+        UNIT(width=32, start_from=str(path))
+    with pytest.raises(ValueError, match="is not a file"):
+        UNIT(start_from=str(tmp_path / "missing.ckpt"))
+

@@ -25,8 +25,9 @@ Stages (the paper's sec. on training): intra-scale pretraining shows images and 
 (images at 1x, documents at a higher one; "D_I×1" and "D_T×4" in its notation); inter-scale finetuning adds
 scale-exchanged data (documents at low, images at high resolution) for scale robustness. Here `document_scale` and
 `image_scale` resize each kind of row by that factor before the encoder (a ViT built with `dynamic_img_size`
-interpolates its position embeddings), so stage 1 is e.g. `document_scale: 2` and stage 2 a run started from
-stage 1's exported tower with the scales exchanged. Not reachable here: the data module crops every sample to one
+interpolates its position embeddings), so stage 1 is e.g. `document_scale: 2` and stage 2 a run that starts from
+stage 1's checkpoint (`start_from`: f_θ, both decoders and the *original* f_π, not stage 1's encoder) with the scales
+exchanged. Not reachable here: the data module crops every sample to one
 size, so a larger document scale upsamples the rendered words rather than reading more detailed pages; the paper's
 scale-exchanged data are added to the original mix, here one stage has one pair of scales.
 
@@ -41,6 +42,8 @@ image (greedy or beam search), which `CaptionMetrics` scores, exact match being 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -49,7 +52,7 @@ from torch import Tensor, nn
 from data_modules.views import SingleCrop, Views
 from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.self_distillation import feature_reconstruction_loss
-from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
+from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR, _class_path, _state_dict_differences
 from vlp_lightning.methods.fusion.common import CaptionGenerator, captioning_loss, next_token_logits, text_specials
 from vlp_lightning.methods.momentum import momentum_copy
 from vlp_lightning.methods.self_supervised.common import tiny_vit
@@ -80,6 +83,8 @@ class UNIT(CaptionGenerator, VLPMethod):
         l1_weight: μ, the L1 term of L_vis.
         document_scale, image_scale: resize factor of text images / natural images before the encoder (stages in
             the module doc); other than 1 needs a ViT with `dynamic_img_size: true`.
+        start_from: a checkpoint of the previous UNIT stage whose every weight (f_θ, f_π, both decoders) this run
+            starts from (inter-scale finetuning after intra-scale pretraining); the model arguments must match.
     """
 
     paper = Paper("UNIT: Unifying Image and Text Recognition in One Vision Encoder", "Zhu et al.", 2024,
@@ -102,6 +107,7 @@ class UNIT(CaptionGenerator, VLPMethod):
         l1_weight: float = 1.0,
         document_scale: float = 1.0,
         image_scale: float = 1.0,
+        start_from: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
         compile: bool = False,
@@ -132,6 +138,23 @@ class UNIT(CaptionGenerator, VLPMethod):
         self.l1_weight = l1_weight
         self.document_scale, self.image_scale = document_scale, image_scale
         self.default_caption_length = self.tokenizer.context_length - 1
+        if start_from is not None:
+            self.load_stage(start_from)
+
+    def load_stage(self, path: str) -> None:
+        """Every weight from `path`, a checkpoint of a UNIT of the same architecture (loaded `weights_only`)."""
+        if not Path(path).is_file():
+            raise ValueError(f"start_from {path!r} is not a file; give the previous stage's checkpoint, e.g. "
+                             "runs/unit/<recipe>/checkpoints/last.ckpt")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        written_by = checkpoint.get("vlp", {}).get("method", _class_path(self))
+        differences = _state_dict_differences(checkpoint.get("state_dict", {}), self.state_dict(), strict=True)
+        if written_by != _class_path(self) or differences:
+            found = f"was written by {written_by}" if written_by != _class_path(self) else (
+                f"does not fit this UNIT ({len(differences)} tensors differ, e.g. {differences[0]})")
+            raise ValueError(f"start_from {path} {found}; give a checkpoint of the previous UNIT stage, built with "
+                             "the same model arguments")
+        self.load_state_dict(checkpoint["state_dict"])
 
     def train(self, mode: bool = True) -> UNIT:
         super().train(mode)
