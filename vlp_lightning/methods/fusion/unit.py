@@ -55,10 +55,9 @@ from vlp_lightning.losses.self_distillation import feature_reconstruction_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR, _class_path, _state_dict_differences
 from vlp_lightning.methods.fusion.common import CaptionGenerator, captioning_loss, next_token_logits, text_specials
 from vlp_lightning.methods.momentum import momentum_copy
-from vlp_lightning.methods.self_supervised.common import tiny_vit
 from vlp_lightning.modules.fusion import FusionTextTransformer
 from vlp_lightning.modules.tokenizers import ByteTokenizer, Tokenizer
-from vlp_lightning.modules.vision import VisionEncoder, takes_any_input_size
+from vlp_lightning.modules.vision import VisionEncoder, takes_any_input_size, tiny_vit
 
 
 def text_image_rows(batch: dict, device: torch.device) -> Tensor:
