@@ -6,8 +6,9 @@ ALBEF trains an image encoder, a text encoder and a fusion (cross-attention) enc
   `momentum_targets` builds the soft targets from the momentum model, `distilled_contrastive_loss` applies them.
 * ITM — image-text matching on the fusion [CLS]: a binary classifier (`itm_loss`) over the positive pairs and one
   hard negative per image and per text, sampled by contrastive similarity (`sample_hard_negatives`).
-* MLM — masked language modeling conditioned on the image: BERT masking (`mask_tokens`) and cross-entropy over the
-  masked tokens, optionally distilled from the momentum model's predictions (`mlm_loss`).
+* MLM — masked language modeling conditioned on the image: BERT masking (`mask_tokens`, or whole words / entities
+  with `mask_spans`: ARL's whole-entity masking) and cross-entropy over the masked tokens, optionally distilled
+  from the momentum model's predictions (`mlm_loss`).
 
 CoCa's captioning loss (Yu et al. 2022, sec. 3.1, L_Cap), next-token cross-entropy ignoring padding, is `caption_loss`.
 
