@@ -56,6 +56,7 @@ from data_modules.sources.local import csv_source, folder_source, jsonl_source
 from data_modules.sources.openclipart import DEFAULT_ROOT as OPENCLIPART_ROOT
 from data_modules.sources.openclipart import openclipart_source
 from data_modules.sources.shots import few_shot_source
+from data_modules.sources.wordnet import wordnet_source
 from data_modules.sources.words import DEFAULT_FONTS_DIR, DEFAULT_VOCABULARY, HELDOUT_SPLIT, words_source
 
 MANIFEST_FORMAT = 1
@@ -176,6 +177,8 @@ def build_shards(
         shards, members, skipped = _write_splits(splits, staging, maxcount, resize, progress_name=out_dir.name)
         if not shards:
             raise SourceError(f"none of the {len(source.records)} samples could be written (all failed to decode)")
+        for name, data in source.files.items():
+            (staging / name).write_bytes(data)
         split_counts: Counter[str] = Counter()
         for shard in shards.values():
             split_counts[shard["split"]] += shard["count"]
@@ -189,6 +192,7 @@ def build_shards(
             "splits": dict(sorted(split_counts.items())),
             "members": sorted(members),
             "classnames": source.classnames,
+            "files": sorted(source.files),
             "skipped": skipped,
             "build": {"fingerprint": fingerprint, "maxcount": maxcount, "split": split_fractions, "resize": resize},
         }
@@ -273,7 +277,8 @@ def _replace_shards(staging: Path, out_dir: Path) -> None:
 
     The old manifest goes first and the new one comes last, so a reader finds either no manifest or one whose
     shards are all in place."""
-    previous = set((read_manifest(out_dir) or {}).get("shards", {})) if out_dir.is_dir() else set()
+    old = (read_manifest(out_dir) or {}) if out_dir.is_dir() else {}
+    previous = set(old.get("shards", {})) | set(old.get("files", []))
     shards = sorted(path.name for path in staging.iterdir() if path.name != MANIFEST_NAME)
     foreign = [name for name in shards if (out_dir / name).exists() and name not in previous]
     if foreign:
@@ -422,18 +427,24 @@ def _build_command(
     summary: str,
     input_help: str | None = None,
     resize: int | None = None,
+    splits: bool = True,
 ) -> argparse.ArgumentParser:
-    """A build sub-command: its input (when it takes one), OUT, and the options every build shares."""
+    """A build sub-command: its input (when it takes one), OUT, and the options every build shares (`--split`
+    only where the source does not keep the splits of its input: `splits`)."""
     command = commands.add_parser(name, help=summary, description=summary)
     if input_help is not None:
-        command.add_argument("input", type=Path, metavar={"folder": "SRC", "shots": "SHARDS"}.get(name, "FILE"), help=input_help)
+        metavar = {"folder": "SRC", "shots": "SHARDS", "wordnet": "SHARDS"}.get(name, "FILE")
+        command.add_argument("input", type=Path, metavar=metavar, help=input_help)
     command.add_argument("out", type=Path, metavar="OUT", help="output folder for the shards and manifest.json")
     command.add_argument(
         "--maxcount", type=_positive_int, default=1000, help="samples per shard (default: %(default)s)"
     )
-    command.add_argument(
-        "--split", default="train=1", help="fractions per split, e.g. train=0.9,val=0.1 (default: %(default)s)"
-    )
+    if splits:
+        command.add_argument(
+            "--split", default="train=1", help="fractions per split, e.g. train=0.9,val=0.1 (default: %(default)s)"
+        )
+    else:
+        command.set_defaults(split=None)
     command.add_argument("--seed", type=int, default=0, help="seed of the split assignment (default: %(default)s)")
     command.add_argument(
         "--resize",
@@ -458,6 +469,7 @@ def make_parser() -> argparse.ArgumentParser:
             "  vlp-data emoji shards/emoji-twitter --style twitter\n"
             "  vlp-data words shards/words --split train=0.9,val=0.1\n"
             "  vlp-data shots 'shards/emoji/train-*.tar' shards/emoji-16shot --shots 16 --seed 1\n"
+            "  vlp-data wordnet 'shards/emoji/*.tar' shards/emoji-wordnet\n"
             "  vlp-data inspect shards/\n"
             "then train on them:\n"
             "  vlp fit --config experiments/clip/emoji_tiny.yaml \\\n"
@@ -626,6 +638,26 @@ def make_parser() -> argparse.ArgumentParser:
         make_source=lambda a: few_shot_source(str(a.input), a.shots, a.seed, a.label_field, a.fraction)
     )
 
+    linked = _build_command(
+        commands, "wordnet",
+        "existing shards with their captions linked to WordNet nouns (.json entities) and knowledge.json (the "
+        "entities, their relations and TransE embeddings; ARL's knowledge)",
+        "shard pattern to link, e.g. 'data/emoji/*.tar' (its splits are kept)", splits=False,
+    )
+    linked.add_argument(
+        "--wordnet-dir", type=Path, default=None, metavar="DIR",
+        help="a folder of WordNet WNdb files (index.noun, data.noun, noun.exc) instead of fetching Debian wordnet-base",
+    )
+    linked.add_argument(
+        "--cache-dir", type=Path, default=Path(platformdirs.user_cache_dir("vlp-lightning")) / "debian",
+        metavar="DIR", help="where the fetched package is kept (default: %(default)s)",
+    )
+    linked.add_argument("--dim", type=_positive_int, default=256, help="TransE dimension (default: %(default)s)")
+    linked.add_argument("--transe-epochs", type=_positive_int, default=50,
+                        help="TransE epochs of 100 batches (default: %(default)s; the official run: 1000)")
+    linked.set_defaults(make_source=lambda a: wordnet_source(
+        str(a.input), a.wordnet_dir, a.cache_dir, a.dim, a.transe_epochs, a.seed))
+
     inspect_summary = "counts, members, examples and a decode check of every sample"
     inspect = commands.add_parser("inspect", help=inspect_summary, description=inspect_summary)
     inspect.add_argument("out", type=Path, metavar="OUT", help="shard folder")
@@ -643,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
             args.make_source(args),
             args.out,
             maxcount=args.maxcount,
-            split_fractions=parse_split(args.split),
+            split_fractions=parse_split(args.split) if args.split is not None else {},
             seed=args.seed,
             resize=args.resize,
             force=args.force,

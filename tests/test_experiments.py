@@ -69,6 +69,8 @@ def test_tiny_recipe_trains_a_step(recipe, make_shards, tmp_path, request):
             start += ["--model.init_args.cluster_shards", shards.pattern]
     if "peft_checkpoint" in model_arguments(recipe):  # PVP's upstream run is another recipe's: start without it
         start += ["--model.init_args.peft_checkpoint", "null"]
+    if "knowledge" in model_arguments(recipe):  # ARL's knowledge.json is `vlp-data wordnet`'s: start without it
+        start += ["--model.init_args.knowledge", "null"]
     main(["fit", "--config", str(recipe), *start, "--data.train_shards", shards.pattern, "--data.val_shards", "null",
           "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.max_steps", "1",
           "--trainer.callbacks", "[]", "--trainer.val_check_interval", "1.0", "--trainer.check_val_every_n_epoch", "1",

@@ -51,7 +51,9 @@ class SourceData:
 
     `name` and `licence` go to the manifest's `source` / `licence`; `classnames` to its `classnames` (key `cls`
     for `.cls` labels, or the name of an integer field of `.json`). `inputs` are the files the samples are read
-    from: their sizes and modification times decide whether an existing shard set is up to date.
+    from: their sizes and modification times decide whether an existing shard set is up to date. `files` are
+    written next to the shards and listed under `files` in the manifest (`vlp-data wordnet`'s `knowledge.json`);
+    `name` must change when they do.
     """
 
     name: str
@@ -59,6 +61,7 @@ class SourceData:
     records: list[Record]
     inputs: list[Path]
     classnames: dict[str, list[str]] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
 
 
 def safe_key(text: str) -> str:

@@ -64,7 +64,7 @@ def few_shot_source(shards: str, shots: int | None, seed: int, label_field: str,
         if len(members) < count:
             short.append(f"{label} ({len(members)})")
         for key, sample, path in members[:count]:
-            records.append(_record(key, sample, path))
+            records.append(shard_record(key, sample, path))
     if short:
         print(f"vlp-data shots: {len(short)} classes have fewer than {shots} samples and give all they have: "
               f"{', '.join(short[:10])}{' ...' if len(short) > 10 else ''}", file=sys.stderr)
@@ -80,7 +80,9 @@ def few_shot_source(shards: str, shots: int | None, seed: int, label_field: str,
     )
 
 
-def _record(key: str, sample: dict[str, bytes], path: Path) -> Record:
+def shard_record(key: str, sample: dict[str, bytes], path: Path) -> Record:
+    """A sample read back from shard `path` as a `Record` with its members as they are (image bytes, caption,
+    label, json)."""
     image = next((sample[name] for name in IMAGE_MEMBERS if name in sample), None)
     if image is None:
         raise SourceError(f"sample {key} of {path} has no image member")

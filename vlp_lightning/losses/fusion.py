@@ -6,8 +6,9 @@ ALBEF trains an image encoder, a text encoder and a fusion (cross-attention) enc
   `momentum_targets` builds the soft targets from the momentum model, `distilled_contrastive_loss` applies them.
 * ITM — image-text matching on the fusion [CLS]: a binary classifier (`itm_loss`) over the positive pairs and one
   hard negative per image and per text, sampled by contrastive similarity (`sample_hard_negatives`).
-* MLM — masked language modeling conditioned on the image: BERT masking (`mask_tokens`) and cross-entropy over the
-  masked tokens, optionally distilled from the momentum model's predictions (`mlm_loss`).
+* MLM — masked language modeling conditioned on the image: BERT masking (`mask_tokens`, or whole words / entities
+  with `mask_spans`: ARL's whole-entity masking) and cross-entropy over the masked tokens, optionally distilled
+  from the momentum model's predictions (`mlm_loss`).
 
 CoCa's captioning loss (Yu et al. 2022, sec. 3.1, L_Cap), next-token cross-entropy ignoring padding, is `caption_loss`.
 
@@ -119,6 +120,69 @@ def mask_tokens(
         (masked_ids [N, L], labels [N, L]): the corrupted ids, and the original id at chosen positions, -100
         elsewhere (the MLM loss counts chosen positions only, `mlm_loss`).
     """
+    _check_masking(input_ids, attention_mask, probability, mask_token_id, vocab_size)
+    specials = _special_ids(special_token_ids, mask_token_id, input_ids.device)
+    eligible = attention_mask.bool() & ~torch.isin(input_ids, specials)
+    choose, action = torch.rand((2, *input_ids.shape), generator=generator, device=input_ids.device)
+    return _corrupt(input_ids, eligible & (choose < probability), action, specials, vocab_size, mask_token_id,
+                    generator)
+
+
+def mask_spans(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    spans: Sequence[Sequence[tuple[int, int, bool]]],
+    *,
+    mask_token_id: int,
+    vocab_size: int,
+    special_token_ids: Sequence[int],
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Whole-span masking: whole words and whole entities are masked or kept together (ARL's knowledge-induced
+    MLM, Chen et al. 2022, sec. 3.4; the official `DataCollatorForWholeEntityMask` marks the tokens of an entity as
+    one word for BERT's whole-word masking), then BERT's 80 % [MASK] / 10 % random / 10 % kept (`mask_tokens`).
+
+    Per row, the units are drawn in random order, *preferred* units (entities) before the others, and masked
+    while the row's budget max(1, round(probability x its eligible tokens)) is not exceeded; a unit that would
+    exceed it is skipped, except the first (every row with a unit masks one: with short captions the reference's
+    rule, which skips it, masks nothing). Only eligible tokens (real, not special) of a unit are ever chosen.
+
+    Args:
+        input_ids, attention_mask: [N, L] as for `mask_tokens`.
+        spans: per row, its units as (start, end, preferred) token ranges, end exclusive.
+        mask_token_id, vocab_size, special_token_ids, probability, generator: as for `mask_tokens`.
+
+    Returns:
+        (masked_ids [N, L], labels [N, L]) as `mask_tokens`.
+    """
+    _check_masking(input_ids, attention_mask, probability, mask_token_id, vocab_size)
+    if len(spans) != input_ids.shape[0]:
+        raise ValueError(f"spans must give the units of each of the {input_ids.shape[0]} rows, got {len(spans)}.")
+    specials = _special_ids(special_token_ids, mask_token_id, input_ids.device)
+    eligible = attention_mask.bool() & ~torch.isin(input_ids, specials)
+    chosen = torch.zeros_like(eligible)
+    for row, units in enumerate(spans):
+        budget = max(1, round(probability * int(eligible[row].sum())))
+        order = torch.randperm(len(units), generator=generator, device=input_ids.device).tolist()
+        order.sort(key=lambda index: not units[index][2])  # stable: preferred units first, each group shuffled
+        masked = 0
+        for index in order:
+            start, end, _ = units[index]
+            size = int(eligible[row, start:end].sum())
+            if size == 0 or (masked and masked + size > budget):
+                continue
+            chosen[row, start:end] = eligible[row, start:end]
+            masked += size
+            if masked >= budget:
+                break
+    action = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    return _corrupt(input_ids, chosen, action, specials, vocab_size, mask_token_id, generator)
+
+
+def _check_masking(
+    input_ids: Tensor, attention_mask: Tensor, probability: float, mask_token_id: int, vocab_size: int
+) -> None:
     if not 0.0 < probability < 1.0:
         raise ValueError(f"probability must lie in (0, 1), got {probability}; BERT and ALBEF use 0.15.")
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
@@ -130,8 +194,23 @@ def mask_tokens(
         raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; pass a LongTensor.")
     if not 0 <= mask_token_id < vocab_size:
         raise ValueError(f"mask_token_id must lie in [0, vocab_size={vocab_size}), got {mask_token_id}.")
+
+
+def _special_ids(special_token_ids: Sequence[int], mask_token_id: int, device: torch.device) -> Tensor:
+    return torch.tensor(sorted({int(i) for i in special_token_ids} | {mask_token_id}), device=device)
+
+
+def _corrupt(
+    input_ids: Tensor,
+    chosen: Tensor,
+    action: Tensor,
+    specials: Tensor,
+    vocab_size: int,
+    mask_token_id: int,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """BERT's 80 / 10 / 10 on the `chosen` tokens, by the uniforms `action`; (masked_ids, labels)."""
     device = input_ids.device
-    specials = torch.tensor(sorted({int(i) for i in special_token_ids} | {mask_token_id}), device=device)
     specials_in_vocab = specials[(specials >= 0) & (specials < vocab_size)]  # sorted, distinct
     ordinary_count = vocab_size - specials_in_vocab.numel()
     if ordinary_count == 0:
@@ -139,10 +218,6 @@ def mask_tokens(
             f"Every id of [0, vocab_size={vocab_size}) is special, so no random replacement can be drawn; pass the "
             "true vocab_size of the MLM head."
         )
-
-    eligible = attention_mask.bool() & ~torch.isin(input_ids, specials)
-    choose, action = torch.rand((2, *input_ids.shape), generator=generator, device=device)
-    chosen = eligible & (choose < probability)
     to_mask = chosen & (action < 0.8)
     to_random = chosen & (action >= 0.8) & (action < 0.9)
 

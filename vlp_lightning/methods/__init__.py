@@ -12,6 +12,7 @@ from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.clip import CLIP
 from vlp_lightning.methods.convirt import ConVIRT
 from vlp_lightning.methods.fusion.albef import ALBEF
+from vlp_lightning.methods.fusion.arl import ARL
 from vlp_lightning.methods.fusion.bus import BUS
 from vlp_lightning.methods.fusion.coca import CoCa
 from vlp_lightning.methods.fusion.fiber import FIBER
@@ -44,5 +45,5 @@ __all__ = [
     "VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "SwAV", "MAE", "Selfie", "SiT",
     "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg", "MMC", "LOOK", "HVP",
     "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP", "PEFTClassifier", "PVP",
-    "ALBEF", "CoCa", "UrbanCLIP", "FIBER", "BUS", "UNIT",
+    "ALBEF", "CoCa", "UrbanCLIP", "FIBER", "BUS", "UNIT", "ARL",
 ]

@@ -98,6 +98,12 @@ class FusionBlock(nn.Module):
         """x [N, L, width]; `mask` the self-attention mask (True = attend); `memory` [N, S, memory_width] image
         tokens and `memory_mask` [N, 1, 1, S] (True = a real token) for the cross-attention. A gated block given no
         memory skips its cross-attention (the gate's zero point: fusion switched off)."""
+        return self.feed_forward(self.attend(x, mask, memory, memory_mask))
+
+    def attend(
+        self, x: Tensor, mask: Tensor | None = None, memory: Tensor | None = None, memory_mask: Tensor | None = None
+    ) -> Tensor:
+        """The block's self- and cross-attention, `forward` without the MLP (ARL adds its knowledge in between)."""
         x = x + self.attn(self.ln_1(x), mask=mask)
         # a gated block without image tokens is the text-only block: fusion switched off (FIBER's ITC)
         if self.cross_attention and (memory is not None or self.gate is None):
@@ -107,6 +113,9 @@ class FusionBlock(nn.Module):
                 )
             attended = self.cross_attn(self.ln_cross(x), self.ln_memory(memory), mask=memory_mask)
             x = x + (attended if self.gate is None else self.gate_value() * attended)
+        return x
+
+    def feed_forward(self, x: Tensor) -> Tensor:
         return x + self.mlp(self.ln_2(x))
 
     def gate_value(self) -> Tensor:
