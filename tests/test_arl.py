@@ -199,3 +199,16 @@ def test_vlp_data_wordnet_links_shards_and_keeps_their_splits(tmp_path, wordnet,
     assert vlp_data(["wordnet", str(source / "*.tar"), str(out), "--wordnet-dir", str(tmp_path / "dict"),
                      "--dim", "4", "--transe-epochs", "2"]) == 0  # a rebuild replaces its own knowledge.json
     assert len(json.loads((out / "knowledge.json").read_text())["embeddings"][0]) == 4
+
+
+def test_caption_sampling_other_than_all_is_one_sentence():
+    """Entity spans are character offsets into the whole caption: a datamodule training on one line of it would put
+    them on other words, so ARL refuses it before the first step."""
+    from types import SimpleNamespace
+
+    method = ARL()
+    method._trainer = SimpleNamespace(datamodule=SimpleNamespace(caption_sampling="line"))
+    with pytest.raises(ValueError, match="caption_sampling='line' .* set data.caption_sampling: all"):
+        method.on_fit_start()
+    method._trainer = SimpleNamespace(datamodule=SimpleNamespace(caption_sampling="all"))
+    method.on_fit_start()

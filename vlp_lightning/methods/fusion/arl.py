@@ -231,6 +231,13 @@ class ARL(VLPMethod):
         self.new_module_lr = new_module_lr
         self._said_no_entities = False
 
+    def on_fit_start(self) -> None:
+        sampling = getattr(getattr(self.trainer, "datamodule", None), "caption_sampling", "all")
+        if sampling != "all":
+            raise ValueError(f"ARL reads its entities as character spans of the whole caption, but "
+                             f"caption_sampling={sampling!r} trains on a part of it (the spans would land on other "
+                             "words); set data.caption_sampling: all")
+
     def train_views(self) -> Views:
         """Random resized crops with flips (the official `clip_resizedcrop` family, without RandAugment)."""
         return SingleCrop(scale=(0.5, 1.0), hflip=True, mean=self.vision.mean, std=self.vision.std)
