@@ -13,20 +13,31 @@ five minutes a 10 % warmup never ends), so the published run is a second pass, `
 trains for the steps it made in the first pass's minutes on the idle machine, its warmup and cosine spanning them.
 
 * Retrieval (`callbacks.Retrieval`): image -> text and text -> image R@1 / R@5 among the 382 unseen names (and,
-  for reference, among the 1,529 seen names in the new style). ALBEF,
-  FIBER and BUS are scored twice: by their contrastive (ITC) space alone, and with the ITC top 16 of every query re-ranked
-  by their ITM head (`rerank_top_k`, ALBEF's protocol with k 128/256 on Flickr/COCO).
+  for reference, among the 1,529 seen names in the new style). ALBEF, FIBER and BUS are scored twice: by their
+  contrastive (ITC) space alone, and with the ITC top 16 of every query re-ranked by their ITM head
+  (`rerank_top_k`, ALBEF's protocol with k 128/256 on Flickr/COCO).
 * Captioning (`callbacks.CaptionMetrics`): CoCa's and BUS's greedy captions, BLEU-4 / ROUGE-L / CIDEr-D against
   the true name; the baseline gives each test image the caption of its nearest training image (cosine in the
-  captioner's own contrastive image space, and in CLIP's; `nearest_neighbour_captions`). On unseen concepts the baseline can never
-  be exactly right (no training image has the name), which is what generation is for.
+  captioner's own contrastive image space, and in CLIP's; `nearest_neighbour_captions`). On unseen concepts the
+  baseline can never be exactly right (no training image has the name), which is what generation is for.
 
 Indicator probe (UrbanCLIP's protocol, `callbacks.RegressionProbe`): UrbanCLIP's frozen contrastive image
 embedding -> an MLP regressing each emoji's `added_in` (the Emoji version that introduced it, 0.6 to 16.0) trained on
 the seen Google drawings, scored on the unseen Twitter ones (R2, RMSE, MAE, and a ridge regression's R2), against
 the same model at its random initialisation.
 
-Usage: python bench/fusion.py [--minutes M] [--quick] [--methods ...]   (writes bench/results/fusion.json)
+Reading (UNIT's protocol, word accuracy): UNIT trains on 50 words rendered in 14 DejaVu sans / mono faces
+(`vlp-data words data/words-bench --vocabulary bench/words_50.txt`, 2,700 training images) mixed with the seen Google
+drawings (its captioning and feature-reconstruction half), and reads, by greedy decoding, 500 renderings of the same
+words in the DejaVu Serif faces it never saw (`CaptionMetrics` exact match = word accuracy; chance 1/50); the
+baseline gives each test image the word of its nearest training rendering (cosine of standardised grey pixels).
+
+Knowledge (ARL): ARL has no contrastive space (the official model has no ITC), so it is scored on its image encoder:
+kNN (k 20) and linear-probe accuracy of the Unicode category of the unseen Twitter drawings, probes fitted on the
+seen Google ones, against the same model at its random initialisation. It trains on the seen Google drawings whose
+captions `vlp-data wordnet` linked to WordNet (`data/emoji-google-wordnet`, built when missing).
+
+Usage: python bench/fusion.py [--minutes M | --steps-from-last | --steps N] [--quick] [--methods ...]   (writes bench/results/fusion.json)
 """
 
 from __future__ import annotations
@@ -40,7 +51,9 @@ from pathlib import Path
 import torch
 from common import REPO_ROOT, Target, ensure_shards, publish
 
-from vlp_lightning.callbacks import CaptionMetrics, RegressionProbe, Retrieval
+from data_modules.builder import main as vlp_data
+from data_modules.pipeline import make_eval_loader
+from vlp_lightning.callbacks import CaptionMetrics, KNNClassifier, LinearProbe, RegressionProbe, Retrieval
 from vlp_lightning.callbacks.captioning import caption_metrics, nearest_neighbour_captions
 from vlp_lightning.callbacks.features import evaluation_mode, extract_features, new_evaluation_pass
 from vlp_lightning.callbacks.retrieval import split_captions
@@ -49,10 +62,23 @@ from vlp_lightning.cli import VLPCLI
 TRAIN = "data/emoji-google/seen-{000000..000001}.tar"
 UNSEEN = "data/emoji-twitter/unseen-000000.tar"
 SEEN_STYLE = "data/emoji-twitter/seen-{000000..000001}.tar"
-METHODS = ("CLIP", "ALBEF", "FIBER", "CoCa", "BUS", "UrbanCLIP")
+METHODS = ("CLIP", "ALBEF", "FIBER", "CoCa", "BUS", "UrbanCLIP", "UNIT", "ARL")
 RERANKS = {"ALBEF", "FIBER", "BUS"}  # methods with an ITM head: scored with and without re-ranking
 CAPTIONERS = {"CoCa", "BUS"}
+READERS = {"UNIT"}  # scored by reading rendered words in an unseen font, not by retrieval
+PROBED = {"ARL"}  # no joint space: scored by category probes on its image encoder, before and after training
 REGRESSORS = {"UrbanCLIP"}  # scored by its indicator probe (RegressionProbe on `added_in`), before and after training
+WORDS = "data/words-bench"
+WORDS_TRAIN = f"{WORDS}/train-{{000000..000002}}.tar"
+WORDS_UNSEEN_FONT = f"{WORDS}/unseen_font-000000.tar"
+WORDNET = "data/emoji-google-wordnet"
+RECIPES = {"UNIT": "words_tiny.yaml"}
+#: each method's training shards and extra arguments where they are not the seen Google drawings'
+TRAINING = {
+    "UNIT": [f"--data.train_shards={WORDS_TRAIN}::{TRAIN}", "--data.test_shards=null"],
+    "ARL": [f"--data.train_shards={WORDNET}/seen-{{000000..000001}}.tar",
+            f"--model.init_args.knowledge={WORDNET}/knowledge.json"],
+}
 DEMO_RECIPE = REPO_ROOT / "experiments" / "clip" / "emoji_heldout_tiny.yaml"
 RESULTS = REPO_ROOT / "bench" / "results" / "fusion.json"
 
@@ -65,12 +91,43 @@ def build(method: str, minutes: float, root: Path, steps: int | None = None) -> 
     budget = ([f"--trainer.max_steps={steps}"] if steps else
               ["--trainer.max_steps=-1", f"--trainer.max_time=00:00:{seconds // 60:02d}:{seconds % 60:02d}"])
     return VLPCLI(args=[
-        "--config", str(REPO_ROOT / "experiments" / method.lower() / "emoji_tiny.yaml"),
-        f"--data.train_shards={TRAIN}", "--data.val_shards=null", "--data.test_shards=null",
+        "--config", str(REPO_ROOT / "experiments" / method.lower() / RECIPES.get(method, "emoji_tiny.yaml")),
+        f"--data.train_shards={TRAIN}", "--data.val_shards=null", "--data.test_shards=null", *TRAINING.get(method, []),
         f"{vision}depth=6", f"{vision}img_size=64", *budget, "--trainer.max_epochs=1000", "--trainer.callbacks=[]",
         f"--trainer.default_root_dir={root / method}", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0", "--checkpoint.save_last=false",
     ], run=False)
+
+
+def ensure_bench_data() -> None:
+    """The rendered 50 words (UNIT) and the WordNet-linked seen drawings (ARL), built once."""
+    if not (REPO_ROOT / WORDS / "manifest.json").is_file():
+        vlp_data(["words", WORDS, "--vocabulary", str(REPO_ROOT / "bench" / "words_50.txt")])
+    if not (REPO_ROOT / WORDNET / "manifest.json").is_file():
+        vlp_data(["wordnet", "data/emoji-google/seen-*.tar", WORDNET])
+
+
+def category_probes(cli: VLPCLI) -> dict[str, float]:
+    """kNN and linear-probe (standardised features) top-1 of the unseen drawings' Unicode category."""
+    knn = evaluate(KNNClassifier(TRAIN, UNSEEN, name="category"), cli)
+    linear = evaluate(LinearProbe(TRAIN, UNSEEN, name="category", standardize=True), cli)
+    return {"knn_top1": knn["top1"], "linear_top1": linear["top1"]}
+
+
+def nearest_rendering_accuracy(train: str, test: str, size: int = 64) -> float:
+    """Word accuracy of the pixel baseline: each test image gets the word of the training rendering whose
+    standardised grey pixels are the most cosine-similar."""
+    def pixels(shards: str) -> tuple[torch.Tensor, list[str]]:
+        images, words = [], []
+        for batch in make_eval_loader(shards, image_size=size, batch_size=500):
+            grey = batch["image"].mean(dim=1).flatten(1)
+            images.append(torch.nn.functional.normalize(grey - grey.mean(dim=1, keepdim=True), dim=1))
+            words += batch["caption"]
+        return torch.cat(images), words
+
+    (train_pixels, train_words), (test_pixels, test_words) = pixels(train), pixels(test)
+    nearest = (test_pixels @ train_pixels.T).argmax(dim=1).tolist()
+    return sum(train_words[j] == word for j, word in zip(nearest, test_words)) / len(test_words)
 
 
 def evaluate(callback, cli: VLPCLI) -> dict[str, float]:
@@ -98,21 +155,27 @@ def main() -> None:
     parser.add_argument("--steps-from-last", action="store_true",
                         help="train each method for the steps it made in the last run's minutes (an idle machine), "
                              "so its LR schedule (warmup, cosine) spans the budget instead of a 1000-epoch run")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train each method for this many optimizer steps instead (its schedule spans them)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="train and score only these; the others keep their rows from the last run")
     args = parser.parse_args()
     minutes = 1 / 3 if args.quick else args.minutes
     ensure_shards({"demo": DEMO_RECIPE})
+    if set(args.methods) & (READERS | PROBED):
+        ensure_bench_data()
     started = time.perf_counter()
     kept = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not args.quick else {}
     runs, retrieval, captions = kept.get("runs", {}), kept.get("retrieval", {}), kept.get("captions", {})
-    regression = kept.get("regression", {})
+    regression, reading, probes = kept.get("regression", {}), kept.get("reading", {}), kept.get("probes", {})
     with tempfile.TemporaryDirectory(prefix="vlp-fusion-") as folder:
         for method in args.methods:
             torch.manual_seed(0)
-            steps = kept["runs"][method]["steps"] if args.steps_from_last else None
+            steps = args.steps or (kept["runs"][method]["steps"] if args.steps_from_last else None)
             cli = build(method, minutes, Path(folder), steps)
             probe = RegressionProbe(TRAIN, UNSEEN, "added_in", name="added_in")
+            if method in PROBED:
+                probes[f"{method} (random init)"] = category_probes(cli)
             if method in REGRESSORS:
                 regression[f"{method} (random init)"] = evaluate(probe, cli)
                 print(f"{method} random-init regression: {regression[f'{method} (random init)']}", flush=True)
@@ -123,6 +186,17 @@ def main() -> None:
             if method in REGRESSORS:
                 regression[method] = evaluate(probe, cli)
                 print(f"{method} regression: {regression[method]}", flush=True)
+            if method in PROBED:
+                probes[method] = category_probes(cli)
+                print(f"{method} category probes: {probes}", flush=True)
+            if method in READERS:
+                reading[f"{method} (greedy)"] = evaluate(
+                    CaptionMetrics(WORDS_UNSEEN_FONT, name="unseen_font", max_length=12, num_examples=0), cli)
+                reading["nearest training rendering (pixels)"] = {
+                    "exact_match": nearest_rendering_accuracy(WORDS_TRAIN, WORDS_UNSEEN_FONT)}
+                print(f"{method} reading: {reading}", flush=True)
+            if method in READERS | PROBED:
+                continue
             for split, shards in (("unseen", UNSEEN), ("seen style", SEEN_STYLE)):
                 scored = evaluate(Retrieval(shards, name=split, rerank_top_k=16 if method in RERANKS else 0,
                                             num_examples=0), cli)
@@ -146,7 +220,8 @@ def main() -> None:
     order = [f"{m}{suffix}" for m in METHODS for suffix in ("", " (ITC only)", " (ITM re-ranked top 16)")]
     retrieval = {split: {row: rows[row] for row in order if row in rows} for split, rows in retrieval.items()}
     report = {"seconds": time.perf_counter() - started, "minutes_per_method": minutes, "runs": runs,
-              "retrieval": retrieval, "captions": captions, "regression": regression}
+              "retrieval": retrieval, "captions": captions, "regression": regression, "reading": reading,
+              "probes": probes}
     report["table"] = tables(report)
     print("\n" + report["table"])
     unseen = retrieval.get("unseen", {})
@@ -163,6 +238,13 @@ def main() -> None:
     if "UrbanCLIP" in regression:
         targets.append(Target("UrbanCLIP R2 - its random-init R2, Emoji version of unseen concepts",
                               regression["UrbanCLIP"]["R2"] - regression["UrbanCLIP (random init)"]["R2"], 0.0))
+    if "UNIT (greedy)" in reading:
+        targets.append(Target("UNIT word accuracy - nearest-rendering accuracy, unseen font (points)",
+                              100 * (reading["UNIT (greedy)"]["exact_match"]
+                                     - reading["nearest training rendering (pixels)"]["exact_match"]), 0.0))
+    if "ARL" in probes:
+        targets.append(Target("ARL linear probe - its random-init probe, unseen concepts' category (points)",
+                              100 * (probes["ARL"]["linear_top1"] - probes["ARL (random init)"]["linear_top1"]), 0.0))
     publish("fusion", report, targets)
 
 
@@ -185,6 +267,17 @@ def tables(report: dict) -> str:
         for row, metrics in report["regression"].items():
             lines.append(f"| {row} | {metrics['R2']:.3f} | {metrics['RMSE']:.2f} | {metrics['MAE']:.2f} "
                          f"| {metrics['ridge_R2']:.3f} |")
+    if report.get("reading"):
+        lines += ["", "| reading 50 rendered words in an unseen font (DejaVu Serif) | word accuracy | CIDEr |",
+                  "|---|---|---|"]
+        for row, metrics in report["reading"].items():
+            cider = f"{metrics['CIDEr']:.3f}" if "CIDEr" in metrics else "-"
+            lines.append(f"| {row} | {100 * metrics['exact_match']:.1f} | {cider} |")
+    if report.get("probes"):
+        lines += ["", "| image encoder: category of unseen concepts (Twitter) | kNN top-1 | linear top-1 |",
+                  "|---|---|---|"]
+        for row, metrics in report["probes"].items():
+            lines.append(f"| {row} | {100 * metrics['knn_top1']:.1f} | {100 * metrics['linear_top1']:.1f} |")
     return "\n".join(lines)
 
 
