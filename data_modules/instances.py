@@ -7,12 +7,13 @@ value is the object's index + 1 (0: background). It is a member of its own, apar
 (`data_modules.masks`), so a shard may hold both.
 
 In a view (`crop_instances`, `flip_instances`), the instance mask is the crop's region of the stored mask, resized
-with the image (nearest neighbour, so values stay object indices) and mirrored with it. An object is kept when any of
-its pixels survive in the view's mask (a sliver the resize loses goes with its box), and its box is the box of its
-pixels inside the region, mapped to the view with the sub-pixel precision of the stored image: the stored box
-clipped to the crop, made tight (clipping alone is loose around a non-rectangular object the crop cuts, which is why
-detectron2 recomputes boxes from masks after cropping). Kept objects are renumbered in order: value k + 1 of a view's
-mask is `boxes[k]`, and `objects[k]` is its index in the sample's `.json`.
+with the image (nearest neighbour at pixel centres, so values stay object indices and line up with the resized image)
+and mirrored with it. An object is kept when any of its pixels survive in the view's mask, and its box is the box of
+those pixels: the stored box clipped to the crop and made tight. Clipping alone is loose around a non-rectangular
+object the crop cuts (detectron2 recomputes boxes from masks after crops for that reason), and a box taken at the
+stored resolution would keep the parts of a many-part object (splashes, sparkles) that a strong downscale drops from
+the mask; from the view's mask, box and mask always agree. Kept objects are renumbered in order: value k + 1 of a
+view's mask is `boxes[k]`, and `objects[k]` is its index in the sample's `.json`.
 """
 
 from __future__ import annotations
@@ -85,14 +86,13 @@ def crop_instances(instances: Instances, region: tuple[int, int, int, int], size
     (module doc); `instances` are those of the whole stored image."""
     top, left, height, width = region
     patch = instances.labels[top : top + height, left : left + width]
-    view = patch if patch.shape == (size, size) else cv2.resize(patch, (size, size), interpolation=cv2.INTER_NEAREST)
+    view = patch if patch.shape == (size, size) else cv2.resize(patch, (size, size), interpolation=cv2.INTER_NEAREST_EXACT)
     count = len(instances.objects)
     kept = np.flatnonzero(np.bincount(view.ravel(), minlength=count + 1)[1:])
     boxes = np.empty((len(kept), 4), dtype=np.float32)
     for row, index in enumerate(kept):
-        ys, xs = np.nonzero(patch == index + 1)
-        boxes[row] = (xs.min() * size / width, ys.min() * size / height,
-                      (xs.max() + 1) * size / width, (ys.max() + 1) * size / height)
+        ys, xs = np.nonzero(view == index + 1)
+        boxes[row] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
     renumber = np.zeros(count + 1, dtype=np.uint8)
     renumber[kept + 1] = np.arange(1, len(kept) + 1)
     return Instances(renumber[view], boxes, instances.objects[kept])
