@@ -495,6 +495,7 @@ def make_parser() -> argparse.ArgumentParser:
             "  vlp-data csv captions.csv shards/ --image-col filepath --caption-col title\n"
             "  vlp-data emoji shards/emoji-twitter --style twitter\n"
             "  vlp-data words shards/words --split train=0.9,val=0.1\n"
+            "  vlp-data scenes shards/scenes --count 5000 --max-objects 6\n"
             "  vlp-data shots 'shards/emoji/train-*.tar' shards/emoji-16shot --shots 16 --seed 1\n"
             "  vlp-data wordnet 'shards/emoji/*.tar' shards/emoji-wordnet\n"
             "  vlp-data inspect shards/\n"

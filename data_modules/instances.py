@@ -86,16 +86,17 @@ def crop_instances(instances: Instances, region: tuple[int, int, int, int], size
     (module doc); `instances` are those of the whole stored image."""
     top, left, height, width = region
     patch = instances.labels[top : top + height, left : left + width]
-    view = patch if patch.shape == (size, size) else cv2.resize(patch, (size, size), interpolation=cv2.INTER_NEAREST_EXACT)
+    if patch.shape != (size, size):
+        patch = cv2.resize(patch, (size, size), interpolation=cv2.INTER_NEAREST_EXACT)
     count = len(instances.objects)
-    kept = np.flatnonzero(np.bincount(view.ravel(), minlength=count + 1)[1:])
+    kept = np.flatnonzero(np.bincount(patch.ravel(), minlength=count + 1)[1:])
     boxes = np.empty((len(kept), 4), dtype=np.float32)
     for row, index in enumerate(kept):
-        ys, xs = np.nonzero(view == index + 1)
+        ys, xs = np.nonzero(patch == index + 1)
         boxes[row] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
     renumber = np.zeros(count + 1, dtype=np.uint8)
     renumber[kept + 1] = np.arange(1, len(kept) + 1)
-    return Instances(renumber[view], boxes, instances.objects[kept])
+    return Instances(renumber[patch], boxes, instances.objects[kept])
 
 
 def flip_instances(instances: Instances) -> Instances:

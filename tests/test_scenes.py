@@ -139,7 +139,8 @@ def test_boxes_and_masks_follow_every_crop_and_flip(scenes: tuple[Path, Path, di
         for batch in make_loader(str(out / "train-000000.tar"), decoder, 12, seed=seed, pad=False, finish=False):
             assert batch["__stream__"]["skipped"] == 0
             for view in range(2):
-                dropped += check_views(batch["boxes"][view], batch["masks"][view], batch["objects"][view], batch["meta"])
+                boxes, masks, objects = batch["boxes"][view], batch["masks"][view], batch["objects"][view]
+                dropped += check_views(boxes, masks, objects, batch["meta"])
                 flipped += sum(batch[VIEWS_FIELD].flips[view])
                 views += len(batch["boxes"][view])
     assert dropped > 0 and 0 < flipped < views  # crops cut objects away, about half the views are mirrored
