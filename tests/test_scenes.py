@@ -18,6 +18,7 @@ from data_modules.builder import iterate_shard, main
 from data_modules.datamodules import ImageTextDataModule
 from data_modules.instances import INSTANCES_MEMBER, Instances, crop_instances, decode_instances, flip_instances
 from data_modules.pipeline import BadSampleError, DataConfigError, SampleDecoder, make_eval_loader, make_loader
+from data_modules.sources.scenes import plural
 from data_modules.views import VIEWS_FIELD, Crop, SingleCrop, TwoCrops
 from vlp_lightning.modules.tokenizers import ByteTokenizer
 
@@ -270,3 +271,8 @@ def test_datamodule_batches_carry_instances_and_methods_that_need_them_stop_with
     datamodule.trainer = SimpleNamespace(lightning_module=grounding, global_rank=0, world_size=1)
     with pytest.raises(DataConfigError, match=r"needs object boxes and masks .* no .instances.png members; use scene"):
         datamodule.setup("fit")
+
+
+def test_plural_inflects_the_head_noun() -> None:
+    assert [plural(name) for name in ("face screaming in fear", "man biking", "people hugging", "cherry", "fox")] == [
+        "faces screaming in fear", "men biking", "people hugging", "cherries", "foxes"]

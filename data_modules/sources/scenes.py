@@ -71,6 +71,8 @@ _PLACEMENT_TRIES = 30
 _NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 _IRREGULAR_PLURALS = {"man": "men", "woman": "women", "person": "people", "child": "children", "mouse": "mice",
                       "foot": "feet", "tooth": "teeth", "goose": "geese", "leaf": "leaves", "knife": "knives"}
+_NOUNS_IN_ING = {"building", "ring", "wing", "wedding", "dumpling", "seedling", "lightning", "bowling", "king",
+                 "string", "painting", "swing", "pudding"}
 _POSITIONS = (("top left", "top", "top right"), ("left", "center", "right"), ("bottom left", "bottom", "bottom right"))
 
 
@@ -381,10 +383,17 @@ def _block_tags(labels: np.ndarray, count: int) -> list[list[int]]:
 
 
 def plural(name: str) -> str:
-    """English plural of an emoji name: its head noun (the word before `with`, `of`, `in`, `on`, else the last)."""
+    """English plural of an emoji name, inflecting its head noun: the first word of a person ("man biking" -> "men
+    biking"), else the last word before `with` / `of` / `in` / `on` that is no verb in -ing ("face screaming in
+    fear" -> "faces screaming in fear"); names of several people ("people hugging") stay."""
     words = name.split()
-    head = next((index - 1 for index, word in enumerate(words) if index and word in ("with", "of", "in", "on")),
-                len(words) - 1)
+    if words[0] in _IRREGULAR_PLURALS.values():
+        return name
+    clause = next((index for index, word in enumerate(words) if index and word in ("with", "of", "in", "on")),
+                  len(words))
+    head = 0 if words[0] in ("man", "woman", "person") else max(
+        (index for index in range(clause) if not words[index].endswith("ing") or words[index] in _NOUNS_IN_ING),
+        default=clause - 1)
     word = words[head]
     if word in _IRREGULAR_PLURALS:
         word = _IRREGULAR_PLURALS[word]
