@@ -46,6 +46,7 @@ import webdataset
 from PIL import Image
 from tqdm import tqdm
 
+from data_modules.instances import INSTANCES_MEMBER, decode_instances
 from data_modules.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from data_modules.sources import IMAGE_ERRORS, Record, SourceData, SourceError
 from data_modules.sources.emoji import STYLES, emoji_source
@@ -55,6 +56,8 @@ from data_modules.sources.fashion_mnist import fashion_mnist_source
 from data_modules.sources.local import csv_source, folder_source, jsonl_source
 from data_modules.sources.openclipart import DEFAULT_ROOT as OPENCLIPART_ROOT
 from data_modules.sources.openclipart import openclipart_source
+from data_modules.sources.scenes import HELDOUT_SPLIT as SCENES_HELDOUT_SPLIT
+from data_modules.sources.scenes import scenes_source
 from data_modules.sources.shots import few_shot_source
 from data_modules.sources.wordnet import wordnet_source
 from data_modules.sources.words import DEFAULT_FONTS_DIR, DEFAULT_VOCABULARY, HELDOUT_SPLIT, words_source
@@ -234,12 +237,10 @@ def _write_splits(
         writer = None
         for record in tqdm(records, desc=f"{progress_name}/{split}", unit="img", disable=None):
             try:
-                with record.open_image() as image:
-                    png = encode_png(image, resize)
+                sample = _sample(record, resize)
             except IMAGE_ERRORS as error:
                 skipped[record.key] = f"{record.origin}: {type(error).__name__}: {error}"
                 continue
-            sample = _sample(record, png)
             if writer is None:
                 writer = webdataset.ShardWriter(
                     str(staging / f"{split}-%06d.tar"),
@@ -261,7 +262,12 @@ def _write_splits(
     return shards, members, skipped
 
 
-def _sample(record: Record, png: bytes) -> dict[str, str | bytes]:
+def _sample(record: Record, resize: int | None) -> dict[str, str | bytes]:
+    """The members of `record` (raising one of IMAGE_ERRORS when its image does not decode)."""
+    if record.members is not None:
+        return {"__key__": record.key, **record.members()}
+    with record.open_image() as image:
+        png = encode_png(image, resize)
     sample: dict[str, str | bytes] = {"__key__": record.key, "png": png}
     if record.caption is not None:
         sample["txt"] = record.caption.encode("utf-8")
@@ -349,6 +355,8 @@ def _check_sample(sample: dict[str, bytes]) -> str:
         int(sample["cls"])
     if "json" in sample:
         json.loads(sample["json"])
+    if INSTANCES_MEMBER in sample:
+        decode_instances(json.loads(sample.get("json", b"{}")), sample[INSTANCES_MEMBER], image.width, image.height)
     return description
 
 
@@ -411,7 +419,21 @@ def _describe_example(key: str, sample: dict[str, bytes], description: str, clas
     if "txt" in sample:
         caption = sample["txt"].decode("utf-8").replace("\n", " | ")
         parts.append(repr(caption if len(caption) <= 80 else caption[:77] + "..."))
-    return "  ".join(parts)
+    scene = _describe_scene(json.loads(sample["json"])) if INSTANCES_MEMBER in sample else ""
+    return "  ".join(parts) + scene
+
+
+def _describe_scene(meta: dict) -> str:
+    """The objects (name and box), relations and long caption of a scene sample, on lines of their own."""
+    objects = meta["objects"]
+    lines = [f"{index}: {item['name']} {item['box']}" for index, item in enumerate(objects)]
+    relations = [f"{subject} {predicate} {other}" for subject, predicate, other in meta.get("relations", [])[:8]]
+    more = len(meta.get("relations", [])) - len(relations)
+    lines.append("relations: " + ("; ".join(relations) or "none") + (f" (+{more} more)" if more > 0 else ""))
+    if meta.get("long_caption"):
+        lines.append(f"long caption: {meta['long_caption']}")
+    lines += [f"region {index}: {region}" for index, region in enumerate(meta.get("regions", [])[:3])]
+    return "".join(f"\n        {line}" for line in lines)
 
 
 def _positive_int(text: str) -> int:
@@ -428,9 +450,11 @@ def _build_command(
     input_help: str | None = None,
     resize: int | None = None,
     splits: bool = True,
+    resizable: bool = True,
 ) -> argparse.ArgumentParser:
     """A build sub-command: its input (when it takes one), OUT, and the options every build shares (`--split`
-    only where the source does not keep the splits of its input: `splits`)."""
+    only where the source does not keep the splits of its input: `splits`; `--resize` only where the source does
+    not draw its images at a size of its own: `resizable`)."""
     command = commands.add_parser(name, help=summary, description=summary)
     if input_help is not None:
         metavar = {"folder": "SRC", "shots": "SHARDS", "wordnet": "SHARDS"}.get(name, "FILE")
@@ -446,13 +470,16 @@ def _build_command(
     else:
         command.set_defaults(split=None)
     command.add_argument("--seed", type=int, default=0, help="seed of the split assignment (default: %(default)s)")
-    command.add_argument(
-        "--resize",
-        type=_positive_int,
-        default=resize,
-        metavar="N",
-        help=f"scale images down so the shorter side is at most N (default: {resize or 'keep their size'})",
-    )
+    if resizable:
+        command.add_argument(
+            "--resize",
+            type=_positive_int,
+            default=resize,
+            metavar="N",
+            help=f"scale images down so the shorter side is at most N (default: {resize or 'keep their size'})",
+        )
+    else:
+        command.set_defaults(resize=None)
     command.add_argument("--force", action="store_true", help="rebuild even when OUT is up to date")
     return command
 
@@ -468,6 +495,7 @@ def make_parser() -> argparse.ArgumentParser:
             "  vlp-data csv captions.csv shards/ --image-col filepath --caption-col title\n"
             "  vlp-data emoji shards/emoji-twitter --style twitter\n"
             "  vlp-data words shards/words --split train=0.9,val=0.1\n"
+            "  vlp-data scenes shards/scenes --count 5000 --max-objects 6\n"
             "  vlp-data shots 'shards/emoji/train-*.tar' shards/emoji-16shot --shots 16 --seed 1\n"
             "  vlp-data wordnet 'shards/emoji/*.tar' shards/emoji-wordnet\n"
             "  vlp-data inspect shards/\n"
@@ -619,6 +647,35 @@ def make_parser() -> argparse.ArgumentParser:
             a.fonts_dir, a.heldout_font, a.count, a.heldout_count, a.pages, a.size, a.vocabulary, a.seed
         ),
     )
+
+    scenes = _build_command(
+        commands, "scenes",
+        "scenes of 1-K emoji cut-outs on real backgrounds with exact boxes, instance masks, attributes, relations and "
+        f"captions; --heldout-concepts of the concepts only in the split {SCENES_HELDOUT_SPLIT}", resizable=False,
+    )
+    scenes.add_argument("--count", type=_positive_int, default=5000,
+                        help="scenes of the concepts not held out, divided by --split (default: %(default)s)")
+    scenes.add_argument("--heldout-count", type=_positive_int, default=500,
+                        help=f"scenes of the held-out concepts, all in {SCENES_HELDOUT_SPLIT} (default: %(default)s)")
+    scenes.add_argument("--heldout-concepts", type=float, default=0.1, metavar="FRACTION",
+                        help="fraction of the concepts held out, chosen by a stable hash of the name "
+                        "(default: %(default)s)")
+    scenes.add_argument("--max-objects", type=_positive_int, default=6, metavar="K",
+                        help="objects per scene at most (default: %(default)s)")
+    scenes.add_argument("--size", type=_positive_int, default=256, help="image side in pixels (default: %(default)s)")
+    scenes.add_argument("--styles", default="twitter,google",
+                        help="emoji styles of the cut-outs, fetched once like `vlp-data emoji` (default: %(default)s)")
+    scenes.add_argument("--backgrounds", choices=("skimage", "plain"), default="skimage",
+                        help="scikit-image's sample photos and textures (the `scenes` extra; plain when it is missing)"
+                        " or plain colours and gradients (default: %(default)s)")
+    scenes.add_argument(
+        "--cache-dir", type=Path, default=Path(platformdirs.user_cache_dir("vlp-lightning")) / "npm",
+        metavar="DIR", help="where the emoji packages are kept (default: %(default)s)",
+    )
+    scenes.set_defaults(split="train=0.9,val=0.1", make_source=lambda a: scenes_source(
+        a.count, a.heldout_count, a.heldout_concepts, a.max_objects, a.size, tuple(a.styles.split(",")),
+        a.backgrounds, a.cache_dir, a.seed,
+    ))
 
     shots = _build_command(
         commands, "shots",

@@ -1,5 +1,6 @@
 """LightningDataModules streaming WebDataset shards: `ImageTextDataModule` (image-caption pairs, CLIP family) and
-`ImageDataModule` (images, with labels when the shards have them).
+`ImageDataModule` (images, with labels when the shards have them). Both return object `boxes`, instance `masks` and
+`objects` (`data_modules.instances`) in the views' pixels when the shards have `.instances.png` members.
 
 Both build every split with the one pipeline of `data_modules.pipeline`. At `setup` they ask the attached method
 for what was left unset (`image_size`, `train_views()`, `tokenizer`), check that the shards exist and hold what the
@@ -29,6 +30,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningDataModule
 
 from data_modules.captions import CAPTION_SAMPLINGS, CaptionSampling
+from data_modules.instances import INSTANCES_MEMBER
 from data_modules.manifest import class_count, local_path
 from data_modules.pipeline import (
     IMAGE_MEMBERS,
@@ -172,6 +174,9 @@ class StreamingDataModule(LightningDataModule):
             self._check_keys(self.splits[split], method)
         transform = self._views(method).build(self._image_size(method))
         tokenizer = self._tokenizer(method)
+        # instances follow no affine warp: views with one leave them out, unless the method needs them (an error)
+        warps = any(crop.affine is not None for crop in transform.crops)
+        needs_instances = bool({"boxes", "masks"} & set(getattr(method, "required_keys", ())))
         for split, data in self.splits.items():
             self.decoders[split] = SampleDecoder(
                 transform,
@@ -180,6 +185,7 @@ class StreamingDataModule(LightningDataModule):
                 tokenizer=tokenizer,
                 num_classes=class_count(data.manifest),
                 caption_sampling=self.caption_sampling,
+                with_instances=INSTANCES_MEMBER in data.members and (needs_instances or not warps),
             )
 
     def _check_keys(self, split: _Split, method: object | None) -> None:
@@ -205,6 +211,11 @@ class StreamingDataModule(LightningDataModule):
             raise DataConfigError(
                 f"{name} needs class labels (`label`) but {split.describe()} has no .cls members; use labelled "
                 "shards (e.g. `vlp-data fashion-mnist`) or a method that does not need labels"
+            )
+        if {"boxes", "masks"} & set(required) and INSTANCES_MEMBER not in split.members:
+            raise DataConfigError(
+                f"{name} needs object boxes and masks (`boxes`, `masks`) but {split.describe()} has no "
+                f".{INSTANCES_MEMBER} members; use scene shards (e.g. `vlp-data scenes data/scenes`)"
             )
 
     def _image_size(self, method: object | None) -> int:

@@ -16,7 +16,7 @@ Stage order (open_clip's, with sample-exact splitting):
    never waits on a rank that ran dry;
 4. tar reading with an error handler (a truncated or unreadable shard is counted and the stream goes on); only
    `.png/.jpg/.jpeg/.webp/.txt/.cls/.json` members are read at all, so a `.pyd`, `.pickle` or `.pth` member is
-   never even loaded, let alone unpickled;
+   never even loaded, let alone unpickled (masks: `.mask.png`, `.instances.png`);
 5. sample shuffle buffer seeded with `(seed, epoch, rank, worker)`;
 6. safe decode (formats by their signatures: opaque PNG through libspng, JPEG through OpenCV, WebP and images
    with alpha through PIL; the pixel count checked from the header before decoding; text as UTF-8, labels as int,
@@ -36,8 +36,9 @@ had read (tar bytes only, nothing decoded) and continues, and the worker process
 DataLoader asks first makes the next batch; the resumed run sees exactly the batches the uninterrupted run would
 have produced (same world size and number of workers).
 
-Bad data: an undecodable image, a missing image / caption / label or unreadable JSON drops the sample and counts it;
-`strict=True` raises `BadSampleError` naming the shard and key instead.
+Bad data: an undecodable image, a missing image / caption / label, unreadable JSON or instances that do not fit their
+image (a box outside it, an instance mask of another size, a relation naming a missing object) drop the sample and
+count it; `strict=True` raises `BadSampleError` naming the shard and key instead.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from webdataset.shardlists import expand_urls
 
 from data_modules.captions import CaptionSampling, sample_caption
 from data_modules.manifest import class_count, local_path, read_manifest, shard_counts
+from data_modules.instances import INSTANCES_MEMBER, batch_instances, crop_instances, decode_instances
 from data_modules.masks import MASK_MEMBER, crop_mask, decode_mask
 from data_modules.views import VIEWS_FIELD, EvalView, Views, ViewTransform, finish_views
 
@@ -80,7 +82,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
 #: tar members the pipeline reads; anything else (.pyd, .pickle, .pth, ...) is passed over unread.
-READ_MEMBERS = frozenset((*IMAGE_MEMBERS, "txt", "cls", "json", MASK_MEMBER))
+READ_MEMBERS = frozenset((*IMAGE_MEMBERS, "txt", "cls", "json", MASK_MEMBER, INSTANCES_MEMBER))
 #: formats PIL may decode; an allow-list so a shard cannot reach a rarely used (less audited) decoder.
 PIL_FORMATS = ("PNG", "JPEG", "WEBP")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -432,10 +434,11 @@ class SampleDecoder:
     `with_caption` / `with_label` make `.txt` / `.cls` required (a sample without them is dropped); a label must
     lie in `[0, num_classes)` (the manifest's class count; without one, only negative labels are refused); `.json`
     is decoded into `meta` when present. `with_mask` makes `.mask.png` required and returns it as `mask`, cropped as
-    the image (deterministic views only, `data_modules.masks`). Captions become `text` tokens when a tokenizer is
-    given; `caption_sampling`
-    picks the caption of each sample (`data_modules.captions`: all lines, one line, one sentence), with the seed
-    `decode` gets.
+    the image (deterministic views only, `data_modules.masks`). `with_instances` makes `.json` objects and
+    `.instances.png` required and returns `boxes`, `masks` and `objects` in every view's pixels, following its crops
+    and flips (`data_modules.instances`; not affine warps). Captions become `text` tokens when a tokenizer is given;
+    `caption_sampling` picks the caption of each sample (`data_modules.captions`: all lines, one line, one
+    sentence), with the seed `decode` gets.
     """
 
     transform: ViewTransform
@@ -445,6 +448,12 @@ class SampleDecoder:
     tokenizer: Tokenizer | None = None
     num_classes: int | None = None
     caption_sampling: CaptionSampling = "all"
+    with_instances: bool = False
+
+    def __post_init__(self) -> None:
+        if self.with_instances and any(crop.affine is not None for crop in self.transform.crops):
+            raise DataConfigError("boxes and instance masks follow crops and flips, not the views' RandomAffine warp; "
+                                  "use views without `affine` for data with instances")
 
     @property
     def image_bytes(self) -> int:
@@ -458,7 +467,8 @@ class SampleDecoder:
         if image_member is None:
             raise _BadSample("no image member (.png/.jpg/.jpeg/.webp)")
         try:
-            crops = self.transform.crop(decode_image(image_member), rng)
+            image = decode_image(image_member)
+            crops, regions = self.transform.crop_regions(image, rng)
         except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
             raise _BadSample(f"undecodable image: {error!r}") from error
         sample = {"__key__": raw["__key__"], "crops": crops}
@@ -481,6 +491,12 @@ class SampleDecoder:
                 if MASK_MEMBER not in raw:
                     raise _BadSample("missing mask (.mask.png)")
                 sample["mask"] = crop_mask(decode_mask(raw[MASK_MEMBER]), self.transform.crops[0])
+            if self.with_instances:
+                if INSTANCES_MEMBER not in raw or "meta" not in sample:
+                    raise _BadSample("missing instances (.instances.png and .json objects)")
+                instances = decode_instances(sample["meta"], raw[INSTANCES_MEMBER], image.shape[1], image.shape[0])
+                sample["instances"] = [crop_instances(instances, region, crop.size)
+                                       for region, crop in zip(regions, self.transform.crops)]
         except (UnicodeDecodeError, ValueError, OSError) as error:
             raise _BadSample(f"undecodable member: {error!r}") from error
         return sample
@@ -499,6 +515,8 @@ class SampleDecoder:
             batch["meta"] = [sample.get("meta", {}) for sample in samples]
         if self.with_mask:
             batch["mask"] = torch.from_numpy(np.stack([sample["mask"] for sample in samples]))  # [N, S, S] bool
+        if self.with_instances:
+            batch.update(batch_instances([sample["instances"] for sample in samples], recipe.flips, recipe.single))
         return batch
 
 
@@ -790,11 +808,14 @@ class Handover:
 
 
 def _convert(value: object, kind: type, convert: Callable[[object], object]) -> object:
-    """`convert` every `kind` in `value`, a batch entry (plain dicts, such as tokens, are walked)."""
+    """`convert` every `kind` in `value`, a batch entry (plain dicts, such as tokens, and lists, such as boxes, are
+    walked)."""
     if isinstance(value, kind):
         return convert(value)
     if type(value) is dict:
         return {name: _convert(item, kind, convert) for name, item in value.items()}
+    if type(value) is list:
+        return [_convert(item, kind, convert) for item in value]
     return value
 
 
@@ -936,8 +957,9 @@ def make_eval_loader(
     device: torch.device | str | None = None,
 ) -> Iterable[dict]:
     """Evaluation batches: every sample exactly once, in shard order (per worker), one deterministic `EvalView`
-    crop (or `view`); captions (tokenized when `tokenizer` is given), labels and foreground masks (`mask`
-    [N, S, S] bool, from `.mask.png`) when the shards hold them.
+    crop (or `view`); captions (tokenized when `tokenizer` is given), labels, foreground masks (`mask`
+    [N, S, S] bool, from `.mask.png`) and instances (`boxes`, `masks`, `objects`, from `.instances.png`) when the
+    shards hold them.
     With `device` the images arrive there (normalised on it), everything else stays on the CPU."""
     urls = expand_shards(shards)
     if not urls:
@@ -951,6 +973,7 @@ def make_eval_loader(
         with_mask=MASK_MEMBER in members,
         tokenizer=tokenizer,
         num_classes=class_count(manifest),
+        with_instances=INSTANCES_MEMBER in members,
     )
     loader = make_loader(urls, decoder, batch_size, num_workers=num_workers, shuffle=False, pad=False, finish=False)
     return _EvalBatches(loader, device)

@@ -154,16 +154,25 @@ class ViewRecipe:
     """How to finish a packed batch of crops: the photometric options of every crop, which crops share a stacked
     tensor, and the batch's seed for the per-image draws.
 
-    A plain object (not a dataclass) so that Lightning's batch transfer carries it over untouched.
+    `flips[crop][row]` says which crops `pack` mirrored (boxes and instance masks follow them). A plain object (not a
+    dataclass) so that Lightning's batch transfer carries it over untouched.
     """
 
-    __slots__ = ("augments", "groups", "single", "seed")
+    __slots__ = ("augments", "groups", "single", "seed", "flips")
 
-    def __init__(self, augments: tuple[Augment, ...], groups: tuple[tuple[int, ...], ...], single: bool, seed: int):
+    def __init__(
+        self,
+        augments: tuple[Augment, ...],
+        groups: tuple[tuple[int, ...], ...],
+        single: bool,
+        seed: int,
+        flips: tuple[tuple[bool, ...], ...],
+    ) -> None:
         self.augments = augments
         self.groups = groups
         self.single = single
         self.seed = seed
+        self.flips = flips
 
     def finish(self, images: list[Tensor]) -> Tensor | list[Tensor]:
         """Packed uint8 groups `[N, k, S, S, 3]` (any device) -> normalised float `[N, 3, S, S]` per crop."""
@@ -200,10 +209,18 @@ class ViewTransform:
 
     def crop(self, image: np.ndarray, rng: random.Random) -> list[np.ndarray]:
         """uint8 RGB array [H, W, 3] -> one uint8 array [size, size, 3] per crop."""
+        return self.crop_regions(image, rng)[0]
+
+    def crop_regions(
+        self, image: np.ndarray, rng: random.Random
+    ) -> tuple[list[np.ndarray], list[tuple[int, int, int, int]]]:
+        """The crops and the region (top, left, height, width) of the image each one resizes, for what must follow
+        the image's geometry (boxes and instance masks, `data_modules.instances`)."""
         height, width = image.shape[:2]
-        crops = []
+        crops, regions = [], []
         for crop in self.crops:
             top, left, crop_height, crop_width = crop.box(width, height, rng)
+            regions.append((top, left, crop_height, crop_width))
             region = image[top : top + crop_height, left : left + crop_width]
             if (crop_height, crop_width) != (crop.size, crop.size):
                 shrinking = crop_height > crop.size and crop_width > crop.size
@@ -214,7 +231,7 @@ class ViewTransform:
             if crop.affine is not None:
                 region = crop.affine.apply(region, rng)
             crops.append(region)
-        return crops
+        return crops, regions
 
     def pack(self, crops: list[list[np.ndarray]], seed: int) -> tuple[list[Tensor], ViewRecipe]:
         """Per-image crops (outer list: images) -> uint8 tensors `[N, k, S, S, 3]`, one per crop size, and their
@@ -237,7 +254,8 @@ class ViewTransform:
             packed.append(torch.from_numpy(stacked))
         photometric_seed = int(torch.randint(2**62, (), generator=generator))
         augments = tuple(crop.augment for crop in self.crops)
-        return packed, ViewRecipe(augments, self.groups, self.single, photometric_seed)
+        mirrored = tuple(tuple(row_flips) for row_flips in flips)
+        return packed, ViewRecipe(augments, self.groups, self.single, photometric_seed, mirrored)
 
     def __call__(self, image: Image.Image | np.ndarray) -> Tensor | list[Tensor]:
         if isinstance(image, Image.Image):

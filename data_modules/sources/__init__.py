@@ -34,15 +34,21 @@ class Record:
     image that fails to decode is reported and skipped there. `origin` names where the image comes from (shown in
     that report). `split` is an official split of the source (Fashion-MNIST's `test`) that `--split` never
     reassigns; None lets `--split` decide.
+
+    A rendered sample whose members come out of one drawing (a scene's image, instance mask and `.json`) gives
+    `members` instead of `open_image`: called when the sample is written, it returns every member, encoded
+    (`{"jpg": ..., "instances.png": ..., "json": ..., "txt": ...}`); `meta` then only feeds the fingerprint that
+    decides whether a shard set is up to date, so it must hold everything the drawing depends on.
     """
 
     key: str
-    open_image: Callable[[], Image.Image]
+    open_image: Callable[[], Image.Image] | None
     origin: str
     caption: str | None = None
     label: int | None = None
     meta: dict[str, object] | None = None
     split: str | None = None
+    members: Callable[[], dict[str, bytes]] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,278 @@
+"""`vlp-data scenes` and the instances (boxes, instance masks) that follow the views' crops and flips."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from data_modules.builder import iterate_shard, main
+from data_modules.datamodules import ImageTextDataModule
+from data_modules.instances import INSTANCES_MEMBER, Instances, crop_instances, decode_instances, flip_instances
+from data_modules.pipeline import BadSampleError, DataConfigError, SampleDecoder, make_eval_loader, make_loader
+from data_modules.sources.scenes import plural
+from data_modules.views import VIEWS_FIELD, Crop, SingleCrop, TwoCrops
+from vlp_lightning.modules.tokenizers import ByteTokenizer
+
+SHAPES = ("circle", "triangle", "ring", "square")
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 210, 30),
+           "purple": (140, 40, 200)}
+
+
+def fake_emoji_cache(root: Path) -> Path:
+    """An npm cache holding `emoji-datasource-twitter@16` with 20 coloured shapes on transparency (10 per category)."""
+    package = root / "emoji-datasource-twitter-16.0.0" / "package"
+    (package / "img" / "twitter" / "64").mkdir(parents=True)
+    (package / "package.json").write_text(json.dumps({"name": "emoji-datasource-twitter", "version": "16.0.0"}))
+    entries = []
+    for index, (shape, colour) in enumerate((shape, colour) for shape in SHAPES for colour in COLOURS):
+        image = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+        draw = ImageDraw.Draw(image)
+        fill = (*COLOURS[colour], 255)
+        if shape == "circle":
+            draw.ellipse((4, 4, 59, 59), fill=fill)
+        elif shape == "triangle":
+            draw.polygon([(32, 2), (62, 60), (2, 60)], fill=fill)
+        elif shape == "ring":
+            draw.ellipse((2, 8, 61, 55), outline=fill, width=9)
+        else:
+            draw.rectangle((10, 10, 53, 53), fill=fill)
+        name = f"{index:04x}.png"
+        image.save(package / "img" / "twitter" / "64" / name)
+        entries.append({"name": f"{colour.upper()} {shape.upper()}", "short_names": [shape], "unified": f"{index:04X}",
+                        "image": name, "category": ("Objects", "Food & Drink")[index % 2], "subcategory": shape,
+                        "sort_order": index, "has_img_twitter": True})
+    entries.append({**entries[0], "name": "A FLAG", "unified": "FFFF", "category": "Flags", "sort_order": 99})
+    (package / "emoji.json").write_text(json.dumps(entries))
+    return root
+
+
+def build(out: Path, cache: Path, *options: str, capsys: pytest.CaptureFixture[str] | None = None) -> dict:
+    argv = ["scenes", str(out), "--cache-dir", str(cache), "--styles", "twitter", "--count", "40",
+            "--heldout-count", "10", "--heldout-concepts", "0.25", "--size", "96", "--max-objects", "5", *options]
+    assert main(argv) == 0
+    return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("scenes")
+    cache = fake_emoji_cache(root / "npm")
+    return root / "shards", cache, build(root / "shards", cache, "--backgrounds", "plain")
+
+
+def samples_of(out: Path) -> dict[str, dict[str, dict[str, bytes]]]:
+    """split -> key -> members."""
+    splits: dict[str, dict] = {}
+    for shard in sorted(out.glob("*.tar")):
+        splits.setdefault(shard.name.rpartition("-")[0], {}).update(iterate_shard(shard))
+    return splits
+
+
+def test_scenes_are_reproducible_exact_and_hold_out_concepts(
+    scenes: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    out, cache, manifest = scenes
+    again = build(tmp_path / "again", cache, "--backgrounds", "plain")
+    other_seed = build(tmp_path / "seed1", cache, "--backgrounds", "plain", "--seed", "1")
+
+    assert manifest["splits"] == {"train": 36, "unseen": 10, "val": 4}
+    for shard in manifest["shards"]:
+        assert (out / shard).read_bytes() == (tmp_path / "again" / shard).read_bytes()
+    assert again["build"]["fingerprint"] == manifest["build"]["fingerprint"]
+    assert (out / "train-000000.tar").read_bytes() != (tmp_path / "seed1" / "train-000000.tar").read_bytes()
+    assert other_seed["classnames"] == manifest["classnames"]  # the held-out concepts do not depend on the seed
+    unseen = set(manifest["classnames"]["unseen"])
+    assert unseen and "a flag" not in unseen | set(manifest["classnames"]["concepts"])
+    splits = samples_of(out)
+    for split, samples in splits.items():
+        for key, sample in samples.items():
+            meta = json.loads(sample["json"])
+            names = {item["name"] for item in meta["objects"]}
+            assert (names <= unseen) if split == "unseen" else not names & unseen, (split, key, names)
+            labels = np.asarray(Image.open(io.BytesIO(sample[INSTANCES_MEMBER])))
+            assert labels.shape == (96, 96) and labels.max() == len(meta["objects"])
+            for index, item in enumerate(meta["objects"]):  # each box is the box of the object's visible pixels
+                ys, xs = np.nonzero(labels == index + 1)
+                assert item["box"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] and item["area"] == len(xs)
+            assert meta["counts"] == {name: [o["name"] for o in meta["objects"]].count(name) for name in names}
+            assert len(meta["regions"]) == len(meta["objects"]) and len(meta["blocks"]["objects"]) == 9
+            assert sample["txt"].decode() == meta["caption"] and meta["caption"].endswith(meta["background"])
+            for subject, predicate, other in meta["relations"]:
+                first, second = meta["objects"][subject]["box"], meta["objects"][other]["box"]
+                if predicate == "left of":
+                    assert first[0] + first[2] < second[0] + second[2]
+                if predicate == "above":
+                    assert first[1] + first[3] < second[1] + second[3]
+    long = [json.loads(s["json"]) for s in splits["train"].values() if len(json.loads(s["json"])["objects"]) > 2]
+    assert long and all(sum(item["name"] in m["long_caption"] for item in m["objects"]) == len(m["objects"])
+                        for m in long)
+
+
+def check_views(boxes: list[torch.Tensor], masks: torch.Tensor, objects: list[torch.Tensor], meta: list[dict]) -> int:
+    """Every kept object's mask is non-empty, its box is the box of its mask within 1 px, and nothing else is in the
+    mask; returns the number of objects dropped by the crops."""
+    dropped = 0
+    for sample_boxes, labels, sample_objects, sample_meta in zip(boxes, masks, objects, meta):
+        assert sample_boxes.shape == (len(sample_objects), 4) and int(labels.max()) == len(sample_objects)
+        assert sorted(sample_objects.tolist()) == sample_objects.tolist()
+        for index, box in enumerate(sample_boxes):
+            ys, xs = torch.nonzero(labels == index + 1, as_tuple=True)
+            mask_box = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+            assert torch.allclose(box, mask_box, atol=1.0), (box, mask_box)
+        dropped += len(sample_meta["objects"]) - len(sample_objects)
+    return dropped
+
+
+def test_boxes_and_masks_follow_every_crop_and_flip(scenes: tuple[Path, Path, dict]) -> None:
+    out, _, _ = scenes
+    decoder = SampleDecoder(TwoCrops(scale=(0.1, 1.0)).build(48), with_instances=True)
+    dropped = flipped = views = 0
+    for seed in range(3):
+        for batch in make_loader(str(out / "train-000000.tar"), decoder, 12, seed=seed, pad=False, finish=False):
+            assert batch["__stream__"]["skipped"] == 0
+            for view in range(2):
+                boxes, masks, objects = batch["boxes"][view], batch["masks"][view], batch["objects"][view]
+                dropped += check_views(boxes, masks, objects, batch["meta"])
+                flipped += sum(batch[VIEWS_FIELD].flips[view])
+                views += len(batch["boxes"][view])
+    assert dropped > 0 and 0 < flipped < views  # crops cut objects away, about half the views are mirrored
+
+
+def test_crop_and_flip_of_known_instances() -> None:
+    labels = np.zeros((40, 60), np.uint8)
+    labels[10:20, 5:15] = 1  # a square
+    yy, xx = np.mgrid[:40, :60]
+    labels[(yy - 25) ** 2 + (xx - 40) ** 2 <= 100] = 2  # a disc of radius 10 around (40, 25)
+    instances = Instances(labels, np.float32([[5, 10, 15, 20], [30, 15, 51, 36]]), np.arange(2))
+
+    view = crop_instances(instances, (0, 35, 40, 25), 50)  # x in [35, 60): the square is cut away, the disc halved
+    assert view.objects.tolist() == [1] and view.labels.shape == (50, 50)
+    np.testing.assert_allclose(view.boxes, [[0, 15 * 1.25, 16 * 2, 36 * 1.25]], atol=1)  # x * 50 / 25, y * 50 / 40
+    mirrored = flip_instances(view)
+    np.testing.assert_array_equal(mirrored.boxes, [[50 - view.boxes[0, 2], view.boxes[0, 1], 50, view.boxes[0, 3]]])
+    assert (mirrored.labels == view.labels[:, ::-1]).all()
+    whole = crop_instances(instances, (0, 0, 40, 60), 60)
+    np.testing.assert_allclose(whole.boxes, [[5, 15, 15, 30], [30, 22.5, 51, 54]], atol=1)  # rows scaled by 60 / 40
+
+
+def test_view_boxes_are_the_stored_boxes_transformed(scenes: tuple[Path, Path, dict]) -> None:
+    """For random crop regions of real scenes: an object inside the region keeps its stored box, scaled; one the
+    region cuts gets a box within the stored box clipped to the region; flips mirror them; all within 1 px. (The view
+    is as large as the image: a nearest-neighbour downscale drops mask details thinner than its step, a triangle's
+    tip, and the box follows the mask; the loader test covers downscaled views.)"""
+    out, _, _ = scenes
+    crop, rng, inside = Crop(96, scale=(0.1, 1.0)), random.Random(0), 0
+    for _, sample in iterate_shard(out / "train-000000.tar"):
+        instances = decode_instances(json.loads(sample["json"]), sample[INSTANCES_MEMBER], 96, 96)
+        for _ in range(5):
+            top, left, height, width = region = crop.box(96, 96, rng)
+            view = crop_instances(instances, region, 96)
+            scale = np.float32([96 / width, 96 / height] * 2)
+            stored = instances.boxes[view.objects]
+            clipped = (np.clip(stored, [left, top] * 2, [left + width, top + height] * 2) - [left, top] * 2) * scale
+            whole = ((stored[:, :2] >= [left, top]) & (stored[:, 2:] <= [left + width, top + height])).all(1)
+            np.testing.assert_allclose(view.boxes[whole], clipped[whole], atol=1)
+            assert (view.boxes[:, :2] >= clipped[:, :2] - 1).all() and (view.boxes[:, 2:] <= clipped[:, 2:] + 1).all()
+            mirrored = flip_instances(view).boxes
+            np.testing.assert_array_equal(mirrored[:, [2, 1, 0, 3]] * [-1, 1, -1, 1] + [96, 0, 96, 0], view.boxes)
+            inside += int(whole.sum())
+    assert inside > 20
+
+
+def test_eval_loader_returns_the_stored_boxes_scaled(scenes: tuple[Path, Path, dict]) -> None:
+    out, _, _ = scenes
+    batches = list(make_eval_loader(str(out / "val-000000.tar"), 48, batch_size=4))
+    batch = batches[0]
+    stored = [json.loads(sample["json"]) for _, sample in iterate_shard(out / "val-000000.tar")]
+    for boxes, meta in zip(batch["boxes"], stored):
+        np.testing.assert_allclose(boxes.numpy(), np.float32([item["box"] for item in meta["objects"]]) / 2, atol=1)
+    assert batch["masks"].shape == (4, 48, 48) and batch["masks"].dtype == torch.uint8
+    check_views(batch["boxes"], batch["masks"], batch["objects"], batch["meta"])
+
+
+def test_bad_scene_inputs_are_counted_or_stop_strict_mode(
+    scenes: tuple[Path, Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, _, _ = scenes
+    good = dict(next(iterate_shard(out / "train-000000.tar"))[1])
+    meta = json.loads(good["json"])
+    outside = {**meta, "objects": [{**meta["objects"][0], "box": [0, 0, 97, 10]}, *meta["objects"][1:]]}
+    missing = {**meta, "relations": [[0, "left of", len(meta["objects"])]]}
+    small = io.BytesIO()
+    Image.new("L", (64, 64)).save(small, format="PNG")
+    bad = [{**good, "json": json.dumps(outside).encode()}, {**good, INSTANCES_MEMBER: small.getvalue()},
+           {**good, "json": json.dumps(missing).encode()}]
+    shard = tmp_path / "train-000000.tar"
+    with tarfile.open(shard, "w") as archive:
+        for index, sample in enumerate([good, *bad]):
+            for member, data in sample.items():
+                info = tarfile.TarInfo(f"s{index}.{member}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    decoder = SampleDecoder(SingleCrop().build(32), with_instances=True)
+
+    batches = list(make_loader(str(shard), decoder, 4, pad=False, shuffle=False))
+    assert batches[0]["__key__"] == ["s0"] and batches[-1]["__stream__"]["skipped"] == 3
+    with pytest.raises(BadSampleError, match=r"'s1'.*box \[0, 0, 97, 10\] is not inside the 96x96 image"):
+        list(make_loader(str(shard), decoder, 4, pad=False, shuffle=False, strict=True))
+    assert main(["inspect", str(tmp_path)]) == 1
+    report = capsys.readouterr().out
+    assert "bad samples: 3" in report and "instance mask is 64x64, the image 96x96" in report
+    assert "relation [0, 'left of'" in report
+
+
+def test_inspect_shows_boxes_relations_and_captions(
+    scenes: tuple[Path, Path, dict], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, _, _ = scenes
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--show", "2"]) == 0
+    report = capsys.readouterr().out
+    assert "members: instances.png 50, jpg 50, json 50, txt 50" in report and "bad samples: 0" in report
+    assert "relations: " in report and "long caption: " in report and "region 0: " in report
+    assert any(line.strip().startswith("0: ") and line.rstrip().endswith("]") for line in report.splitlines())
+
+
+def test_scenes_on_scikit_image_backgrounds(tmp_path: Path) -> None:
+    pytest.importorskip("skimage")
+    manifest = build(tmp_path / "photos", fake_emoji_cache(tmp_path / "npm"), "--count", "4", "--heldout-count", "1")
+    assert "scikit-image backgrounds" in manifest["source"] and "brick.png CC0" in manifest["licence"]
+    metas = [json.loads(sample["json"]) for sample in samples_of(tmp_path / "photos")["train"].values()]
+    assert all(not meta["background"].startswith("a plain") for meta in metas)
+
+
+def test_datamodule_batches_carry_instances_and_methods_that_need_them_stop_without(
+    scenes: tuple[Path, Path, dict], make_shards, tmp_path: Path
+) -> None:
+    out, _, _ = scenes
+    grounding = SimpleNamespace(required_keys=("image", "text", "boxes"), image_size=32,
+                                tokenizer=ByteTokenizer(context_length=16),
+                                train_views=lambda: SingleCrop(scale=(0.3, 1.0)))
+    datamodule = ImageTextDataModule(train_shards=str(out / "train-000000.tar"), batch_size=6, num_workers=1)
+    datamodule.trainer = SimpleNamespace(lightning_module=grounding, global_rank=0, world_size=1, current_epoch=0,
+                                         training=True, loggers=[])
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))  # through a worker process and its shared-memory handover
+    assert len(batch["boxes"]) == 6 and batch["masks"].shape == (6, 32, 32) and len(batch["caption"]) == 6
+    assert all(isinstance(boxes, torch.Tensor) and boxes.dtype == torch.float32 for boxes in batch["boxes"])
+    check_views(batch["boxes"], batch["masks"], batch["objects"], batch["meta"])
+
+    plain = make_shards(tmp_path, n=6, per_shard=6)
+    datamodule = ImageTextDataModule(train_shards=plain.pattern, batch_size=6, num_workers=0)
+    datamodule.trainer = SimpleNamespace(lightning_module=grounding, global_rank=0, world_size=1)
+    with pytest.raises(DataConfigError, match=r"needs object boxes and masks .* no .instances.png members; use scene"):
+        datamodule.setup("fit")
+
+
+def test_plural_inflects_the_head_noun() -> None:
+    assert [plural(name) for name in ("face screaming in fear", "man biking", "people hugging", "cherry", "fox")] == [
+        "faces screaming in fear", "men biking", "people hugging", "cherries", "foxes"]
