@@ -118,3 +118,17 @@ def batch_instances(views: list[list[Instances]], flips: tuple[tuple[bool, ...],
         entries["masks"].append(torch.from_numpy(np.stack([item.labels for item in chosen])))
         entries["objects"].append([torch.from_numpy(item.objects) for item in chosen])
     return {name: values[0] if single else values for name, values in entries.items()}
+
+
+#: what `object_phrases` reads: each object's region description, or its name.
+PHRASE_FIELDS = ("regions", "names")
+
+
+def object_phrases(meta: dict, objects: torch.Tensor, field: str = "regions") -> list[str]:
+    """The phrase of each object a view kept (`objects`, indices into the sample's `.json` objects): its region
+    description ("a large yellow grinning face in the top left", `regions`) or its name (`names`)."""
+    if field not in PHRASE_FIELDS:
+        raise ValueError(f"phrase field {field!r} is not one of {PHRASE_FIELDS}")
+    if field == "regions":
+        return [meta["regions"][index] for index in objects.tolist()]
+    return [meta["objects"][index]["name"] for index in objects.tolist()]

@@ -30,18 +30,25 @@ Representations: `encode_image` / `encode_text` are the fusion-off ITC space; `m
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from data_modules.instances import object_phrases
 from data_modules.views import SingleCrop, Views
 from vlp_lightning.catalog import Paper
 from vlp_lightning.distributed import all_gather_no_grad
 from vlp_lightning.losses.fusion import itm_loss, mask_tokens, mlm_loss, queue_contrastive_loss
-from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
+from vlp_lightning.losses.grounding import boxes_to_normalised, grounding_loss, normalised_to_boxes
+from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR, _state_dict_differences
 from vlp_lightning.methods.fusion.albef import mlm_head
 from vlp_lightning.methods.fusion.common import PairQueues, hard_negative_batch, sample_ids, text_specials
+from vlp_lightning.methods.fusion.fiber_grounding import GroundingHead, phrase_prompts
 from vlp_lightning.modules.fusion import Attention, FusionTextTransformer
 from vlp_lightning.modules.memory_bank import MemoryBank
 from vlp_lightning.modules.tokenizers import ByteTokenizer, Tokenizer
@@ -79,10 +86,17 @@ class FIBER(PairQueues, VLPMethod):
         new_module_lr: learning rate of the cross-modal layers, gates, projections and heads (official: 5x the
             backbones'); None: the optimizer's for everything.
         itm_weight, mlm_weight: loss weights (1 and 1; ITC is 1).
+        stage: `coarse` (ITC + ITM + MLM on image-text pairs) or `fine` (phrase grounding on scene shards with
+            boxes, module doc).
+        start_from: a checkpoint of a FIBER with the same backbone arguments whose weights this run starts from
+            (the coarse stage's, for the fine stage; the grounding head, new in the fine stage, starts fresh).
+        phrases: the fine stage's text per object: its region description (`regions`) or its name (`names`).
+        align_weight, l1_weight, giou_weight: the fine stage's loss and matching weights (2, 5, 2: Deformable DETR).
     """
 
     paper = Paper("Coarse-to-Fine Vision-Language Pre-training with Fusion in the Backbone", "Dou et al.", 2022,
-                  note="coarse-grained stage; the box-grounding fine stage needs scene data")
+                  note="coarse stage (ITC/ITM/MLM) and fine stage (phrase grounding: a one-layer DETR-style box "
+                  "head and Hungarian matching in place of GLIP's DyHead and ATSS)")
     family = "fusion and captioning"
     view_kind = "one crop"
 
@@ -103,6 +117,12 @@ class FIBER(PairQueues, VLPMethod):
         new_module_lr: float | None = None,
         itm_weight: float = 1.0,
         mlm_weight: float = 1.0,
+        stage: Literal["coarse", "fine"] = "coarse",
+        start_from: str | None = None,
+        phrases: Literal["regions", "names"] = "regions",
+        align_weight: float = 2.0,
+        l1_weight: float = 5.0,
+        giou_weight: float = 2.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
         compile: bool = False,
@@ -136,9 +156,37 @@ class FIBER(PairQueues, VLPMethod):
         self.new_module_lr = new_module_lr
         self.mask_probability = mask_probability
         self.itm_weight, self.mlm_weight = itm_weight, mlm_weight
+        self.stage, self.phrases = stage, phrases
+        self.grounding_weights = {"align_weight": align_weight, "l1_weight": l1_weight, "giou_weight": giou_weight}
+        if stage == "fine":
+            self.required_keys = ("image", "boxes")
+            self.grounding_head = GroundingHead(image_width, width, embed_dim)
+            for unused in (self.itm_head, self.mlm_head, self.image_projection, self.text_projection):
+                unused.requires_grad_(False)  # the coarse heads: kept (their weights load), not trained (DDP)
+            self.temperature.requires_grad_(False)
+        if start_from is not None:
+            self.load_stage(start_from)
+
+    def load_stage(self, path: str) -> None:
+        """The weights of `path`, a FIBER checkpoint of the same backbone arguments (loaded `weights_only`); only the
+        grounding head may be missing from it."""
+        if not Path(path).is_file():
+            raise ValueError(f"start_from {path!r} is not a file; give the coarse stage's checkpoint, e.g. "
+                             "runs/fiber/emoji_tiny/checkpoints/last.ckpt")
+        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+        differences = [difference for difference in _state_dict_differences(state, self.state_dict(), strict=True)
+                       if not difference.startswith("grounding_head.")]
+        if differences:
+            raise ValueError(f"start_from {path} does not fit this FIBER ({len(differences)} tensors differ, e.g. "
+                             f"{differences[0]}); build it with the model arguments of the run that wrote it")
+        self.load_state_dict(state, strict=False)
 
     def train_views(self) -> Views:
-        """Random resized crops with flips (the METER / FIBER pre-training augmentation, without RandAugment)."""
+        """Random resized crops with flips (the METER / FIBER pre-training augmentation, without RandAugment); the
+        fine stage crops less and never flips, as the region descriptions name positions ("in the top left")."""
+        if self.stage == "fine":
+            return SingleCrop(scale=(0.8, 1.0), ratio=(0.9, 1.1), hflip=False, mean=self.vision.mean,
+                              std=self.vision.std)
         return SingleCrop(scale=(0.5, 1.0), hflip=True, mean=self.vision.mean, std=self.vision.std)
 
     # ------------------------------------------------------------------ backbones
@@ -200,7 +248,7 @@ class FIBER(PairQueues, VLPMethod):
         cross = [nn.ModuleList([block.cross_attn, block.ln_cross, block.ln_memory]) for block in self.text.fusion_blocks]
         gates = nn.ParameterList([block.gate for block in self.text.fusion_blocks])
         new = [self.image_cross, *cross, gates, self.image_projection, self.text_projection, self.mlm_head,
-               self.itm_head]
+               self.itm_head, *([self.grounding_head] if self.stage == "fine" else [])]
         return self.parameter_groups_at(self.new_module_lr, new)
 
     def after_optimizer_step(self) -> None:
@@ -208,7 +256,47 @@ class FIBER(PairQueues, VLPMethod):
         with torch.no_grad():
             self.temperature.clamp_(0.001, 1.0)
 
+    # ------------------------------------------------------------------ fine stage: phrase grounding
+    def grounding_outputs(self, images: Tensor, phrases: list[list[str]]) -> tuple[Tensor, Tensor, list[int]]:
+        """Each image fused with its phrase prompt -> boxes [N, Q, 4] (normalised cxcywh), alignment logits
+        [N, Q, K_max] and how many of each image's phrases fit the prompt (`fiber_grounding`)."""
+        text, spans, counts = phrase_prompts(self.tokenizer, phrases)
+        text = {name: tokens.to(images.device) for name, tokens in text.items()}
+        image_tokens, text_states = self.forward_backbones(images, text, fuse=True)
+        patches = image_tokens[:, self.vision.model.num_prefix_tokens :]
+        return (*self.grounding_head(patches, text_states, spans.to(images.device)), counts)
+
+    @property
+    def ground(self) -> Callable[[Tensor, list[list[str]]], list[Tensor]] | None:
+        """`ground_phrases` in the fine stage; None in the coarse one, which has no grounding head (so
+        `PhraseGrounding` skips it)."""
+        return self.ground_phrases if self.stage == "fine" else None
+
+    @torch.no_grad()
+    def ground_phrases(self, images: Tensor, phrases: list[list[str]]) -> list[Tensor]:
+        """For each image the box of each of its phrases: that of the query scoring highest for the phrase, [K_i, 4]
+        x0, y0, x1, y1 in pixels of `images`. A phrase past the prompt's context length scores the bias alone
+        everywhere, so it gets the first query's box."""
+        boxes, logits, _ = self.grounding_outputs(images, phrases)
+        height, width = images.shape[-2:]
+        return [normalised_to_boxes(boxes[image, logits[image, :, : len(sample)].argmax(0)], height, width)
+                for image, sample in enumerate(phrases)]
+
+    def grounding_forward_loss(self, batch: dict) -> dict[str, Tensor]:
+        """Phrase grounding on a scene batch: each image's kept objects' phrases as the prompt, their boxes as the
+        targets; `grounding_loss` (Hungarian matching, focal alignment + L1 + GIoU)."""
+        images = batch["image"]
+        height, width = images.shape[-2:]
+        phrases = [object_phrases(meta, objects, self.phrases)
+                   for meta, objects in zip(batch["meta"], batch["objects"])]
+        boxes, logits, counts = self.grounding_outputs(images, phrases)
+        targets = [boxes_to_normalised(true[:count].to(boxes), height, width)
+                   for true, count in zip(batch["boxes"], counts)]
+        return grounding_loss(logits, boxes, targets, **self.grounding_weights)
+
     def forward_loss(self, batch: dict) -> dict[str, Tensor]:
+        if self.stage == "fine":
+            return self.grounding_forward_loss(batch)
         images, text = batch["image"], batch["text"]
         padding = text["attention_mask"]
         image_bottom = self.image_bottom(images)
