@@ -7,7 +7,8 @@ Evaluation (`features.EvaluationCallback`: end of validate / test, and every `ev
 `AdversarialRobustness` (clean and ℓ∞ PGD accuracy of a method with `classify(images)`), `CaptionMetrics` (BLEU,
 ROUGE-L and CIDEr-D of a method with `generate_captions(images, ...)`; `nearest_neighbour_captions` is the 1-NN
 caption baseline), `RegressionProbe` (UrbanCLIP's MLP regressing a numeric `.json` field from frozen features: R²,
-RMSE, MAE, MAPE, and a ridge regression's R²).
+RMSE, MAE, MAPE, and a ridge regression's R²), `PhraseGrounding` (acc@0.5 and mean IoU of a method with
+`ground(images, phrases)` on scene shards; `constant_box_grounding` is the box-prior baseline).
 Monitoring: `ThroughputMonitor` (samples/s, data wait, MFU), `NonFiniteLossGuard`.
 Set-up: `GlobalBatchSize` (effective global batch vs the paper's, learning-rate scaling rule).
 Output: `EmbeddingWriter` (`vlp predict`: keys and embeddings of a shard set to `.npz`).
@@ -21,6 +22,7 @@ from vlp_lightning.callbacks.embedding_projector import EmbeddingProjector
 from vlp_lightning.callbacks.embedding_writer import EmbeddingWriter
 from vlp_lightning.callbacks.features import EvalFeatures, EvaluationCallback, extract_features
 from vlp_lightning.callbacks.global_batch import GlobalBatchSize, lr_scale_factor
+from vlp_lightning.callbacks.grounding import PhraseGrounding, constant_box_grounding, grounding_metrics
 from vlp_lightning.callbacks.knn import KNNClassifier, weighted_knn_scores
 from vlp_lightning.callbacks.linear_probe import LinearProbe, fit_logistic_regression, linear_probe_scores
 from vlp_lightning.callbacks.model_summary import VLPModelSummary
@@ -54,6 +56,7 @@ __all__ = [
     "KNNClassifier",
     "LinearProbe",
     "NonFiniteLossGuard",
+    "PhraseGrounding",
     "RegressionProbe",
     "Retrieval",
     "TEMPLATE_SETS",
@@ -65,8 +68,10 @@ __all__ = [
     "ZeroShotSegmentation",
     "build_zero_shot_classifier",
     "caption_metrics",
+    "constant_box_grounding",
     "extract_features",
     "fit_logistic_regression",
+    "grounding_metrics",
     "harmonic_mean",
     "linear_probe_scores",
     "nearest_neighbour_captions",
