@@ -4,6 +4,8 @@
 (class k = a colour and a shape, caption "a photo of a <colour> <shape>", so a tiny model can learn them) plus a
 `manifest.json` in the `vlp-data` format, and returns a `GeneratedShards` describing what it wrote.
 `write_tar(path, samples)` writes arbitrary members (for corrupt or malicious shards).
+`fake_emoji_cache(root)` fakes the npm emoji cache `vlp-data scenes` reads (20 coloured shapes); `scene_shards` is a
+session's tiny scene shard folder built from it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from data_modules.builder import main as build_shards
 from data_modules.manifest import write_manifest
 
 CLASSNAMES = [
@@ -133,6 +136,51 @@ def generate_shards(
         })
     pattern = str(directory / f"{split}-{{{0:06d}..{len(urls) - 1:06d}}}.tar")
     return GeneratedShards(directory, urls, pattern, keys, captions, labels, classnames)
+
+
+SCENE_SHAPES = ("circle", "triangle", "ring", "square")
+SCENE_COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 210, 30),
+                 "purple": (140, 40, 200)}
+
+
+def fake_emoji_cache(root: Path) -> Path:
+    """An npm cache holding `emoji-datasource-twitter@16` with 20 coloured shapes on transparency (10 per category)."""
+    package = root / "emoji-datasource-twitter-16.0.0" / "package"
+    (package / "img" / "twitter" / "64").mkdir(parents=True)
+    (package / "package.json").write_text(json.dumps({"name": "emoji-datasource-twitter", "version": "16.0.0"}))
+    entries = []
+    for index, (shape, colour) in enumerate((shape, colour) for shape in SCENE_SHAPES for colour in SCENE_COLOURS):
+        image = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+        draw = ImageDraw.Draw(image)
+        fill = (*SCENE_COLOURS[colour], 255)
+        if shape == "circle":
+            draw.ellipse((4, 4, 59, 59), fill=fill)
+        elif shape == "triangle":
+            draw.polygon([(32, 2), (62, 60), (2, 60)], fill=fill)
+        elif shape == "ring":
+            draw.ellipse((2, 8, 61, 55), outline=fill, width=9)
+        else:
+            draw.rectangle((10, 10, 53, 53), fill=fill)
+        name = f"{index:04x}.png"
+        image.save(package / "img" / "twitter" / "64" / name)
+        entries.append({"name": f"{colour.upper()} {shape.upper()}", "short_names": [shape], "unified": f"{index:04X}",
+                        "image": name, "category": ("Objects", "Food & Drink")[index % 2], "subcategory": shape,
+                        "sort_order": index, "has_img_twitter": True})
+    entries.append({**entries[0], "name": "A FLAG", "unified": "FFFF", "category": "Flags", "sort_order": 99})
+    (package / "emoji.json").write_text(json.dumps(entries))
+    return root
+
+
+@pytest.fixture(scope="session")
+def scene_shards(tmp_path_factory) -> Path:
+    """A folder of tiny `vlp-data scenes` shards (train 36, val 4, unseen 10 scenes of 96 px, plain backgrounds, up
+    to 5 objects of the `fake_emoji_cache` shapes), built once per session."""
+    root = tmp_path_factory.mktemp("scene_shards")
+    argv = ["scenes", str(root / "shards"), "--cache-dir", str(fake_emoji_cache(root / "npm")), "--styles", "twitter",
+            "--count", "40", "--heldout-count", "10", "--heldout-concepts", "0.25", "--size", "96", "--max-objects",
+            "5", "--backgrounds", "plain"]
+    assert build_shards(argv) == 0
+    return root / "shards"
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from conftest import fake_emoji_cache  # noqa: E402
 from data_modules.builder import iterate_shard, main
 from data_modules.datamodules import ImageTextDataModule
 from data_modules.instances import INSTANCES_MEMBER, Instances, crop_instances, decode_instances, flip_instances
@@ -21,39 +22,6 @@ from data_modules.pipeline import BadSampleError, DataConfigError, SampleDecoder
 from data_modules.sources.scenes import plural
 from data_modules.views import VIEWS_FIELD, Crop, SingleCrop, TwoCrops
 from vlp_lightning.modules.tokenizers import ByteTokenizer
-
-SHAPES = ("circle", "triangle", "ring", "square")
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 210, 30),
-           "purple": (140, 40, 200)}
-
-
-def fake_emoji_cache(root: Path) -> Path:
-    """An npm cache holding `emoji-datasource-twitter@16` with 20 coloured shapes on transparency (10 per category)."""
-    package = root / "emoji-datasource-twitter-16.0.0" / "package"
-    (package / "img" / "twitter" / "64").mkdir(parents=True)
-    (package / "package.json").write_text(json.dumps({"name": "emoji-datasource-twitter", "version": "16.0.0"}))
-    entries = []
-    for index, (shape, colour) in enumerate((shape, colour) for shape in SHAPES for colour in COLOURS):
-        image = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
-        draw = ImageDraw.Draw(image)
-        fill = (*COLOURS[colour], 255)
-        if shape == "circle":
-            draw.ellipse((4, 4, 59, 59), fill=fill)
-        elif shape == "triangle":
-            draw.polygon([(32, 2), (62, 60), (2, 60)], fill=fill)
-        elif shape == "ring":
-            draw.ellipse((2, 8, 61, 55), outline=fill, width=9)
-        else:
-            draw.rectangle((10, 10, 53, 53), fill=fill)
-        name = f"{index:04x}.png"
-        image.save(package / "img" / "twitter" / "64" / name)
-        entries.append({"name": f"{colour.upper()} {shape.upper()}", "short_names": [shape], "unified": f"{index:04X}",
-                        "image": name, "category": ("Objects", "Food & Drink")[index % 2], "subcategory": shape,
-                        "sort_order": index, "has_img_twitter": True})
-    entries.append({**entries[0], "name": "A FLAG", "unified": "FFFF", "category": "Flags", "sort_order": 99})
-    (package / "emoji.json").write_text(json.dumps(entries))
-    return root
-
 
 def build(out: Path, cache: Path, *options: str, capsys: pytest.CaptureFixture[str] | None = None) -> dict:
     argv = ["scenes", str(out), "--cache-dir", str(cache), "--styles", "twitter", "--count", "40",
