@@ -61,17 +61,19 @@ def adapts(recipe: Path) -> bool:
 @pytest.mark.parametrize("recipe", TINY, ids=recipe_id)
 def test_tiny_recipe_trains_a_step(recipe, make_shards, tmp_path, request):
     shards = make_shards(tmp_path / "shards", n=16, per_shard=16, image_size=32)
-    start = []
+    start, train_shards = [], shards.pattern
     if adapts(recipe):  # from the tests' tiny CLIP, classifying (and clustering) the generated shapes (`.cls`)
         start = ["--model.init_args.pretrained", request.getfixturevalue("tiny_clip_checkpoint"),
                  "--model.init_args.label_field", "cls", "--model.init_args.classnames_from", shards.pattern]
         if "cluster_shards" in model_arguments(recipe):
             start += ["--model.init_args.cluster_shards", shards.pattern]
+    if model_arguments(recipe).get("stage") == "fine":  # FIBER's grounding needs boxes: the tests' tiny scenes
+        train_shards = str(request.getfixturevalue("scene_shards") / "train-000000.tar")
     if "peft_checkpoint" in model_arguments(recipe):  # PVP's upstream run is another recipe's: start without it
         start += ["--model.init_args.peft_checkpoint", "null"]
     if "knowledge" in model_arguments(recipe):  # ARL's knowledge.json is `vlp-data wordnet`'s: start without it
         start += ["--model.init_args.knowledge", "null"]
-    main(["fit", "--config", str(recipe), *start, "--data.train_shards", shards.pattern, "--data.val_shards", "null",
+    main(["fit", "--config", str(recipe), *start, "--data.train_shards", train_shards, "--data.val_shards", "null",
           "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.max_steps", "1",
           "--trainer.callbacks", "[]", "--trainer.val_check_interval", "1.0", "--trainer.check_val_every_n_epoch", "1",
           "--trainer.enable_progress_bar", "false",
