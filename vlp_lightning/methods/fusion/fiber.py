@@ -1,5 +1,6 @@
 """FIBER: Fusion In-the-Backbone transformER (Dou et al. 2022, "Coarse-to-Fine Vision-Language Pre-training with
-Fusion in the Backbone"), its coarse-grained stage.
+Fusion in the Backbone"): its coarse-grained stage (`stage="coarse"`, image-text pairs) and its fine-grained stage
+(`stage="fine"`, phrase grounding on image-text-box data), one class sharing the fused backbones.
 
 No fusion module on top: the top K = 6 layers of *both* backbones get cross-attention to the other modality (sec.
 3.1), image-to-text in the image backbone and text-to-image in the text backbone, each multiplied by a learnable
@@ -19,8 +20,20 @@ the two backbones start, and can always run, as two separate encoders:
 
 L_coarse = L_ITC + L_ITM + L_MLM (equal weights). Optimiser (official pre-training config): AdamW β (0.9, 0.98), wd
 0.01, lr 1e-5 for the backbones and 5x (`new_module_lr` 5e-5) for the cross-modal layers, gates, projections and
-heads, 10 % warmup then linear decay to 0, 100k steps, batch 4,096, 384 px. The fine-grained stage (box grounding on image-text-box data, sec. 3.3) needs
-boxes: it waits for the scene data of the scenes issue and is not built. The paper's backbones are Swin-B and
+heads, 10 % warmup then linear decay to 0, 100k steps, batch 4,096, 384 px.
+
+Fine-grained stage (sec. 3.3; official `fine_grained`, built on GLIP, Li et al. 2022), on scene shards with boxes:
+an image's object phrases (region descriptions, or names) joined into one prompt "p_1. ... p_K." are fused with the
+image through the same backbones (fusion on); a head on the fused image patch tokens (`fiber_grounding`) gives per
+token q a box b̂_q (cx, cy, w, h, sigmoid, from the patch centre) and alignment logits S_ground = O Pᵀ (GLIP eq. 3:
+region features O against fused token features P, a phrase's score the mean of its tokens'). Predictions are
+matched one-to-one to the true boxes by the Hungarian algorithm on the cost λ_align·focal + λ_L1·‖b̂ − b‖₁ +
+λ_GIoU·(1 − GIoU) and trained with L_fine = λ_align·L_focal + λ_L1·L_L1 + λ_GIoU·L_GIoU (DETR eqs. 1-2; weights 2, 5,
+2; `losses.grounding`); `ground(images, phrases)` gives each phrase the box of its best-scoring query, in pixels.
+The coarse heads are kept (their weights load) but frozen; `start_from` loads a coarse checkpoint. Simplified
+against the official head: one box MLP per ViT patch token instead of GLIP's VLDyHead (6 DyHead blocks on a 5-level
+FPN, anchors, centerness), DETR's Hungarian matching instead of ATSS assignment, focal loss per phrase instead of
+per token, no multi-scale inputs. The paper's backbones are Swin-B and
 RoBERTa-base with fusion in the top 6 layers; here the image backbone is a timm ViT (cross-attention added next to
 a block's self-attention, before its MLP) and the text backbone the suite's pre-LN bidirectional transformer
 (RoBERTa is post-LN: its cross-attention output joins the self-attention's inside one LayerNorm).
@@ -72,7 +85,8 @@ class GatedCrossAttention(nn.Module):
 
 
 class FIBER(PairQueues, VLPMethod):
-    """Coarse-grained FIBER: fusion in the top layers of both backbones, ITC (fusion off) + ITM + MLM (module doc).
+    """FIBER: fusion in the top layers of both backbones; coarse stage ITC (fusion off) + ITM + MLM, fine stage phrase
+    grounding (module doc).
 
     Args:
         vision: image backbone, a timm ViT (default: a tiny 2-block ViT at 32 px; Swin-B at 384 px in the paper).
@@ -95,8 +109,8 @@ class FIBER(PairQueues, VLPMethod):
     """
 
     paper = Paper("Coarse-to-Fine Vision-Language Pre-training with Fusion in the Backbone", "Dou et al.", 2022,
-                  note="coarse stage (ITC/ITM/MLM) and fine stage (phrase grounding: a one-layer DETR-style box "
-                  "head and Hungarian matching in place of GLIP's DyHead and ATSS)")
+                  note="coarse stage ITC/ITM/MLM; fine stage phrase grounding, a DETR-style head per patch token and "
+                  "Hungarian matching in place of GLIP's DyHead and ATSS")
     family = "fusion and captioning"
     view_kind = "one crop"
 
