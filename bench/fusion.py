@@ -37,7 +37,14 @@ kNN (k 20) and linear-probe accuracy of the Unicode category of the unseen Twitt
 seen Google ones, against the same model at its random initialisation. It trains on the seen Google drawings whose
 captions `vlp-data wordnet` linked to WordNet (`data/emoji-google-wordnet`, built when missing).
 
-Usage: python bench/fusion.py [--minutes M | --steps-from-last | --steps N] [--quick] [--methods ...]   (writes bench/results/fusion.json)
+Grounding (FIBER's fine-grained stage): FIBER with `stage: fine` trains its recipe (`fiber/scenes_fine_tiny.yaml`,
+from scratch) on the scenes of `vlp-data scenes data/scenes` (4,500 scenes of 1-K emoji cut-outs on real backgrounds)
+and grounds every region description ("a large yellow grinning face in the top left") of the val scenes and of the
+scenes of held-out concepts (`PhraseGrounding`: acc@0.5 = share of phrases whose best box has IoU >= 0.5), against
+one constant box per phrase (the whole image; the true boxes' mean size, centred).
+
+Usage: python bench/fusion.py [--minutes M | --steps-from-last | --steps N] [--quick] [--methods ...]
+(writes bench/results/fusion.json)
 """
 
 from __future__ import annotations
@@ -53,8 +60,16 @@ from common import REPO_ROOT, Target, ensure_shards, publish
 
 from data_modules.builder import main as vlp_data
 from data_modules.pipeline import make_eval_loader
-from vlp_lightning.callbacks import CaptionMetrics, KNNClassifier, LinearProbe, RegressionProbe, Retrieval
+from vlp_lightning.callbacks import (
+    CaptionMetrics,
+    KNNClassifier,
+    LinearProbe,
+    PhraseGrounding,
+    RegressionProbe,
+    Retrieval,
+)
 from vlp_lightning.callbacks.captioning import caption_metrics, nearest_neighbour_captions
+from vlp_lightning.callbacks.grounding import constant_box_grounding
 from vlp_lightning.callbacks.features import evaluation_mode, extract_features, new_evaluation_pass
 from vlp_lightning.callbacks.retrieval import split_captions
 from vlp_lightning.cli import VLPCLI
@@ -62,20 +77,23 @@ from vlp_lightning.cli import VLPCLI
 TRAIN = "data/emoji-google/seen-{000000..000001}.tar"
 UNSEEN = "data/emoji-twitter/unseen-000000.tar"
 SEEN_STYLE = "data/emoji-twitter/seen-{000000..000001}.tar"
-METHODS = ("CLIP", "ALBEF", "FIBER", "CoCa", "BUS", "UrbanCLIP", "UNIT", "ARL")
+METHODS = ("CLIP", "ALBEF", "FIBER", "CoCa", "BUS", "UrbanCLIP", "UNIT", "ARL", "FIBER-fine")
 RERANKS = {"ALBEF", "FIBER", "BUS"}  # methods with an ITM head: scored with and without re-ranking
 CAPTIONERS = {"CoCa", "BUS"}
 READERS = {"UNIT"}  # scored by reading rendered words in an unseen font, not by retrieval
+GROUNDERS = {"FIBER-fine"}  # scored by phrase grounding on the scenes, not by retrieval
 PROBED = {"ARL"}  # no joint space: scored by category probes on its image encoder, before and after training
 REGRESSORS = {"UrbanCLIP"}  # scored by its indicator probe (RegressionProbe on `added_in`), before and after training
 WORDS = "data/words-bench"
 WORDS_TRAIN = f"{WORDS}/train-{{000000..000002}}.tar"
 WORDS_UNSEEN_FONT = f"{WORDS}/unseen_font-000000.tar"
 WORDNET = "data/emoji-google-wordnet"
-RECIPES = {"UNIT": "words_tiny.yaml"}
+RECIPES = {"UNIT": "unit/words_tiny.yaml", "FIBER-fine": "fiber/scenes_fine_tiny.yaml"}
+SCENES = "data/scenes"
 #: each method's training shards and extra arguments where they are not the seen Google drawings'
 TRAINING = {
     "UNIT": [f"--data.train_shards={WORDS_TRAIN}::{TRAIN}", "--data.test_shards=null"],
+    "FIBER-fine": [f"--data.train_shards={SCENES}/train-{{000000..000004}}.tar"],
     "ARL": [f"--data.train_shards={WORDNET}/seen-{{000000..000001}}.tar",
             f"--model.init_args.knowledge={WORDNET}/knowledge.json"],
 }
@@ -91,7 +109,7 @@ def build(method: str, minutes: float, root: Path, steps: int | None = None) -> 
     budget = ([f"--trainer.max_steps={steps}"] if steps else
               ["--trainer.max_steps=-1", f"--trainer.max_time=00:00:{seconds // 60:02d}:{seconds % 60:02d}"])
     return VLPCLI(args=[
-        "--config", str(REPO_ROOT / "experiments" / method.lower() / RECIPES.get(method, "emoji_tiny.yaml")),
+        "--config", str(REPO_ROOT / "experiments" / RECIPES.get(method, f"{method.lower()}/emoji_tiny.yaml")),
         f"--data.train_shards={TRAIN}", "--data.val_shards=null", "--data.test_shards=null", *TRAINING.get(method, []),
         f"{vision}depth=6", f"{vision}img_size=64", *budget, "--trainer.max_epochs=1000", "--trainer.callbacks=[]",
         f"--trainer.default_root_dir={root / method}", "--trainer.enable_progress_bar=false",
@@ -100,9 +118,12 @@ def build(method: str, minutes: float, root: Path, steps: int | None = None) -> 
 
 
 def ensure_bench_data() -> None:
-    """The rendered 50 words (UNIT) and the WordNet-linked seen drawings (ARL), built once."""
+    """The rendered 50 words (UNIT), the scenes (FIBER-fine) and the WordNet-linked seen drawings (ARL), built
+    once."""
     if not (REPO_ROOT / WORDS / "manifest.json").is_file():
         vlp_data(["words", WORDS, "--vocabulary", str(REPO_ROOT / "bench" / "words_50.txt")])
+    if not (REPO_ROOT / SCENES / "manifest.json").is_file():
+        vlp_data(["scenes", SCENES])
     if not (REPO_ROOT / WORDNET / "manifest.json").is_file():
         vlp_data(["wordnet", "data/emoji-google/seen-*.tar", WORDNET])
 
@@ -162,12 +183,13 @@ def main() -> None:
     args = parser.parse_args()
     minutes = 1 / 3 if args.quick else args.minutes
     ensure_shards({"demo": DEMO_RECIPE})
-    if set(args.methods) & (READERS | PROBED):
+    if set(args.methods) & (READERS | PROBED | GROUNDERS):
         ensure_bench_data()
     started = time.perf_counter()
     kept = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not args.quick else {}
     runs, retrieval, captions = kept.get("runs", {}), kept.get("retrieval", {}), kept.get("captions", {})
     regression, reading, probes = kept.get("regression", {}), kept.get("reading", {}), kept.get("probes", {})
+    grounding = kept.get("grounding", {})
     with tempfile.TemporaryDirectory(prefix="vlp-fusion-") as folder:
         for method in args.methods:
             torch.manual_seed(0)
@@ -195,7 +217,15 @@ def main() -> None:
                 reading["nearest training rendering (pixels)"] = {
                     "exact_match": nearest_rendering_accuracy(WORDS_TRAIN, WORDS_UNSEEN_FONT)}
                 print(f"{method} reading: {reading}", flush=True)
-            if method in READERS | PROBED:
+            if method in GROUNDERS:
+                for split in ("val", "unseen"):
+                    shards = f"{SCENES}/{split}-000000.tar"
+                    rows = grounding.setdefault(split, {})
+                    rows[method] = evaluate(PhraseGrounding(shards, name=split), cli)
+                    for kind in ("whole", "centre"):
+                        rows[f"constant box ({kind})"] = constant_box_grounding(shards, cli.model.image_size, kind)
+                print(f"{method} grounding: {grounding}", flush=True)
+            if method in READERS | PROBED | GROUNDERS:
                 continue
             for split, shards in (("unseen", UNSEEN), ("seen style", SEEN_STYLE)):
                 scored = evaluate(Retrieval(shards, name=split, rerank_top_k=16 if method in RERANKS else 0,
@@ -221,7 +251,7 @@ def main() -> None:
     retrieval = {split: {row: rows[row] for row in order if row in rows} for split, rows in retrieval.items()}
     report = {"seconds": time.perf_counter() - started, "minutes_per_method": minutes, "runs": runs,
               "retrieval": retrieval, "captions": captions, "regression": regression, "reading": reading,
-              "probes": probes}
+              "probes": probes, "grounding": grounding}
     report["table"] = tables(report)
     print("\n" + report["table"])
     unseen = retrieval.get("unseen", {})
@@ -242,6 +272,11 @@ def main() -> None:
         targets.append(Target("UNIT word accuracy - nearest-rendering accuracy, unseen font (points)",
                               100 * (reading["UNIT (greedy)"]["exact_match"]
                                      - reading["nearest training rendering (pixels)"]["exact_match"]), 0.0))
+    if "FIBER-fine" in grounding.get("unseen", {}):
+        unseen_grounding = grounding["unseen"]
+        targets.append(Target("FIBER fine acc@0.5 - centre-box acc@0.5, unseen concepts (points)",
+                              100 * (unseen_grounding["FIBER-fine"]["acc@0.5"]
+                                     - unseen_grounding["constant box (centre)"]["acc@0.5"]), 0.0))
     if "ARL" in probes:
         targets.append(Target("ARL linear probe - its random-init probe, unseen concepts' category (points)",
                               100 * (probes["ARL"]["linear_top1"] - probes["ARL (random init)"]["linear_top1"]), 0.0))
@@ -273,6 +308,12 @@ def tables(report: dict) -> str:
         for row, metrics in report["reading"].items():
             cider = f"{metrics['CIDEr']:.3f}" if "CIDEr" in metrics else "-"
             lines.append(f"| {row} | {100 * metrics['exact_match']:.1f} | {cider} |")
+    if report.get("grounding"):
+        lines += ["", "| phrase grounding on the scenes (region descriptions) | split | acc@0.5 | mean IoU |",
+                  "|---|---|---|---|"]
+        for split, rows in report["grounding"].items():
+            for row, metrics in rows.items():
+                lines.append(f"| {row} | {split} | {100 * metrics['acc@0.5']:.1f} | {metrics['mean_iou']:.3f} |")
     if report.get("probes"):
         lines += ["", "| image encoder: category of unseen concepts (Twitter) | kNN top-1 | linear top-1 |",
                   "|---|---|---|"]
