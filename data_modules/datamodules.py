@@ -102,6 +102,8 @@ class StreamingDataModule(LightningDataModule):
     with_caption = False
     #: which text of a `.txt` member a sample's caption is (`data_modules.captions`).
     caption_sampling: CaptionSampling = "all"
+    #: PTP's position prompts follow the training captions (`SampleDecoder.with_position_prompts`).
+    position_prompts = False
 
     def __init__(
         self,
@@ -177,6 +179,7 @@ class StreamingDataModule(LightningDataModule):
         # instances follow no affine warp: views with one leave them out, unless the method needs them (an error)
         warps = any(crop.affine is not None for crop in transform.crops)
         needs_instances = bool({"boxes", "masks"} & set(getattr(method, "required_keys", ())))
+        prompts = self.position_prompts and "train" in self.splits
         for split, data in self.splits.items():
             self.decoders[split] = SampleDecoder(
                 transform,
@@ -185,7 +188,8 @@ class StreamingDataModule(LightningDataModule):
                 tokenizer=tokenizer,
                 num_classes=class_count(data.manifest),
                 caption_sampling=self.caption_sampling,
-                with_instances=INSTANCES_MEMBER in data.members and (needs_instances or not warps),
+                with_instances=INSTANCES_MEMBER in data.members and (needs_instances or not warps or prompts),
+                position_prompts=self.position_prompts and split == "train",
             )
 
     def _check_keys(self, split: _Split, method: object | None) -> None:
@@ -415,6 +419,11 @@ class ImageTextDataModule(StreamingDataModule):
         caption_sampling: the caption of a sample, from its `.txt` lines: "all" of them (joined, as stored), one
             random "line", or one random "sentence" (ConVIRT, Zhang et al. 2020, sec. 3); the draw depends on
             (seed, epoch, sample key) only, so it is deterministic and resumes exactly (`data_modules.captions`).
+        position_prompts: PTP (Wang et al. 2023, "Position-guided Text Prompt for Vision-Language Pre-training"):
+            each training caption is followed by "The block [P] has a [O]." for one of the 3 x 3 blocks of the
+            image as the model sees it (after its crop and flip) and the object covering most of that block, read
+            from the scene shards' instance masks (`vlp-data scenes`); validation and test captions are left as
+            they are (PTP prompts in pretraining only). Works with any image-text method.
         (the rest: see `StreamingDataModule`)
     """
 
@@ -437,6 +446,7 @@ class ImageTextDataModule(StreamingDataModule):
         strict: bool = False,
         caption_sampling: CaptionSampling = "all",
         predict_shards: str | None = None,
+        position_prompts: bool = False,
     ) -> None:
         super().__init__(
             train_shards, val_shards, test_shards, batch_size, num_workers, image_size, views,
@@ -446,6 +456,7 @@ class ImageTextDataModule(StreamingDataModule):
             raise DataConfigError(f"caption_sampling must be one of {CAPTION_SAMPLINGS}, got {caption_sampling!r}")
         self.tokenizer = tokenizer
         self.caption_sampling = caption_sampling
+        self.position_prompts = position_prompts
 
     def _tokenizer(self, method: object | None) -> Tokenizer | None:
         tokenizer = self.tokenizer or getattr(method, "tokenizer", None)

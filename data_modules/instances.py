@@ -19,6 +19,7 @@ view's mask is `boxes[k]`, and `objects[k]` is its index in the sample's `.json`
 from __future__ import annotations
 
 import io
+import random
 from dataclasses import dataclass
 from numbers import Real
 
@@ -132,3 +133,30 @@ def object_phrases(meta: dict, objects: torch.Tensor, field: str = "regions") ->
     if field == "regions":
         return [meta["regions"][index] for index in objects.tolist()]
     return [meta["objects"][index]["name"] for index in objects.tolist()]
+
+
+def block_tags(labels: np.ndarray, count: int, grid: int = 3, min_share: float = 0.02) -> list[list[int]]:
+    """Per cell of a `grid` x `grid` split of an instance mask (row-major), the objects (0-based, of `count`)
+    covering at least `min_share` of the cell, most first: PTP's block tags (Wang et al. 2023, sec. 3.1)."""
+    height, width = labels.shape
+    rows = [round(height * step / grid) for step in range(grid + 1)]
+    columns = [round(width * step / grid) for step in range(grid + 1)]
+    tags = []
+    for row in range(grid):
+        for column in range(grid):
+            cell = labels[rows[row] : rows[row + 1], columns[column] : columns[column + 1]]
+            pixels = np.bincount(cell.ravel(), minlength=count + 1)[1 : count + 1]
+            order = np.argsort(-pixels, kind="stable")
+            tags.append([int(index) for index in order if pixels[index] >= min_share * cell.size])
+    return tags
+
+
+def position_prompt(tags: list[list[int]], names: list[str], rng: random.Random) -> str | None:
+    """PTP's position-guided text prompt "The block [P] has a [O]." (Wang et al. 2023, sec. 3.1): one block drawn
+    among those holding an object, P its 1-based row-major number, O the name of the object covering most of it;
+    None when no block holds one."""
+    filled = [(cell, objects[0]) for cell, objects in enumerate(tags) if objects]
+    if not filled:
+        return None
+    cell, index = rng.choice(filled)
+    return f"The block {cell + 1} has a {names[index]}."

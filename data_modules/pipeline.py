@@ -71,7 +71,14 @@ from webdataset.shardlists import expand_urls
 
 from data_modules.captions import CaptionSampling, sample_caption
 from data_modules.manifest import class_count, local_path, read_manifest, shard_counts
-from data_modules.instances import INSTANCES_MEMBER, batch_instances, crop_instances, decode_instances
+from data_modules.instances import (
+    INSTANCES_MEMBER,
+    batch_instances,
+    block_tags,
+    crop_instances,
+    decode_instances,
+    position_prompt,
+)
 from data_modules.masks import MASK_MEMBER, crop_mask, decode_mask
 from data_modules.views import VIEWS_FIELD, EvalView, Views, ViewTransform, finish_views
 
@@ -449,8 +456,12 @@ class SampleDecoder:
     num_classes: int | None = None
     caption_sampling: CaptionSampling = "all"
     with_instances: bool = False
+    position_prompts: bool = False
 
     def __post_init__(self) -> None:
+        if self.position_prompts and not (self.with_caption and self.with_instances):
+            raise DataConfigError("position_prompts (PTP) are made from the instance masks of captioned scene shards "
+                                  "(.txt and .instances.png, `vlp-data scenes`); these shards lack one of them")
         if self.with_instances and any(crop.affine is not None for crop in self.transform.crops):
             raise DataConfigError("boxes and instance masks follow crops and flips, not the views' RandomAffine warp; "
                                   "use views without `affine` for data with instances")
@@ -501,12 +512,31 @@ class SampleDecoder:
             raise _BadSample(f"undecodable member: {error!r}") from error
         return sample
 
+    @staticmethod
+    def with_position_prompts(samples: list[dict], captions: list[str], flips: tuple[bool, ...], seed: int
+                              ) -> list[str]:
+        """Each caption followed by one PTP prompt "The block [P] has a [O]." of its first view (Wang et al. 2023,
+        sec. 3.1: prompts are added to the captions in pretraining only), the blocks read from the view's instance
+        mask after its crop and flip, so P is where the object is in the image the model sees; drawn from (seed,
+        key), so a resumed run draws the same."""
+        prompted = []
+        for sample, caption, flipped in zip(samples, captions, flips):
+            view = sample["instances"][0]
+            labels = view.labels[:, ::-1] if flipped else view.labels
+            names = [sample["meta"]["objects"][index]["name"] for index in view.objects]
+            prompt = position_prompt(block_tags(labels, len(names)), names,
+                                     random.Random(f"ptp:{seed}:{sample['__key__']}"))
+            prompted.append(caption if prompt is None else f"{caption} {prompt}")
+        return prompted
+
     def collate(self, samples: list[dict], seed: int) -> dict:
         """Decoded samples -> batch; `image` holds the packed uint8 crops until `finish_views` (module doc)."""
         images, recipe = self.transform.pack([sample["crops"] for sample in samples], seed)
         batch: dict = {"__key__": [sample["__key__"] for sample in samples], "image": images, VIEWS_FIELD: recipe}
         if self.with_caption:
             batch["caption"] = [sample["caption"] for sample in samples]
+            if self.position_prompts:
+                batch["caption"] = self.with_position_prompts(samples, batch["caption"], recipe.flips[0], seed)
             if self.tokenizer is not None:
                 batch["text"] = self.tokenizer(batch["caption"])
         if self.with_label:

@@ -67,7 +67,8 @@ def test_tiny_recipe_trains_a_step(recipe, make_shards, tmp_path, request):
                  "--model.init_args.label_field", "cls", "--model.init_args.classnames_from", shards.pattern]
         if "cluster_shards" in model_arguments(recipe):
             start += ["--model.init_args.cluster_shards", shards.pattern]
-    if model_arguments(recipe).get("stage") == "fine":  # FIBER's grounding needs boxes: the tests' tiny scenes
+    position_prompts = "position_prompts: true" in recipe.read_text()  # PTP reads the scenes' instance masks
+    if model_arguments(recipe).get("stage") == "fine" or position_prompts:  # boxes / masks: the tests' tiny scenes
         train_shards = str(request.getfixturevalue("scene_shards") / "train-000000.tar")
     if "peft_checkpoint" in model_arguments(recipe):  # PVP's upstream run is another recipe's: start without it
         start += ["--model.init_args.peft_checkpoint", "null"]

@@ -244,3 +244,44 @@ def test_datamodule_batches_carry_instances_and_methods_that_need_them_stop_with
 def test_plural_inflects_the_head_noun() -> None:
     assert [plural(name) for name in ("face screaming in fear", "man biking", "people hugging", "cherry", "fox")] == [
         "faces screaming in fear", "men biking", "people hugging", "cherries", "foxes"]
+
+
+def test_position_prompts_name_the_block_the_object_covers_in_the_view_and_only_in_training(
+    scenes: tuple[Path, Path, dict], make_shards, tmp_path: Path
+) -> None:
+    """PTP: every training caption gains "The block [P] has a [O]." where O covers most of block P of the image *as
+    cropped and flipped*; validation captions stay as stored; shards without instance masks get one sentence."""
+    import re
+
+    from data_modules.instances import block_tags
+
+    out, _, _ = scenes
+    method = SimpleNamespace(required_keys=("image", "text"), image_size=48, tokenizer=ByteTokenizer(context_length=96),
+                             train_views=lambda: SingleCrop(scale=(0.5, 1.0), hflip=True))
+    datamodule = ImageTextDataModule(train_shards=str(out / "train-000000.tar"), val_shards=str(out / "val-*.tar"),
+                                     batch_size=16, num_workers=0, position_prompts=True)
+    datamodule.trainer = SimpleNamespace(lightning_module=method, global_rank=0, world_size=1, current_epoch=0,
+                                         training=True, loggers=[])
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    prompted = 0
+    for caption, meta, mask, objects in zip(batch["caption"], batch["meta"], batch["masks"], batch["objects"]):
+        stored = meta["caption"]
+        assert caption.startswith(stored)
+        found = re.fullmatch(r" The block ([1-9]) has a (.+)\.", caption[len(stored):])
+        if found is None:
+            assert caption == stored and not any(block_tags(mask.numpy(), len(objects)))
+            continue
+        prompted += 1
+        tags = block_tags(mask.numpy(), len(objects))  # the mask as the model sees it (flips applied)
+        cell = int(found.group(1)) - 1
+        assert tags[cell] and meta["objects"][int(objects[tags[cell][0]])]["name"] == found.group(2)
+    assert prompted >= 12
+    val = next(iter(datamodule.val_dataloader()))
+    assert val["caption"] == [meta["caption"] for meta in val["meta"]]
+
+    plain = make_shards(tmp_path, n=6, per_shard=6)
+    datamodule = ImageTextDataModule(train_shards=plain.pattern, batch_size=6, num_workers=0, position_prompts=True)
+    datamodule.trainer = SimpleNamespace(lightning_module=method, global_rank=0, world_size=1)
+    with pytest.raises(DataConfigError, match="position_prompts .* captioned scene shards"):
+        datamodule.setup("fit")

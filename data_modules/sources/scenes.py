@@ -44,7 +44,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from data_modules.instances import INSTANCES_MEMBER
+from data_modules.instances import INSTANCES_MEMBER, block_tags
 from data_modules.sources import Record, SourceData, SourceError
 from data_modules.sources.emoji import IMAGE_LICENCES, emoji_source
 
@@ -332,7 +332,7 @@ def describe_scene(items: list[dict], placed: list[_Placed], labels: np.ndarray,
         "caption": _short_caption(counts, background),
         "long_caption": _long_caption(objects, relations, background),
         "regions": [_region(item) for item in objects],
-        "blocks": {"grid": BLOCK_GRID, "objects": _block_tags(labels, len(objects))},
+        "blocks": {"grid": BLOCK_GRID, "objects": block_tags(labels, len(objects), BLOCK_GRID)},
     }
 
 
@@ -368,18 +368,6 @@ def _pasted_overlap(first: _Placed, second: _Placed) -> bool:
                  & second.alpha[top - second.y : bottom - second.y, left - second.x : right - second.x]).any())
 
 
-def _block_tags(labels: np.ndarray, count: int) -> list[list[int]]:
-    """Per cell of the BLOCK_GRID x BLOCK_GRID split (row-major), the objects covering >= 2 % of it, most first."""
-    size = labels.shape[0]
-    edges = [round(size * step / BLOCK_GRID) for step in range(BLOCK_GRID + 1)]
-    tags = []
-    for row in range(BLOCK_GRID):
-        for column in range(BLOCK_GRID):
-            cell = labels[edges[row] : edges[row + 1], edges[column] : edges[column + 1]]
-            pixels = np.bincount(cell.ravel(), minlength=count + 1)[1:]
-            order = np.argsort(-pixels, kind="stable")
-            tags.append([int(index) for index in order if pixels[index] >= 0.02 * cell.size])
-    return tags
 
 
 def plural(name: str) -> str:
