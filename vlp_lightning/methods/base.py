@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -376,6 +377,28 @@ class VLPMethod(LightningModule):
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint written by another method or for another architecture; the CLI prints it in one line."""
+
+
+def load_earlier_stage(method: nn.Module, path: str, example: str, may_lack: str | None = None) -> None:
+    """Every weight of `path` (loaded `weights_only`) into `method`: the checkpoint of an earlier stage of the same
+    method built with the same model arguments (`start_from` of UNIT's and FIBER's second stages). Tensors under
+    the `may_lack` prefix (a head the earlier stage did not have) may be missing; anything else that differs, a
+    missing file or another method's checkpoint is one sentence (`example`: a path to suggest)."""
+    name = type(method).__name__
+    if not Path(path).is_file():
+        raise ValueError(f"start_from {path!r} is not a file; give the earlier stage's checkpoint, e.g. {example}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    written_by = checkpoint.get("vlp", {}).get("method", _class_path(method))
+    state = checkpoint.get("state_dict", {})
+    differences = [difference for difference in _state_dict_differences(state, method.state_dict(), strict=True)
+                   if may_lack is None or not difference.startswith(may_lack)]
+    if written_by != _class_path(method):
+        raise ValueError(f"start_from {path} was written by {written_by}; give a checkpoint of an earlier {name} "
+                         "stage")
+    if differences:
+        raise ValueError(f"start_from {path} does not fit this {name} ({len(differences)} tensors differ, e.g. "
+                         f"{differences[0]}); build it with the model arguments of the run that wrote it")
+    method.load_state_dict(state, strict=may_lack is None)
 
 
 def _class_path(obj: object) -> str:

@@ -44,7 +44,6 @@ Representations: `encode_image` / `encode_text` are the fusion-off ITC space; `m
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -58,7 +57,7 @@ from vlp_lightning.catalog import Paper
 from vlp_lightning.distributed import all_gather_no_grad
 from vlp_lightning.losses.fusion import itm_loss, mask_tokens, mlm_loss, queue_contrastive_loss
 from vlp_lightning.losses.grounding import boxes_to_normalised, grounding_loss, normalised_to_boxes
-from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR, _state_dict_differences
+from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR, load_earlier_stage
 from vlp_lightning.methods.fusion.albef import mlm_head
 from vlp_lightning.methods.fusion.common import PairQueues, hard_negative_batch, sample_ids, text_specials
 from vlp_lightning.methods.fusion.fiber_grounding import GroundingHead, phrase_prompts
@@ -179,21 +178,7 @@ class FIBER(PairQueues, VLPMethod):
                 unused.requires_grad_(False)  # the coarse heads: kept (their weights load), not trained (DDP)
             self.temperature.requires_grad_(False)
         if start_from is not None:
-            self.load_stage(start_from)
-
-    def load_stage(self, path: str) -> None:
-        """The weights of `path`, a FIBER checkpoint of the same backbone arguments (loaded `weights_only`); only the
-        grounding head may be missing from it."""
-        if not Path(path).is_file():
-            raise ValueError(f"start_from {path!r} is not a file; give the coarse stage's checkpoint, e.g. "
-                             "runs/fiber/emoji_tiny/checkpoints/last.ckpt")
-        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
-        differences = [difference for difference in _state_dict_differences(state, self.state_dict(), strict=True)
-                       if not difference.startswith("grounding_head.")]
-        if differences:
-            raise ValueError(f"start_from {path} does not fit this FIBER ({len(differences)} tensors differ, e.g. "
-                             f"{differences[0]}); build it with the model arguments of the run that wrote it")
-        self.load_state_dict(state, strict=False)
+            load_earlier_stage(self, start_from, "runs/fiber/emoji_tiny/checkpoints/last.ckpt", "grounding_head.")
 
     def train_views(self) -> Views:
         """Random resized crops with flips (the METER / FIBER pre-training augmentation, without RandAugment); the

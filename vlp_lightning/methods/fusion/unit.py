@@ -42,8 +42,6 @@ image (greedy or beam search), which `CaptionMetrics` scores, exact match being 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -52,7 +50,7 @@ from torch import Tensor, nn
 from data_modules.views import SingleCrop, Views
 from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.self_distillation import feature_reconstruction_loss
-from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR, _class_path, _state_dict_differences
+from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR, load_earlier_stage
 from vlp_lightning.methods.fusion.common import CaptionGenerator, captioning_loss, next_token_logits, text_specials
 from vlp_lightning.methods.momentum import momentum_copy
 from vlp_lightning.modules.fusion import FusionTextTransformer
@@ -138,22 +136,8 @@ class UNIT(CaptionGenerator, VLPMethod):
         self.document_scale, self.image_scale = document_scale, image_scale
         self.default_caption_length = self.tokenizer.context_length - 1
         if start_from is not None:
-            self.load_stage(start_from)
+            load_earlier_stage(self, start_from, "runs/unit/<recipe>/checkpoints/last.ckpt")
 
-    def load_stage(self, path: str) -> None:
-        """Every weight from `path`, a checkpoint of a UNIT of the same architecture (loaded `weights_only`)."""
-        if not Path(path).is_file():
-            raise ValueError(f"start_from {path!r} is not a file; give the previous stage's checkpoint, e.g. "
-                             "runs/unit/<recipe>/checkpoints/last.ckpt")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        written_by = checkpoint.get("vlp", {}).get("method", _class_path(self))
-        differences = _state_dict_differences(checkpoint.get("state_dict", {}), self.state_dict(), strict=True)
-        if written_by != _class_path(self) or differences:
-            found = f"was written by {written_by}" if written_by != _class_path(self) else (
-                f"does not fit this UNIT ({len(differences)} tensors differ, e.g. {differences[0]})")
-            raise ValueError(f"start_from {path} {found}; give a checkpoint of the previous UNIT stage, built with "
-                             "the same model arguments")
-        self.load_state_dict(checkpoint["state_dict"])
 
     def train(self, mode: bool = True) -> UNIT:
         super().train(mode)
