@@ -70,7 +70,7 @@ def experiments_dir() -> Path:
 
 
 def _presets() -> list[Entry]:
-    from vlp_lightning.methods import CLIP
+    from vlp_lightning.methods import CLIP, LLaVA
 
     return [
         Entry("ALIGN", CLIP, Paper("Scaling Up Visual and Vision-Language Representation Learning With Noisy Text "
@@ -78,6 +78,10 @@ def _presets() -> list[Entry]:
         Entry("BiomedCLIP", CLIP, Paper("Large-Scale Domain-Specific Pretraining for Biomedical Vision-Language "
                                         "Processing", "Zhang et al.", 2023), "contrastive image-text",
               preset_of="CLIP"),
+        Entry("PA-LLaVA", LLaVA, Paper("PA-LLaVA: A Large Language-Vision Assistant for Human Pathology Image "
+                                       "Understanding", "Dai et al.", 2024,
+                                       note="pathology data not reachable: recipes run on emoji"),
+              "language", preset_of="LLaVA"),
     ]
 
 

@@ -18,6 +18,11 @@ from vlp_lightning.methods.fusion.coca import CoCa
 from vlp_lightning.methods.fusion.fiber import FIBER
 from vlp_lightning.methods.fusion.unit import UNIT
 from vlp_lightning.methods.fusion.urbanclip import UrbanCLIP
+from vlp_lightning.methods.language.infmllm import InfMLLM
+from vlp_lightning.methods.language.limber import LiMBeR
+from vlp_lightning.methods.language.llava import LLaVA
+from vlp_lightning.methods.language.simvlg import SimVLG
+from vlp_lightning.methods.language.visionflan import VisionFlan
 from vlp_lightning.methods.mae import MAE
 from vlp_lightning.methods.self_supervised.barlow_twins import BarlowTwins
 from vlp_lightning.methods.self_supervised.byol import BYOL
@@ -46,4 +51,5 @@ __all__ = [
     "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg", "MMC", "LOOK", "HVP",
     "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP", "PEFTClassifier", "PVP",
     "ALBEF", "CoCa", "UrbanCLIP", "FIBER", "BUS", "UNIT", "ARL",
+    "LLaVA", "LiMBeR", "SimVLG", "InfMLLM", "VisionFlan",
 ]

@@ -127,12 +127,18 @@ class LoRALinear(nn.Module):
 def add_lora(vision: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> list[nn.Parameter]:
     """Wrap every Linear of `vision.model` whose name ends with one of `targets` (e.g. "attn.qkv", matched by whole
     name parts as Hugging Face `peft`'s `target_modules`) in a `LoRALinear`; -> the new parameters."""
-    model = vision.model
+    return add_lora_to(vision.model, rank, alpha, dropout, targets,
+                       "a timm ViT's attention is attn.qkv, its MLP mlp.fc1 / mlp.fc2")
+
+
+def add_lora_to(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str], hint: str
+                ) -> list[nn.Parameter]:
+    """`add_lora` on any module (a language model's `q_proj` / `v_proj`); `hint` names the model's layers for the
+    error when `targets` matches none."""
     chosen = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
               and any(name == target or name.endswith(f".{target}") for target in targets)]
     if not chosen:
-        raise ValueError(f"lora_targets={list(targets)} names no Linear layer of the {type(model).__name__} "
-                         "(a timm ViT's attention is attn.qkv, its MLP mlp.fc1 / mlp.fc2)")
+        raise ValueError(f"lora_targets={list(targets)} names no Linear layer of the {type(model).__name__} ({hint})")
     params = []
     for name in chosen:
         parent, _, child = name.rpartition(".")
