@@ -11,6 +11,7 @@ from vlp_lightning.modules.connectors import (
     TokenMergingConnector,
 )
 from vlp_lightning.modules.heads import GELUMLPProjection, MLPHead, ProjectionHead
+from vlp_lightning.modules.language_model import LanguageModel
 from vlp_lightning.modules.memory_bank import MemoryBank
 from vlp_lightning.modules.text import HFTextEncoder, TextTransformer
 from vlp_lightning.modules.tokenizers import ByteTokenizer, CLIPTokenizer, DecodingTokenizer, HFTokenizer, Tokenizer
@@ -27,6 +28,7 @@ __all__ = [
     "LinearConnector",
     "MLPConnector",
     "MLPHead",
+    "LanguageModel",
     "MemoryBank",
     "PoolAdapter",
     "ProjectionHead",

@@ -50,6 +50,12 @@ CHATML_TEMPLATE = (
     "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+#: for a base (not chat-tuned) LM, as LiMBeR's GPT-J and MAGMA read it: [image tokens] prompt answer<eos>, no roles.
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ message['content'] + ' ' }}{% endif %}{% endfor %}"
+)
+
 
 def tiny_chat_tokenizer():
     """A byte-level BPE tokenizer without merges (256 byte tokens) plus ChatML's `<|endoftext|>` (padding),
@@ -81,6 +87,8 @@ class LanguageModel(nn.Module):
         train: "frozen", "lora" or "full" (module doc).
         lora_rank, lora_alpha, lora_dropout, lora_targets: LoRA's r, alpha (scaling alpha / r), dropout and the
             Linear layers it wraps (names matched by whole parts, as `peft`'s `target_modules`).
+        chat_template: a Jinja chat template replacing the tokenizer's own; "plain" (`PLAIN_TEMPLATE`) for a base LM
+            without one (no roles: image tokens, the prompt, the answer and the end token).
         system_prompt: a system turn put before conversations that have none (None: the template's own default,
             e.g. SmolLM2's "You are a helpful AI assistant named SmolLM...").
         gradient_checkpointing: recompute each LM layer in the backward instead of storing its activations
@@ -99,6 +107,7 @@ class LanguageModel(nn.Module):
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.05,
         lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+        chat_template: str | None = None,
         system_prompt: str | None = None,
         gradient_checkpointing: bool = False,
         tiny_width: int = 64,
@@ -114,9 +123,11 @@ class LanguageModel(nn.Module):
         self.system_prompt = system_prompt
         self.gradient_checkpointing = gradient_checkpointing
         self.model, self.tokenizer = _load(name, tiny_width, tiny_layers, seed, cache_dir)
+        if chat_template is not None:
+            self.tokenizer.chat_template = PLAIN_TEMPLATE if chat_template == "plain" else chat_template
         if self.tokenizer.chat_template is None:
-            raise ValueError(f"the tokenizer of {name} has no chat template; use an instruction-tuned model or set "
-                             "tokenizer.chat_template in its folder")
+            raise ValueError(f"the tokenizer of {name} has no chat template; set chat_template: plain for a base LM "
+                             "(LiMBeR's prefix format) or give a Jinja template")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.add_tokens([IMAGE_PLACEHOLDER], special_tokens=True)
