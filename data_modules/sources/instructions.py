@@ -15,9 +15,9 @@ frozen-language-model methods can be instruction-tuned on the suite's data:
   classes), the true class at a drawn position and the distractors drawn from the field's other class names; the
   answer is the letter followed by the option ("B. Food & Drink"), and `.json` records `options` (the texts, in
   letter order) and `answer` (the letter);
-* `yes_no`: "is this a <class>?" about the true class or, for half of the samples, a drawn other class -> "Yes" /
-  "No" (balanced, so that a model answering "Yes" to everything scores 50 %, the bias Vision-Flan reports for
-  GPT-4-made data).
+* `yes_no`: "is this a <class>?" about the true class or, with probability 1/2, a drawn other class -> "Yes" /
+  "No" (balanced in expectation, so that a model answering "Yes" to everything scores about 50 %: the "yes" bias
+  Vision-Flan reports for GPT-4-made data cannot pay off).
 
 Every task has four instruction templates, written by us for this suite in the spirit of Vision-Flan's
 expert-written ones (not taken from its release); `--templates-per-task N` keeps the first N (1: one fixed instruction
