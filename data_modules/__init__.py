@@ -19,6 +19,7 @@ os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(2 * Image.MAX_IMAGE_PIXE
 _EXPORTS = {
     "ImageTextDataModule": "data_modules.datamodules",
     "ImageDataModule": "data_modules.datamodules",
+    "InstructionDataModule": "data_modules.datamodules",
     "DataConfigError": "data_modules.pipeline",
     "BadSampleError": "data_modules.pipeline",
     "make_eval_loader": "data_modules.pipeline",

@@ -53,6 +53,9 @@ from data_modules.sources.emoji import STYLES, emoji_source
 from data_modules.sources.emoji import VERSION as EMOJI_VERSION
 from data_modules.sources.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from data_modules.sources.fashion_mnist import fashion_mnist_source
+from data_modules.sources.instructions import TASKS as INSTRUCTION_TASKS
+from data_modules.sources.instructions import TEMPLATES as INSTRUCTION_TEMPLATES
+from data_modules.sources.instructions import instructions_source, parse_tasks
 from data_modules.sources.local import csv_source, folder_source, jsonl_source
 from data_modules.sources.openclipart import DEFAULT_ROOT as OPENCLIPART_ROOT
 from data_modules.sources.openclipart import openclipart_source
@@ -135,6 +138,7 @@ def encode_png(image: Image.Image, resize: int | None) -> bytes:
 def _fingerprint(source: SourceData, fractions: dict[str, float], seed: int, resize: int | None, maxcount: int) -> str:
     digest = hashlib.sha256()
     options = [BUILDER_VERSION, source.name, source.licence, source.classnames, fractions, seed, resize, maxcount]
+    options += [source.extra] if source.extra else []  # the fingerprints of sets built before `extra` stay valid
     digest.update(json.dumps(options, sort_keys=True).encode("utf-8"))
     for record in source.records:
         fields = [record.key, record.origin, record.caption, record.label, record.meta, record.split]
@@ -199,6 +203,10 @@ def build_shards(
             "skipped": skipped,
             "build": {"fingerprint": fingerprint, "maxcount": maxcount, "split": split_fractions, "resize": resize},
         }
+        clash = sorted(set(source.extra) & set(manifest))
+        if clash:
+            raise SourceError(f"the source's manifest entry {clash[0]!r} would replace the builder's own; rename it")
+        manifest.update(source.extra)
         write_manifest(staging, manifest)
         _replace_shards(staging, out_dir)
     finally:
@@ -451,13 +459,16 @@ def _build_command(
     resize: int | None = None,
     splits: bool = True,
     resizable: bool = True,
+    seed_help: str = "seed of the split assignment",
+    epilog: str | None = None,
 ) -> argparse.ArgumentParser:
     """A build sub-command: its input (when it takes one), OUT, and the options every build shares (`--split`
     only where the source does not keep the splits of its input: `splits`; `--resize` only where the source does
-    not draw its images at a size of its own: `resizable`)."""
-    command = commands.add_parser(name, help=summary, description=summary)
+    not draw its images at a size of its own, nor copies them: `resizable`)."""
+    layout = {"epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter} if epilog else {}
+    command = commands.add_parser(name, help=summary, description=summary, **layout)
     if input_help is not None:
-        metavar = {"folder": "SRC", "shots": "SHARDS", "wordnet": "SHARDS"}.get(name, "FILE")
+        metavar = {"folder": "SRC", "shots": "SHARDS", "wordnet": "SHARDS", "instructions": "SHARDS"}.get(name, "FILE")
         command.add_argument("input", type=Path, metavar=metavar, help=input_help)
     command.add_argument("out", type=Path, metavar="OUT", help="output folder for the shards and manifest.json")
     command.add_argument(
@@ -469,7 +480,7 @@ def _build_command(
         )
     else:
         command.set_defaults(split=None)
-    command.add_argument("--seed", type=int, default=0, help="seed of the split assignment (default: %(default)s)")
+    command.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: %(default)s)")
     if resizable:
         command.add_argument(
             "--resize",
@@ -498,6 +509,7 @@ def make_parser() -> argparse.ArgumentParser:
             "  vlp-data scenes shards/scenes --count 5000 --max-objects 6\n"
             "  vlp-data shots 'shards/emoji/train-*.tar' shards/emoji-16shot --shots 16 --seed 1\n"
             "  vlp-data wordnet 'shards/emoji/*.tar' shards/emoji-wordnet\n"
+            "  vlp-data instructions 'shards/emoji/*.tar' shards/emoji-instructions --seed 0\n"
             "  vlp-data inspect shards/\n"
             "then train on them:\n"
             "  vlp fit --config experiments/clip/emoji_tiny.yaml \\\n"
@@ -714,6 +726,37 @@ def make_parser() -> argparse.ArgumentParser:
                         help="TransE epochs of 100 batches (default: %(default)s; the official run: 1000)")
     linked.set_defaults(make_source=lambda a: wordnet_source(
         str(a.input), a.wordnet_dir, a.cache_dir, a.dim, a.transe_epochs, a.seed))
+
+    instructions = _build_command(
+        commands, "instructions",
+        "labelled or captioned shards as visual instructions: one Vision-Flan-style conversation per sample",
+        "shard pattern to turn into instructions, e.g. 'data/emoji/*.tar' (its splits are kept)", splits=False,
+        resizable=False, seed_help="seed of every draw: task, template, options and yes / no question per sample",
+        epilog=(
+            "Each sample's .json gains \"conversations\" (user: <image> + an instruction, assistant: the answer),\n"
+            "\"task\" and, for multiple_choice, \"options\" and \"answer\"; images, keys, splits and members are\n"
+            "kept.\n"
+            "tasks (each with 4 instruction templates of ours, one drawn per sample with --seed):\n"
+            + "".join(f"  {task:<16} e.g. {INSTRUCTION_TEMPLATES[task][0].replace(chr(10), ' / ')!r}\n"
+                      for task in INSTRUCTION_TASKS)
+            + "example:\n"
+            "  vlp-data emoji data/emoji --split train=0.8,val=0.1,test=0.1\n"
+            "  vlp-data instructions 'data/emoji/*.tar' data/emoji-instructions --tasks classify,multiple_choice,yes_no"
+            "\nthen train with data.class_path: data_modules.InstructionDataModule and\n"
+            "  data.init_args.train_shards: 'data/emoji-instructions/train-*.tar'"
+        ),
+    )
+    instructions.add_argument(
+        "--tasks", default=None, metavar="LIST",
+        help=f"comma-separated tasks out of {','.join(INSTRUCTION_TASKS)} (default: every one the shards support: "
+        "caption needs .txt, the others labels with manifest classnames)",
+    )
+    instructions.add_argument(
+        "--templates-per-task", type=_positive_int, default=len(INSTRUCTION_TEMPLATES["caption"]), metavar="N",
+        help="use the first N instruction templates of every task (default: all %(default)s)",
+    )
+    instructions.set_defaults(make_source=lambda a: instructions_source(
+        str(a.input), parse_tasks(a.tasks), a.templates_per_task, a.seed))
 
     inspect_summary = "counts, members, examples and a decode check of every sample"
     inspect = commands.add_parser("inspect", help=inspect_summary, description=inspect_summary)

@@ -1,8 +1,9 @@
-"""LightningDataModules streaming WebDataset shards: `ImageTextDataModule` (image-caption pairs, CLIP family) and
-`ImageDataModule` (images, with labels when the shards have them). Both return object `boxes`, instance `masks` and
-`objects` (`data_modules.instances`) in the views' pixels when the shards have `.instances.png` members.
+"""LightningDataModules streaming WebDataset shards: `ImageTextDataModule` (image-caption pairs, CLIP family),
+`ImageDataModule` (images, with labels when the shards have them) and `InstructionDataModule` (images with
+conversations, for visual instruction tuning). They return object `boxes`, instance `masks` and `objects`
+(`data_modules.instances`) in the views' pixels when the shards have `.instances.png` members.
 
-Both build every split with the one pipeline of `data_modules.pipeline`. At `setup` they ask the attached method
+All build every split with the one pipeline of `data_modules.pipeline`. At `setup` they ask the attached method
 for what was left unset (`image_size`, `train_views()`, `tokenizer`), check that the shards exist and hold what the
 method's `required_keys` need, and stop with one `DataConfigError` sentence naming the argument and the fix when
 they do not. Rank and world size come from the trainer.
@@ -104,6 +105,8 @@ class StreamingDataModule(LightningDataModule):
     caption_sampling: CaptionSampling = "all"
     #: PTP's position prompts follow the training captions (`SampleDecoder.with_position_prompts`).
     position_prompts = False
+    #: a sample's `.json` conversation is part of the batch (`conversation`; `data_modules.conversations`).
+    with_conversation = False
 
     def __init__(
         self,
@@ -190,6 +193,7 @@ class StreamingDataModule(LightningDataModule):
                 caption_sampling=self.caption_sampling,
                 with_instances=INSTANCES_MEMBER in data.members and (needs_instances or not warps or prompts),
                 position_prompts=self.position_prompts and split == "train",
+                with_conversation=self.with_conversation,
             )
 
     def _check_keys(self, split: _Split, method: object | None) -> None:
@@ -210,6 +214,18 @@ class StreamingDataModule(LightningDataModule):
             raise DataConfigError(
                 f"{name} needs captions (`text`) but {type(self).__name__} does not provide them; use "
                 f"ImageTextDataModule with captioned shards or {_IMAGE_ONLY_HINT}"
+            )
+        if self.with_conversation and "json" not in split.members:
+            raise DataConfigError(
+                f"{type(self).__name__} needs conversations (.json \"conversations\") but {split.describe()} has no "
+                ".json members; build instruction shards with `vlp-data instructions SHARDS OUT` (e.g. `vlp-data "
+                "instructions 'data/emoji/*.tar' data/emoji-instructions`)"
+            )
+        if "conversation" in required and not (self.with_conversation or self.with_caption):
+            raise DataConfigError(
+                f"{name} needs conversations or captions (`conversation`) but {type(self).__name__} provides "
+                "neither; use InstructionDataModule with `vlp-data instructions` shards or ImageTextDataModule with "
+                "captioned shards"
             )
         if "label" in required and "cls" not in split.members:
             raise DataConfigError(
@@ -413,6 +429,9 @@ class StreamingDataModule(LightningDataModule):
 class ImageTextDataModule(StreamingDataModule):
     """Image-caption pairs: batches carry `image`, `caption`, `text` tokens (and `label` when the shards have it).
 
+    A method needing `conversation` (the frozen-language-model family) may train on these batches too: it makes
+    one-exchange conversations from `caption` itself (`data_modules.conversations.caption_conversation`).
+
     Args:
         tokenizer: caption tokenizer; None uses the attached method's (`method.tokenizer`). Image-only methods
             (e.g. SwAV) need none and get captions as strings only.
@@ -473,6 +492,26 @@ class ImageDataModule(StreamingDataModule):
 
     Args: see `StreamingDataModule`.
     """
+
+
+class InstructionDataModule(StreamingDataModule):
+    """Images with conversations, for visual instruction tuning (the frozen-language-model family: LLaVA, LiMBeR,
+    Vision-Flan's two-stage tuning): batches carry `image`, `conversation`, `meta` (the decoded `.json`), `__key__`,
+    and `label` when the shards have `.cls` members.
+
+    `conversation` is a list with one conversation per sample, each a list of `{"role", "content"}` turns (roles
+    system / user / assistant) read from the `.json` `"conversations"` and checked by
+    `data_modules.conversations.parse_conversation` (both its role / content and LLaVA's from / value turns are
+    accepted); a sample whose conversation is missing or invalid is skipped and counted like any bad sample. A user
+    turn without the `<image>` placeholder gets the image in front of the first user turn (the method's job).
+    Build such shards from labelled or captioned ones with `vlp-data instructions SHARDS OUT` (Vision-Flan-style
+    tasks: caption, classify, multiple choice, yes / no). A method that only needs conversations made from captions
+    can use `ImageTextDataModule` instead.
+
+    Args: see `StreamingDataModule`.
+    """
+
+    with_conversation = True
 
 
 def _first_epoch() -> int:

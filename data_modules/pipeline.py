@@ -36,9 +36,10 @@ had read (tar bytes only, nothing decoded) and continues, and the worker process
 DataLoader asks first makes the next batch; the resumed run sees exactly the batches the uninterrupted run would
 have produced (same world size and number of workers).
 
-Bad data: an undecodable image, a missing image / caption / label, unreadable JSON or instances that do not fit their
-image (a box outside it, an instance mask of another size, a relation naming a missing object) drop the sample and
-count it; `strict=True` raises `BadSampleError` naming the shard and key instead.
+Bad data: an undecodable image, a missing image / caption / label, unreadable JSON, a missing or invalid conversation
+(where one is required) or instances that do not fit their image (a box outside it, an instance mask of another size,
+a relation naming a missing object) drop the sample and count it; `strict=True` raises `BadSampleError` naming the
+shard and key instead.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from webdataset import WebLoader, gopen
 from webdataset.shardlists import expand_urls
 
 from data_modules.captions import CaptionSampling, sample_caption
+from data_modules.conversations import parse_conversation
 from data_modules.manifest import class_count, local_path, read_manifest, shard_counts
 from data_modules.instances import (
     INSTANCES_MEMBER,
@@ -445,7 +447,9 @@ class SampleDecoder:
     `.instances.png` required and returns `boxes`, `masks` and `objects` in every view's pixels, following its crops
     and flips (`data_modules.instances`; not affine warps). Captions become `text` tokens when a tokenizer is given;
     `caption_sampling` picks the caption of each sample (`data_modules.captions`: all lines, one line, one
-    sentence), with the seed `decode` gets.
+    sentence), with the seed `decode` gets. `with_conversation` makes a valid `.json` `"conversations"` list required
+    (`data_modules.conversations`; a sample without one is dropped and counted) and returns it as `conversation`,
+    normalised to role / content turns.
     """
 
     transform: ViewTransform
@@ -457,6 +461,7 @@ class SampleDecoder:
     caption_sampling: CaptionSampling = "all"
     with_instances: bool = False
     position_prompts: bool = False
+    with_conversation: bool = False
 
     def __post_init__(self) -> None:
         if self.position_prompts and not (self.with_caption and self.with_instances):
@@ -498,6 +503,8 @@ class SampleDecoder:
                     raise _BadSample(f"label {sample['label']} (.cls) is not one of {classes}")
             if "json" in raw:
                 sample["meta"] = json.loads(raw["json"])
+            if self.with_conversation:
+                sample["conversation"] = _conversation(sample.get("meta"))
             if self.with_mask:
                 if MASK_MEMBER not in raw:
                     raise _BadSample("missing mask (.mask.png)")
@@ -543,11 +550,23 @@ class SampleDecoder:
             batch["label"] = torch.tensor([sample["label"] for sample in samples], dtype=torch.long)
         if any("meta" in sample for sample in samples):
             batch["meta"] = [sample.get("meta", {}) for sample in samples]
+        if self.with_conversation:
+            batch["conversation"] = [sample["conversation"] for sample in samples]
         if self.with_mask:
             batch["mask"] = torch.from_numpy(np.stack([sample["mask"] for sample in samples]))  # [N, S, S] bool
         if self.with_instances:
             batch.update(batch_instances([sample["instances"] for sample in samples], recipe.flips, recipe.single))
         return batch
+
+
+def _conversation(meta: object) -> list[dict[str, str]]:
+    """The parsed `"conversations"` of a sample's decoded `.json`, or `_BadSample` saying why there is none."""
+    if not isinstance(meta, dict) or "conversations" not in meta:
+        raise _BadSample('missing conversations (.json "conversations"; `vlp-data instructions` writes them)')
+    try:
+        return parse_conversation(meta["conversations"])
+    except ValueError as error:
+        raise _BadSample(f"invalid conversations (.json): {error}") from error
 
 
 def batch_labels(batch: dict, field: str) -> torch.Tensor:
@@ -985,11 +1004,13 @@ def make_eval_loader(
     num_workers: int = 0,
     view: Views | None = None,
     device: torch.device | str | None = None,
+    with_conversation: bool = False,
 ) -> Iterable[dict]:
     """Evaluation batches: every sample exactly once, in shard order (per worker), one deterministic `EvalView`
     crop (or `view`); captions (tokenized when `tokenizer` is given), labels, foreground masks (`mask`
     [N, S, S] bool, from `.mask.png`) and instances (`boxes`, `masks`, `objects`, from `.instances.png`) when the
-    shards hold them.
+    shards hold them; with `with_conversation`, each sample's `.json` conversation (`conversation`, samples without a
+    valid one skipped).
     With `device` the images arrive there (normalised on it), everything else stays on the CPU."""
     urls = expand_shards(shards)
     if not urls:
@@ -1004,6 +1025,7 @@ def make_eval_loader(
         tokenizer=tokenizer,
         num_classes=class_count(manifest),
         with_instances=INSTANCES_MEMBER in members,
+        with_conversation=with_conversation,
     )
     loader = make_loader(urls, decoder, batch_size, num_workers=num_workers, shuffle=False, pad=False, finish=False)
     return _EvalBatches(loader, device)

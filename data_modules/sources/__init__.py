@@ -59,7 +59,8 @@ class SourceData:
     for `.cls` labels, or the name of an integer field of `.json`). `inputs` are the files the samples are read
     from: their sizes and modification times decide whether an existing shard set is up to date. `files` are
     written next to the shards and listed under `files` in the manifest (`vlp-data wordnet`'s `knowledge.json`);
-    `name` must change when they do.
+    `name` must change when they do. `extra` holds further manifest entries (`vlp-data instructions` records its
+    tasks and templates under `instructions`); it may not replace the builder's own.
     """
 
     name: str
@@ -68,6 +69,7 @@ class SourceData:
     inputs: list[Path]
     classnames: dict[str, list[str]] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)
 
 
 def safe_key(text: str) -> str:

@@ -8,7 +8,9 @@ Evaluation (`features.EvaluationCallback`: end of validate / test, and every `ev
 ROUGE-L and CIDEr-D of a method with `generate_captions(images, ...)`; `nearest_neighbour_captions` is the 1-NN
 caption baseline), `RegressionProbe` (UrbanCLIP's MLP regressing a numeric `.json` field from frozen features: R²,
 RMSE, MAE, MAPE, and a ridge regression's R²), `PhraseGrounding` (acc@0.5 and mean IoU of a method with
-`ground(images, phrases)` on scene shards; `constant_box_grounding` is the box-prior baseline).
+`ground(images, phrases)` on scene shards; `constant_box_grounding` is the box-prior baseline),
+`InstructionAccuracy` (exact match per task and multiple-choice accuracy of a method with
+`answer_questions(images, questions, max_length)` on `vlp-data instructions` shards).
 Monitoring: `ThroughputMonitor` (samples/s, data wait, MFU), `NonFiniteLossGuard`.
 Set-up: `GlobalBatchSize` (effective global batch vs the paper's, learning-rate scaling rule).
 Output: `EmbeddingWriter` (`vlp predict`: keys and embeddings of a shard set to `.npz`).
@@ -42,6 +44,7 @@ from vlp_lightning.callbacks.zero_shot import (
     ZeroShotDataset,
     build_zero_shot_classifier,
 )
+from vlp_lightning.callbacks.vqa import InstructionAccuracy, instruction_metrics, parse_choice
 from vlp_lightning.callbacks.zero_shot_segmentation import ZeroShotSegmentation
 
 __all__ = [
@@ -53,6 +56,7 @@ __all__ = [
     "EvalFeatures",
     "EvaluationCallback",
     "GlobalBatchSize",
+    "InstructionAccuracy",
     "KNNClassifier",
     "LinearProbe",
     "NonFiniteLossGuard",
@@ -73,8 +77,10 @@ __all__ = [
     "fit_logistic_regression",
     "grounding_metrics",
     "harmonic_mean",
+    "instruction_metrics",
     "linear_probe_scores",
     "nearest_neighbour_captions",
+    "parse_choice",
     "pgd_attack",
     "regression_metrics",
     "regression_probe_predictions",

@@ -45,6 +45,7 @@ from torchmetrics.text import BLEUScore, ROUGEScore
 from vlp_lightning import distributed
 from vlp_lightning.callbacks.features import (
     EvaluationCallback,
+    InputT,
     encode_across_ranks,
     examples_picture,
     log_picture,
@@ -107,10 +108,11 @@ def caption_metrics(candidates: list[str], references: list[list[str]]) -> dict[
 
 
 def generate_across_ranks(
-    generate: Callable[[Tensor], list[str]], batches: Iterable[tuple[Tensor, int]]
+    generate: Callable[[InputT], list[str]], batches: Iterable[tuple[InputT, int]], name: str = "generate_captions"
 ) -> list[str]:
     """Captions of `(images, rows)` batches, batch `i` generated on rank `i % world_size`; all captions, in batch
-    order, on every rank.
+    order, on every rank. The inputs may also be a tuple whose first item is the images (`(images, questions)` for
+    `vqa`); `name` is the method the error names when a call returns the wrong number of texts.
 
     The schedule is `encode_across_ranks`'s (a rank with one batch fewer makes one throw-away call, so every rank
     calls the method equally often); each rank keeps its own batches' captions, and one `all_gather_object`
@@ -118,18 +120,18 @@ def generate_across_ranks(
     """
     owned: dict[int, list[str]] = {}
 
-    def encode(inputs: tuple[Tensor, int]) -> Tensor:
-        images, index = inputs
-        captions = list(generate(images))
+    def encode(inputs: tuple[InputT, int]) -> Tensor:
+        data, index = inputs
+        captions = list(generate(data))
+        images = data[0] if isinstance(data, tuple) else data
         if len(captions) != images.shape[0]:
             raise ValueError(
-                f"generate_captions returned {len(captions)} captions for {images.shape[0]} images; "
-                "it must return one caption per image"
+                f"{name} returned {len(captions)} texts for {images.shape[0]} images; it must return one per image"
             )
         owned[index] = captions
         return torch.zeros(len(captions), 1, device=images.device)  # the schedule's placeholder features
 
-    def indexed() -> Iterator[tuple[tuple[Tensor, int], int]]:
+    def indexed() -> Iterator[tuple[tuple[InputT, int], int]]:
         for index, (images, rows) in enumerate(batches):
             yield (images, index), rows
 

@@ -153,16 +153,18 @@ def to_thumbnails(
 
 
 def method_eval_loader(
-    method: VLPMethod, shards: str, batch_size: int = 64, num_workers: int = 0
+    method: VLPMethod, shards: str, batch_size: int = 64, num_workers: int = 0, with_conversation: bool = False
 ) -> tuple[Iterable[dict], EvalView]:
     """The evaluation batches of `shards` for `method` (`make_eval_loader`) and their view: the deterministic
     `EvalView` at `method.image_size`, normalised as the method's training views are (so the encoders see the
     statistics they were trained on), the images on the method's device. `view.normalization` undoes it for
-    thumbnails (`to_thumbnails`)."""
+    thumbnails (`to_thumbnails`). `with_conversation` adds each sample's parsed `.json` conversation
+    (`conversation`; samples without a valid one are skipped), for `vqa`."""
     mean, std = method.train_views().normalization
     view = EvalView(mean=mean, std=std)
     loader = make_eval_loader(
-        shards, method.image_size, batch_size, num_workers=num_workers, view=view, device=module_device(method)
+        shards, method.image_size, batch_size, num_workers=num_workers, view=view, device=module_device(method),
+        with_conversation=with_conversation,
     )
     return loader, view
 

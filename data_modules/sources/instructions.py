@@ -1,0 +1,198 @@
+"""Instruction shards from labelled or captioned ones: every sample becomes one visual instruction (`vlp-data
+instructions`).
+
+Vision-Flan (Xu et al. 2024, "Vision-Flan: Scaling Human-Labeled Tasks in Visual Instruction Tuning") builds its 187
+tasks from the existing annotations of academic datasets: each task gets human-written instructions and templates
+for its inputs and outputs, and one dataset's labels give several tasks (open classification, multiple choice,
+yes / no questions, captions). The same is done here for whatever the input shards hold, so that the
+frozen-language-model methods can be instruction-tuned on the suite's data:
+
+* `caption`: describe the image -> the caption (the first line of `.txt`; the other lines are alternatives);
+* `classify`: an open question about one labelled field -> the class name; a field is any one the manifest names
+  classes for (`classnames["cls"]` for `.cls`, `classnames["subcategory_id"]` for that integer field of the emoji
+  `.json`), drawn per sample among the fields it has;
+* `multiple_choice`: the same question with K = 4 lettered options "A. ..." (fewer when the field has fewer
+  classes), the true class at a drawn position and the distractors drawn from the field's other class names; the
+  answer is the letter followed by the option ("B. Food & Drink"), and `.json` records `options` (the texts, in
+  letter order) and `answer` (the letter);
+* `yes_no`: "is this a <class>?" about the true class or, with probability 1/2, a drawn other class -> "Yes" /
+  "No" (balanced in expectation, so that a model answering "Yes" to everything scores about 50 %: the "yes" bias
+  Vision-Flan reports for GPT-4-made data cannot pay off).
+
+Every task has four instruction templates, written by us for this suite in the spirit of Vision-Flan's
+expert-written ones (not taken from its release); `--templates-per-task N` keeps the first N (1: one fixed instruction
+per task, as Vision-Flan's paper describes it; more: the template diversity of FLAN, Wei et al. 2022, which uses
+ten per dataset). Everything a sample gets is drawn from `random.Random(f"{seed}:{key}")`: the task (uniformly among
+those the sample can serve), the field, the template, the options and the yes / no question, so the output depends
+on the seed and the keys only, not on the order of the shards.
+
+The output keeps the images, keys and splits of the input and all its members; `.json` keeps its fields and gains
+`conversations` (`[{"role": "user", "content": "<image>\\n..."}, {"role": "assistant", "content": ...}]`, the format
+`data_modules.conversations` reads), `task` and, for the class tasks, `label_field`. The manifest records the tasks
+and templates under `instructions`, and the input's licence.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import replace
+
+from data_modules.conversations import IMAGE_PLACEHOLDER
+from data_modules.manifest import local_path, read_manifest
+from data_modules.pipeline import expand_shards
+from data_modules.sources import Record, SourceData, SourceError
+from data_modules.sources.shots import shard_record
+
+TASKS = ("caption", "classify", "multiple_choice", "yes_no")
+#: options of a multiple-choice question (fewer when a field has fewer classes).
+NUM_OPTIONS = 4
+#: the instruction templates of every task, ours (module doc); `{kind}` is the field's noun ("category"), `{name}`
+#: a class name, `{options}` the lettered options, one per line.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "caption": (
+        "Describe the image in a few words.",
+        "What does this picture show? Answer with a short caption.",
+        "Write a brief caption for this image.",
+        "Give a short description of what you see.",
+    ),
+    "classify": (
+        "Which {kind} does this image belong to?",
+        "What is the {kind} of what this picture shows?",
+        "Name the {kind} of this image.",
+        "Classify the image: which {kind} is it?",
+    ),
+    "multiple_choice": (
+        "Which {kind} does this image belong to?\n{options}\nPick one of the options.",
+        "What is the {kind} of what this picture shows?\n{options}",
+        "Choose the {kind} that fits the image.\n{options}",
+        "{options}\nWhich of these options is the {kind} of the image?",
+    ),
+    "yes_no": (
+        "Is this image of the {kind} \"{name}\"? Answer yes or no.",
+        "Does the picture show something of the {kind} {name}?",
+        "Would you put this image in the {kind} {name}? Yes or no?",
+        "Is the {kind} of this image {name}?",
+    ),
+}
+_CLASS_TASKS = ("classify", "multiple_choice", "yes_no")
+_NEEDS = {"caption": ".txt captions", "classify": "class labels (.cls or an integer .json field) the manifest names "
+          "classnames for", "multiple_choice": "class labels of a field with at least 2 classnames",
+          "yes_no": "class labels of a field with at least 2 classnames"}
+
+
+def field_noun(field: str) -> str:
+    """How a question names a label field: `cls` -> "category", `subcategory_id` -> "subcategory"."""
+    return "category" if field == "cls" else field.removesuffix("_id").replace("_", " ")
+
+
+def option_lines(options: list[str]) -> str:
+    """`["x", "y"]` -> "A. x\\nB. y"."""
+    return "\n".join(f"{letter}. {option}" for letter, option in zip(string.ascii_uppercase, options))
+
+
+def _class_of(record: Record, field: str, names: list[str]) -> int | None:
+    """The sample's class in `field` (`.cls` or an integer `.json` field) when it has one the manifest names."""
+    value = record.label if field == "cls" else (record.meta or {}).get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(names):
+        return None
+    return value
+
+
+def instruction(record: Record, tasks: tuple[str, ...], classnames: dict[str, list[str]], templates: int, seed: int
+                ) -> dict[str, object] | None:
+    """The `.json` fields one sample gains (module doc), or None when it can serve none of `tasks`."""
+    rng = random.Random(f"{seed}:{record.key}")
+    caption = next((line.strip() for line in (record.caption or "").splitlines() if line.strip()), None)
+    fields = {field: label for field, names in classnames.items()
+              if (label := _class_of(record, field, names)) is not None}
+    usable = [task for task in tasks if (task == "caption" and caption is not None) or (
+        task in _CLASS_TASKS and any(len(classnames[field]) >= (1 if task == "classify" else 2) for field in fields))]
+    if not usable:
+        return None
+    task = rng.choice(usable)
+    template = rng.choice(TEMPLATES[task][:templates])
+    if task == "caption":
+        return _fields(task, template, caption)
+    field = rng.choice(sorted(field for field in fields if len(classnames[field]) >= (1 if task == "classify" else 2)))
+    names, label = classnames[field], fields[field]
+    true, kind = names[label], field_noun(field)
+    others = [name for name in dict.fromkeys(names) if name != true]
+    extra: dict[str, object] = {"label_field": field}
+    if task == "classify":
+        return {**_fields(task, template.format(kind=kind), true), **extra}
+    if task == "multiple_choice":
+        options = rng.sample(others, min(NUM_OPTIONS - 1, len(others)))
+        options.insert(rng.randrange(len(options) + 1), true)
+        letter = string.ascii_uppercase[options.index(true)]
+        prompt = template.format(kind=kind, options=option_lines(options))
+        return {**_fields(task, prompt, f"{letter}. {true}"), **extra, "options": options, "answer": letter}
+    positive = rng.random() < 0.5 or not others
+    asked = true if positive else rng.choice(others)
+    return {**_fields(task, template.format(kind=kind, name=asked), "Yes" if positive else "No"), **extra}
+
+
+def _fields(task: str, prompt: str, answer: str) -> dict[str, object]:
+    conversation = [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{prompt}"},
+                    {"role": "assistant", "content": answer}]
+    return {"conversations": conversation, "task": task}
+
+
+def parse_tasks(text: str | None) -> tuple[str, ...] | None:
+    """`--tasks caption,yes_no` -> ("caption", "yes_no"); None (every task the shards support) for None."""
+    if text is None:
+        return None
+    tasks = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown or not tasks:
+        raise SourceError(f"--tasks {text!r} names {', '.join(unknown) or 'no task'}; choose from {', '.join(TASKS)}")
+    return tasks
+
+
+def instructions_source(shards: str, tasks: tuple[str, ...] | None = None, templates_per_task: int = 4,
+                        seed: int = 0) -> SourceData:
+    """The samples of `shards` (a shard pattern) as instruction samples, one task each (module doc); `tasks` None
+    takes every task the shards can serve, explicit tasks must each be served by some sample."""
+    from data_modules.builder import iterate_shard  # the builder imports the sources
+
+    available = len(TEMPLATES["caption"])
+    if not 1 <= templates_per_task <= available:
+        raise SourceError(f"--templates-per-task {templates_per_task} is not one of the {available} templates per "
+                          f"task; give 1 to {available}")
+    paths = [local_path(url) for url in expand_shards(shards)]
+    if not paths or any(path is None or not path.is_file() for path in paths):
+        raise SourceError(f"{shards!r} names no local shard files; give a pattern such as 'data/emoji/*.tar'")
+    manifest = read_manifest(paths[0].parent) or {}
+    classnames = {field: list(names) for field, names in manifest.get("classnames", {}).items() if names}
+    records: list[Record] = []
+    for path in paths:
+        split = manifest.get("shards", {}).get(path.name, {}).get("split") or path.name.rpartition("-")[0]
+        records += [replace(shard_record(key, sample, path), split=split) for key, sample in iterate_shard(path)]
+    wanted = tasks if tasks is not None else TASKS
+    fields = [instruction(record, wanted, classnames, templates_per_task, seed) for record in records]
+    served = {entry["task"] for entry in fields if entry is not None}
+    unserved = [task for task in (tasks or ()) if task not in served]
+    if not served:
+        raise SourceError(f"no sample of {shards!r} has a caption (.txt) or a class label the manifest names "
+                          "classnames for; build instructions from captioned or labelled shards (`vlp-data emoji`)")
+    if unserved:
+        raise SourceError(f"no sample of {shards!r} can serve --tasks {unserved[0]}, which needs "
+                          f"{_NEEDS[unserved[0]]}; leave it out of --tasks")
+    missing = next((record.key for record, entry in zip(records, fields) if entry is None), None)
+    if missing is not None:
+        raise SourceError(f"sample {missing} has neither a caption nor a named class for --tasks {','.join(wanted)}; "
+                          "give tasks every sample can serve (e.g. --tasks caption for captioned shards)")
+    used = tuple(task for task in wanted if task in served)
+    return SourceData(
+        name=f"instructions ({','.join(used)}; {templates_per_task} templates per task, seed {seed}) of {shards} "
+             f"({manifest.get('source', 'unknown source')})",
+        licence=f"{manifest.get('licence', 'as the source shards')}; instruction templates: vlp_lightning's own",
+        records=[replace(record, meta={**(record.meta or {}), **entry}) for record, entry in zip(records, fields)],
+        inputs=list(paths),
+        classnames=manifest.get("classnames", {}),
+        extra={"instructions": {
+            "tasks": list(used), "templates": {task: list(TEMPLATES[task][:templates_per_task]) for task in used},
+            "seed": seed, "input": shards, "input_licence": manifest.get("licence", "unknown"),
+        }},
+    )
+
