@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from data_modules.builder import main as build_shards
 from vlp_lightning.cli import main
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
@@ -29,7 +30,7 @@ def test_there_are_recipes_for_every_method_family():
     families = {path.parent.name for path in TINY}
     assert {"clip", "convirt", "align", "swav", "mae", "selfie", "sit", "byol", "simclr", "mocov2", "mocov3", "dino",
             "barlowtwins", "vicreg", "mmc", "look", "hvp", "coop", "cocoop", "maple", "pre", "drtune", "damvp",
-            "peftclassifier", "pvp"} <= families
+            "peftclassifier", "pvp", "llava", "limber", "simvlg", "infmllm", "visionflan", "pa-llava"} <= families
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=recipe_id)
@@ -74,6 +75,15 @@ def test_tiny_recipe_trains_a_step(recipe, make_shards, tmp_path, request):
         start += ["--model.init_args.peft_checkpoint", "null"]
     if "knowledge" in model_arguments(recipe):  # ARL's knowledge.json is `vlp-data wordnet`'s: start without it
         start += ["--model.init_args.knowledge", "null"]
+    if "language_model" in model_arguments(recipe):  # frozen-LM family: the tiny random LM, no earlier runs
+        start += ["--model.init_args.language_model.init_args.name", "tiny"]
+        if "image_tower" in model_arguments(recipe):
+            start += ["--model.init_args.image_tower", request.getfixturevalue("tiny_clip_checkpoint")]
+        if "start_from" in model_arguments(recipe):
+            start += ["--model.init_args.start_from", "null"]
+        if "InstructionDataModule" in recipe.read_text():  # `vlp-data instructions` of the generated shards
+            assert build_shards(["instructions", shards.pattern, str(tmp_path / "instructions")]) == 0
+            train_shards = str(tmp_path / "instructions" / "train-000000.tar")
     main(["fit", "--config", str(recipe), *start, "--data.train_shards", train_shards, "--data.val_shards", "null",
           "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.max_steps", "1",
           "--trainer.callbacks", "[]", "--trainer.val_check_interval", "1.0", "--trainer.check_val_every_n_epoch", "1",

@@ -162,3 +162,11 @@ def test_captions_and_answers_are_generated_per_image():
     assert len(method.generate_captions(images, max_length=3)) == 3
     answers = method.answer_questions(images, ["What is it?", "Colour?", "Where?"], max_length=3)
     assert len(answers) == 3 and all(isinstance(answer, str) for answer in answers)
+
+
+def test_plain_template_reads_image_prompt_answer_for_a_base_lm():
+    lm = LanguageModel(chat_template="plain")
+    ids, labels = lm.encode([{"role": "user", "content": "A picture of"}, {"role": "assistant", "content": "a cat"}],
+                            num_visual=2)
+    assert lm.tokenizer.decode(ids) == "<image><image>\nA picture of a cat<|im_end|>"
+    assert labelled_text(lm, ids, labels) == "a cat<|im_end|>"

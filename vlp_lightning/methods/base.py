@@ -379,11 +379,13 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint written by another method or for another architecture; the CLI prints it in one line."""
 
 
-def load_earlier_stage(method: nn.Module, path: str, example: str, may_lack: str | None = None) -> None:
+def load_earlier_stage(method: nn.Module, path: str, example: str, may_lack: str | None = None,
+                       writers: tuple[type, ...] = ()) -> None:
     """Every weight of `path` (loaded `weights_only`) into `method`: the checkpoint of an earlier stage of the same
-    method built with the same model arguments (`start_from` of UNIT's and FIBER's second stages). Tensors under
-    the `may_lack` prefix (a head the earlier stage did not have) may be missing; anything else that differs, a
-    missing file or another method's checkpoint is one sentence (`example`: a path to suggest)."""
+    method built with the same model arguments (`start_from` of UNIT's and FIBER's second stages), or of one of
+    `writers` (classes with the same modules: Vision-Flan starts from LLaVA's stage 1). Tensors under the `may_lack`
+    prefix (a head the earlier stage did not have) may be missing; anything else that differs, a missing file or
+    another method's checkpoint is one sentence (`example`: a path to suggest)."""
     name = type(method).__name__
     if not Path(path).is_file():
         raise ValueError(f"start_from {path!r} is not a file; give the earlier stage's checkpoint, e.g. {example}")
@@ -392,7 +394,7 @@ def load_earlier_stage(method: nn.Module, path: str, example: str, may_lack: str
     state = checkpoint.get("state_dict", {})
     differences = [difference for difference in _state_dict_differences(state, method.state_dict(), strict=True)
                    if may_lack is None or not difference.startswith(may_lack)]
-    if written_by != _class_path(method):
+    if written_by not in {_class_path(method), *(f"{kind.__module__}.{kind.__qualname__}" for kind in writers)}:
         raise ValueError(f"start_from {path} was written by {written_by}; give a checkpoint of an earlier {name} "
                          "stage")
     if differences:

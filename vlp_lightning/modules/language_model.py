@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IMAGE_PLACEHOLDER = "<image>"  # TODO-merge: data_modules.conversations
+from data_modules.conversations import IMAGE_PLACEHOLDER
 
 TrainLM = Literal["frozen", "lora", "full"]
 IGNORE = -100

@@ -18,7 +18,8 @@ Data: batches of `InstructionDataModule` carry `conversation` (lists of {"role",
 
 Staged training, as the papers run it, is two (or three) `vlp fit` runs: the later stage's recipe sets `start_from`
 to the earlier stage's `last.ckpt` (its connector, and any LM / tower weights it trained; weights the earlier stage
-did not have, such as LoRA, start fresh) and its own `language_model.train`.
+did not have, such as LoRA, start fresh) and its own `language_model.train`. The earlier stage may be another
+method of the family with the same modules (Vision-Flan starts from LLaVA's stage-1 projector).
 
 Evaluation protocol: `generate_captions(images)` (`callbacks.CaptionMetrics`), `answer_questions(images,
 questions)` (`callbacks.InstructionAccuracy`) and, for `vlp predict`, the generated captions (or the answers to the
@@ -51,6 +52,14 @@ BRIEF_CAPTION_PROMPTS: tuple[str, ...] = (
     "Give a short and clear explanation of the subsequent image.",
     "Share a concise interpretation of the image provided.",
 )
+
+
+def _family() -> tuple[type, ...]:
+    """Every method of the family: an earlier stage may be another member's run with the same modules."""
+    from vlp_lightning import methods
+
+    return tuple(kind for kind in map(lambda name: getattr(methods, name), methods.method_names())
+                 if isinstance(kind, type) and issubclass(kind, FrozenLMMethod))
 
 
 class FrozenLMMethod(VLPMethod):
@@ -111,7 +120,7 @@ class FrozenLMMethod(VLPMethod):
         self.crop_scale = tuple(crop_scale)
         if start_from is not None:
             load_earlier_stage(self, start_from, "runs/<method>/<stage-1 experiment>/checkpoints/last.ckpt",
-                               may_lack="language_model.")
+                               may_lack="language_model.", writers=_family())
 
     @staticmethod
     def _tower(vision: nn.Module | None, image_tower: str | None) -> nn.Module:
