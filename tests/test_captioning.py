@@ -91,6 +91,16 @@ def test_cider_of_a_matching_corpus_is_high_and_of_a_shuffled_one_lower() -> Non
     assert caption_metrics(captions[:1], references[:1])["CIDEr"] == 0.0  # IDF from one image: every weight is 0
 
 
+def test_names_object_is_the_share_of_captions_mentioning_a_word_of_the_name() -> None:
+    from vlp_lightning.callbacks.captioning import names_object
+
+    assert names_object("a dog face", ["cat face"]) and not names_object("a dog", ["cat face"])
+    assert not names_object("with the of", ["face with tears of joy"])  # no content word in common
+    candidates = ["big red apple", "blue car", "something else", "face"]
+    references = [["red apple"], ["green tree"], ["cat"], ["grinning face"]]
+    assert caption_metrics(candidates, references)["names_object"] == pytest.approx(2 / 4)
+
+
 def test_exact_match_is_the_share_of_captions_equal_to_a_reference_after_normalising() -> None:
     """Word accuracy of text recognition: case and punctuation do not count, a near miss does."""
     candidates = ["Apple", "pear.", "plum", "kiwi"]
@@ -213,7 +223,8 @@ def test_caption_metrics_inside_trainer_validate(tmp_path: Path, write_tar, capl
             events = EventAccumulator(logger.log_dir).Reload()
             assert "captions/shapes/examples" in events.Tags()["images"]
 
-    names = {f"captions/shapes/{metric}" for metric in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "exact_match")}
+    names = {f"captions/shapes/{metric}" for metric in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "exact_match",
+                                                                  "names_object")}
     assert {name for name in results["half"] if name.startswith("captions/")} == names
     assert results["perfect"]["captions/shapes/BLEU-4"] == pytest.approx(1.0)  # matches a reference after normalising
     assert results["perfect"]["captions/shapes/ROUGE-L"] == pytest.approx(1.0)

@@ -21,6 +21,8 @@ CIDEr-D per image averaged. Candidates and references are normalised once (`norm
   penalty σ = 6, clipped n-gram counts, n = 1..4, x10) by `pycocoevalcap.cider.cider.Cider`, its pure-Python
   scorer (no Java, no download). The n-gram IDF comes from the references of the evaluated images, as in COCO:
   scores depend on the set, and a set of one image scores 0.
+* names the object: the share of images whose caption contains a content word of one of its references
+  (`names_object`), for frozen-LM captioners whose captions are rarely exactly right.
 * exact match: the share of images whose caption equals one of its references, both normalised: the word accuracy
   of text recognition (case- and punctuation-insensitive, as scene-text benchmarks score words), for a reader of
   rendered words (UNIT on `vlp-data words`) whose caption is the text in the image.
@@ -80,7 +82,7 @@ def _cider_scorer():
 
 
 def caption_metrics(candidates: list[str], references: list[list[str]]) -> dict[str, float]:
-    """`BLEU-1`, `BLEU-4`, `ROUGE-L`, `CIDEr` and `exact_match` of one candidate per image against that image's
+    """`BLEU-1`, `BLEU-4`, `ROUGE-L`, `CIDEr`, `exact_match` and `names_object` of one candidate per image against that image's
     references (module doc), all captions normalised by `normalize_caption` first."""
     if not candidates or len(candidates) != len(references):
         raise ValueError(
@@ -104,7 +106,23 @@ def caption_metrics(candidates: list[str], references: list[list[str]]) -> dict[
     )
     metrics["CIDEr"] = float(cider)
     metrics["exact_match"] = sum(candidate in refs for candidate, refs in zip(candidates, references)) / len(images)
+    metrics["names_object"] = sum(names_object(candidate, refs) for candidate, refs in zip(candidates, references)
+                                  ) / len(images)
     return metrics
+
+
+#: words that never name an object: a name's articles, prepositions, conjunctions and the emoji's "with" / "of".
+_NOT_NAMES = frozenset("a an the of with and or in on at to for by from as is are its this that".split())
+
+
+def names_object(candidate: str, references: list[str]) -> bool:
+    """Whether a (normalised) caption mentions the object: it contains a content word (not an article or a
+    preposition, at least 3 letters) of one of the image's (normalised) reference names as a whole word. Lenient by
+    design ("dog face" names the "cat face" image's face): the frozen-LM papers' question is whether the image
+    reached the LM at all, which CIDEr's n-gram consensus hides when few captions are exactly right."""
+    words = set(candidate.split())
+    return any(word in words for ref in references for word in ref.split()
+               if len(word) >= 3 and word not in _NOT_NAMES)
 
 
 def generate_across_ranks(

@@ -112,6 +112,7 @@ class FrozenLMMethod(VLPMethod):
         self.vision = self._tower(vision, image_tower)
         self.train_vision = train_vision
         self.vision.requires_grad_(train_vision)
+        self.vision.train(train_vision)  # a frozen tower is in eval mode from the start (the model summary says so)
         width = self.vision.num_features
         self.connector = (connector or self.connector_class)(width, self.language_model.hidden_size)
         self.caption_prompts = list(caption_prompts)

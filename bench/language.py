@@ -1,0 +1,254 @@
+"""A frozen language model in the loop: does the image reach SmolLM2 through each connector?
+
+Data (the README demo's split): every run trains on Google's drawings of the seen 80 % of the emoji concepts and is
+scored on Twitter's drawings of the 382 *unseen* concepts (a new style and names never trained on).
+
+* **LiMBeR's comparison** (Merullo et al. 2023): the same linear map (one soft prompt per patch token) from three
+  frozen towers into frozen SmolLM2-135M-Instruct: our CLIP's (trained here with the demo recipe, language
+  supervision), our MAE's (no language), and a random ViT's (never trained); each trained for `--steps` at two seeds.
+  Every trained map captions the unseen drawings three ways: with its image, with a **shuffled** image (the visual
+  tokens of another test image, a fixed permutation) and with **no image** (the prompt alone): CIDEr-D and
+  names-the-object rate (`callbacks.captioning.names_object`: the caption contains a content word of the name).
+  A map carries the image when it beats the shuffled prefix by more than its seed spread.
+* **LLaVA stage 1 vs stage 1 + 2** (Liu et al. 2023): stage 1 trains the MLP projector on captions (our CLIP tower,
+  LM frozen); stage 2 starts from it and trains the projector and LoRA on SmolLM2 on `vlp-data instructions` of the
+  seen Google drawings; both answer the instructions of the unseen Twitter drawings (`InstructionAccuracy`: exact
+  match per task, multiple-choice accuracy; chance 25 %).
+* **Cost**: seconds per optimizer step of each run, and what the backward stores: the bytes autograd saves for the
+  backward of one LiMBeR step (`torch.autograd.graph.saved_tensors_hooks`, unique storages) with the LM frozen, with
+  every LM weight requiring gradients, and frozen with gradient checkpointing.
+
+Towers: ViT-Tiny at 32 px with 8 px patches (16 visual tokens; the recipes' 64 px towers give 64 and cost 4x the
+LM tokens), trained for `--tower-steps`. Precision: the CPU's default (bf16 autocast with AVX-512 BF16, else fp32).
+
+Usage: python bench/language.py [--steps N] [--tower-steps N] [--quick]   (writes bench/results/language.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import REPO_ROOT, Target, ensure_shards, publish
+
+from data_modules.builder import main as vlp_data
+from vlp_lightning.callbacks import InstructionAccuracy
+from vlp_lightning.callbacks.captioning import caption_metrics
+from vlp_lightning.callbacks.features import evaluation_mode, method_eval_loader, new_evaluation_pass
+from vlp_lightning.callbacks.retrieval import split_captions
+from vlp_lightning.cli import VLPCLI
+from vlp_lightning.hardware import cpu_has_native_bf16
+
+TRAIN = "data/emoji-google/seen-{000000..000001}.tar"
+UNSEEN = "data/emoji-twitter/unseen-000000.tar"
+INSTRUCTIONS_TRAIN = "data/emoji-google-instructions/seen-{000000..000001}.tar"
+INSTRUCTIONS_UNSEEN = "data/emoji-twitter-instructions/unseen-000000.tar"
+DEMO_RECIPE = REPO_ROOT / "experiments" / "clip" / "emoji_heldout_tiny.yaml"
+TOWERS = ("CLIP", "MAE", "random")
+SEEDS = (0, 1)
+CONDITIONS = ("image", "shuffled image", "no image")
+EXPERIMENTS = REPO_ROOT / "experiments"
+
+
+def cli(recipe: str, root: Path, steps: int, *extra: str) -> VLPCLI:
+    """`recipe` on the seen Google drawings for `steps` optimizer steps (its schedule spans them), no callbacks."""
+    return VLPCLI(args=[
+        "--config", str(EXPERIMENTS / recipe), f"--data.train_shards={TRAIN}", "--data.val_shards=null",
+        "--data.test_shards=null", f"--trainer.max_steps={steps}", "--trainer.max_epochs=1000",
+        "--trainer.callbacks=[]", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0", "--checkpoint.save_last=false", *extra,
+    ], run=False)
+
+
+def fit(run: VLPCLI, name: str, runs: dict) -> None:
+    start = time.perf_counter()
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    seconds = time.perf_counter() - start
+    runs[name] = {"steps": run.trainer.global_step, "seconds": seconds,
+                  "seconds_per_step": seconds / max(1, run.trainer.global_step)}
+    print(f"{name}: {runs[name]}", flush=True)
+
+
+def train_towers(root: Path, steps: int, runs: dict) -> dict[str, str]:
+    """Our CLIP (the demo recipe) and our MAE at 32 px on the seen drawings -> their checkpoints."""
+    vision = "--model.init_args.vision.init_args."
+    towers = {}
+    for name, recipe in (("CLIP", "clip/emoji_heldout_tiny.yaml"), ("MAE", "mae/emoji_tiny.yaml")):
+        run = cli(recipe, root / name, steps, f"{vision}img_size=32")
+        fit(run, f"{name} tower", runs)
+        towers[name] = str(root / f"{name}.ckpt")
+        run.trainer.save_checkpoint(towers[name])
+    return towers
+
+
+@torch.no_grad()
+def caption_conditions(method, shards: str, max_new_tokens: int = 12) -> dict[str, dict[str, float]]:
+    """Caption metrics of `shards` with each image's visual tokens, another image's (a fixed permutation) and none."""
+    loader, _ = method_eval_loader(method, shards, 64, 0)
+    visual, references = [], []
+    for batch in loader:
+        visual.append(method.visual_tokens(batch["image"]))
+        references.extend(split_captions(caption) for caption in batch["caption"])
+    visual = torch.cat(visual)
+    permutation = torch.randperm(len(visual), generator=torch.Generator().manual_seed(0))
+    lm, prompt = method.language_model, [{"role": "user", "content": method.caption_prompts[0]}]
+    results = {}
+    for condition, tokens in (("image", visual), ("shuffled image", visual[permutation]),
+                              ("no image", visual[:, :0])):
+        captions = []
+        for start in range(0, len(tokens), 64):
+            chunk = tokens[start: start + 64]
+            inputs = lm.prompt_inputs([prompt] * len(chunk), chunk.shape[1])
+            captions += lm.generate(inputs, chunk, max_new_tokens=max_new_tokens)
+        results[condition] = caption_metrics(captions, references)
+        results[condition]["examples"] = captions[:5]
+        print(f"  {condition}: CIDEr {results[condition]['CIDEr']:.3f}, names the object "
+              f"{results[condition]['names_object']:.3f}, e.g. {captions[:3]}", flush=True)
+    return results
+
+
+def autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native_bf16())
+
+
+def evaluate(callback, run: VLPCLI) -> dict[str, float]:
+    new_evaluation_pass()
+    with evaluation_mode(run.trainer, run.model), autocast():
+        metrics = callback.evaluate(run.trainer, run.model)
+    return {name.split("/", 2)[2]: value for name, value in metrics.items()}
+
+
+def saved_for_backward(method, batch: dict) -> int:
+    """Bytes of the unique storages autograd saves for the backward of one forward_loss."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    method.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast():
+        loss = method.forward_loss(batch)["loss"]
+    loss.backward()
+    method.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def memory_rows(run: VLPCLI) -> dict[str, float]:
+    """What the backward of one LiMBeR step (batch 16) stores: LM frozen, LM weights trainable, frozen + gradient
+    checkpointing (MiB)."""
+    method = run.model
+    batch = next(iter(run.datamodule.train_dataloader()))
+    batch = run.datamodule.on_after_batch_transfer(batch, 0)
+    lm = method.language_model
+    rows = {"LM frozen": saved_for_backward(method, batch)}
+    lm.model.requires_grad_(True)
+    rows["LM weights requiring grad"] = saved_for_backward(method, batch)
+    lm.model.requires_grad_(False)
+    lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.gradient_checkpointing = True
+    rows["LM frozen, gradient checkpointing"] = saved_for_backward(method, batch)
+    lm.model.gradient_checkpointing_disable()
+    lm.gradient_checkpointing = False
+    return {name: value / 2**20 for name, value in rows.items()}
+
+
+def ensure_data() -> None:
+    ensure_shards({"demo": DEMO_RECIPE})
+    for source, target in (("data/emoji-google/seen-*.tar", "data/emoji-google-instructions"),
+                           ("data/emoji-twitter/*.tar", "data/emoji-twitter-instructions")):
+        if not (REPO_ROOT / target / "manifest.json").is_file():
+            vlp_data(["instructions", source, target])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per connector run (default 100)")
+    parser.add_argument("--tower-steps", type=int, default=300, help="steps of the CLIP and MAE towers (300)")
+    parser.add_argument("--quick", action="store_true", help="5 steps each, one seed: a smoke run of the bench")
+    args = parser.parse_args()
+    steps, tower_steps, seeds = (5, 5, SEEDS[:1]) if args.quick else (args.steps, args.tower_steps, SEEDS)
+    ensure_data()
+    started = time.perf_counter()
+    runs, captions, instructions = {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="vlp-language-") as folder:
+        root = Path(folder)
+        torch.manual_seed(0)
+        towers = train_towers(root, tower_steps, runs)
+        for tower in TOWERS:
+            for seed in seeds:
+                start = ([f"--model.init_args.image_tower={towers[tower]}"] if tower in towers
+                         else ["--model.init_args.vision.init_args.img_size=32"])
+                recipe = "limber/emoji_tiny.yaml" if tower == "random" else "limber/emoji_clip_tiny.yaml"
+                run = cli(recipe, root / f"limber-{tower}-{seed}", steps, f"--seed_everything={seed}", *start)
+                name = f"LiMBeR, {tower} tower, seed {seed}"
+                fit(run, name, runs)
+                with evaluation_mode(run.trainer, run.model), autocast():
+                    captions[name] = caption_conditions(run.model, UNSEEN)
+                if tower == "CLIP" and seed == seeds[0]:
+                    memory = memory_rows(run)
+                    print(f"saved for backward (MiB): {memory}", flush=True)
+        tower = [f"--model.init_args.image_tower={towers['CLIP']}"]
+        stage1 = cli("llava/emoji_stage1_tiny.yaml", root / "llava1", steps, *tower)
+        fit(stage1, "LLaVA stage 1", runs)
+        accuracy = InstructionAccuracy(INSTRUCTIONS_UNSEEN, name="unseen", max_length=12)
+        instructions["LLaVA stage 1"] = evaluate(accuracy, stage1)
+        print(f"LLaVA stage 1: {instructions['LLaVA stage 1']}", flush=True)
+        stage1.trainer.save_checkpoint(root / "llava1.ckpt")
+        stage2 = cli("llava/emoji_stage2_tiny.yaml", root / "llava2", steps, *tower,
+                     f"--model.init_args.start_from={root / 'llava1.ckpt'}",
+                     f"--data.train_shards={INSTRUCTIONS_TRAIN}")
+        fit(stage2, "LLaVA stage 1 + 2", runs)
+        instructions["LLaVA stage 1 + 2"] = evaluate(accuracy, stage2)
+        print(f"LLaVA stage 1 + 2: {instructions['LLaVA stage 1 + 2']}", flush=True)
+    report = {"seconds": time.perf_counter() - started, "steps": steps, "tower_steps": tower_steps, "runs": runs,
+              "captions": captions, "instructions": instructions, "saved_for_backward_mib": memory}
+    report["table"] = tables(report, seeds)
+    print("\n" + report["table"])
+    targets = []
+    for tower in TOWERS:
+        image = [captions[f"LiMBeR, {tower} tower, seed {seed}"]["image"]["CIDEr"] for seed in seeds]
+        shuffled = [captions[f"LiMBeR, {tower} tower, seed {seed}"]["shuffled image"]["CIDEr"] for seed in seeds]
+        spread = max(image) - min(image)
+        targets.append(Target(f"LiMBeR {tower} tower: CIDEr(image) - CIDEr(shuffled) - seed spread, unseen",
+                              statistics.mean(image) - statistics.mean(shuffled) - spread, 0.0))
+    targets.append(Target("LLaVA stage 1+2 - stage 1 multiple-choice accuracy, unseen (points)",
+                          100 * (instructions["LLaVA stage 1 + 2"]["multiple_choice_accuracy"]
+                                 - instructions["LLaVA stage 1"]["multiple_choice_accuracy"]), 0.0))
+    publish("language", report, targets)
+
+
+def tables(report: dict, seeds: tuple[int, ...]) -> str:
+    lines = ["LiMBeR, unseen concepts in the unseen style (mean over seeds; spread = max - min)", "",
+             "| tower | prefix | CIDEr | spread | names the object | BLEU-1 |", "|---|---|---|---|---|---|"]
+    for tower in TOWERS:
+        for condition in CONDITIONS:
+            rows = [report["captions"][f"LiMBeR, {tower} tower, seed {seed}"][condition] for seed in seeds]
+            cider = [row["CIDEr"] for row in rows]
+            lines.append(f"| {tower} | {condition} | {statistics.mean(cider):.3f} | {max(cider) - min(cider):.3f} | "
+                         f"{statistics.mean(row['names_object'] for row in rows):.3f} | "
+                         f"{statistics.mean(row['BLEU-1'] for row in rows):.3f} |")
+    lines += ["", "LLaVA on the unseen drawings' templated instructions (exact match; multiple choice: chance 0.25)", "",
+              "| model | multiple choice | exact match | " + " | ".join(TASKS) + " |",
+              "|---|---|---|" + "---|" * len(TASKS)]
+    for name, row in report["instructions"].items():
+        lines.append(f"| {name} | {row.get('multiple_choice_accuracy', float('nan')):.3f} | "
+                     f"{row['exact_match']:.3f} | "
+                     + " | ".join(f"{row.get(f'{task}/exact_match', float('nan')):.3f}" for task in TASKS) + " |")
+    lines += ["", "| run | steps | s / step |", "|---|---|---|"]
+    lines += [f"| {name} | {run['steps']} | {run['seconds_per_step']:.2f} |" for name, run in report["runs"].items()]
+    lines += ["", "| backward of one LiMBeR step (batch 16) | saved tensors (MiB) |", "|---|---|"]
+    lines += [f"| {name} | {mib:.0f} |" for name, mib in report["saved_for_backward_mib"].items()]
+    return "\n".join(lines)
+
+
+TASKS = ("caption", "classify", "multiple_choice", "yes_no")
+
+if __name__ == "__main__":
+    main()
