@@ -734,8 +734,8 @@ def make_parser() -> argparse.ArgumentParser:
         resizable=False, seed_help="seed of every draw: task, template, options and yes / no question per sample",
         epilog=(
             "Each sample's .json gains \"conversations\" (user: <image> + an instruction, assistant: the answer),\n"
-            "\"task\" and, for multiple_choice, \"options\" and \"answer\"; images, keys, splits and members are\n"
-            "kept.\n"
+            "\"task\" and, for multiple_choice, \"options\" and \"answer\" (grounding: \"box\"); images, keys,\n"
+            "splits and members are kept.\n"
             "tasks (each with 4 instruction templates of ours, one drawn per sample with --seed):\n"
             + "".join(f"  {task:<16} e.g. {INSTRUCTION_TEMPLATES[task][0].replace(chr(10), ' / ')!r}\n"
                       for task in INSTRUCTION_TASKS)
@@ -749,7 +749,7 @@ def make_parser() -> argparse.ArgumentParser:
     instructions.add_argument(
         "--tasks", default=None, metavar="LIST",
         help=f"comma-separated tasks out of {','.join(INSTRUCTION_TASKS)} (default: every one the shards support: "
-        "caption needs .txt, the others labels with manifest classnames)",
+        "caption needs .txt, grounding scene objects with boxes, the others labels with manifest classnames)",
     )
     instructions.add_argument(
         "--templates-per-task", type=_positive_int, default=len(INSTRUCTION_TEMPLATES["caption"]), metavar="N",

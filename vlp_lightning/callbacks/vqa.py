@@ -8,6 +8,8 @@ and the reference the first assistant turn. Scoring follows the closed-form eval
 
 * exact match: the answer equals the reference after `captioning.normalize_caption` (lower case, punctuation
   replaced by spaces, white space collapsed), overall and per `.json` `task`;
+* grounding accuracy: for samples with a `box` (the `grounding` task of scene shards), the share whose answer's
+  first four numbers (`parse_box`) make a box of IoU >= 0.5 with it (acc@0.5, as RefCOCO is scored);
 * multiple-choice accuracy: for samples with `options` and `answer` (the letter), the option the answer picks
   (`parse_choice`: an answer equal to an option's text, else the first standalone capital letter among the options'
   letters, else a lower-case letter opening the answer, "b) ...") is the right one. MMBench (Liu et al. 2023) scores
@@ -69,7 +71,27 @@ def instruction_metrics(answers: list[str], references: list[str], metas: list[d
     metrics.update({f"{prefix}/{task}/exact_match": sum(hits) / len(hits) for task, hits in sorted(per_task.items())})
     if chosen:
         metrics[f"{prefix}/multiple_choice_accuracy"] = sum(chosen) / len(chosen)
+    boxes = [box_iou(parse_box(answer), meta["box"]) >= 0.5 for answer, meta in zip(answers, metas) if "box" in meta]
+    if boxes:
+        metrics[f"{prefix}/grounding_acc@0.5"] = sum(boxes) / len(boxes)
     return metrics
+
+
+def parse_box(answer: str) -> list[float] | None:
+    """The first four numbers of an answer as a box [x0, y0, x1, y1] (None when it has fewer)."""
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", answer)
+    return [float(number) for number in numbers[:4]] if len(numbers) >= 4 else None
+
+
+def box_iou(box: list[float] | None, reference: list[float]) -> float:
+    """Intersection over union of two [x0, y0, x1, y1] boxes (0 for no box or an empty one)."""
+    if box is None or box[2] <= box[0] or box[3] <= box[1]:
+        return 0.0
+    width = max(0.0, min(box[2], reference[2]) - max(box[0], reference[0]))
+    height = max(0.0, min(box[3], reference[3]) - max(box[1], reference[1]))
+    inter = width * height
+    union = (box[2] - box[0]) * (box[3] - box[1]) + (reference[2] - reference[0]) * (reference[3] - reference[1])
+    return inter / (union - inter) if union > inter else 0.0
 
 
 class InstructionAccuracy(EvaluationCallback):
