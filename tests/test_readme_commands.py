@@ -28,7 +28,7 @@ README = REPO / "README.md"
 #: programs the README may show that this test does not run: environment set-up and cluster launchers' own flags.
 NOT_CHECKED = {"source", "tensorboard"}
 #: `vlp-data` sources that download (from npm / Debian) or read what those wrote; they are parsed, not run.
-DOWNLOADING_SOURCES = {"emoji", "openclipart", "fashion-mnist", "wordnet"}
+DOWNLOADING_SOURCES = {"emoji", "openclipart", "fashion-mnist", "wordnet", "instructions"}
 
 
 def readme_commands() -> list[str]:
