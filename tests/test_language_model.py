@@ -187,7 +187,8 @@ def test_a_missing_earlier_stage_is_one_sentence_from_vlp_fit(capsys, tmp_path, 
               "--model.init_args.image_tower", "null"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "start_from 'runs/llava/emoji_stage1_tiny/checkpoints/last.ckpt' is not a file" in error[0]
+    missing = "start_from 'runs/llava/emoji_stage1_tiny/checkpoints/last.ckpt' is not a file"
+    assert len(error) == 1 and missing in error[0]
 
 
 def test_smollm2_that_cannot_be_fetched_is_one_sentence_naming_the_package(capsys, tmp_path, monkeypatch):
@@ -219,3 +220,30 @@ def test_vlp_predict_writes_generated_captions(make_shards, tmp_path, monkeypatc
     written = np.load(tmp_path / "captions.npz")
     assert list(written["key"]) == shards.keys and len(written["generated"]) == 6
     assert list(written["caption"]) == [shards.captions[key] for key in shards.keys]
+
+
+def test_llava_stage_two_starts_from_stage_one_through_the_cli(make_shards, tmp_path, monkeypatch,
+                                                               tiny_clip_checkpoint):
+    """The documented path: `vlp fit` stage 1, `vlp-data instructions`, `vlp fit` stage 2 with start_from (at lr 0
+    its connector is stage 1's, bit for bit, and LoRA tensors join the checkpoint)."""
+    from data_modules.builder import main as vlp_data
+
+    shards = make_shards(tmp_path / "shards", n=8, per_shard=8, image_size=32)
+    assert vlp_data(["instructions", shards.pattern, str(tmp_path / "instructions")]) == 0
+    monkeypatch.chdir(tmp_path)
+    common = [*TINY_LM, "--model.init_args.image_tower", tiny_clip_checkpoint, "--data.val_shards", "null",
+              "--data.test_shards", "null", "--data.batch_size", "4", "--data.num_workers", "0",
+              "--trainer.max_steps", "1", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
+              "--trainer.enable_model_summary", "false"]
+    main(["fit", "--config", str(EXPERIMENTS / "llava/emoji_stage1_tiny.yaml"), *common,
+          "--data.train_shards", shards.pattern])
+    first = tmp_path / "runs/llava/emoji_stage1_tiny/checkpoints/last.ckpt"
+    main(["fit", "--config", str(EXPERIMENTS / "llava/emoji_stage2_tiny.yaml"), *common,
+          "--data.train_shards", str(tmp_path / "instructions/train-000000.tar"),
+          "--model.init_args.optimizer.init_args.lr", "0", "--model.init_args.start_from", str(first)])
+    stage1 = torch.load(first, weights_only=True)["state_dict"]
+    second = tmp_path / "runs/llava/emoji_stage2_tiny/checkpoints/last.ckpt"
+    stage2 = torch.load(second, weights_only=True)["state_dict"]
+    connector = [key for key in stage1 if key.startswith("connector.")]
+    assert connector and all(torch.equal(stage1[key], stage2[key]) for key in connector)
+    assert any(".lora." in key for key in stage2) and not any(".lora." in key for key in stage1)
