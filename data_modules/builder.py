@@ -56,6 +56,8 @@ from data_modules.sources.fashion_mnist import fashion_mnist_source
 from data_modules.sources.instructions import TASKS as INSTRUCTION_TASKS
 from data_modules.sources.instructions import TEMPLATES as INSTRUCTION_TEMPLATES
 from data_modules.sources.instructions import instructions_source, parse_tasks
+from data_modules.sources.provision import GENERATORS as PROVISION_GENERATORS
+from data_modules.sources.provision import provision_source
 from data_modules.sources.local import csv_source, folder_source, jsonl_source
 from data_modules.sources.openclipart import DEFAULT_ROOT as OPENCLIPART_ROOT
 from data_modules.sources.openclipart import openclipart_source
@@ -468,7 +470,8 @@ def _build_command(
     layout = {"epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter} if epilog else {}
     command = commands.add_parser(name, help=summary, description=summary, **layout)
     if input_help is not None:
-        metavar = {"folder": "SRC", "shots": "SHARDS", "wordnet": "SHARDS", "instructions": "SHARDS"}.get(name, "FILE")
+        metavar = {"folder": "SRC", "shots": "SHARDS", "wordnet": "SHARDS", "instructions": "SHARDS",
+                   "provision": "SHARDS"}.get(name, "FILE")
         command.add_argument("input", type=Path, metavar=metavar, help=input_help)
     command.add_argument("out", type=Path, metavar="OUT", help="output folder for the shards and manifest.json")
     command.add_argument(
@@ -509,6 +512,7 @@ def make_parser() -> argparse.ArgumentParser:
             "  vlp-data scenes shards/scenes --count 5000 --max-objects 6\n"
             "  vlp-data shots 'shards/emoji/train-*.tar' shards/emoji-16shot --shots 16 --seed 1\n"
             "  vlp-data wordnet 'shards/emoji/*.tar' shards/emoji-wordnet\n"
+            "  vlp-data provision 'shards/scenes/*.tar' shards/scenes-provision --questions 3\n"
             "  vlp-data instructions 'shards/emoji/*.tar' shards/emoji-instructions --seed 0\n"
             "  vlp-data inspect shards/\n"
             "then train on them:\n"
@@ -757,6 +761,28 @@ def make_parser() -> argparse.ArgumentParser:
     )
     instructions.set_defaults(make_source=lambda a: instructions_source(
         str(a.input), parse_tasks(a.tasks), a.templates_per_task, a.seed))
+    provision = _build_command(
+        commands, "provision",
+        "scene shards as ProVision instruction data: questions programmed over each scene graph, answers exact",
+        "scene shard pattern (vlp-data scenes), e.g. 'data/scenes/*.tar' (its splits are kept)", splits=False,
+        resizable=False, seed_help="seed of the generators and their draws per scene",
+        epilog=(
+            "Each scene's .json gains \"conversations\" (one user / assistant turn per question, the image with the\n"
+            "first) and \"provision\" (generator, question, answer). generators:\n  "
+            + ", ".join(PROVISION_GENERATORS) + "\n"
+            "example:\n"
+            "  vlp-data scenes data/scenes\n"
+            "  vlp-data provision 'data/scenes/*.tar' data/scenes-provision --questions 3\n"
+            "then train a language-model method with data.class_path: data_modules.InstructionDataModule"
+        ),
+    )
+    provision.add_argument("--questions", type=_positive_int, default=3, metavar="N",
+                           help="questions per scene, each from another generator (default: %(default)s)")
+    provision.add_argument("--generators", default=None, metavar="LIST",
+                           help="comma-separated generators to draw from (default: all)")
+    provision.set_defaults(make_source=lambda a: provision_source(
+        str(a.input), a.questions, a.seed,
+        tuple(part.strip() for part in a.generators.split(",") if part.strip()) if a.generators else None))
 
     inspect_summary = "counts, members, examples and a decode check of every sample"
     inspect = commands.add_parser("inspect", help=inspect_summary, description=inspect_summary)

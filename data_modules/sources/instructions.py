@@ -45,10 +45,8 @@ import sys
 from dataclasses import replace
 
 from data_modules.conversations import IMAGE_PLACEHOLDER
-from data_modules.manifest import local_path, read_manifest
-from data_modules.pipeline import expand_shards
 from data_modules.sources import Record, SourceData, SourceError
-from data_modules.sources.shots import shard_record
+from data_modules.sources.shots import read_shard_records
 
 TASKS = ("caption", "classify", "multiple_choice", "yes_no", "grounding")
 #: options of a multiple-choice question (fewer when a field has fewer classes).
@@ -191,21 +189,12 @@ def instructions_source(shards: str, tasks: tuple[str, ...] | None = None, templ
                         seed: int = 0) -> SourceData:
     """The samples of `shards` (a shard pattern) as instruction samples, one task each (module doc); `tasks` None
     takes every task the shards can serve, explicit tasks must each be served by some sample."""
-    from data_modules.builder import iterate_shard  # the builder imports the sources
-
     available = len(TEMPLATES["caption"])
     if not 1 <= templates_per_task <= available:
         raise SourceError(f"--templates-per-task {templates_per_task} is not one of the {available} templates per "
                           f"task; give 1 to {available}")
-    paths = [local_path(url) for url in expand_shards(shards)]
-    if not paths or any(path is None or not path.is_file() for path in paths):
-        raise SourceError(f"{shards!r} names no local shard files; give a pattern such as 'data/emoji/*.tar'")
-    manifest = read_manifest(paths[0].parent) or {}
+    paths, manifest, records = read_shard_records(shards)
     classnames = {field: list(names) for field, names in manifest.get("classnames", {}).items() if names}
-    records: list[Record] = []
-    for path in paths:
-        split = manifest.get("shards", {}).get(path.name, {}).get("split") or path.name.rpartition("-")[0]
-        records += [replace(shard_record(key, sample, path), split=split) for key, sample in iterate_shard(path)]
     wanted = tasks if tasks is not None else TASKS
     fields = [instruction(record, wanted, classnames, templates_per_task, seed) for record in records]
     served = {entry["task"] for entry in fields if entry is not None}

@@ -18,6 +18,7 @@ import json
 import random
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
@@ -78,6 +79,22 @@ def few_shot_source(shards: str, shots: int | None, seed: int, label_field: str,
         inputs=paths,
         classnames=manifest.get("classnames", {}),
     )
+
+
+def read_shard_records(shards: str) -> tuple[list[Path], dict, list[Record]]:
+    """(shard paths, their manifest, every sample as a `Record` with the split its shard belongs to) of a local
+    shard pattern: what the sources that rewrite existing shards read (`instructions`, `provision`)."""
+    from data_modules.builder import iterate_shard  # the builder imports the sources
+
+    paths = [local_path(url) for url in expand_shards(shards)]
+    if not paths or any(path is None or not path.is_file() for path in paths):
+        raise SourceError(f"{shards!r} names no local shard files; give a pattern such as 'data/emoji/*.tar'")
+    manifest = read_manifest(paths[0].parent) or {}
+    records: list[Record] = []
+    for path in paths:
+        split = manifest.get("shards", {}).get(path.name, {}).get("split") or path.name.rpartition("-")[0]
+        records += [replace(shard_record(key, sample, path), split=split) for key, sample in iterate_shard(path)]
+    return paths, manifest, records
 
 
 def shard_record(key: str, sample: dict[str, bytes], path: Path) -> Record:
