@@ -66,6 +66,7 @@ COMMANDS = {
     "compare": "vlp_lightning.commands.compare",
     "export": "vlp_lightning.commands.export",
     "fewshot": "vlp_lightning.commands.fewshot",
+    "active": "vlp_lightning.commands.active",
     "scaling": "vlp_lightning.commands.scaling",
     "backbones": "vlp_lightning.commands.backbones",
 }
