@@ -62,7 +62,7 @@ def error(message: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from vlp_lightning.methods.adaptation.pcb import ACQUISITIONS
+    from vlp_lightning.methods.adaptation.pcb import ACQUISITIONS, PCB
 
     args, extra = parser().parse_known_args(argv)
     if args.rounds < 1:
@@ -94,6 +94,7 @@ def main(argv: list[str]) -> int:
     labelled = torch.zeros(len(keys), dtype=torch.bool)
     labelled[torch.randperm(len(keys), generator=generator)[:budget]] = True  # round 0: nothing to score with yet
     rows: list[dict] = []
+    picks = torch.zeros(0, dtype=torch.long)
     for round_index in range(args.rounds):
         if round_index:
             labelled[picks] = True
@@ -101,8 +102,6 @@ def main(argv: list[str]) -> int:
         write_subset([Path(url) for url in urls], {keys[i] for i in labelled.nonzero().squeeze(1).tolist()},
                      folder, args)
         model, score = fit_round(args, [*overrides, *extra], folder, round_index, out)
-        from vlp_lightning.methods.adaptation.pcb import PCB
-
         if not isinstance(model, PCB):
             return error(f"the recipe's model is a {type(model).__name__}; vlp active needs "
                          "vlp_lightning.methods.PCB (e.g. experiments/pcb/emoji_tiny.yaml)")
