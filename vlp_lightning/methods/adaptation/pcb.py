@@ -1,7 +1,7 @@
 """PCB: active prompt learning (Bang et al. 2024, "Active Prompt Learning in Vision Language Models", CVPR).
 
-Active learning for CoOp on a frozen CLIP: labels are bought a few at a time. Each round (sec. 3, Algorithm 1;
-official `trainers/alvlm.py`, `ALVLM.train`):
+Active learning for CoOp on a frozen CLIP: labels are bought a few at a time. Each round (official code,
+`trainers/alvlm.py` `ALVLM.train`; section numbers of the paper are not cited: only its abstract was at hand):
 
 1. the prompts are trained from scratch on the labelled set L (CoOp's loss, eq. 3 of CoOp; the official trainer
    rebuilds the prompt learner in `before_train` every round, so nothing carries over but L);
@@ -12,22 +12,26 @@ official `trainers/alvlm.py`, `ALVLM.train`):
      farthest from L and the picks so far (`coreset_select`);
    - BADGE (Ash et al. 2020): k-means++ seeding on the gradient embeddings g = (onehot(y^) - p) (x) f(x), the
      gradient of the cross-entropy at the pseudo-label y^ with respect to a linear classifier on f (`badge_select`);
-3. PCB's balancing (sec. 3.2, "pseudo-class balance"): the classifier's pseudo-labels of the candidates stand in for
-   their unknown labels, and the B = budget queries are picked one at a time from the class that L (plus the
-   picks so far) holds fewest of, a random candidate of that pseudo-class each time (`pcb_balance`). The paper's
-   observation (sec. 3.1) is that plain acquisition on a VLM picks strongly class-imbalanced sets and can fall
-   below random selection; the VLM's zero-shot-level knowledge is good enough to rebalance before labelling;
+3. PCB's balance sampler (`trainers/active_learning/pcb.py`): the classifier's pseudo-labels of the candidates
+   stand in for their unknown labels, and the B = budget queries are picked one at a time from the class that L
+   (plus the picks so far) holds fewest of, a random candidate of that pseudo-class each time (`pcb_balance`). The
+   paper's observation (abstract, Fig. 1) is that plain acquisition on a VLM picks strongly class-imbalanced sets
+   and can fall below random selection, and that the VLM's own predictions are good enough to rebalance the
+   candidates before labelling;
 4. the oracle labels the B queries and they move from U to L.
 
 Round 0 has no trained prompts: B samples are drawn at random. The official protocol labels B = C (the number of
 classes) per round for 8 rounds, with CoOp's class-specific context (CSC, 16 vectors, `scripts/alvlm/main.sh`) and
 the CoOp optimiser (SGD 0.002, cosine, 200 epochs per round); random selection is the baseline.
+The released code balances every acquisition's candidates; random selection draws B samples directly (its
+balancing of B candidates down to B changes nothing), and `balance=False` gives the conventional baselines.
 
 Deviation from the official `PCB.select`: when the rarest class has no candidate left, the official loop takes a
 random candidate without counting it, so from then on every pick is random; here the rarest class among those that
 still have candidates is taken, which keeps the labelled counts as uniform as the candidates allow (the paper's
 stated aim). The description-augmented variants (AS / AE: several "<class>, which is/has <description>" prompts
-per class, scores or embeddings averaged) are not built: they need per-dataset GPT descriptor files.
+per class, scores or embeddings averaged) are not built: they need per-dataset LLM-written descriptor files
+(the official `descriptors/*.json`).
 
 The round loop is `vlp active` (`vlp_lightning.commands.active`): each round's labelled subset is written as
 shards and the recipe trained on it, as `vlp fewshot` does. This class is CoOp plus the query settings and
@@ -103,7 +107,7 @@ def badge_select(embeddings: Tensor, count: int, generator: torch.Generator | No
 
 def pcb_balance(candidates: Tensor, pseudo_labels: Tensor, labelled_counts: Tensor, budget: int,
                 generator: torch.Generator | None = None) -> Tensor:
-    """PCB's pseudo-class balancing (sec. 3.2, Algorithm 1): `budget` of the `candidates` (pool indices [K]) with
+    """PCB's pseudo-class balancing (official `PCB.select`): `budget` of the `candidates` (pool indices [K]) with
     their pseudo-labels [K], one at a time, each a random candidate of the pseudo-class that the labelled set
     (`labelled_counts` [C], counted by true label) plus the picks so far holds fewest of; ties go to the lower
     class. Classes with no candidate left are skipped (module doc: the official code turns random there). Returns
