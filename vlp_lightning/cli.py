@@ -57,6 +57,7 @@ DESCRIPTION = (
     "`vlp export CKPT OUT` writes a checkpoint's towers for timm / open_clip / transformers, "
     "`vlp fewshot` trains a recipe on K shots per class for several K and seeds and prints the curve, "
     "`vlp scaling` trains it on 1/8 ... all of a data pool and fits score against log data size, "
+    "`vlp active` runs PCB's rounds of active prompt learning (train, score the pool, label a balanced budget), "
     "`vlp backbones CKPT ...` scores checkpoints on the same tasks (kNN, linear, few-shot, zero-shot, retrieval)."
 )
 
@@ -66,6 +67,7 @@ COMMANDS = {
     "compare": "vlp_lightning.commands.compare",
     "export": "vlp_lightning.commands.export",
     "fewshot": "vlp_lightning.commands.fewshot",
+    "active": "vlp_lightning.commands.active",
     "scaling": "vlp_lightning.commands.scaling",
     "backbones": "vlp_lightning.commands.backbones",
 }

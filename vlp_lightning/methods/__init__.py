@@ -5,6 +5,7 @@ from vlp_lightning.methods.adaptation.coop import CoOp
 from vlp_lightning.methods.adaptation.damvp import DAMVP
 from vlp_lightning.methods.adaptation.drtune import DRTune
 from vlp_lightning.methods.adaptation.maple import MaPLe
+from vlp_lightning.methods.adaptation.pcb import PCB
 from vlp_lightning.methods.adaptation.peft_classifier import PEFTClassifier
 from vlp_lightning.methods.adaptation.pre import PRE
 from vlp_lightning.methods.adaptation.pvp import PVP
@@ -49,7 +50,7 @@ def method_names() -> list[str]:
 __all__ = [
     "VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "SwAV", "MAE", "Selfie", "SiT",
     "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg", "MMC", "LOOK", "HVP",
-    "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP", "PEFTClassifier", "PVP",
+    "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP", "PEFTClassifier", "PVP", "PCB",
     "ALBEF", "CoCa", "UrbanCLIP", "FIBER", "BUS", "UNIT", "ARL",
     "LLaVA", "LiMBeR", "SimVLG", "InfMLLM", "VisionFlan",
 ]
