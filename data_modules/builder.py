@@ -48,11 +48,14 @@ from tqdm import tqdm
 
 from data_modules.instances import INSTANCES_MEMBER, decode_instances
 from data_modules.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from data_modules.masks import MASK_MEMBER, decode_mask, encode_alpha_mask
 from data_modules.sources import IMAGE_ERRORS, Record, SourceData, SourceError
 from data_modules.sources.emoji import STYLES, emoji_source
 from data_modules.sources.emoji import VERSION as EMOJI_VERSION
 from data_modules.sources.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from data_modules.sources.fashion_mnist import fashion_mnist_source
+from data_modules.sources.fluent import STYLES as FLUENT_STYLES
+from data_modules.sources.fluent import fluent_source
 from data_modules.sources.instructions import TASKS as INSTRUCTION_TASKS
 from data_modules.sources.instructions import TEMPLATES as INSTRUCTION_TEMPLATES
 from data_modules.sources.instructions import instructions_source, parse_tasks
@@ -61,9 +64,13 @@ from data_modules.sources.provision import provision_source
 from data_modules.sources.local import csv_source, folder_source, jsonl_source
 from data_modules.sources.openclipart import DEFAULT_ROOT as OPENCLIPART_ROOT
 from data_modules.sources.openclipart import openclipart_source
+from data_modules.sources.openmoji import DEFAULT_SIZE as OPENMOJI_SIZE
+from data_modules.sources.openmoji import openmoji_source
 from data_modules.sources.scenes import HELDOUT_SPLIT as SCENES_HELDOUT_SPLIT
 from data_modules.sources.scenes import scenes_source
 from data_modules.sources.shots import few_shot_source
+from data_modules.sources.tuxpaint import DEFAULT_SVG_SIZE as TUXPAINT_SVG_SIZE
+from data_modules.sources.tuxpaint import tuxpaint_source
 from data_modules.sources.wordnet import wordnet_source
 from data_modules.sources.words import DEFAULT_FONTS_DIR, DEFAULT_VOCABULARY, HELDOUT_SPLIT, words_source
 
@@ -71,6 +78,10 @@ MANIFEST_FORMAT = 1
 BUILDER_VERSION = 1
 IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
 _SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_NPM_CACHE = Path(platformdirs.user_cache_dir("vlp-lightning")) / "npm"
+_DEBIAN_CACHE = Path(platformdirs.user_cache_dir("vlp-lightning")) / "debian"
+_LANGUAGE_HELP = ("CLDR locale of the captions and keywords (de, fr, ja, pt-PT, zh-Hant; npm cldr-annotations-full); "
+                  "emoji it does not name keep English, marked \"name_language\": \"en\" (default: English names)")
 _TAR_MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every member
 
 
@@ -144,6 +155,7 @@ def _fingerprint(source: SourceData, fractions: dict[str, float], seed: int, res
     digest.update(json.dumps(options, sort_keys=True).encode("utf-8"))
     for record in source.records:
         fields = [record.key, record.origin, record.caption, record.label, record.meta, record.split]
+        fields += ["alpha_mask"] if record.alpha_mask else []  # fingerprints of sets built before masks stay valid
         digest.update(json.dumps(fields, sort_keys=True).encode("utf-8"))
     for path in source.inputs:
         stat = path.stat() if path.exists() else None
@@ -278,7 +290,12 @@ def _sample(record: Record, resize: int | None) -> dict[str, str | bytes]:
         return {"__key__": record.key, **record.members()}
     with record.open_image() as image:
         png = encode_png(image, resize)
+        if record.alpha_mask:
+            with Image.open(io.BytesIO(png)) as written:
+                mask = encode_alpha_mask(image, written.size)
     sample: dict[str, str | bytes] = {"__key__": record.key, "png": png}
+    if record.alpha_mask:
+        sample[MASK_MEMBER] = mask
     if record.caption is not None:
         sample["txt"] = record.caption.encode("utf-8")
     if record.label is not None:
@@ -365,6 +382,10 @@ def _check_sample(sample: dict[str, bytes]) -> str:
         int(sample["cls"])
     if "json" in sample:
         json.loads(sample["json"])
+    if MASK_MEMBER in sample:
+        mask = decode_mask(sample[MASK_MEMBER])
+        if mask.shape != (image.height, image.width):
+            raise ValueError(f"its mask is {mask.shape[1]}x{mask.shape[0]}, not the image's {description.split()[0]}")
     if INSTANCES_MEMBER in sample:
         decode_instances(json.loads(sample.get("json", b"{}")), sample[INSTANCES_MEMBER], image.width, image.height)
     return description
@@ -508,6 +529,8 @@ def make_parser() -> argparse.ArgumentParser:
             "  vlp-data folder photos/ shards/ --split train=0.9,val=0.1\n"
             "  vlp-data csv captions.csv shards/ --image-col filepath --caption-col title\n"
             "  vlp-data emoji shards/emoji-twitter --style twitter\n"
+            "  vlp-data openmoji shards/openmoji --size 72\n"
+            "  vlp-data tuxpaint shards/tuxpaint --language de\n"
             "  vlp-data words shards/words --split train=0.9,val=0.1\n"
             "  vlp-data scenes shards/scenes --count 5000 --max-objects 6\n"
             "  vlp-data shots 'shards/emoji/train-*.tar' shards/emoji-16shot --shots 16 --seed 1\n"
@@ -611,7 +634,52 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where fetched packages are kept (default: %(default)s)",
     )
-    emoji.set_defaults(make_source=lambda a: emoji_source(a.style, a.package_dir, a.cache_dir))
+    emoji.add_argument("--language", default=None, metavar="CODE", help=_LANGUAGE_HELP)
+    emoji.set_defaults(make_source=lambda a: emoji_source(a.style, a.package_dir, a.cache_dir, a.language))
+
+    openmoji = _build_command(
+        commands, "openmoji", "OpenMoji's 4,495 SVG emoji (CC-BY-SA 4.0) rendered with their annotations, tags and "
+        "groups, alpha as .mask.png", resizable=False,
+        epilog="example:\n  vlp-data openmoji data/openmoji --split train=0.9,val=0.1 --size 72\n"
+        "  vlp-data openmoji data/openmoji-de --language de",
+    )
+    openmoji.add_argument("--size", type=_positive_int, default=OPENMOJI_SIZE,
+                          help="side of the rendered images in pixels (default: %(default)s, OpenMoji's PNG export)")
+    openmoji.add_argument("--language", default=None, metavar="CODE", help=_LANGUAGE_HELP)
+    openmoji.add_argument("--cache-dir", type=Path, default=_NPM_CACHE, metavar="DIR",
+                          help="where fetched packages are kept (default: %(default)s)")
+    openmoji.set_defaults(make_source=lambda a: openmoji_source(a.size, a.language, a.cache_dir))
+
+    fluent = _build_command(
+        commands, "fluent", "Microsoft's Fluent UI emoji (MIT, npm fluentui-emoji) rendered from SVG, groups matched "
+        "in OpenMoji's metadata, alpha as .mask.png", resizable=False,
+        epilog="example:\n  vlp-data fluent data/fluent-flat --style flat --split train=0.9,val=0.1",
+    )
+    fluent.add_argument("--style", choices=tuple(FLUENT_STYLES), default="color",
+                        help="drawing style (default: %(default)s; the package has no 3D PNGs)")
+    fluent.add_argument("--size", type=_positive_int, default=OPENMOJI_SIZE,
+                        help="side of the rendered images in pixels (default: %(default)s)")
+    fluent.add_argument("--language", default=None, metavar="CODE", help=_LANGUAGE_HELP)
+    fluent.add_argument("--cache-dir", type=Path, default=_NPM_CACHE, metavar="DIR",
+                        help="where fetched packages are kept (default: %(default)s)")
+    fluent.set_defaults(make_source=lambda a: fluent_source(a.style, a.size, a.language, a.cache_dir))
+
+    tuxpaint = _build_command(
+        commands, "tuxpaint", "Tux Paint's ~960 stamps (GPL-2.0-or-later, Debian tuxpaint-stamps-default) with their "
+        "descriptions, category labels and alpha as .mask.png", resize=512,
+        epilog="example:\n  vlp-data tuxpaint data/tuxpaint --split train=0.9,val=0.1\n"
+        "  vlp-data tuxpaint data/tuxpaint-fr --language fr",
+    )
+    tuxpaint.add_argument("--language", default="en", metavar="CODE",
+                          help="locale of the descriptions as the stamps' .txt files name them (de, pt_BR, "
+                          "ca@valencia); English where a stamp has none (default: %(default)s)")
+    tuxpaint.add_argument("--svg-size", type=_positive_int, default=TUXPAINT_SVG_SIZE, metavar="N",
+                          help="longer side of the stamps drawn only as SVG (default: %(default)s)")
+    tuxpaint.add_argument("--stamps-dir", type=Path, default=None, metavar="DIR",
+                          help="a stamps folder (e.g. an installed /usr/share/tuxpaint/stamps) instead of fetching")
+    tuxpaint.add_argument("--cache-dir", type=Path, default=_DEBIAN_CACHE, metavar="DIR",
+                          help="where the fetched package is kept (default: %(default)s)")
+    tuxpaint.set_defaults(make_source=lambda a: tuxpaint_source(a.language, a.svg_size, a.stamps_dir, a.cache_dir))
 
     fashion = _build_command(commands, "fashion-mnist", "Fashion-MNIST from the Debian package dataset-fashion-mnist")
     fashion.add_argument(

@@ -19,6 +19,21 @@ from data_modules.views import Crop
 MASK_MEMBER = "mask.png"
 
 
+def encode_alpha_mask(image: Image.Image, size: tuple[int, int]) -> bytes:
+    """The alpha channel of `image` at `size` as a greyscale PNG (an image without alpha: all foreground).
+
+    The alpha is kept as it is, edges included, rather than thresholded: `decode_mask` takes non-zero as
+    foreground, and a soft matte stays available to whoever wants it. It is resized with the filter the builder
+    resizes the image with, so mask and image share their geometry pixel for pixel.
+    """
+    alpha = image.convert("RGBA").getchannel("A")
+    if alpha.size != size:
+        alpha = alpha.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    buffer = io.BytesIO()
+    alpha.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def decode_mask(data: bytes) -> np.ndarray:
     """PNG bytes -> bool [H, W], True where the mask is non-zero (the alpha channel where it has one)."""
     with Image.open(io.BytesIO(data)) as image:

@@ -33,7 +33,8 @@ class Record:
     `open_image` is called only when the builder writes the sample, so listing a large source stays cheap and an
     image that fails to decode is reported and skipped there. `origin` names where the image comes from (shown in
     that report). `split` is an official split of the source (Fashion-MNIST's `test`) that `--split` never
-    reassigns; None lets `--split` decide.
+    reassigns; None lets `--split` decide. `alpha_mask` also writes the image's alpha channel as `<key>.mask.png`
+    (the foreground of a cut-out, which the flattened `.png` no longer shows), at the size of the written image.
 
     A rendered sample whose members come out of one drawing (a scene's image, instance mask and `.json`) gives
     `members` instead of `open_image`: called when the sample is written, it returns every member, encoded
@@ -49,6 +50,7 @@ class Record:
     meta: dict[str, object] | None = None
     split: str | None = None
     members: Callable[[], dict[str, bytes]] | None = None
+    alpha_mask: bool = False
 
 
 @dataclass(frozen=True)

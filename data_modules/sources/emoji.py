@@ -20,12 +20,15 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 from PIL import Image
 
 from data_modules.sources import Record, SourceData, SourceError, safe_key
+from data_modules.sources.cldr import LICENCE as CLDR_LICENCE
+from data_modules.sources.cldr import Annotations, emoji_from_unified, load_annotations
 
 VERSION = "16"
 STYLES = ("twitter", "google", "apple", "facebook")
@@ -79,11 +82,12 @@ def _is_wanted_member(name: str) -> bool:
     )
 
 
-def emoji_source(style: str, package_dir: Path | None, cache_dir: Path) -> SourceData:
+def emoji_source(style: str, package_dir: Path | None, cache_dir: Path, language: str | None = None) -> SourceData:
     """Every emoji that has a `style` image, in emoji-data's sort order.
 
     `package_dir` is an unpacked `emoji-datasource-<style>` package; None fetches it into `cache_dir`. When the
     package lacks `emoji.json`, the metadata comes from the `emoji-datasource` package of the same version.
+    `language` takes captions and keywords from CLDR (`data_modules.sources.cldr`, fetched into `cache_dir`).
     """
     if style not in STYLES:
         raise SourceError(f"unknown emoji style {style!r}; choose one of {', '.join(STYLES)}")
@@ -122,14 +126,24 @@ def emoji_source(style: str, package_dir: Path | None, cache_dir: Path) -> Sourc
         )
         for entry in entries
     ]
+    if language:
+        annotations = load_annotations(language, cache_dir)
+        records = [_in_language(record, annotations) for record in records]
     package = json.loads((package_dir / "package.json").read_text(encoding="utf-8"))
     return SourceData(
-        name=f"npm:{package['name']}@{package['version']} img/{style}/64",
-        licence=f"{IMAGE_LICENCES[style]}; {_METADATA_LICENCE}",
+        name=f"npm:{package['name']}@{package['version']} img/{style}/64" + (f", names in {language}" if language
+                                                                           else ""),
+        licence=f"{IMAGE_LICENCES[style]}; {_METADATA_LICENCE}" + (f"; {CLDR_LICENCE}" if language else ""),
         records=records,
         inputs=[metadata_file, *(image_dir / entry["image"] for entry in entries)],
         classnames={"cls": categories, "subcategory_id": subcategories},
     )
+
+
+def _in_language(record: Record, annotations: Annotations) -> Record:
+    """`record` with the CLDR name as caption and its keywords in `.json` (the English name when CLDR has none)."""
+    caption, names = annotations.describe(emoji_from_unified(str(record.meta["unified"])), record.caption)
+    return replace(record, caption=caption, meta={**record.meta, **names})
 
 
 def _added_in(entry: dict[str, object]) -> dict[str, float]:
