@@ -173,7 +173,7 @@ def test_plain_template_reads_image_prompt_answer_for_a_base_lm():
     ids, labels = lm.encode([{"role": "user", "content": "A picture of"}, {"role": "assistant", "content": "a cat"}],
                             num_visual=2)
     assert lm.tokenizer.decode(ids) == "<image><image>\nA picture of a cat<|im_end|>"
-    assert labelled_text(lm, ids, labels) == "a cat<|im_end|>"
+    assert labelled_text(lm, ids, labels) == " a cat<|im_end|>"  # the space goes with the answer
 
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"

@@ -51,9 +51,10 @@ CHATML_TEMPLATE = (
 )
 
 #: for a base (not chat-tuned) LM, as LiMBeR's GPT-J and MAGMA read it: [image tokens] prompt answer<eos>, no roles.
+#: The space goes with the answer (" red apple"), so its first word is tokenised as in running text ("Ġred").
 PLAIN_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
-    "{% else %}{{ message['content'] + ' ' }}{% endif %}{% endfor %}"
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
+    "{% else %}{{ message['content'] }}{% endif %}{% endfor %}"
 )
 
 
