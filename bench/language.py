@@ -8,8 +8,10 @@ scored on Twitter's drawings of the 382 *unseen* concepts (a new style and names
   supervision), our MAE's (no language), and a random ViT's (never trained); each trained for `--steps` at two seeds.
   Every trained map captions the unseen drawings three ways: with its image, with a **shuffled** image (the visual
   tokens of another test image, a fixed permutation) and with **no image** (the prompt alone): CIDEr-D and
-  names-the-object rate (`callbacks.captioning.names_object`: the caption contains a content word of the name).
-  A map carries the image when it beats the shuffled prefix by more than its seed spread.
+  names-the-object rate (`callbacks.captioning.names_object`: the caption contains a content word of the name), and
+  the teacher-forced NLL of the true name (nats per answer token: what the prefix lets the LM predict, without the
+  decoding's all-or-nothing). A map carries the image when it beats the shuffled prefix by more than its seed
+  spread.
 * **LLaVA stage 1 vs stage 1 + 2** (Liu et al. 2023): stage 1 trains the MLP projector on captions (our CLIP tower,
   LM frozen); stage 2 starts from it and trains the projector and LoRA on SmolLM2 on `vlp-data instructions` of the
   seen Google drawings; both answer the instructions of the unseen Twitter drawings (`InstructionAccuracy`: exact
@@ -27,7 +29,6 @@ Usage: python bench/language.py [--steps N] [--tower-steps N] [--quick]   (write
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -106,10 +107,27 @@ def caption_conditions(method, shards: str, max_new_tokens: int = 12) -> dict[st
             inputs = lm.prompt_inputs([prompt] * len(chunk), chunk.shape[1])
             captions += lm.generate(inputs, chunk, max_new_tokens=max_new_tokens)
         results[condition] = caption_metrics(captions, references)
+        results[condition]["nll"] = caption_nll(lm, prompt[0]["content"], [refs[0] for refs in references], tokens)
         results[condition]["examples"] = captions[:5]
         print(f"  {condition}: CIDEr {results[condition]['CIDEr']:.3f}, names the object "
-              f"{results[condition]['names_object']:.3f}, e.g. {captions[:3]}", flush=True)
+              f"{results[condition]['names_object']:.3f}, NLL {results[condition]['nll']:.3f}, e.g. {captions[:3]}",
+              flush=True)
     return results
+
+
+def caption_nll(lm, prompt: str, captions: list[str], tokens: torch.Tensor) -> float:
+    """Teacher-forced negative log-likelihood (nats per answer token) of each image's true name after the prompt
+    and `tokens` as its visual tokens: how much of the name the prefix lets the LM predict, without decoding."""
+    total, count = 0.0, 0
+    for start in range(0, len(tokens), 64):
+        chunk = tokens[start: start + 64]
+        conversations = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": caption}]
+                         for caption in captions[start: start + 64]]
+        inputs = lm.training_inputs(conversations, chunk.shape[1], 512)
+        labelled = int((inputs["labels"][:, 1:] != -100).sum())
+        total += float(lm.loss(inputs, chunk)) * labelled
+        count += labelled
+    return total / count
 
 
 def autocast():
@@ -218,6 +236,10 @@ def main() -> None:
         spread = max(image) - min(image)
         targets.append(Target(f"LiMBeR {tower} tower: CIDEr(image) - CIDEr(shuffled) - seed spread, unseen",
                               statistics.mean(image) - statistics.mean(shuffled) - spread, 0.0))
+        image = [captions[f"LiMBeR, {tower} tower, seed {seed}"]["image"]["nll"] for seed in seeds]
+        shuffled = [captions[f"LiMBeR, {tower} tower, seed {seed}"]["shuffled image"]["nll"] for seed in seeds]
+        targets.append(Target(f"LiMBeR {tower} tower: NLL(shuffled) - NLL(image) - seed spread, unseen (nats/token)",
+                              statistics.mean(shuffled) - statistics.mean(image) - (max(image) - min(image)), 0.0))
     targets.append(Target("LLaVA stage 1+2 - stage 1 multiple-choice accuracy, unseen (points)",
                           100 * (instructions["LLaVA stage 1 + 2"]["multiple_choice_accuracy"]
                                  - instructions["LLaVA stage 1"]["multiple_choice_accuracy"]), 0.0))
@@ -226,15 +248,18 @@ def main() -> None:
 
 def tables(report: dict, seeds: tuple[int, ...]) -> str:
     lines = ["LiMBeR, unseen concepts in the unseen style (mean over seeds; spread = max - min)", "",
-             "| tower | prefix | CIDEr | spread | names the object | BLEU-1 |", "|---|---|---|---|---|---|"]
+             "| tower | prefix | CIDEr | spread | names the object | BLEU-1 | NLL of the name | spread |",
+             "|---|---|---|---|---|---|---|---|"]
     for tower in TOWERS:
         for condition in CONDITIONS:
             rows = [report["captions"][f"LiMBeR, {tower} tower, seed {seed}"][condition] for seed in seeds]
-            cider = [row["CIDEr"] for row in rows]
+            cider, nll = [row["CIDEr"] for row in rows], [row["nll"] for row in rows]
             lines.append(f"| {tower} | {condition} | {statistics.mean(cider):.3f} | {max(cider) - min(cider):.3f} | "
                          f"{statistics.mean(row['names_object'] for row in rows):.3f} | "
-                         f"{statistics.mean(row['BLEU-1'] for row in rows):.3f} |")
-    lines += ["", "LLaVA on the unseen drawings' templated instructions (exact match; multiple choice: chance 0.25)", "",
+                         f"{statistics.mean(row['BLEU-1'] for row in rows):.3f} | {statistics.mean(nll):.3f} | "
+                         f"{max(nll) - min(nll):.3f} |")
+    lines += ["", "LLaVA on the unseen drawings' templated instructions (exact match; multiple choice: chance 0.25)",
+              "",
               "| model | multiple choice | exact match | " + " | ".join(TASKS) + " |",
               "|---|---|---|" + "---|" * len(TASKS)]
     for name, row in report["instructions"].items():

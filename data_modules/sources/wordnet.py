@@ -40,7 +40,6 @@ import hashlib
 import json
 import re
 import shutil
-import subprocess
 import sys
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 from data_modules.manifest import local_path, read_manifest
 from data_modules.pipeline import expand_shards
 from data_modules.sources import SourceData, SourceError
+from data_modules.sources.registry import fetch_deb_package
 from data_modules.sources.shots import shard_record
 
 PACKAGE = "wordnet-base"
@@ -267,28 +267,14 @@ def train_transe(
 
 def fetch_wordnet(cache_dir: Path) -> Path:
     """The WNdb folder of Debian `wordnet-base`, fetched once with `apt-get download` and unpacked with `dpkg -x`
-    into `cache_dir` (no root install)."""
+    into `cache_dir` (no root install; `registry.fetch_deb_package`)."""
     cached = sorted(cache_dir.glob(f"{PACKAGE}_*/usr/share/wordnet"))
     if cached:
         return cached[-1]
     if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
         raise SourceError(f"apt-get and dpkg are needed to fetch {PACKAGE}; or pass --wordnet-dir with a folder of "
                           "WNdb files (index.noun, data.noun, noun.exc)")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    print(f"fetching {PACKAGE} with apt-get download into {cache_dir}", file=sys.stderr)
-    result = subprocess.run(["apt-get", "download", PACKAGE], cwd=cache_dir, capture_output=True, text=True)
-    packages = sorted(cache_dir.glob(f"{PACKAGE}_*.deb"))
-    if result.returncode != 0 or not packages:
-        raise SourceError(f"apt-get download {PACKAGE} failed: {result.stderr.strip()[-500:]}")
-    unpacked = cache_dir / packages[-1].stem.replace("%3a", "_")
-    partial_dir = cache_dir / f".{unpacked.name}.partial"
-    shutil.rmtree(partial_dir, ignore_errors=True)
-    result = subprocess.run(["dpkg", "-x", str(packages[-1]), str(partial_dir)], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SourceError(f"dpkg -x {packages[-1].name} failed: {result.stderr.strip()[-500:]}")
-    partial_dir.rename(unpacked)
-    packages[-1].unlink()
-    return unpacked / "usr" / "share" / "wordnet"
+    return fetch_deb_package(PACKAGE, cache_dir) / "usr" / "share" / "wordnet"
 
 
 def wordnet_source(

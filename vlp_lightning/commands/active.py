@@ -30,6 +30,7 @@ from data_modules.builder import build_shards, iterate_shard
 from data_modules.pipeline import expand_shards
 from data_modules.sources import SourceData, SourceError
 from data_modules.sources.shots import _label, shard_record
+from vlp_lightning.commands.fewshot import fit_and_test
 
 
 def parser() -> argparse.ArgumentParser:
@@ -153,21 +154,8 @@ def write_subset(paths: list[Path], chosen: set[str], folder: Path, args: argpar
 
 def fit_round(args: argparse.Namespace, extra: list[str], folder: Path, round_index: int, out: Path):
     """Train the recipe from scratch on the round's labelled shards and test it: (model, score)."""
-    from vlp_lightning.cli import VLPCLI  # heavy: imported once a run is due
-
-    vlp_args = [arg for config in args.config for arg in ("--config", config)]
-    vlp_args += [f"--data.train_shards={folder}/train-*.tar", "--data.val_shards=null",
-                 "--trainer.val_check_interval=1.0", f"--seed_everything={args.seed}", f"--data.seed={args.seed}",
-                 f"--trainer.default_root_dir={out}/runs/round{round_index}", "--trainer.enable_progress_bar=false",
-                 "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0", "--checkpoint.save_last=false"]
-    vlp_args += [f"--trainer.max_steps={args.steps}"] if args.steps else []
-    cli = VLPCLI(args=[*vlp_args, *extra], run=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-    if args.metric not in cli.trainer.callback_metrics:
-        raise SystemExit(f"vlp active: error: the test logged no {args.metric!r}; it logged "
-                         f"{', '.join(sorted(cli.trainer.callback_metrics))}; pass one of them as --metric")
-    return cli.model, float(cli.trainer.callback_metrics[args.metric])
+    cli, score = fit_and_test(args, extra, folder, f"{out}/runs/round{round_index}", args.seed, "vlp active")
+    return cli.model, score
 
 
 def score_pool(model, pool: str, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -141,21 +141,30 @@ def run_key(wanted: dict) -> str:
 
 def train_and_test(args: argparse.Namespace, extra: list[str], folder: Path, point: str, seed: int,
                    out: Path) -> tuple[float, int]:
+    """(test score, optimizer steps) of the recipe trained on `folder`'s shards (`fit_and_test`)."""
+    cli, score = fit_and_test(args, extra, folder, f"{out}/runs/{point}-seed{seed}", seed)
+    return score, int(cli.trainer.global_step)
+
+
+def fit_and_test(args: argparse.Namespace, extra: list[str], folder: Path, root: str, seed: int, command: str = "vlp"):
+    """The recipe (`args.config`, `args.steps`, `args.metric`) trained from scratch on `folder`'s training shards
+    with `seed`, then tested: (the CLI, its `args.metric`); what `vlp fewshot`, `vlp scaling` and `vlp active` run
+    at every point."""
     from vlp_lightning.cli import VLPCLI  # heavy: imported once a run is due
 
     vlp_args = [arg for config in args.config for arg in ("--config", config)]
     vlp_args += [f"--data.train_shards={folder}/train-*.tar", "--data.val_shards=null",
                  "--trainer.val_check_interval=1.0", f"--seed_everything={seed}", f"--data.seed={seed}",
-                 f"--trainer.default_root_dir={out}/runs/{point}-seed{seed}", "--trainer.enable_progress_bar=false",
+                 f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
                  "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0", "--checkpoint.save_last=false"]
     vlp_args += [f"--trainer.max_steps={args.steps}"] if args.steps else []
     cli = VLPCLI(args=[*vlp_args, *extra], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     if args.metric not in cli.trainer.callback_metrics:
-        raise SystemExit(f"vlp: error: the test logged no {args.metric!r}; it logged "
+        raise SystemExit(f"{command}: error: the test logged no {args.metric!r}; it logged "
                          f"{', '.join(sorted(cli.trainer.callback_metrics))}; pass one of them as --metric")
-    return float(cli.trainer.callback_metrics[args.metric]), int(cli.trainer.global_step)
+    return cli, float(cli.trainer.callback_metrics[args.metric])
 
 
 def table(rows: list[dict], point: str, metric: str) -> str:
