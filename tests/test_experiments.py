@@ -76,7 +76,8 @@ def test_tiny_recipe_trains_a_step(recipe, make_shards, tmp_path, request):
     if "knowledge" in model_arguments(recipe):  # ARL's knowledge.json is `vlp-data wordnet`'s: start without it
         start += ["--model.init_args.knowledge", "null"]
     if "language_model" in model_arguments(recipe):  # frozen-LM family: the tiny random LM, no earlier runs
-        start += ["--model.init_args.language_model.init_args.name", "tiny"]
+        # the tiny LM's byte tokenizer makes ~4x SmolLM2's tokens: room for the answers after the prompts
+        start += ["--model.init_args.language_model.init_args.name", "tiny", "--model.init_args.max_length", "512"]
         if "image_tower" in model_arguments(recipe):
             start += ["--model.init_args.image_tower", request.getfixturevalue("tiny_clip_checkpoint")]
         if "start_from" in model_arguments(recipe):
