@@ -62,7 +62,8 @@ class Connector(nn.Module):
     training, 1 at the end) is a no-op here; connectors whose state follows training override it."""
 
     def num_tokens(self, num_input_tokens: int) -> int:
-        raise NotImplementedError
+        """M for N input tokens; every connector defines it (the base class is abstract)."""
+        raise NotImplementedError(f"{type(self).__name__} must define num_tokens(num_input_tokens)")
 
     def set_progress(self, fraction: float) -> None:
         """No state follows the training progress in this connector."""
