@@ -41,6 +41,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import platformdirs
 import webdataset
 from PIL import Image
@@ -50,6 +51,10 @@ from data_modules.instances import INSTANCES_MEMBER, decode_instances
 from data_modules.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from data_modules.masks import MASK_MEMBER, decode_mask, encode_alpha_mask
 from data_modules.sources import IMAGE_ERRORS, Record, SourceData, SourceError
+from data_modules.sources.babyai import DEFAULT_HELDOUT_LEVELS as BABYAI_HELDOUT_LEVELS
+from data_modules.sources.babyai import DEFAULT_LEVELS as BABYAI_LEVELS
+from data_modules.sources.babyai import FRAMES_MEMBER, VIEWS, babyai_source
+from data_modules.sources.babyai import HELDOUT_SPLIT as BABYAI_HELDOUT_SPLIT
 from data_modules.sources.emoji import STYLES, emoji_source
 from data_modules.sources.emoji import VERSION as EMOJI_VERSION
 from data_modules.sources.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
@@ -366,16 +371,28 @@ def iterate_shard(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def _check_sample(sample: dict[str, bytes]) -> str:
-    """A one-line description of the sample ("64x64 RGB"), raising ValueError for anything unreadable."""
+    """A one-line description of the sample ("64x64 RGB", "12 frames 64x64 RGB" for a clip), raising ValueError for
+    anything unreadable."""
     image_members = [name for name in IMAGE_MEMBERS if name in sample]
-    if not image_members:
+    if not image_members and FRAMES_MEMBER in sample:
+        try:
+            frames = np.load(io.BytesIO(sample[FRAMES_MEMBER]), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise ValueError(f"{FRAMES_MEMBER} does not load: {error}") from error
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3 or not len(frames):
+            raise ValueError(f"{FRAMES_MEMBER} is {frames.dtype} {list(frames.shape)}, not uint8 [T>0, H, W, 3]")
+        height, width = frames.shape[1:3]
+        description = f"{len(frames)} frames {width}x{height} RGB"
+    elif not image_members:
         raise ValueError("no image member")
-    try:
-        with Image.open(io.BytesIO(sample[image_members[0]])) as image:
-            image.load()
-            description = f"{image.width}x{image.height} {image.mode}"
-    except IMAGE_ERRORS as error:
-        raise ValueError(f"{image_members[0]} does not decode: {error}") from error
+    else:
+        try:
+            with Image.open(io.BytesIO(sample[image_members[0]])) as image:
+                image.load()
+                width, height = image.size
+                description = f"{width}x{height} {image.mode}"
+        except IMAGE_ERRORS as error:
+            raise ValueError(f"{image_members[0]} does not decode: {error}") from error
     if "txt" in sample:
         sample["txt"].decode("utf-8")
     if "cls" in sample:
@@ -384,10 +401,10 @@ def _check_sample(sample: dict[str, bytes]) -> str:
         json.loads(sample["json"])
     if MASK_MEMBER in sample:
         mask = decode_mask(sample[MASK_MEMBER])
-        if mask.shape != (image.height, image.width):
+        if mask.shape != (height, width):
             raise ValueError(f"its mask is {mask.shape[1]}x{mask.shape[0]}, not the image's {description.split()[0]}")
     if INSTANCES_MEMBER in sample:
-        decode_instances(json.loads(sample.get("json", b"{}")), sample[INSTANCES_MEMBER], image.width, image.height)
+        decode_instances(json.loads(sample.get("json", b"{}")), sample[INSTANCES_MEMBER], width, height)
     return description
 
 
@@ -467,6 +484,11 @@ def _describe_scene(meta: dict) -> str:
     return "".join(f"\n        {line}" for line in lines)
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """`a, b,` -> ("a", "b")."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -533,6 +555,7 @@ def make_parser() -> argparse.ArgumentParser:
             "  vlp-data tuxpaint shards/tuxpaint --language de\n"
             "  vlp-data words shards/words --split train=0.9,val=0.1\n"
             "  vlp-data scenes shards/scenes --count 5000 --max-objects 6\n"
+            "  vlp-data babyai shards/babyai --episodes 200\n"
             "  vlp-data shots 'shards/emoji/train-*.tar' shards/emoji-16shot --shots 16 --seed 1\n"
             "  vlp-data wordnet 'shards/emoji/*.tar' shards/emoji-wordnet\n"
             "  vlp-data provision 'shards/scenes/*.tar' shards/scenes-provision --questions 3\n"
@@ -760,6 +783,44 @@ def make_parser() -> argparse.ArgumentParser:
         a.count, a.heldout_count, a.heldout_concepts, a.max_objects, a.size, tuple(a.styles.split(",")),
         a.backgrounds, a.cache_dir, a.seed,
     ))
+
+    babyai = _build_command(
+        commands, "babyai",
+        "BabyAI episodes (PyPI minigrid, the sim extra) solved by its expert bot, one clip per episode: frames, the "
+        f"mission as .txt, the bot's sub-goals as a timeline, actions; --heldout-levels only in the split "
+        f"{BABYAI_HELDOUT_SPLIT}", resizable=False, seed_help="seed of the episodes' layouts and of the split",
+        epilog=(
+            "Each sample: <key>.frames.npy (uint8 [T, H, W, 3], numpy.save, no pickle; the first observation and the\n"
+            "state after every action), <key>.txt (the mission), <key>.cls (the level's index in the manifest's\n"
+            "classnames) and <key>.json: fps (frame i at i / fps), timeline [{start, end, text}] (the sub-goal the\n"
+            "bot acted for, e.g. \"go next to the red ball\", \"pick up the blue key\", \"open the yellow door\";\n"
+            "equal consecutive ones merged; a segment covers the frames with start <= i / fps < end), actions,\n"
+            "level, seed, mission. An episode the bot does not solve within --max-steps is a counted skip.\n"
+            "example:\n"
+            "  pip install -e '.[sim]'\n"
+            "  vlp-data babyai data/babyai --episodes 200 --split train=0.9,val=0.1\n"
+            "  vlp-data babyai data/babyai-pov --levels GoToObj,PickupLoc --heldout-levels GoToLocal --view agent"
+        ),
+    )
+    babyai.add_argument("--levels", default=",".join(BABYAI_LEVELS), metavar="LIST",
+                        help="comma-separated BabyAI levels divided by --split, names without BabyAI- and -v0 "
+                        "(default: %(default)s)")
+    babyai.add_argument("--heldout-levels", default=",".join(BABYAI_HELDOUT_LEVELS), metavar="LIST",
+                        help=f"comma-separated levels whose episodes all go to the split {BABYAI_HELDOUT_SPLIT}, never "
+                        "trained on; '' for none (default: %(default)s)")
+    babyai.add_argument("--episodes", type=_positive_int, default=100, metavar="N",
+                        help="episodes per level (default: %(default)s)")
+    babyai.add_argument("--view", choices=VIEWS, default="full",
+                        help="the whole grid with the agent's field of view highlighted, or the agent's 7x7 view "
+                        "(default: %(default)s)")
+    babyai.add_argument("--tile-size", type=_positive_int, default=8, metavar="PX",
+                        help="pixels per grid cell (default: %(default)s)")
+    babyai.add_argument("--max-side", type=_positive_int, default=96, metavar="PX",
+                        help="smaller tiles for levels whose frames would be larger than this (default: %(default)s)")
+    babyai.add_argument("--max-steps", type=_positive_int, default=128, metavar="N",
+                        help="actions an episode may take; longer ones are skipped (default: %(default)s)")
+    babyai.set_defaults(split="train=0.9,val=0.1", make_source=lambda a: babyai_source(
+        _names(a.levels), _names(a.heldout_levels), a.episodes, a.tile_size, a.max_side, a.view, a.max_steps, a.seed))
 
     shots = _build_command(
         commands, "shots",
