@@ -7,9 +7,11 @@ Each episode is a BabyAI level (PyPI `minigrid` 3.x, the `sim` extra) reset with
   action, so T = actions + 1. `--view full` (default) renders the whole grid with the agent's field of view
   highlighted: the objects a mission names are in sight from the first frame, which the agent's own 7x7 view
   (`--view agent`, always 7 tiles square) often misses. A level's tiles are `--tile-size` pixels (default 8) unless
-  its frame would then be larger than `--max-side` (default 96): the single-room levels (8x8 cells with the walls)
-  are 64 px square, the 3x3-room levels (22x22 cells) get 4 px tiles, 88 px; small, because a clip holds T frames
-  uncompressed, and 4 px still tell every object, colour and the agent's heading apart;
+  its frame would then be larger than `--max-side` (default 96): small, because a clip holds T frames uncompressed,
+  and 8 px tiles still show every object, its colour and the agent's heading. The single-room levels (8x8 cells
+  with the walls) are 64 px square, UnlockPickup's two rooms (11x6 cells) 88x48; the 3x3-room levels (22x22 cells,
+  OpenDoor, GoTo) get 4 px tiles, 88 px, at which a closed door (minigrid draws it black in a thin coloured frame)
+  all but disappears: give them `--max-side 176`;
 - `<key>.txt`: the mission ("put the green key next to the red box");
 - `<key>.json`: `fps` (frame i is at i / fps), `timeline` (the bot's sub-goals, below), `actions` (one name per
   action: left, right, forward, pickup, drop, toggle, done), `level`, `env_id`, `seed` (of `env.reset`), `mission`,
@@ -54,10 +56,10 @@ HELDOUT_SPLIT = "unseen"
 FRAMES_MEMBER = "frames.npy"
 FPS = 4.0
 VIEWS = ("full", "agent")
-#: small levels the bot solves in 1-20 actions (minigrid 3.2, every one of 10 seeds tried); held-out GoToLocal's
-#: missions use only words and sub-goals of the others ("go to the X"): it tests new layouts with distractors, not
-#: new vocabulary.
-DEFAULT_LEVELS = ("GoToRedBall", "GoToObj", "PickupLoc", "OpenDoor", "PutNextLocal")
+#: small levels (at most 11 cells a side) the bot solves in 1-25 actions (minigrid 3.2, every one of 10 seeds
+#: tried), UnlockPickup for the doors and keys; held-out GoToLocal's missions use only words and sub-goals of the
+#: others ("go to the X"): it tests new layouts with distractors, not new vocabulary.
+DEFAULT_LEVELS = ("GoToRedBall", "GoToObj", "PickupLoc", "PutNextLocal", "UnlockPickup")
 DEFAULT_HELDOUT_LEVELS = ("GoToLocal",)
 #: bumped whenever the rollout or the sample format changes, so existing shard sets are rebuilt (it is in the name).
 ROLLOUT_VERSION = 1
