@@ -225,12 +225,14 @@ def sampled_segments(segments: list[tuple[float, float, str]], times: list[float
     return mapped
 
 
-def describe_clip(sample: dict[str, bytes]) -> tuple[str, list[str]]:
-    """("16 frames 64x64 at 8 fps", one line per timeline segment) of a raw sample, for `vlp-data inspect`;
-    `ClipError` (a ValueError) when the clip, its fps or its timeline is unusable (frame 0 is decoded to check)."""
+def describe_clip(sample: dict[str, bytes]) -> str:
+    """"16 frames 64x64 at 8 fps" for a raw sample (`vlp-data inspect`); `ClipError` (a ValueError) when the clip,
+    its fps or its timeline is unusable (frame 0 is decoded to check)."""
     clip = read_clip(sample)
     meta = json.loads(sample["json"]) if "json" in sample else {}
+    if not isinstance(meta, dict):
+        raise ClipError(".json is not an object")
     fps = clip_fps(meta, clip)
+    timeline(meta, clip.count / fps)
     clip.frames([0])
-    lines = [f"{start:g}-{end:g} s: {text}" for start, end, text in timeline(meta, clip.count / fps)]
-    return f"{clip.count} frames {clip.width}x{clip.height} at {fps:g} fps", lines
+    return f"{clip.count} frames {clip.width}x{clip.height} at {fps:g} fps"

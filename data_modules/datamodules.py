@@ -1,7 +1,8 @@
 """LightningDataModules streaming WebDataset shards: `ImageTextDataModule` (image-caption pairs, CLIP family),
 `ImageDataModule` (images, with labels when the shards have them), `InstructionDataModule` (images with
-conversations, for visual instruction tuning) and `VideoDataModule` (clips with captions, labels and timelines). They return object `boxes`, instance `masks` and `objects`
-(`data_modules.instances`) in the views' pixels when the shards have `.instances.png` members.
+conversations, for visual instruction tuning) and `VideoDataModule` (clips with captions, labels and timelines).
+The image ones return object `boxes`, instance `masks` and `objects` (`data_modules.instances`) in the views' pixels
+when the shards have `.instances.png` members.
 
 All build every split with the one pipeline of `data_modules.pipeline`. At `setup` they ask the attached method
 for what was left unset (`image_size`, `train_views()`, `tokenizer`), check that the shards exist and hold what the
