@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -122,7 +123,7 @@ class ClipViews:
     def __init__(
         self,
         num_frames: int = 8,
-        sampling: str = "segments",
+        sampling: Literal["uniform", "segments", "stride"] = "segments",
         strides: tuple[int, ...] = (1,),
         temporal_jitter: bool = True,
         scale: tuple[float, float] | None = (0.5, 1.0),

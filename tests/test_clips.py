@@ -100,6 +100,15 @@ def test_mp4_and_frame_stack_decode_the_asked_frames():
     assert read_clip({"mp4": mp4_bytes(frames)}).fps == 8
 
 
+def test_the_pixel_limit_is_checked_before_decoding(monkeypatch):
+    monkeypatch.setattr("data_modules.clips.MAX_CLIP_PIXELS", 4 * 16 * 16)  # four 16 px frames
+    for member, data in (("frames.npy", npy_bytes(frame_stack(8))), ("mp4", mp4_bytes(frame_stack(8)))):
+        clip = read_clip({member: data})
+        assert clip.frames([0, 1, 2, 3]).shape == (4, 16, 16, 3)
+        with pytest.raises(ValueError, match="5 frames of 16x16 pixels exceed the limit of 1024 pixels"):
+            clip.frames([0, 1, 2, 3, 4])
+
+
 def test_frame_samplers_pick_the_documented_indices():
     rng = random.Random(0)
     assert FrameSampler("uniform", 4).indices(10, rng) == [0, 3, 6, 9]
