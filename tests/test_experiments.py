@@ -30,7 +30,8 @@ def test_there_are_recipes_for_every_method_family():
     families = {path.parent.name for path in TINY}
     assert {"clip", "convirt", "align", "swav", "mae", "selfie", "sit", "byol", "simclr", "mocov2", "mocov3", "dino",
             "barlowtwins", "vicreg", "mmc", "look", "hvp", "coop", "cocoop", "maple", "pre", "drtune", "damvp",
-            "peftclassifier", "pvp", "llava", "limber", "simvlg", "infmllm", "visionflan", "pa-llava"} <= families
+            "peftclassifier", "pvp", "llava", "limber", "simvlg", "infmllm", "visionflan", "pa-llava", "xclip",
+            "hecvl"} <= families
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=recipe_id)
@@ -85,6 +86,12 @@ def test_tiny_recipe_trains_a_step(recipe, make_shards, tmp_path, request):
         if "InstructionDataModule" in recipe.read_text():  # `vlp-data instructions` of the generated shards
             assert build_shards(["instructions", shards.pattern, str(tmp_path / "instructions")]) == 0
             train_shards = str(tmp_path / "instructions" / "train-000000.tar")
+    if "VideoDataModule" in recipe.read_text():  # clips with timelines: `vlp-data moving` of the generated shapes
+        assert build_shards(["moving", str(tmp_path / "clips"), "--images", shards.pattern, "--source", "images",
+                             "--count", "8", "--frames", "8", "--size", "32"]) == 0
+        train_shards = str(tmp_path / "clips" / "train-*.tar")
+        if "pretrained_clip" in model_arguments(recipe):  # from the tests' tiny CLIP, not the emoji run
+            start += ["--model.init_args.pretrained_clip", request.getfixturevalue("tiny_clip_checkpoint")]
     main(["fit", "--config", str(recipe), *start, "--data.train_shards", train_shards, "--data.val_shards", "null",
           "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.max_steps", "1",
           "--trainer.callbacks", "[]", "--trainer.val_check_interval", "1.0", "--trainer.check_val_every_n_epoch", "1",

@@ -8,6 +8,8 @@ Each method is built with its constructor defaults (which are tiny by contract),
 
 from __future__ import annotations
 
+import random
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -16,9 +18,11 @@ from PIL import Image
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader
 
+from data_modules.clips import sampled_segments
 from vlp_lightning import catalog, methods
 from vlp_lightning.methods.adaptation.base import AdaptationMethod
 from vlp_lightning.methods.base import VLPMethod
+from vlp_lightning.methods.video.base import VideoTextMethod
 
 METHOD_NAMES = methods.method_names()
 CAPTIONS = ["red apple", "grinning face", "blue car", "green tree", "cat face", "smiling sun", "rain cloud", "dog"]
@@ -26,6 +30,8 @@ CAPTIONS = ["red apple", "grinning face", "blue car", "green tree", "cat face", 
 
 def make_batch(method: VLPMethod, batch_size: int = 8, seed: int = 0) -> dict:
     """A batch as the data modules produce it, through the method's own views and tokenizer."""
+    if isinstance(method, VideoTextMethod):
+        return make_video_batch(method, batch_size, seed)
     rng = np.random.default_rng(seed)
     transform = method.train_views().build(method.image_size)
     views = []
@@ -43,6 +49,30 @@ def make_batch(method: VLPMethod, batch_size: int = 8, seed: int = 0) -> dict:
     if method.tokenizer is not None:
         batch["text"] = method.tokenizer(captions)
     return batch
+
+
+def make_video_batch(method: VideoTextMethod, batch_size: int = 8, seed: int = 0, frames: int = 8) -> dict:
+    """A clip batch as `VideoDataModule` produces it, through the method's clip views: `video` [B, T, 3, S, S],
+    `frame_times`, captions and their tokens, and `segments` (two halves of each 1-fps clip, mapped onto the sampled
+    frames)."""
+    rng = np.random.default_rng(seed)
+    transform = method.train_views().build(method.image_size)
+    clips, times, segments = [], [], []
+    for index in range(batch_size):
+        pixels = rng.integers(0, 255, (frames, 48, 48, 3), dtype=np.uint8)
+        pixels[:, :, :, index % 3] = 255
+        pixels[np.arange(frames), :, (np.arange(frames) * 5 + index) % 48] = 0  # a bar moving across the frames
+        indices = transform.sample(frames, random.Random(seed * 100 + index))
+        clips.append(transform.crop(pixels[indices], random.Random(index)))
+        times.append([float(i) for i in indices])  # 1 fps
+        timeline = [(0.0, frames / 2, CAPTIONS[index % len(CAPTIONS)].split()[0]),
+                    (frames / 2, float(frames), CAPTIONS[index % len(CAPTIONS)].split()[-1])]
+        segments.append(sampled_segments(timeline, times[-1]))
+    packed, recipe, _ = transform.pack(clips, seed)
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch_size)]
+    return {"video": recipe.finish(packed), "frame_times": torch.tensor(times), "segments": segments,
+            "caption": captions, "text": method.tokenizer(captions), "label": torch.arange(batch_size) % 4,
+            "__key__": [f"{i:04d}" for i in range(batch_size)]}
 
 
 #: the classes adaptation methods classify in these tests (the batches' labels are 0..3).
@@ -82,6 +112,10 @@ def test_loss_falls_on_a_fixed_batch(method):
 def test_probe_features_and_joint_embeddings_shape(method):
     method.eval()
     images = torch.randn(3, 3, method.image_size, method.image_size)
+    if isinstance(method, VideoTextMethod):  # clips [N, T, 3, H, W]; unit joint-space embeddings
+        images = torch.randn(3, method.num_frames, 3, method.image_size, method.image_size)
+        with torch.no_grad():
+            assert torch.allclose(method.encode_video(images).norm(dim=-1), torch.ones(3), atol=1e-5)
     with torch.no_grad():
         features = method.probe_features(images)
         assert features.ndim == 2 and features.shape[0] == 3 and torch.isfinite(features).all()

@@ -49,6 +49,11 @@ from vlp_lightning.modules.tokenizers import Tokenizer
 from vlp_lightning.modules.vision import VisionEncoder
 
 
+def heads_of(width: int) -> int:
+    """Attention heads of a new layer: one per 64 channels, as the official code sizes them (at least one)."""
+    return max(1, width // 64)
+
+
 def _init_small(module: nn.Module) -> None:
     """Truncated-normal (std 0.02) weights and zero biases for new layers (official `_init_weights`)."""
     if isinstance(module, nn.Linear):
@@ -144,7 +149,6 @@ class XCLIP(VideoTextMethod):
         mit_layers: blocks of the multi-frame integration transformer (official default 1).
         prompt_layers: layers of the prompt generator (official 2).
         prompt_alpha: initial α of the prompt generator (official 0.1).
-        heads: attention heads of the message, MIT and prompt layers (official: width / 64).
         new_layers_lr: learning rate of the message, MIT and prompt layers (official: 10x the base); None: the
             optimizer's.
         (the rest: see `VideoTextMethod`)
@@ -167,7 +171,6 @@ class XCLIP(VideoTextMethod):
         mit_layers: int = 1,
         prompt_layers: int = 2,
         prompt_alpha: float = 0.1,
-        heads: int = 2,
         new_layers_lr: float | None = None,
         init_logit_scale: float = 1 / 0.07,
         max_logit_scale: float = 100.0,
@@ -181,12 +184,12 @@ class XCLIP(VideoTextMethod):
         if not hasattr(model, "blocks") or getattr(model, "cls_token", None) is None:
             raise ValueError(f"XCLIP's message tokens need a timm ViT with a class token, not {type(model).__name__}; "
                              "use a vit_* model_name with the default class token")
-        width = self.vision.num_features
-        self.cross_frame = CrossFrameCommunication(width, len(model.blocks), heads)
-        self.mit = MultiFrameIntegration(num_frames, self.embed_dim, mit_layers, heads)
+        width, embed_dim = self.vision.num_features, self.embed_dim
+        self.cross_frame = CrossFrameCommunication(width, len(model.blocks), heads_of(width))
+        self.mit = MultiFrameIntegration(num_frames, embed_dim, mit_layers, heads_of(embed_dim))
         self.visual_token_norm = nn.LayerNorm(width)
-        self.visual_token_projection = nn.Linear(width, self.embed_dim, bias=False)
-        self.prompts = VideoSpecificPrompt(self.embed_dim, prompt_layers, heads, prompt_alpha)
+        self.visual_token_projection = nn.Linear(width, embed_dim, bias=False)
+        self.prompts = VideoSpecificPrompt(embed_dim, prompt_layers, heads_of(embed_dim), prompt_alpha)
         self.new_layers_lr = new_layers_lr
 
     def new_layers(self) -> list[nn.Module]:
