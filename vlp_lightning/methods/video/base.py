@@ -105,6 +105,7 @@ class VideoTextMethod(VLPMethod):
         from vlp_lightning.pretrained import load_method  # here: it imports the CLI, which imports this index
 
         clip, _ = load_method(path, name="pretrained_clip", config_option="pretrained_clip")
+        clip.train()  # load_method returns it in eval mode; its parts train on here (a locked tower stays in eval)
         parts = ("vision", "text", "image_projection", "text_projection", "logit_scale")
         if not isinstance(getattr(clip, "vision", None), VisionEncoder) or not all(hasattr(clip, p) for p in parts):
             raise ValueError(f"pretrained_clip={path} holds a {type(clip).__name__}, not a CLIP-family method with an "
@@ -114,7 +115,6 @@ class VideoTextMethod(VLPMethod):
         self.vision, self.text = clip.vision, clip.text
         self.image_projection, self.text_projection = clip.image_projection, clip.text_projection
         self.logit_scale = nn.Parameter(clip.logit_scale.detach().clone())
-        self.vision.train(), self.text.train()  # load_method returns the CLIP in eval mode
 
     @property
     def embed_dim(self) -> int:
