@@ -28,6 +28,9 @@ on video i). The start is an image CLIP (`pretrained_clip`); the new layers star
 0.02, as the official init) and train at `new_layers_lr` (official: 10x the CLIP learning rate for "message_",
 "mit" and "prompts").
 
+Scale: DDP. FSDP (1 or 2) gathers a wrapped block's weights in the block's forward, which the message tokens
+bypass (they call each block's attention and MLP); under FSDP2 `configure_model` stops with that sentence.
+
 Not confirmed from the paper: the equation numbering (sections are cited instead); whether the prompt's visual
 tokens are read before or after the tower's final norm (the official code takes them before `ln_post` and normalises
 them with its own LayerNorm; here after the final norm, then that LayerNorm).
@@ -155,7 +158,7 @@ class XCLIP(VideoTextMethod):
     """
 
     paper = Paper("Expanding Language-Image Pretrained Models for General Video Recognition", "Ni et al.", 2022,
-                  note="trained on clip captions as well as label texts")
+                  note="the batch's captions are the candidate texts, where the paper classifies over label texts")
     no_weight_decay_names = ("positional_embedding",)
 
     def __init__(
@@ -191,6 +194,14 @@ class XCLIP(VideoTextMethod):
         self.visual_token_projection = nn.Linear(width, embed_dim, bias=False)
         self.prompts = VideoSpecificPrompt(embed_dim, prompt_layers, heads_of(embed_dim), prompt_alpha)
         self.new_layers_lr = new_layers_lr
+
+    def configure_model(self) -> None:
+        """FSDP2 gathers a module's weights in its forward hooks; the message tokens call the tower's blocks piece
+        by piece (`CrossFrameCommunication`), which those hooks never see: stop with the fix instead."""
+        if self._device_mesh is not None:
+            raise ValueError("XCLIP runs the image tower's blocks piecewise (message tokens), which FSDP2 sharding "
+                             "does not support; train it with DDP (--config experiments/trainer/ddp.yaml)")
+        super().configure_model()
 
     def new_layers(self) -> list[nn.Module]:
         return [self.cross_frame, self.mit, self.visual_token_norm, self.visual_token_projection, self.prompts]
