@@ -26,7 +26,7 @@ install:  ## create/refresh the virtual environment (quick no-op when up to date
 		[ -x "$(PY)" ] || $(PYTHON) -m venv "$(VENV)"; \
 		$(PY) -m pip install -q --upgrade pip wheel; \
 		$(PY) -m pip install -q $(TORCH_PINS); \
-		$(PY) -m pip install -q -e ".[dev,demo,caption,scenes,lm,svg,sim]"; \
+		$(PY) -m pip install -q -e ".[dev,demo,caption,scenes,lm,svg,sim,video]"; \
 		echo "$(STAMP_KEY)" > "$(STAMP)"; \
 		echo "install: done ($(VENV))"; \
 	fi

@@ -20,6 +20,8 @@ _EXPORTS = {
     "ImageTextDataModule": "data_modules.datamodules",
     "ImageDataModule": "data_modules.datamodules",
     "InstructionDataModule": "data_modules.datamodules",
+    "VideoDataModule": "data_modules.datamodules",
+    "ClipViews": "data_modules.clip_views",
     "DataConfigError": "data_modules.pipeline",
     "BadSampleError": "data_modules.pipeline",
     "make_eval_loader": "data_modules.pipeline",

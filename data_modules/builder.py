@@ -21,7 +21,11 @@ which does the rest the same way for all of them:
 - containment: table image paths stay under the table's folder (or `--image-root`) unless
   `--allow-outside-root`, and `folder` reads no symbolic link unless `--follow-symlinks`.
 
-`vlp-data inspect OUT` reads every sample back and reports counts, members, examples and undecodable samples.
+Clips (`data_modules.clips`): `vlp-data moving` draws moving-object clips from real images (`.frames.npy`),
+`vlp-data videos` stores your own `.mp4` / `.webm` files as they are; both write `.txt`, `.cls` and a `.json` timeline.
+
+`vlp-data inspect OUT` reads every sample back and reports counts, members, examples (clips: frames, size, fps,
+caption and timeline segments) and undecodable samples.
 """
 
 from __future__ import annotations
@@ -41,19 +45,19 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import platformdirs
 import webdataset
 from PIL import Image
 from tqdm import tqdm
 
+from data_modules.clips import CLIP_MEMBERS, describe_clip
 from data_modules.instances import INSTANCES_MEMBER, decode_instances
 from data_modules.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from data_modules.masks import MASK_MEMBER, decode_mask, encode_alpha_mask
 from data_modules.sources import IMAGE_ERRORS, Record, SourceData, SourceError
 from data_modules.sources.babyai import DEFAULT_HELDOUT_LEVELS as BABYAI_HELDOUT_LEVELS
 from data_modules.sources.babyai import DEFAULT_LEVELS as BABYAI_LEVELS
-from data_modules.sources.babyai import FRAMES_MEMBER, VIEWS, babyai_source
+from data_modules.sources.babyai import VIEWS, babyai_source
 from data_modules.sources.babyai import HELDOUT_SPLIT as BABYAI_HELDOUT_SPLIT
 from data_modules.sources.emoji import STYLES, emoji_source
 from data_modules.sources.emoji import VERSION as EMOJI_VERSION
@@ -67,6 +71,9 @@ from data_modules.sources.instructions import instructions_source, parse_tasks
 from data_modules.sources.provision import GENERATORS as PROVISION_GENERATORS
 from data_modules.sources.provision import provision_source
 from data_modules.sources.local import csv_source, folder_source, jsonl_source
+from data_modules.sources.moving import DIRECTIONS as MOVING_DIRECTIONS
+from data_modules.sources.moving import SOURCES as MOVING_SOURCES
+from data_modules.sources.moving import moving_source
 from data_modules.sources.openclipart import DEFAULT_ROOT as OPENCLIPART_ROOT
 from data_modules.sources.openclipart import openclipart_source
 from data_modules.sources.openmoji import DEFAULT_SIZE as OPENMOJI_SIZE
@@ -76,6 +83,7 @@ from data_modules.sources.scenes import scenes_source
 from data_modules.sources.shots import few_shot_source
 from data_modules.sources.tuxpaint import DEFAULT_SVG_SIZE as TUXPAINT_SVG_SIZE
 from data_modules.sources.tuxpaint import tuxpaint_source
+from data_modules.sources.videos import videos_source
 from data_modules.sources.wordnet import wordnet_source
 from data_modules.sources.words import DEFAULT_FONTS_DIR, DEFAULT_VOCABULARY, HELDOUT_SPLIT, words_source
 
@@ -371,28 +379,24 @@ def iterate_shard(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def _check_sample(sample: dict[str, bytes]) -> str:
-    """A one-line description of the sample ("64x64 RGB", "12 frames 64x64 RGB" for a clip), raising ValueError for
+    """A one-line description of the sample ("64x64 RGB", "16 frames 64x64 at 8 fps"), raising ValueError for
     anything unreadable."""
+    if any(name in sample for name in CLIP_MEMBERS):
+        if "txt" in sample:
+            sample["txt"].decode("utf-8")
+        if "cls" in sample:
+            int(sample["cls"])
+        return describe_clip(sample)
     image_members = [name for name in IMAGE_MEMBERS if name in sample]
-    if not image_members and FRAMES_MEMBER in sample:
-        try:
-            frames = np.load(io.BytesIO(sample[FRAMES_MEMBER]), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as error:
-            raise ValueError(f"{FRAMES_MEMBER} does not load: {error}") from error
-        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3 or not len(frames):
-            raise ValueError(f"{FRAMES_MEMBER} is {frames.dtype} {list(frames.shape)}, not uint8 [T>0, H, W, 3]")
-        height, width = frames.shape[1:3]
-        description = f"{len(frames)} frames {width}x{height} RGB"
-    elif not image_members:
+    if not image_members:
         raise ValueError("no image member")
-    else:
-        try:
-            with Image.open(io.BytesIO(sample[image_members[0]])) as image:
-                image.load()
-                width, height = image.size
-                description = f"{width}x{height} {image.mode}"
-        except IMAGE_ERRORS as error:
-            raise ValueError(f"{image_members[0]} does not decode: {error}") from error
+    try:
+        with Image.open(io.BytesIO(sample[image_members[0]])) as image:
+            image.load()
+            width, height = image.size
+            description = f"{width}x{height} {image.mode}"
+    except IMAGE_ERRORS as error:
+        raise ValueError(f"{image_members[0]} does not decode: {error}") from error
     if "txt" in sample:
         sample["txt"].decode("utf-8")
     if "cls" in sample:
@@ -468,7 +472,18 @@ def _describe_example(key: str, sample: dict[str, bytes], description: str, clas
         caption = sample["txt"].decode("utf-8").replace("\n", " | ")
         parts.append(repr(caption if len(caption) <= 80 else caption[:77] + "..."))
     scene = _describe_scene(json.loads(sample["json"])) if INSTANCES_MEMBER in sample else ""
-    return "  ".join(parts) + scene
+    clip = any(name in sample for name in CLIP_MEMBERS) and "json" in sample
+    timeline = _describe_timeline(json.loads(sample["json"])) if clip else ""
+    return "  ".join(parts) + scene + timeline
+
+
+def _describe_timeline(meta: dict) -> str:
+    """A clip's timeline segments (checked by `describe_clip`), one line each."""
+    segments = meta.get("timeline", [])
+    lines = [f"segment {index}: {item['start']:g}-{item['end']:g} s: {item['text']}" for index, item in
+             enumerate(segments[:8])]
+    lines += [f"(+{len(segments) - 8} more segments)"] if len(segments) > 8 else []
+    return "".join(f"\n        {line}" for line in lines) or "\n        no timeline segments"
 
 
 def _describe_scene(meta: dict) -> str:
@@ -560,6 +575,8 @@ def make_parser() -> argparse.ArgumentParser:
             "  vlp-data wordnet 'shards/emoji/*.tar' shards/emoji-wordnet\n"
             "  vlp-data provision 'shards/scenes/*.tar' shards/scenes-provision --questions 3\n"
             "  vlp-data instructions 'shards/emoji/*.tar' shards/emoji-instructions --seed 0\n"
+            "  vlp-data moving shards/moving --images 'shards/emoji/train-*.tar' --count 2000\n"
+            "  vlp-data videos shards/videos --csv clips.csv\n"
             "  vlp-data inspect shards/\n"
             "then train on them:\n"
             "  vlp fit --config experiments/clip/emoji_tiny.yaml \\\n"
@@ -912,6 +929,59 @@ def make_parser() -> argparse.ArgumentParser:
     provision.set_defaults(make_source=lambda a: provision_source(
         str(a.input), a.questions, a.seed,
         tuple(part.strip() for part in a.generators.split(",") if part.strip()) if a.generators else None))
+
+    moving = _build_command(
+        commands, "moving",
+        "moving-object clips from real images (emoji shards or Fashion-MNIST): an object moved in 1-3 legs of 8 "
+        "directions, the motion as caption (\"a grinning face emoji moving left, then up\") and one timeline "
+        "segment per leg", resizable=False, seed_help="seed of every clip's object, legs, start and background",
+        epilog=(
+            "Members: .frames.npy (uint8 [T, S, S, 3]), .txt (the motion caption), .cls (the direction of the first\n"
+            "leg, the manifest's classnames: " + ", ".join(MOVING_DIRECTIONS) + ") and .json (fps, timeline,\n"
+            "legs, per-frame centres, object name and its source label as object_label).\n"
+            "example:\n"
+            "  vlp-data emoji data/emoji\n"
+            "  vlp-data moving data/moving --images 'data/emoji/train-*.tar' --count 2000 --split train=0.9,val=0.1\n"
+            "then train with data.class_path: data_modules.VideoDataModule and\n"
+            "  data.init_args.train_shards: 'data/moving/train-*.tar'"
+        ),
+    )
+    moving.add_argument("--source", choices=MOVING_SOURCES, default="emoji",
+                        help="emoji: the images of --images, named \"a <.txt> emoji\"; images: any captioned image "
+                        "shards (--images), named by their .txt; fashion-mnist: its training images from --root "
+                        "(default: %(default)s)")
+    moving.add_argument("--images", default="data/emoji/train-*.tar", metavar="SHARDS",
+                        help="image shard pattern the objects come from (default: %(default)s)")
+    moving.add_argument("--root", type=Path, default=FASHION_MNIST_ROOT, metavar="DIR",
+                        help="Fashion-MNIST's IDX files, for --source fashion-mnist (default: %(default)s)")
+    moving.add_argument("--count", type=_positive_int, default=1000, help="clips (default: %(default)s)")
+    moving.add_argument("--frames", type=_positive_int, default=16, help="frames per clip (default: %(default)s)")
+    moving.add_argument("--fps", type=float, default=8.0, help="frame rate (default: %(default)s)")
+    moving.add_argument("--size", type=_positive_int, default=64, help="canvas side in pixels (default: %(default)s)")
+    moving.add_argument("--object-size", type=_positive_int, default=None, metavar="N",
+                        help="longer side of the object in pixels (default: 3/8 of --size)")
+    moving.set_defaults(make_source=lambda a: moving_source(
+        a.source, a.images, a.root, a.count, a.frames, a.fps, a.size, a.object_size, a.seed))
+
+    videos = _build_command(
+        commands, "videos",
+        "your own .mp4 / .webm videos with captions (a folder with same-name .txt / .json, or a CSV), stored as "
+        "their original bytes, each checked by decoding its first frame", resizable=False,
+        epilog=(
+            "--folder DIR: clip.mp4 + clip.txt (caption) + optional clip.json ({\"timeline\": [{\"start\": 0,\n"
+            "  \"end\": 1.5, \"text\": \"...\"}], ...}); videos in first-level subfolders get the folder as class.\n"
+            "--csv FILE: columns path, caption, optional label (integers or names) and timeline (a JSON list);\n"
+            "  paths relative to the CSV's folder. Undecodable videos are reported and skipped.\n"
+            "example:\n"
+            "  vlp-data videos data/my-videos --csv clips.csv --split train=0.9,val=0.1"
+        ),
+    )
+    where = videos.add_mutually_exclusive_group(required=True)
+    where.add_argument("--folder", type=Path, default=None, metavar="DIR", help="folder of .mp4 / .webm files")
+    where.add_argument("--csv", type=Path, default=None, metavar="FILE", help="CSV table: path, caption[, label, "
+                       "timeline]")
+    videos.add_argument("--licence", default="unknown", help="licence recorded in the manifest (default: %(default)s)")
+    videos.set_defaults(make_source=lambda a: videos_source(a.folder, a.csv, a.licence))
 
     inspect_summary = "counts, members, examples and a decode check of every sample"
     inspect = commands.add_parser("inspect", help=inspect_summary, description=inspect_summary)

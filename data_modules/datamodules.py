@@ -1,7 +1,8 @@
 """LightningDataModules streaming WebDataset shards: `ImageTextDataModule` (image-caption pairs, CLIP family),
-`ImageDataModule` (images, with labels when the shards have them) and `InstructionDataModule` (images with
-conversations, for visual instruction tuning). They return object `boxes`, instance `masks` and `objects`
-(`data_modules.instances`) in the views' pixels when the shards have `.instances.png` members.
+`ImageDataModule` (images, with labels when the shards have them), `InstructionDataModule` (images with
+conversations, for visual instruction tuning) and `VideoDataModule` (clips with captions, labels and timelines).
+The image ones return object `boxes`, instance `masks` and `objects` (`data_modules.instances`) in the views' pixels
+when the shards have `.instances.png` members.
 
 All build every split with the one pipeline of `data_modules.pipeline`. At `setup` they ask the attached method
 for what was left unset (`image_size`, `train_views()`, `tokenizer`), check that the shards exist and hold what the
@@ -22,6 +23,7 @@ trainer's loggers whenever it changes and summarised in one line at teardown.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import warnings
 from collections.abc import Callable, Iterable
@@ -31,6 +33,8 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningDataModule
 
 from data_modules.captions import CAPTION_SAMPLINGS, CaptionSampling
+from data_modules.clip_views import ClipViews
+from data_modules.clips import CLIP_MEMBERS, VIDEO_MEMBERS
 from data_modules.instances import INSTANCES_MEMBER
 from data_modules.manifest import class_count, local_path
 from data_modules.pipeline import (
@@ -47,6 +51,7 @@ from data_modules.pipeline import (
     resolve_counts,
     shard_members,
 )
+from data_modules.video import ClipDecoder
 from data_modules.views import EvalView, Views, finish_views
 from vlp_lightning.modules.tokenizers import Tokenizer
 
@@ -57,9 +62,9 @@ _IMAGE_ONLY_HINT = "choose an image-only method such as vlp_lightning.methods.Sw
 
 
 class _Split:
-    """One resolved split: shard URLs, per-shard counts and the members the shards hold."""
+    """One resolved split: shard URLs, per-shard counts and the members the shards hold (at least one of `media`)."""
 
-    def __init__(self, argument: str, shards: str) -> None:
+    def __init__(self, argument: str, shards: str, media: tuple[str, ...] = IMAGE_MEMBERS) -> None:
         self.argument = argument
         self.shards = shards
         self.urls = expand_shards(shards)
@@ -72,9 +77,11 @@ class _Split:
         self.manifest = manifest_of(self.urls)
         self.counts = resolve_counts(self.urls)
         self.members = shard_members(self.urls, self.manifest)
-        if not self.members & set(IMAGE_MEMBERS):
+        if not self.members & set(media):
+            kind = "image" if media == IMAGE_MEMBERS else "clip"
             raise DataConfigError(
-                f"{argument}={shards!r} has no image members (.png/.jpg/.jpeg/.webp), only {sorted(self.members)}"
+                f"{argument}={shards!r} has no {kind} members ({'/'.join('.' + name for name in media)}), only "
+                f"{sorted(self.members)}"
             )
 
     def describe(self) -> str:
@@ -107,6 +114,8 @@ class StreamingDataModule(LightningDataModule):
     position_prompts = False
     #: a sample's `.json` conversation is part of the batch (`conversation`; `data_modules.conversations`).
     with_conversation = False
+    #: the member kinds a sample is built from; a split must hold one of them.
+    media: tuple[str, ...] = IMAGE_MEMBERS
 
     def __init__(
         self,
@@ -175,8 +184,12 @@ class StreamingDataModule(LightningDataModule):
                     f"(e.g. --data.{argument} 'data/emoji/{split}-000000.tar'), or build a {split} split with "
                     f"`vlp-data` (e.g. `vlp-data emoji data/emoji --split train=0.8,val=0.1,test=0.1`)"
                 )
-            self.splits[split] = _Split(argument, shards)
+            self.splits[split] = _Split(argument, shards, self.media)
             self._check_keys(self.splits[split], method)
+        self._build_decoders(method)
+
+    def _build_decoders(self, method: object | None) -> None:
+        """One decoder per resolved split, with the method's views at its image size."""
         transform = self._views(method).build(self._image_size(method))
         tokenizer = self._tokenizer(method)
         # instances follow no affine warp: views with one leave them out, unless the method needs them (an error)
@@ -512,6 +525,86 @@ class InstructionDataModule(StreamingDataModule):
     """
 
     with_conversation = True
+
+
+class VideoDataModule(StreamingDataModule):
+    """Clips (`.mp4` / `.webm` / `.frames.npy`, `data_modules.clips`) through the same streaming pipeline, with the
+    same exact mid-epoch resume and bad-sample counting as images.
+
+    Batches (`data_modules.video`): `video` float [B, T, 3, S, S] normalised as the views say, `frame_times` float
+    [B, T] (seconds), `segments` (per sample a list of (first, last sampled position, text) of the `.json`
+    timeline), `caption` (and `text` tokens with a tokenizer) when the shards have `.txt`, `label` when they have
+    `.cls`, `meta`, `tube_mask` bool [B, T / tubelet, patches] when the views mask, `__key__`. A clip that does not
+    decode, is shorter than the sampler needs or has a timeline segment outside it is skipped and counted.
+
+    Args:
+        views: the clip views (`data_modules.clip_views.ClipViews`: frames, crop, flip, tube mask); None asks the
+            method (`method.train_views()`).
+        tokenizer: caption tokenizer; None uses the method's when it has one (`text` tokens then come with
+            `caption`).
+        (the rest: see `StreamingDataModule`)
+    """
+
+    media = CLIP_MEMBERS
+
+    def __init__(
+        self,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        test_shards: str | None = None,
+        batch_size: PositiveInt = 8,
+        num_workers: NonNegativeInt = 2,
+        image_size: int | None = None,
+        views: ClipViews | None = None,
+        tokenizer: Tokenizer | None = None,
+        samples_per_epoch: int | None = None,
+        shuffle_buffer: int = 100,
+        resampled: bool = False,
+        seed: int = 0,
+        strict: bool = False,
+    ) -> None:
+        super().__init__(
+            train_shards, val_shards, test_shards, batch_size, num_workers, image_size, views,
+            samples_per_epoch, shuffle_buffer, resampled, seed, strict,
+        )
+        self.tokenizer = tokenizer
+
+    def _check_keys(self, split: _Split, method: object | None) -> None:
+        """Stop when the method needs a batch key these clips cannot provide; one sentence with the fix."""
+        required = set(getattr(method, "required_keys", ("video",)))
+        name = type(method).__name__
+        needs = {"text": "txt", "caption": "txt", "label": "cls", "segments": "json"}
+        for key, member in needs.items():
+            if key in required and member not in split.members:
+                raise DataConfigError(
+                    f"{name} needs `{key}` but {split.describe()} has no .{member} members; build clip shards that "
+                    "have them (e.g. `vlp-data moving data/moving --images 'data/emoji/train-*.tar'`)"
+                )
+        if split.members & set(VIDEO_MEMBERS) and importlib.util.find_spec("av") is None:
+            raise DataConfigError(
+                f"{split.describe()} holds .mp4 / .webm clips, which need PyAV: install the video extra "
+                "(pip install -e '.[video]')"
+            )
+
+    def _build_decoders(self, method: object | None) -> None:
+        transform = self._views(method).build(self._image_size(method))
+        tokenizer = self.tokenizer or getattr(method, "tokenizer", None)
+        if tokenizer is None and "text" in getattr(method, "required_keys", ()):
+            raise DataConfigError(f"{type(method).__name__} needs caption tokens (`text`) but neither "
+                                  "VideoDataModule.tokenizer nor the method's tokenizer is set; pass "
+                                  "data.init_args.tokenizer")
+        for split, data in self.splits.items():
+            self.decoders[split] = ClipDecoder(
+                transform,
+                with_caption="txt" in data.members,
+                with_label="cls" in data.members,
+                tokenizer=tokenizer,
+                num_classes=class_count(data.manifest),
+            )
+
+    def _setup_predict(self) -> None:
+        raise DataConfigError("VideoDataModule has no predict loader (`vlp predict` embeds images); use "
+                              "`vlp test` with --data.test_shards for clips")
 
 
 def _first_epoch() -> int:

@@ -16,7 +16,7 @@ Stage order (open_clip's, with sample-exact splitting):
    never waits on a rank that ran dry;
 4. tar reading with an error handler (a truncated or unreadable shard is counted and the stream goes on); only
    `.png/.jpg/.jpeg/.webp/.txt/.cls/.json` members are read at all, so a `.pyd`, `.pickle` or `.pth` member is
-   never even loaded, let alone unpickled (masks: `.mask.png`, `.instances.png`);
+   never even loaded, let alone unpickled (masks: `.mask.png`, `.instances.png`; clips: `.mp4/.webm/.frames.npy`);
 5. sample shuffle buffer seeded with `(seed, epoch, rank, worker)`;
 6. safe decode (formats by their signatures: opaque PNG through libspng, JPEG through OpenCV, WebP and images
    with alpha through PIL; the pixel count checked from the header before decoding; text as UTF-8, labels as int,
@@ -59,7 +59,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from itertools import chain, islice
-from typing import TYPE_CHECKING, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, BinaryIO, ClassVar, NamedTuple
 
 import cv2
 import numpy as np
@@ -71,6 +71,7 @@ from webdataset import WebLoader, gopen
 from webdataset.shardlists import expand_urls
 
 from data_modules.captions import CaptionSampling, sample_caption
+from data_modules.clips import CLIP_MEMBERS
 from data_modules.conversations import parse_conversation
 from data_modules.manifest import class_count, local_path, read_manifest, shard_counts
 from data_modules.instances import (
@@ -91,7 +92,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
 #: tar members the pipeline reads; anything else (.pyd, .pickle, .pth, ...) is passed over unread.
-READ_MEMBERS = frozenset((*IMAGE_MEMBERS, "txt", "cls", "json", MASK_MEMBER, INSTANCES_MEMBER))
+READ_MEMBERS = frozenset((*IMAGE_MEMBERS, "txt", "cls", "json", MASK_MEMBER, INSTANCES_MEMBER, *CLIP_MEMBERS))
 #: formats PIL may decode; an allow-list so a shard cannot reach a rarely used (less audited) decoder.
 PIL_FORMATS = ("PNG", "JPEG", "WEBP")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -462,6 +463,8 @@ class SampleDecoder:
     with_instances: bool = False
     position_prompts: bool = False
     with_conversation: bool = False
+    #: the batch entry that holds the packed uint8 crops (what `Handover` passes through shared memory).
+    packed_field: ClassVar[str] = "image"
 
     def __post_init__(self) -> None:
         if self.position_prompts and not (self.with_caption and self.with_instances):
@@ -490,17 +493,9 @@ class SampleDecoder:
         sample = {"__key__": raw["__key__"], "crops": crops}
         try:
             if self.with_caption:
-                caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
-                if not caption:
-                    raise _BadSample("missing caption (.txt)")
-                sample["caption"] = sample_caption(caption, self.caption_sampling, caption_seed, raw["__key__"])
+                sample["caption"] = read_caption(raw, self.caption_sampling, caption_seed)
             if self.with_label:
-                if "cls" not in raw:
-                    raise _BadSample("missing label (.cls)")
-                sample["label"] = int(raw["cls"])
-                if sample["label"] < 0 or (self.num_classes is not None and sample["label"] >= self.num_classes):
-                    classes = f"the {self.num_classes} classes of manifest.json" if self.num_classes else "0, 1, ..."
-                    raise _BadSample(f"label {sample['label']} (.cls) is not one of {classes}")
+                sample["label"] = read_label(raw, self.num_classes)
             if "json" in raw:
                 sample["meta"] = json.loads(raw["json"])
             if self.with_conversation:
@@ -557,6 +552,25 @@ class SampleDecoder:
         if self.with_instances:
             batch.update(batch_instances([sample["instances"] for sample in samples], recipe.flips, recipe.single))
         return batch
+
+
+def read_caption(raw: dict, sampling: CaptionSampling, seed: str) -> str:
+    """The caption of a raw sample's `.txt` (`data_modules.captions` picks which); `_BadSample` when it has none."""
+    caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
+    if not caption:
+        raise _BadSample("missing caption (.txt)")
+    return sample_caption(caption, sampling, seed, raw["__key__"])
+
+
+def read_label(raw: dict, num_classes: int | None) -> int:
+    """The `.cls` label of a raw sample, in `[0, num_classes)` (without a class count: not negative)."""
+    if "cls" not in raw:
+        raise _BadSample("missing label (.cls)")
+    label = int(raw["cls"])
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        classes = f"the {num_classes} classes of manifest.json" if num_classes else "0, 1, ..."
+        raise _BadSample(f"label {label} (.cls) is not one of {classes}")
+    return label
 
 
 def _conversation(meta: object) -> list[dict[str, str]]:
@@ -815,9 +829,12 @@ class Handover:
     released, else (the consumer is further behind than the DataLoader's prefetching allows) it falls back to
     PyTorch's own handover for that batch, so a slot is never overwritten while in use. The slots take
     `num_workers * slots` batches of uint8 crops in /dev/shm (PyTorch's own handover needs about half that).
+    `field` is the batch entry holding the packed list of uint8 tensors (the decoder's `packed_field`: `image`, or
+    `video` for clips).
     """
 
-    def __init__(self, num_workers: int, slots: int, slot_bytes: int) -> None:
+    def __init__(self, num_workers: int, slots: int, slot_bytes: int, field: str = "image") -> None:
+        self.field = field
         self.slots = slots
         self.slot_bytes = slot_bytes
         self.data = torch.empty(num_workers, slots, slot_bytes, dtype=torch.uint8).share_memory_()
@@ -826,7 +843,7 @@ class Handover:
 
     def pack(self, worker: int, batch: dict) -> dict:
         """In the worker: the images into the next slot (when free), every other tensor to numpy."""
-        images = batch["image"]
+        images = batch[self.field]
         if isinstance(images, list):
             self.sequence += 1
             slot = self.sequence % self.slots
@@ -837,14 +854,14 @@ class Handover:
                     flat[offset : offset + tensor.numel()].view(tensor.shape).copy_(tensor)
                     offset += tensor.numel()
                 self.state[worker, slot, 0] = self.sequence
-                batch["image"] = _InSlot(worker, slot, self.sequence, [tuple(tensor.shape) for tensor in images])
-        return {name: value if name == "image" else _convert(value, torch.Tensor, torch.Tensor.numpy)
+                batch[self.field] = _InSlot(worker, slot, self.sequence, [tuple(tensor.shape) for tensor in images])
+        return {name: value if name == self.field else _convert(value, torch.Tensor, torch.Tensor.numpy)
                 for name, value in batch.items()}
 
     def unpack(self, batch: dict) -> dict:
         """In the main process: the images copied out of their slot (which is then free), numpy back to tensors."""
         batch = {name: _convert(value, np.ndarray, torch.from_numpy) for name, value in batch.items()}
-        where = batch["image"]
+        where = batch[self.field]
         if isinstance(where, _InSlot):
             flat, offset, images = self.data[where.worker, where.slot], 0, []
             for shape in where.shapes:
@@ -852,7 +869,7 @@ class Handover:
                 images.append(flat[offset : offset + count].view(shape).clone())
                 offset += count
             self.state[where.worker, where.slot, 1] = where.sequence
-            batch["image"] = images
+            batch[self.field] = images
         return batch
 
 
@@ -914,8 +931,10 @@ class StreamingLoader:
         self.stream.pass_index = self.passes
         # A fresh set of slots each pass (the workers of a pass map it when they start), sized for the packed
         # images of one batch; the DataLoader keeps at most `prefetch_factor` (2) batches per worker in flight.
+        decoder = self.stream.decoder
         handover = self.stream.handover = (
-            Handover(self.num_workers, slots=4, slot_bytes=self.stream.batch_size * self.stream.decoder.image_bytes)
+            Handover(self.num_workers, slots=4, slot_bytes=self.stream.batch_size * decoder.image_bytes,
+                     field=decoder.packed_field)
             if self.num_workers > 0
             else None
         )

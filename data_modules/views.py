@@ -159,6 +159,7 @@ class ViewRecipe:
     """
 
     __slots__ = ("augments", "groups", "single", "seed", "flips")
+    field = "image"
 
     def __init__(
         self,
@@ -185,15 +186,17 @@ class ViewRecipe:
         return views[0] if self.single else views
 
 
-#: the batch entry holding the `ViewRecipe` of a packed `image` entry until `finish_views` consumes it.
+#: the batch entry holding the recipe of a packed entry (`image`; `video` for clips, `data_modules.clip_views`)
+#: until `finish_views` consumes it.
 VIEWS_FIELD = "__views__"
 
 
 def finish_views(batch: dict) -> dict:
-    """Finish a packed batch in place (uint8 crops -> augmented, normalised float views); no-op when finished."""
+    """Finish a packed batch in place (uint8 crops -> augmented, normalised float views); no-op when finished. The
+    recipe's `field` names the entry it finishes."""
     recipe = batch.pop(VIEWS_FIELD, None)
     if recipe is not None:
-        batch["image"] = recipe.finish(batch["image"])
+        batch[recipe.field] = recipe.finish(batch[recipe.field])
     return batch
 
 
