@@ -393,7 +393,8 @@ def _check_sample(sample: dict[str, bytes]) -> str:
     try:
         with Image.open(io.BytesIO(sample[image_members[0]])) as image:
             image.load()
-            description = f"{image.width}x{image.height} {image.mode}"
+            width, height = image.size
+            description = f"{width}x{height} {image.mode}"
     except IMAGE_ERRORS as error:
         raise ValueError(f"{image_members[0]} does not decode: {error}") from error
     if "txt" in sample:
@@ -404,10 +405,10 @@ def _check_sample(sample: dict[str, bytes]) -> str:
         json.loads(sample["json"])
     if MASK_MEMBER in sample:
         mask = decode_mask(sample[MASK_MEMBER])
-        if mask.shape != (image.height, image.width):
+        if mask.shape != (height, width):
             raise ValueError(f"its mask is {mask.shape[1]}x{mask.shape[0]}, not the image's {description.split()[0]}")
     if INSTANCES_MEMBER in sample:
-        decode_instances(json.loads(sample.get("json", b"{}")), sample[INSTANCES_MEMBER], image.width, image.height)
+        decode_instances(json.loads(sample.get("json", b"{}")), sample[INSTANCES_MEMBER], width, height)
     return description
 
 

@@ -85,7 +85,7 @@ def test_heldout_levels_only_in_their_split_and_inspect_reads_clips(
     assert all(key.startswith("GoToLocal_") for key in splits["unseen"])
     assert not any(key.startswith("GoToLocal_") for split in ("train", "val") for key in splits[split])
     assert inspect_shards(out, show=1) == 0
-    assert re.search(r"GoToLocal_0000\d  \d+ frames 64x64 at [\d.]+ fps  cls 1 \(GoToLocal\)", capsys.readouterr().out)
+    assert re.search(r"GoToLocal_0000\d  \d+ frames 64x64 at 4 fps  cls 1 \(GoToLocal\)", capsys.readouterr().out)
 
 
 @needs_minigrid
@@ -137,12 +137,12 @@ def test_check_sample_accepts_uint8_clips_only() -> None:
         np.save(buffer, array, allow_pickle=True)
         return buffer.getvalue()
 
-    fps = b'{"fps": 4}'  # a .frames.npy clip's frame rate is in its .json (data_modules.clips)
-    clip = npy(np.zeros((3, 16, 24, 3), np.uint8))
-    assert _check_sample({FRAMES_MEMBER: clip, "json": fps}) == "3 frames 24x16 at 4 fps"
+    fps = json.dumps({"fps": 4.0}).encode()
+    assert _check_sample({FRAMES_MEMBER: npy(np.zeros((3, 16, 24, 3), np.uint8)), "json": fps}) == \
+        "3 frames 24x16 at 4 fps"
     with pytest.raises(ValueError, match="must hold uint8"):
         _check_sample({FRAMES_MEMBER: npy(np.zeros((3, 16, 24, 3), np.float32)), "json": fps})
-    with pytest.raises(ValueError, match="must hold uint8"):  # an object array (it would need pickle)
+    with pytest.raises(ValueError, match="must hold uint8"):  # an object array needs pickle: never loaded
         _check_sample({FRAMES_MEMBER: npy(np.array([None, 1], dtype=object)), "json": fps})
     with pytest.raises(ValueError, match="no image member"):
         _check_sample({"txt": b"a mission"})

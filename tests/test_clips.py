@@ -8,12 +8,13 @@ import io
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from data_modules import BadSampleError, ClipViews, VideoDataModule
+from data_modules import BadSampleError, ClipViews, DataConfigError, VideoDataModule
 from data_modules.builder import iterate_shard
 from data_modules.builder import main as vlp_data
 from data_modules.clips import FrameSampler, read_clip
@@ -177,8 +178,10 @@ def test_clips_round_trip_through_the_data_module(tmp_path):
          "timeline segment 0 [1.0, 9.0) s is outside the clip of 2 s"),
         ({"json": json.dumps({"fps": FPS, "timeline": [{"start": 1.0, "end": 1.0, "text": "x"}]}).encode()},
          "outside the clip"),
+        ({"json": json.dumps({"fps": FPS, "timeline": [{"start": -0.5, "end": 1.0, "text": "x"}]}).encode()},
+         "timeline segment 0 [-0.5, 1.0) s is outside"),
     ],
-    ids=["corrupt-video", "too-short", "segment-outside", "empty-segment"],
+    ids=["corrupt-video", "too-short", "segment-outside", "empty-segment", "negative-start"],
 )
 def test_bad_clips_are_counted_with_their_reason_and_strict_mode_raises(tmp_path, caplog, bad, reason):
     samples = [clip_sample(f"clip{index}", 16) for index in range(4)]
@@ -225,6 +228,27 @@ def test_clip_stream_resumes_mid_epoch_exactly(tmp_path, num_workers):
             assert torch.equal(expected[field], got[field]), field
 
 
+def test_the_method_declares_the_clip_views_and_the_trainer_finishes_them_on_its_device(tmp_path):
+    pattern = write_clip_shards(tmp_path / "clips", [clip_sample(f"c{index}", 8) for index in range(4)])
+
+    class VideoMAE:
+        required_keys = ("video",)
+        image_size = 16
+
+        def train_views(self) -> ClipViews:
+            return ClipViews(num_frames=4, mask_ratio=0.9, patch_size=4)
+
+    datamodule = VideoDataModule(train_shards=pattern, batch_size=2, num_workers=0)
+    datamodule.trainer = SimpleNamespace(lightning_module=VideoMAE(), global_rank=0, world_size=1, current_epoch=0,
+                                         training=True, loggers=[])
+    datamodule.setup("fit")
+    batch = datamodule.on_before_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
+    assert [(tuple(video.shape), video.dtype) for video in batch["video"]] == [((2, 4, 16, 16, 3), torch.uint8)]
+    batch = datamodule.on_after_batch_transfer(batch, 0)
+    assert batch["video"].shape == (2, 4, 3, 16, 16) and batch["video"].dtype == torch.float32
+    assert batch["tube_mask"].shape == (2, 2, 16) and (batch["tube_mask"].sum(-1) == 14).all()  # round(0.9 x 16)
+
+
 def test_video_data_module_names_what_the_method_needs(tmp_path):
     pattern = write_clip_shards(tmp_path / "clips", [{"__key__": "a", "frames.npy": npy_bytes(frame_stack(8))}])
 
@@ -236,8 +260,8 @@ def test_video_data_module_names_what_the_method_needs(tmp_path):
             return ClipViews(num_frames=4)
 
     datamodule = VideoDataModule(train_shards=pattern, num_workers=0)
-    datamodule.trainer = type("Trainer", (), {"lightning_module": Classifier(), "global_rank": 0, "world_size": 1})()
-    with pytest.raises(Exception, match="Classifier needs `label` but train_shards=.* has no .cls members"):
+    datamodule.trainer = SimpleNamespace(lightning_module=Classifier(), global_rank=0, world_size=1)
+    with pytest.raises(DataConfigError, match="Classifier needs `label` but train_shards=.* has no .cls members"):
         datamodule.setup("fit")
 
 
@@ -269,6 +293,26 @@ def test_vlp_data_moving_is_deterministic_and_captions_follow_the_motion(make_sh
     assert vlp_data(["inspect", str(tmp_path / "a")]) == 0
     shown = capsys.readouterr().out
     assert "12 frames 32x32 at" in shown and "s: moving " in shown
+
+
+def test_vlp_data_moving_from_fashion_mnist_names_the_garment(tmp_path):
+    import gzip
+
+    images = np.zeros((3, 28, 28), np.uint8)
+    images[:, 6:22, 9:19] = 200  # a bright garment-sized block on black
+    labels = np.array([1, 8, 1], np.uint8)  # trouser, bag, trouser
+    header = lambda data: bytes([0, 0, 8, data.ndim]) + b"".join(  # noqa: E731
+        int(size).to_bytes(4, "big") for size in data.shape)
+    for name, data in (("train-images-idx3-ubyte.gz", images), ("train-labels-idx1-ubyte.gz", labels)):
+        (tmp_path / name).write_bytes(gzip.compress(header(data) + data.tobytes()))
+    assert vlp_data(["moving", str(tmp_path / "out"), "--source", "fashion-mnist", "--root", str(tmp_path),
+                     "--count", "4", "--frames", "8", "--size", "32"]) == 0
+    for _, sample in iterate_shard(tmp_path / "out" / "train-000000.tar"):
+        meta = json.loads(sample["json"])
+        assert meta["object"] in ("trouser", "bag") and meta["object_label"] == {"trouser": 1, "bag": 8}[meta["object"]]
+        assert sample["txt"].decode().startswith(f"a {meta['object']} moving ")
+        frames = np.load(io.BytesIO(sample["frames.npy"]), allow_pickle=False)
+        assert (frames.max((1, 2, 3)) >= 150).all()  # the garment is in every frame
 
 
 def test_vlp_data_videos_from_a_csv_keeps_the_bytes_and_skips_undecodable_files(tmp_path, capsys):

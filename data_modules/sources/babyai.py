@@ -50,10 +50,10 @@ from functools import partial
 
 import numpy as np
 
+from data_modules.clips import FRAMES_MEMBER
 from data_modules.sources import Record, SourceData, SourceError
 
 HELDOUT_SPLIT = "unseen"
-FRAMES_MEMBER = "frames.npy"
 FPS = 4.0
 VIEWS = ("full", "agent")
 #: small levels (at most 11 cells a side) the bot solves in 1-25 actions (minigrid 3.2, every one of 10 seeds
