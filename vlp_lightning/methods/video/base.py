@@ -1,8 +1,8 @@
 """The shared base of the video-language family: an image tower applied to every frame, a text tower, one joint
 space (X-CLIP and HecVL are thin files on it).
 
-`VideoTextMethod` is also the "frame-averaged CLIP" baseline those papers compare against (the mean pooling of
-X-CLIP's ablations, Ni et al. 2022, sec. 4; CLIP4Clip's meanP): for a clip x = (x_1 .. x_T) and a caption y,
+`VideoTextMethod` is also the "frame-averaged CLIP" baseline those papers compare against (the mean pooling that
+X-CLIP's ablations, Ni et al. 2022, replace by MIT; CLIP4Clip's meanP): for a clip x = (x_1 .. x_T) and a caption y,
 
     e_t = W_v f(x_t)                     [B, T, D]   per-frame embeddings (f: the image tower's pooled features)
     v = normalise(pool(e_1 .. e_T))      [B, D]      pool = mean over frames here; a method overrides `pool_frames`
