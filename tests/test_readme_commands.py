@@ -15,6 +15,7 @@ import re
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -28,7 +29,10 @@ README = REPO / "README.md"
 #: programs the README may show that this test does not run: environment set-up and cluster launchers' own flags.
 NOT_CHECKED = {"source", "tensorboard"}
 #: `vlp-data` sources that download (from npm / Debian) or read what those wrote; they are parsed, not run.
-DOWNLOADING_SOURCES = {"emoji", "openclipart", "fashion-mnist", "wordnet", "instructions"}
+DOWNLOADING_SOURCES = {"emoji", "openclipart", "fashion-mnist", "wordnet", "instructions", "moving"}
+#: `vlp-data` sources that need no download but take too long for the suite (babyai rolls out ~1,000 episodes:
+#: tests/test_babyai.py runs it on two levels); parsed, not run.
+SLOW_SOURCES = {"babyai"}
 
 
 def readme_commands() -> list[str]:
@@ -101,7 +105,7 @@ def test_every_command_is_of_a_checked_kind():
 
 def write_tiny_inputs(root: Path) -> None:
     """What the README's `vlp-data` commands read: photos/ (captions and class folders), captions.csv,
-    pairs.jsonl."""
+    pairs.jsonl, clips.csv (one 8-frame .mp4 per class, written with PyAV)."""
     colours = {"cat": (200, 30, 30), "dog": (30, 30, 200)}
     rows = []
     for name, colour in colours.items():
@@ -120,6 +124,27 @@ def write_tiny_inputs(root: Path) -> None:
     with open(root / "pairs.jsonl", "w") as handle:
         for row in rows:
             handle.write(json.dumps({"image": row["filepath"], "caption": row["title"], "label": row["label"]}) + "\n")
+    with open(root / "clips.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "caption", "label"])
+        writer.writeheader()
+        for name, colour in colours.items():
+            write_mp4(root / f"{name}.mp4", colour)
+            writer.writerow({"path": f"{name}.mp4", "caption": f"a {name} walking", "label": name})
+
+
+def write_mp4(path: Path, colour: tuple[int, int, int]) -> None:
+    """8 frames of 16x16 in `colour`, fading, as an H.264 .mp4 (PyAV, the video extra)."""
+    import av
+
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        for index in range(8):
+            pixels = np.full((16, 16, 3), colour, np.uint8) // (index + 1)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
 
 
 def test_vlp_data_commands_run_on_tiny_inputs(tmp_path, monkeypatch):
@@ -131,7 +156,7 @@ def test_vlp_data_commands_run_on_tiny_inputs(tmp_path, monkeypatch):
         if words[0] != "vlp-data":
             continue
         arguments = [word.strip("[]") for word in words[1:]]  # `[--label-col label]`: the optional part, given
-        if arguments[0] in DOWNLOADING_SOURCES:
+        if arguments[0] in DOWNLOADING_SOURCES | SLOW_SOURCES:
             vlp_data_parser().parse_args(arguments)
             continue
         assert vlp_data(arguments) == 0, command
