@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import Target, write_result  # noqa: E402
+from common import Target, publish  # noqa: E402
 
 from data_modules.clip_views import ClipViews  # noqa: E402
 from data_modules.clips import FrameSampler  # noqa: E402
@@ -144,6 +144,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=96, help="stored frame side in pixels (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
+    started = time.perf_counter()
     torch.set_num_threads(1)
     count = args.clips or (96 if args.quick else 400)
     rows = []
@@ -168,15 +169,13 @@ def main() -> int:
                       f"{per_worker / raw:>15.2f}")
     targets = [Target(f"clip pipeline per worker / raw decode, mp4, {row['num_workers']} workers",
                       row["per_worker_fraction_of_raw"], GOAL_FRACTION) for row in rows if row["member"] == "mp4"]
-    path = write_result("video_throughput", {
+    publish("video_throughput", {
+        "seconds": time.perf_counter() - started,
         "quick": args.quick, "clips": count, "frames": args.frames, "size": args.size,
         "sampled_frames": SAMPLED_FRAMES, "crop_size": CROP_SIZE, "batch_size": args.batch_size,
         "clock": "process_time (num_workers=0) / RUSAGE_CHILDREN (workers); raw decode in num_workers processes",
         "rows": rows, "targets": [target.as_dict() for target in targets],
-    })
-    print(f"wrote {path}")
-    for target in targets:
-        print(target.line())
+    }, targets)
     return 0
 
 
