@@ -170,7 +170,9 @@ def write_result(name: str, report: dict, path: Path | None = None) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- README
 def publish(name: str, report: dict, targets: list[Target]) -> Path:
-    """Write `report` (with its `seconds`) as bench/results/<name>.json, say where, then print every target line."""
+    """Write `report` (with its `seconds`) and its targets as bench/results/<name>.json, say where, then print every
+    target line (the README's results table reads the targets from the JSON)."""
+    report = {**report, "targets": [target.as_dict() for target in targets]}
     path = write_result(name, report)
     print(f"\nwrote {path} ({report['seconds']:.0f} s)")
     for target in targets:

@@ -169,6 +169,39 @@ def nearest_neighbour_baseline(cli: VLPCLI, shards: str) -> dict[str, float]:
     return caption_metrics(captions, [split_captions(caption) for caption in queries.captions])
 
 
+def targets(report: dict) -> list[Target]:
+    """The goals, from the report alone (so a stored run's targets can be recomputed)."""
+    retrieval, captions, regression = report["retrieval"], report["captions"], report["regression"]
+    reading, probes, grounding = report["reading"], report["probes"], report["grounding"]
+    unseen = retrieval.get("unseen", {})
+    goals = [
+        Target(f"{method} ITM-reranked i2t R@1 - CLIP i2t R@1, unseen (points)",
+               100 * (unseen[f"{method} (ITM re-ranked top 16)"]["i2t_R@1"] - unseen["CLIP"]["i2t_R@1"]), 0.0)
+        for method in sorted(RERANKS) if f"{method} (ITM re-ranked top 16)" in unseen and "CLIP" in unseen
+    ]
+    for method in sorted(CAPTIONERS):
+        if f"{method} (greedy)" in captions.get("unseen", {}):
+            goals.append(Target(f"{method} CIDEr - 1-NN CIDEr in its space, unseen concepts",
+                                  captions["unseen"][f"{method} (greedy)"]["CIDEr"]
+                                  - captions["unseen"][f"1-NN caption ({method} space)"]["CIDEr"], 0.0))
+    if "UrbanCLIP" in regression:
+        goals.append(Target("UrbanCLIP R2 - its random-init R2, Emoji version of unseen concepts",
+                              regression["UrbanCLIP"]["R2"] - regression["UrbanCLIP (random init)"]["R2"], 0.0))
+    if "UNIT (greedy)" in reading:
+        goals.append(Target("UNIT word accuracy - nearest-rendering accuracy, unseen font (points)",
+                              100 * (reading["UNIT (greedy)"]["exact_match"]
+                                     - reading["nearest training rendering (pixels)"]["exact_match"]), 0.0))
+    if "FIBER-fine" in grounding.get("unseen", {}):
+        unseen_grounding = grounding["unseen"]
+        goals.append(Target("FIBER fine acc@0.5 - centre-box acc@0.5, unseen concepts (points)",
+                              100 * (unseen_grounding["FIBER-fine"]["acc@0.5"]
+                                     - unseen_grounding["constant box (centre)"]["acc@0.5"]), 0.0))
+    if "ARL" in probes:
+        goals.append(Target("ARL linear probe - its random-init probe, unseen concepts' category (points)",
+                              100 * (probes["ARL"]["linear_top1"] - probes["ARL (random init)"]["linear_top1"]), 0.0))
+    return goals
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=4.0, help="training wall-clock per method (default 4)")
@@ -254,33 +287,7 @@ def main() -> None:
               "probes": probes, "grounding": grounding}
     report["table"] = tables(report)
     print("\n" + report["table"])
-    unseen = retrieval.get("unseen", {})
-    targets = [
-        Target(f"{method} ITM-reranked i2t R@1 - CLIP i2t R@1, unseen (points)",
-               100 * (unseen[f"{method} (ITM re-ranked top 16)"]["i2t_R@1"] - unseen["CLIP"]["i2t_R@1"]), 0.0)
-        for method in sorted(RERANKS) if f"{method} (ITM re-ranked top 16)" in unseen and "CLIP" in unseen
-    ]
-    for method in sorted(CAPTIONERS):
-        if f"{method} (greedy)" in captions.get("unseen", {}):
-            targets.append(Target(f"{method} CIDEr - 1-NN CIDEr in its space, unseen concepts",
-                                  captions["unseen"][f"{method} (greedy)"]["CIDEr"]
-                                  - captions["unseen"][f"1-NN caption ({method} space)"]["CIDEr"], 0.0))
-    if "UrbanCLIP" in regression:
-        targets.append(Target("UrbanCLIP R2 - its random-init R2, Emoji version of unseen concepts",
-                              regression["UrbanCLIP"]["R2"] - regression["UrbanCLIP (random init)"]["R2"], 0.0))
-    if "UNIT (greedy)" in reading:
-        targets.append(Target("UNIT word accuracy - nearest-rendering accuracy, unseen font (points)",
-                              100 * (reading["UNIT (greedy)"]["exact_match"]
-                                     - reading["nearest training rendering (pixels)"]["exact_match"]), 0.0))
-    if "FIBER-fine" in grounding.get("unseen", {}):
-        unseen_grounding = grounding["unseen"]
-        targets.append(Target("FIBER fine acc@0.5 - centre-box acc@0.5, unseen concepts (points)",
-                              100 * (unseen_grounding["FIBER-fine"]["acc@0.5"]
-                                     - unseen_grounding["constant box (centre)"]["acc@0.5"]), 0.0))
-    if "ARL" in probes:
-        targets.append(Target("ARL linear probe - its random-init probe, unseen concepts' category (points)",
-                              100 * (probes["ARL"]["linear_top1"] - probes["ARL (random init)"]["linear_top1"]), 0.0))
-    publish("fusion", report, targets)
+    publish("fusion", report, targets(report))
 
 
 def tables(report: dict) -> str:

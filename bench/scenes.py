@@ -68,6 +68,14 @@ def train(arm: str, steps: int, root: Path) -> VLPCLI:
     return cli
 
 
+def targets(report: dict) -> list[Target]:
+    """The goals, from the report alone (so a stored run's targets can be recomputed)."""
+    rows = report["arms"]
+    return [Target(f"PTP - CLIP block accuracy, {split} (points)",
+                   100 * (rows["CLIP + PTP"][split]["accuracy"] - rows["CLIP"][split]["accuracy"]), 0.0)
+            for split in SPLITS]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps per arm (default 400)")
@@ -93,10 +101,7 @@ def main() -> None:
             print(f"{arm}: {json.dumps(rows[arm])}", flush=True)
     report = {"seconds": time.perf_counter() - started, "steps": steps, "arms": rows, "table": table(rows)}
     print("\n" + report["table"])
-    targets = [Target(f"PTP - CLIP block accuracy, {split} (points)",
-                      100 * (rows["CLIP + PTP"][split]["accuracy"] - rows["CLIP"][split]["accuracy"]), 0.0)
-               for split in SPLITS]
-    publish("scenes", report, targets)
+    publish("scenes", report, targets(report))
 
 
 def table(rows: dict[str, dict]) -> str:
