@@ -84,6 +84,7 @@ from data_modules.sources.shots import few_shot_source
 from data_modules.sources.tuxpaint import DEFAULT_SVG_SIZE as TUXPAINT_SVG_SIZE
 from data_modules.sources.tuxpaint import tuxpaint_source
 from data_modules.sources.videos import videos_source
+from data_modules.sources.youku_mplug import youku_mplug_source
 from data_modules.sources.wordnet import wordnet_source
 from data_modules.sources.words import DEFAULT_FONTS_DIR, DEFAULT_VOCABULARY, HELDOUT_SPLIT, words_source
 
@@ -982,6 +983,28 @@ def make_parser() -> argparse.ArgumentParser:
                        "timeline]")
     videos.add_argument("--licence", default="unknown", help="licence recorded in the manifest (default: %(default)s)")
     videos.set_defaults(make_source=lambda a: videos_source(a.folder, a.csv, a.licence))
+
+    youku = _build_command(
+        commands, "youku-mplug",
+        "one CSV of the Youku-mPLUG release (Chinese video titles, captions, categories) as clip shards, the videos "
+        "stored as their original bytes", resizable=False,
+        epilog=(
+            "Reads the release's columns: video_id:FILE or clip_name:FILE (the video's path under --video-root),\n"
+            "title, caption or golden_caption (a list of references in the val / test captioning CSVs) and label\n"
+            "(a category name; --classnames classname.json keeps the release's indices).\n"
+            "example:\n"
+            "  vlp-data youku-mplug data/youku-cls --csv youku/cls_train.csv --video-root youku/videos \\\n"
+            "      --classnames youku/classname.json --split train=0.95,val=0.05"
+        ),
+    )
+    youku.add_argument("--csv", type=Path, required=True, metavar="FILE", help="one CSV of the release")
+    youku.add_argument("--video-root", type=Path, default=None, metavar="DIR",
+                       help="folder the CSV's video paths are relative to (default: the CSV's folder)")
+    youku.add_argument("--classnames", type=Path, default=None, metavar="FILE",
+                       help="the release's classname.json ({name: index}; default: indices of the sorted names)")
+    youku.add_argument("--licence", default="Youku-mPLUG release terms (see its ModelScope page)",
+                       help="licence recorded in the manifest (default: %(default)s)")
+    youku.set_defaults(make_source=lambda a: youku_mplug_source(a.csv, a.video_root, a.classnames, a.licence))
 
     inspect_summary = "counts, members, examples and a decode check of every sample"
     inspect = commands.add_parser("inspect", help=inspect_summary, description=inspect_summary)
