@@ -18,7 +18,7 @@ h(x̂_i), learned jointly; an L2 loss between y_i and h(x̂_i) collapses (both s
 so both are scored against K learnable prototypes C (unit rows, renormalised before each step) and the loss
 predicts cluster assignments instead:
 
-    s_i = ŷ_iᵀ C̄ᵀ,   t_i = ĥ_iᵀ Cᵀ                (ŷ, ĥ: L2-normalised; C̄: the prototypes without gradient)
+    s_i = norm(y_i) sg(C)ᵀ,  t_i = norm(h(x̂_i)) Cᵀ     [K] scores (norm: L2 normalisation, sg: no gradient)
     Q_s = SK(S), Q_t = SK(T)   Sinkhorn-Knopp over all B x |M| masked tubes of the batch: the entropic optimal
                                transport of SwAV (`losses.swav.sinkhorn_knopp`, ε, iterations) that spreads the tubes
                                evenly over the K prototypes, so neither side can collapse
@@ -91,12 +91,13 @@ class SIGMA(VLPMethod):
         hard_assignments: predict the one-hot argmax of the codes (the released code) rather than the soft codes.
         normalize_target: per-tube normalised pixels as the pixel target and the MLP's input (True released).
         frame_stride: frames between sampled frames (VideoMAE's `sampling_rate`: 4 for Kinetics, 2 for SSv2).
-        crop_scale: area range of the one random crop drawn per clip.
+        crop_scale: area range of the one random crop drawn per clip (VideoMAE's multi-scale crop takes 0.66-1 of
+            the short side: 0.44-1 of the area).
         optimizer, lr_scheduler, compile: see `VLPMethod`.
     """
 
     paper = Paper("SIGMA: Sinkhorn-Guided Masked Video Modeling", "Salehi et al.", 2024,
-                  note="Kinetics not reachable: moving-emoji clips; MLP projection only (no DINO weights here)")
+                  note="Kinetics not reachable: moving-emoji clips; MLP projection only, no DINO weights here")
     family = "masked video modelling"
     view_kind = "clip"
     required_keys = ("video",)
@@ -119,7 +120,7 @@ class SIGMA(VLPMethod):
         hard_assignments: bool = True,
         normalize_target: bool = True,
         frame_stride: int = 2,
-        crop_scale: tuple[float, float] = (0.4, 1.0),
+        crop_scale: tuple[float, float] = (0.44, 1.0),
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
         compile: bool = False,
