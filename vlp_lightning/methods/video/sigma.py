@@ -37,7 +37,7 @@ The mask is drawn in the method (`tube_masking`, torch's global RNG: the base cl
 run draws the same masks), not taken from `ClipViews`' `tube_mask`: the mask's geometry (patch, tubelet, ratio) is
 the model's, and one source cannot disagree with it; the views here never ask for a mask. Representation
 (`probe_features`): the mean of the encoder's tokens on the whole, unmasked clip, a still image a clip of repeated
-frames; SIGMA's linear probe reads the encoder, not the decoder (its sec. 4).
+frames; SIGMA's linear evaluation reads the encoder, not the decoder.
 
 Not confirmed / deliberate changes: the paper's section and equation numbers (the text here follows the released
 code, which this file was checked against, not copied from); the DINO-feature projection ("SIGMA (DINO)", the
@@ -152,9 +152,8 @@ class SIGMA(VLPMethod):
                 layers += [nn.Linear(fan_in, fan_out), nn.GELU()]
             self.projection = nn.Sequential(*layers[:-1])  # no GELU after the last layer
             self.prototypes = nn.Parameter(torch.randn(num_prototypes, feature_dim))
-        videomae_init(self.decoder_blocks)
-        videomae_init(self.decoder_head)
-        videomae_init(self.encoder_to_decoder)
+        videomae_init(self.decoder_blocks)  # the released decoder's `_init_weights`; encoder_to_decoder and the
+        videomae_init(self.decoder_head)    # projection keep PyTorch's defaults there, as here
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
     @property
