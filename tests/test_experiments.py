@@ -30,8 +30,8 @@ def test_there_are_recipes_for_every_method_family():
     families = {path.parent.name for path in TINY}
     assert {"clip", "convirt", "align", "swav", "mae", "selfie", "sit", "byol", "simclr", "mocov2", "mocov3", "dino",
             "barlowtwins", "vicreg", "mmc", "look", "hvp", "coop", "cocoop", "maple", "pre", "drtune", "damvp",
-            "peftclassifier", "pvp", "llava", "limber", "simvlg", "infmllm", "visionflan", "pa-llava", "pllava", "youku-mplug", "xclip",
-            "hecvl"} <= families
+            "peftclassifier", "pvp", "llava", "limber", "simvlg", "infmllm", "visionflan", "pa-llava", "pllava",
+            "youku-mplug", "xclip", "hecvl", "sigma"} <= families
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=recipe_id)

@@ -40,6 +40,7 @@ from vlp_lightning.methods.selfie import Selfie
 from vlp_lightning.methods.sit import SiT
 from vlp_lightning.methods.swav import SwAV
 from vlp_lightning.methods.video.hecvl import HecVL
+from vlp_lightning.methods.video.sigma import SIGMA
 from vlp_lightning.methods.video.xclip import XCLIP
 
 
@@ -56,5 +57,5 @@ __all__ = [
     "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP", "PEFTClassifier", "PVP", "PCB",
     "ALBEF", "CoCa", "UrbanCLIP", "FIBER", "BUS", "UNIT", "ARL",
     "LLaVA", "LiMBeR", "SimVLG", "InfMLLM", "VisionFlan", "PLLaVA",
-    "XCLIP", "HecVL",
+    "XCLIP", "HecVL", "SIGMA",
 ]
