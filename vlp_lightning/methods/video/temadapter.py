@@ -44,9 +44,11 @@ the decoder at position t reads frames <= t and predicts frame t + 1, its memory
 (frames <= t only; the prediction loss still trains the encoder, as in the official code) plus the UNREFINED
 description embedding e_{y*} (the refined one has seen the whole clip). The official QA loss is a multi-class hinge,
 sum_k max(0, 1 + s_k - s_{k*}) on unnormalised dot products, weighted 0.01 against the MSE; here CE over the scaled
-cosines (w_qa = w_pred = 1 by default). Not confirmed: the paper's equation numbers (sections are cited instead),
-its exact template sentences (the official repository ships the SUTD-TrafficQA annotations already converted), and
-whether the paper's prediction is of the next frame or of the next clip (here the next sampled frame).
+cosines (w_qa = w_pred = 1 by default; Fig. 3's caption names "classification and reconstruction losses"). Not
+confirmed: the paper's equation numbers and the section numbers cited above (read from the official code and the
+abstract's order, not from the paper's text), its exact template sentences (the official repository ships the
+SUTD-TrafficQA annotations already converted), and whether the paper's prediction is of the next frame or of the
+next clip (here the next sampled frame).
 """
 
 from __future__ import annotations
@@ -217,10 +219,13 @@ class TemAdapter(VideoTextMethod):
             return self.image_projection(self.frame_features(video))
 
     def clip_texts(self, texts: list[str]) -> Tensor:
-        """Sentences -> the frozen CLIP's text embeddings e [N, D]."""
-        tokens = {name: value.to(self.logit_scale.device) for name, value in self.tokenizer(texts).items()}
+        """Sentences -> the frozen CLIP's text embeddings e [N, D], each distinct sentence encoded once (the batch's
+        candidates repeat for every sample)."""
+        positions = {text: index for index, text in enumerate(dict.fromkeys(texts))}
+        tokens = {name: value.to(self.logit_scale.device) for name, value in self.tokenizer(list(positions)).items()}
+        index = torch.tensor([positions[text] for text in texts], device=self.logit_scale.device)
         with torch.no_grad():
-            return self.text_projection(self.text(tokens))
+            return self.text_projection(self.text(tokens))[index]
 
     def describe(self, question: str, answer: str) -> str:
         """The event description of a question-answer pair (sec. 3.3's template)."""

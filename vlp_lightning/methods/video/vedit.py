@@ -10,8 +10,9 @@ and M the masked (unseen) steps:
 * masked clip-level latent prediction (Fig. 1, sec. 3): `future` masks the last `num_future` steps (step
   forecasting / action anticipation: the next steps from the observed ones), `intermediate` every step but the first
   and the last (procedure planning: the steps between a start and a goal); `both` draws one of the two per sample.
-* flow matching (rectified flow, the noise schedule of SD3, Esser et al. 2024, eq. 1-3; Lipman et al. 2023): for a
-  time t ~ U(0, 1) and noise ε ~ N(0, I), the masked steps become
+* flow matching (Fig. 1: "a flow matching noise scheduler"; rectified flow, Liu et al. 2022, Lipman et al. 2023,
+  in the form of SD3, Esser et al. 2024, sec. 3.1): for a time t ~ U(0, 1) and noise ε ~ N(0, I), the masked steps
+  become
 
       x_t = (1 - t) z + t ε,         the target velocity  v = dx_t/dt = ε - z,
 
@@ -36,7 +37,8 @@ and M the masked (unseen) steps:
 `probe_features` (kNN, linear probe) is the mean of VEDiT's last hidden states over the fully observed sequence at
 t = 0, the tokens the task probe pools.
 
-Not confirmed from the paper (its code is not in this suite's reach): the distribution of t (uniform here; SD3
+Not confirmed from the paper (neither its text beyond the abstract and Fig. 1 nor its code were in reach here, so no
+equation numbers are cited): the distribution of t (uniform here; SD3
 samples it logit-normal), whether the velocity or the noise is predicted, VEDiT's exact conditioning of the observed
 steps (here clean tokens in the same sequence, as masked prediction), whether the attentive classifier reads the
 denoised embeddings or VEDiT's hidden states, and the loss weights. Deliberate changes: one token per sampled frame
