@@ -38,13 +38,13 @@ and M the masked (unseen) steps:
 t = 0, the tokens the task probe pools.
 
 Not confirmed from the paper (neither its text beyond the abstract and Fig. 1 nor its code were in reach here, so no
-equation numbers are cited): the distribution of t (uniform here; SD3
-samples it logit-normal), whether the velocity or the noise is predicted, VEDiT's exact conditioning of the observed
-steps (here clean tokens in the same sequence, as masked prediction), whether the attentive classifier reads the
-denoised embeddings or VEDiT's hidden states, and the loss weights. Deliberate changes: one token per sampled frame
-(the paper's clip-level embeddings may keep several tokens per clip), the LayerNorm on the frozen embeddings, and the
-probes trained together with the predictor in one run (the paper also trains VEDiT without pretraining, jointly with
-the downstream classifier, which is what this does when labels are given).
+equation numbers are cited): the distribution of t (uniform here; SD3 samples it logit-normal), whether the velocity
+or the noise is predicted, VEDiT's exact conditioning of the observed steps (here clean tokens in the same sequence,
+as masked prediction), whether the attentive classifier reads the denoised embeddings or VEDiT's hidden states, and
+the loss weights. Deliberate changes: one token per sampled frame (the paper's clip-level embeddings may keep
+several tokens per clip), the LayerNorm on the frozen embeddings, and the probes trained together with the predictor
+in one run (the paper also trains VEDiT without pretraining, jointly with the downstream classifier, which is what
+this does when labels are given).
 """
 
 from __future__ import annotations
