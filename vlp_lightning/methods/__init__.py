@@ -41,6 +41,8 @@ from vlp_lightning.methods.sit import SiT
 from vlp_lightning.methods.swav import SwAV
 from vlp_lightning.methods.video.hecvl import HecVL
 from vlp_lightning.methods.video.sigma import SIGMA
+from vlp_lightning.methods.video.temadapter import TemAdapter
+from vlp_lightning.methods.video.vedit import VEDIT
 from vlp_lightning.methods.video.xclip import XCLIP
 
 
@@ -57,5 +59,5 @@ __all__ = [
     "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP", "PEFTClassifier", "PVP", "PCB",
     "ALBEF", "CoCa", "UrbanCLIP", "FIBER", "BUS", "UNIT", "ARL",
     "LLaVA", "LiMBeR", "SimVLG", "InfMLLM", "VisionFlan", "PLLaVA",
-    "XCLIP", "HecVL", "SIGMA",
+    "XCLIP", "HecVL", "SIGMA", "TemAdapter", "VEDIT",
 ]
