@@ -38,7 +38,9 @@ from vlp_lightning.methods.self_supervised.vicreg import VICReg
 from vlp_lightning.methods.selfie import Selfie
 from vlp_lightning.methods.sit import SiT
 from vlp_lightning.methods.swav import SwAV
+from vlp_lightning.methods.video.gfsltvlp import GFSLTVLP
 from vlp_lightning.methods.video.hecvl import HecVL
+from vlp_lightning.methods.video.violet import VIOLET
 from vlp_lightning.methods.video.xclip import XCLIP
 
 
@@ -55,5 +57,5 @@ __all__ = [
     "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP", "PEFTClassifier", "PVP", "PCB",
     "ALBEF", "CoCa", "UrbanCLIP", "FIBER", "BUS", "UNIT", "ARL",
     "LLaVA", "LiMBeR", "SimVLG", "InfMLLM", "VisionFlan",
-    "XCLIP", "HecVL",
+    "XCLIP", "HecVL", "VIOLET", "GFSLTVLP",
 ]
