@@ -31,9 +31,11 @@ Three pre-training losses, summed with weight 1 each (official `Agent_Pretrain.s
 
 Discrete visual tokens: the paper's q are DALL-E dVAE codes (8,192 entries, one per 32 px patch region), which are
 not reachable offline. Here they are **k-means codes of the patch pixels** (`codebook_size` centroids of the
-normalised pixel rows `patchify` gives, Lloyd's algorithm), **fitted once on the first training batch** (all its
-frames' patches; on rank 0 and broadcast to the others under DDP), then frozen like a pretrained tokenizer and
-stored in the checkpoint (`codebook`). A patch's token is its nearest centroid, computed on the unmasked clip.
+normalised pixel rows `patchify` gives, Lloyd's algorithm), **fitted once, on the patches of the first
+`codebook_batches` training batches** (1 by default: the first batch; gathered from every rank under DDP, fitted on
+rank 0 and broadcast), then frozen like a pretrained tokenizer and stored in the checkpoint (`codebook`). A patch's
+token is its nearest centroid, computed on the unmasked clip. Until the codebook is fitted (the first
+`codebook_batches` - 1 steps) the MVM term is 0.
 
 Representations: `probe_features` (the video transformer's class tokens averaged over frames, before the cross-modal
 transformer: what kNN and linear probes read), `match_scores` (the VTM logit of video-text pairs: VIOLET's
@@ -60,7 +62,7 @@ from torch import Tensor, nn
 
 from data_modules.clip_views import ClipViews
 from vlp_lightning.catalog import Paper
-from vlp_lightning.distributed import is_distributed
+from vlp_lightning.distributed import all_gather_no_grad, is_distributed
 from vlp_lightning.losses.fusion import mask_tokens, mlm_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.fusion.albef import mlm_head
@@ -96,8 +98,8 @@ def kmeans(points: Tensor, clusters: int, iterations: int, generator: torch.Gene
     points; an empty cluster keeps its centroid."""
     points = points.float()
     if points.shape[0] < clusters:
-        raise ValueError(f"k-means of {clusters} codes needs at least as many patches, the first batch has "
-                         f"{points.shape[0]}; lower codebook_size or raise the batch size")
+        raise ValueError(f"k-means of {clusters} codes needs at least as many patches, got {points.shape[0]}; "
+                         "lower codebook_size or raise codebook_batches")
     start = torch.randperm(points.shape[0], generator=generator)[:clusters].to(points.device)
     centroids = points[start].clone()
     for _ in range(iterations):
@@ -132,6 +134,8 @@ class VIOLET(VLPMethod):
         crop_scale: area range of the one random crop drawn per clip.
         codebook_size: visual-token vocabulary (DALL-E's 8,192 in the paper; k-means centroids here).
         kmeans_iterations: Lloyd iterations of the one-time codebook fit.
+        codebook_batches: training batches whose patches the codebook is fitted on (at least `codebook_size`
+            patches in all; at most 65,536 are kept).
         mask_probability: share of text tokens MLM masks (0.15).
         matching_candidates: O, texts each video is ranked against in VTM (official 4).
         matching_temperature: the VTM logits' divisor (official 0.05).
@@ -140,7 +144,8 @@ class VIOLET(VLPMethod):
     """
 
     paper = Paper("VIOLET: End-to-End Video-Language Transformers with Masked Visual-token Modeling", "Fu et al.",
-                  2021, note="k-means codes of patch pixels, fitted on the first batch, replace DALL-E's dVAE tokens")
+                  2021, note="k-means codes of patch pixels, fitted once on the first batches, replace DALL-E's "
+                  "dVAE tokens")
     family = "video-language"
     view_kind = "clip"
     required_keys = ("video", "text")
@@ -157,6 +162,7 @@ class VIOLET(VLPMethod):
         crop_scale: tuple[float, float] = (0.9, 1.0),
         codebook_size: int = 32,
         kmeans_iterations: int = 20,
+        codebook_batches: int = 1,
         mask_probability: float = 0.15,
         matching_candidates: int = 4,
         matching_temperature: float = 0.05,
@@ -201,6 +207,10 @@ class VIOLET(VLPMethod):
             trunc_normal_(parameter, std=0.02)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         self.codebook_size, self.kmeans_iterations = codebook_size, kmeans_iterations
+        if codebook_batches < 1:
+            raise ValueError(f"codebook_batches={codebook_batches}: the codebook is fitted on at least one batch")
+        self.codebook_batches = codebook_batches
+        self._codebook_patches: list[Tensor] = []  # patches seen before the fit (not in the checkpoint)
         self.mask_probability = mask_probability
         self.matching_count, self.matching_temperature = matching_candidates, matching_temperature
         self.matching_weight, self.mlm_weight, self.mvm_weight = matching_weight, mlm_weight, mvm_weight
@@ -264,24 +274,29 @@ class VIOLET(VLPMethod):
 
     @torch.no_grad()
     def fit_codebook(self, patches: Tensor) -> None:
-        """k-means of the patch rows of one batch [..., 3 p^2] into `codebook` (module doc); rank 0's under DDP."""
+        """k-means of patch rows [N, 3 p^2] into `codebook` (module doc); rank 0's centroids under DDP."""
         generator = torch.Generator().manual_seed(0)
-        points = patches.reshape(-1, patches.shape[-1])
-        if points.shape[0] > 65536:  # enough for any codebook size here; Lloyd's cost grows with N x K
-            points = points[torch.randperm(points.shape[0], generator=generator)[:65536].to(points.device)]
-        centroids = kmeans(points, self.codebook_size, self.kmeans_iterations, generator)
+        centroids = kmeans(patches, self.codebook_size, self.kmeans_iterations, generator)
         if is_distributed():
             dist.broadcast(centroids, src=0)
         self.codebook.copy_(centroids)
         self.codebook_fitted.fill_(True)
 
     @torch.no_grad()
-    def visual_tokens(self, video: Tensor) -> Tensor:
-        """video [B, T, 3, H, W] -> the discrete visual token of every patch [B, T, L] (its nearest centroid);
-        fits the codebook first when it is not fitted yet."""
+    def visual_tokens(self, video: Tensor) -> Tensor | None:
+        """video [B, T, 3, H, W] -> the discrete visual token of every patch [B, T, L] (its nearest centroid); None
+        while the codebook still collects its `codebook_batches` (it is fitted on the last of them)."""
         patches = self.frame_patches(video).float()
         if not bool(self.codebook_fitted):
-            self.fit_codebook(patches)
+            rows = all_gather_no_grad(patches.reshape(-1, patches.shape[-1]))
+            keep = 65536 // self.codebook_batches  # each batch's share of the patches k-means sees
+            if rows.shape[0] > keep:
+                rows = rows[torch.randperm(rows.shape[0], device=rows.device)[:keep]]
+            self._codebook_patches.append(rows)
+            if len(self._codebook_patches) < self.codebook_batches:
+                return None
+            self.fit_codebook(torch.cat(self._codebook_patches))
+            self._codebook_patches = []
         distances = torch.cdist(patches.flatten(0, 2), self.codebook.float())
         return distances.argmin(dim=1).view(patches.shape[:3])
 
@@ -326,7 +341,7 @@ class VIOLET(VLPMethod):
     def forward_loss(self, batch: dict) -> dict[str, Tensor]:
         video, text = batch["video"], batch["text"]
         grid_h, grid_w = self.patch_grid
-        codes = self.visual_tokens(video)                                                 # [B, T, L]
+        codes = self.visual_tokens(video)                                                 # [B, T, L] | None
         mask = blockwise_mask(video.shape[0], video.shape[1], grid_h, grid_w, video.device).flatten(2)
         masked_ids, labels = self.mask_text(text)
         video_tokens = self.video_tokens(self.mask_video(video, mask))                     # [B, V, width]
@@ -340,7 +355,10 @@ class VIOLET(VLPMethod):
         frames = video.shape[1]
         patch_states = out[:, :length].view(video.shape[0], frames, -1, out.shape[-1])
         patch_states = patch_states[:, :, self.vision.model.num_prefix_tokens:]           # [B, T, L, width]
-        loss_mvm, mvm_accuracy = self.masked_visual_token_loss(patch_states, codes, mask)
+        if codes is None:  # the codebook is not fitted yet: no targets
+            loss_mvm, mvm_accuracy = patch_states.sum() * 0.0, patch_states.new_zeros(())
+        else:
+            loss_mvm, mvm_accuracy = self.masked_visual_token_loss(patch_states, codes, mask)
         loss_vtm, vtm_accuracy = self.matching_loss(video_tokens, text_tokens, text["attention_mask"],
                                                     batch["caption"])
         loss = self.matching_weight * loss_vtm + self.mlm_weight * loss_mlm + self.mvm_weight * loss_mvm
