@@ -64,6 +64,7 @@ from data_modules.clip_views import ClipViews
 from vlp_lightning.catalog import Paper
 from vlp_lightning.distributed import all_gather_no_grad, is_distributed
 from vlp_lightning.losses.fusion import mask_tokens, mlm_loss
+from vlp_lightning.methods.adaptation.pcb import badge_select
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.fusion.albef import mlm_head
 from vlp_lightning.methods.fusion.common import text_specials
@@ -94,14 +95,14 @@ def blockwise_mask(batch: int, frames: int, grid_h: int, grid_w: int, device: to
 
 
 def kmeans(points: Tensor, clusters: int, iterations: int, generator: torch.Generator | None = None) -> Tensor:
-    """Lloyd's k-means of points [N, D] -> centroids [clusters, D] (fp32), started at `clusters` distinct random
-    points; an empty cluster keeps its centroid."""
+    """Lloyd's k-means of points [N, D] -> centroids [clusters, D] (fp32), seeded by k-means++ (Arthur &
+    Vassilvitskii 2007; the suite's `badge_select`); an empty cluster keeps its centroid."""
     points = points.float()
     if points.shape[0] < clusters:
         raise ValueError(f"k-means of {clusters} codes needs at least as many patches, got {points.shape[0]}; "
                          "lower codebook_size or raise codebook_batches")
-    start = torch.randperm(points.shape[0], generator=generator)[:clusters].to(points.device)
-    centroids = points[start].clone()
+    seeding = generator if points.device.type == "cpu" else None  # a CPU generator cannot draw on a GPU
+    centroids = points[badge_select(points, clusters, seeding).to(points.device)].clone()
     for _ in range(iterations):
         assignment = torch.cdist(points, centroids).argmin(dim=1)
         sums = torch.zeros_like(centroids).index_add_(0, assignment, points)
