@@ -58,6 +58,8 @@ def test_the_codebook_waits_for_its_batches_and_mvm_is_zero_until_then():
     torch.manual_seed(0)
     method = VIOLET(codebook_batches=2)
     batch = make_video_batch(method)
+    assert method.eval().visual_tokens(batch["video"]) is None  # validation never fits it
+    method.train()
     first = method.forward_loss(batch)
     assert first["mvm"] == 0 and not bool(method.codebook_fitted)
     second = method.forward_loss(make_video_batch(method, seed=1))

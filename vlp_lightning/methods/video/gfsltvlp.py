@@ -43,8 +43,9 @@ step; here one optimizer steps every loss each step (`decoder_lr` gives the deco
 losses touch disjoint parameters, so this is two optimizers at the same frequency); the official cross-entropies use
 label smoothing 0.2 and the stage-1 contrastive loss is a KL divergence to softmax(10 I), here the suite's plain
 losses (`captioning_loss`, ALBEF's multi-positive InfoNCE); words are masked at the token level of the suite's
-tokenizers; E_t pools its first token (mBART pools its end token), its vocabulary embeddings are not replaced by
-mBART's in stage 2 and nothing is pretrained (the paper starts E_t and D from mBART-large-cc25); the temporal
+tokenizers; E_t pools its first token (the official code pools the position of the largest id, mBART's
+language code at the end); D's vocabulary embeddings are not replaced by mBART's in stage 2 and nothing is
+pretrained (the paper starts E_t and D from mBART-large-cc25, the frame tower from ImageNet); the temporal
 convolution pads to keep the length before each pooling ("same" convolutions, ceil-mode pooling) so short clips
 keep tokens (official: no padding); the decoder also attends to the masked sentence's padding states (the shared
 `captioning_loss` takes no memory mask; padding attends only to itself in E_t, so it carries no sentence).

@@ -286,9 +286,12 @@ class VIOLET(VLPMethod):
     @torch.no_grad()
     def visual_tokens(self, video: Tensor) -> Tensor | None:
         """video [B, T, 3, H, W] -> the discrete visual token of every patch [B, T, L] (its nearest centroid); None
-        while the codebook still collects its `codebook_batches` (it is fitted on the last of them)."""
+        while the codebook still collects its `codebook_batches` training batches (it is fitted on the last of
+        them), and in evaluation before it is fitted."""
         patches = self.frame_patches(video).float()
         if not bool(self.codebook_fitted):
+            if not self.training:  # only training batches fit it (not Lightning's sanity-check validation)
+                return None
             rows = all_gather_no_grad(patches.reshape(-1, patches.shape[-1]))
             keep = 65536 // self.codebook_batches  # each batch's share of the patches k-means sees
             if rows.shape[0] > keep:
@@ -329,8 +332,8 @@ class VIOLET(VLPMethod):
         """L_VTM (eq. 1): each video against its text and O - 1 others, cross-entropy with the positive first."""
         batch = video_tokens.shape[0]
         count = min(batch, self.matching_count)
-        if count < 2:  # one sample: nothing to rank against
-            return video_tokens.sum() * 0.0, video_tokens.new_ones(())
+        if count < 2:  # one sample: nothing to rank against (the head still takes part, for DDP)
+            return self.matching_head(video_tokens[:, 0]).sum() * 0.0, video_tokens.new_ones(())
         candidates = draw_matching_candidates(list(captions), count, video_tokens.device)     # [B, O]
         videos = video_tokens.repeat_interleave(count, dim=0)                            # [B O, V, width]
         out = self.cross_modal(videos, text_tokens[candidates.flatten()], attention_mask[candidates.flatten()])
@@ -356,8 +359,8 @@ class VIOLET(VLPMethod):
         frames = video.shape[1]
         patch_states = out[:, :length].view(video.shape[0], frames, -1, out.shape[-1])
         patch_states = patch_states[:, :, self.vision.model.num_prefix_tokens:]           # [B, T, L, width]
-        if codes is None:  # the codebook is not fitted yet: no targets
-            loss_mvm, mvm_accuracy = patch_states.sum() * 0.0, patch_states.new_zeros(())
+        if codes is None:  # the codebook is not fitted yet: no targets (the head still takes part, for DDP)
+            loss_mvm, mvm_accuracy = self.mvm_head(patch_states[:1, 0, :1]).sum() * 0.0, patch_states.new_zeros(())
         else:
             loss_mvm, mvm_accuracy = self.masked_visual_token_loss(patch_states, codes, mask)
         loss_vtm, vtm_accuracy = self.matching_loss(video_tokens, text_tokens, text["attention_mask"],
