@@ -11,13 +11,13 @@ encoder in the official `mytran` config).
 
 **Stage 1, VLP pre-tasks (sec. 3.2):**
 
-* CLIP between the visual encoder and a text encoder E_t (sec. 3.2, eq. 1-2): a learnable [CLS] token is prepended
+* CLIP between the visual encoder and a text encoder E_t (sec. 3.2): a learnable [CLS] token is prepended
   to the visual tokens and its E_v output, linearly projected (official `lm_head`, no bias), is the video embedding
   v; the text embedding u is E_t's pooled output (the official text head is the identity), both L2-normalised, and
       L_CLIP = ½ (CE(s V Uᵀ, P) + CE(s U Vᵀ, Pᵀ)),   s = exp(logit scale), initialised 1/0.07,
   with P the positives: the diagonal and every pair with the same sentence (BabyAI missions repeat in a batch;
   `VideoTextMethod`'s rule).
-* Masked self-supervised learning (sec. 3.2, eq. 3; official `Text_Decoder.forward`): a sentence y is corrupted to
+* Masked self-supervised learning (sec. 3.2; official `Text_Decoder.forward`): a sentence y is corrupted to
   ŷ (official `NoiseInjecting`, "omit_last": its last ceil(n U(0, 0.15)) words become <mask>), E_t encodes ŷ **without
   gradient** (`torch.no_grad()` in the official decoder step), and a text decoder D reconstructs the *whole*
   sentence from that encoding by teacher forcing:
@@ -38,17 +38,19 @@ What each stage trains: stage 1 everything but the sign embedding; stage 2 the f
 sign embedding, E_v and D (E_t, the [CLS] token, the video projection and the temperature stay as stage 1 left
 them, frozen). Both stages build the same modules, so one checkpoint loads into the other exactly.
 
-Deliberate changes / not confirmed: the official stage 1 steps the decoder with its own AdamW (lr 1e-3) every 5th
-step; here one optimizer steps every loss each step (`decoder_lr` gives the decoder its own learning rate; the two
-losses touch disjoint parameters, so this is two optimizers at the same frequency); the official cross-entropies use
-label smoothing 0.2 and the stage-1 contrastive loss is a KL divergence to softmax(10 I), here the suite's plain
-losses (`captioning_loss`, ALBEF's multi-positive InfoNCE); words are masked at the token level of the suite's
-tokenizers; E_t pools its first token (the official code pools the position of the largest id, mBART's
-language code at the end); D's vocabulary embeddings are not replaced by mBART's in stage 2 and nothing is
-pretrained (the paper starts E_t and D from mBART-large-cc25, the frame tower from ImageNet); the temporal
-convolution pads to keep the length before each pooling ("same" convolutions, ceil-mode pooling) so short clips
-keep tokens (official: no padding); the decoder also attends to the masked sentence's padding states (the shared
-`captioning_loss` takes no memory mask; padding attends only to itself in E_t, so it carries no sentence).
+Deliberate changes / not confirmed: the paper's PDF was not reachable here: sections follow its abstract and the
+official code, equations are written as the code computes them (no equation numbers); the official stage 1 steps the
+decoder with its own AdamW (lr 1e-3) every 5th step; here one optimizer steps every loss each step (`decoder_lr`
+gives the decoder its own learning rate; the two losses touch disjoint parameters, so this is two optimizers at the
+same frequency); the official cross-entropies use label smoothing 0.2 and the stage-1 contrastive loss is a KL
+divergence to softmax(10 I), here the suite's plain losses (`captioning_loss`, ALBEF's multi-positive InfoNCE);
+words are masked at the token level of the suite's tokenizers; E_t pools its first token (the official code pools
+the position of the largest id, mBART's language code at the end); D's vocabulary embeddings are not replaced by
+mBART's in stage 2 and nothing is pretrained (the paper starts E_t and D from mBART-large-cc25, the frame tower from
+ImageNet); the temporal convolution pads to keep the length before each pooling ("same" convolutions, ceil-mode
+pooling) so short clips keep tokens (official: no padding); the decoder also attends to the masked sentence's
+padding states (the shared `captioning_loss` takes no memory mask; padding attends only to itself in E_t, so it
+carries no sentence).
 `vlp predict` writes no translations for clips yet: `VideoDataModule` has no predict loader.
 """
 

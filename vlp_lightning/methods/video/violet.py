@@ -15,14 +15,14 @@ One single-stream model over raw frames and text (sec. 3, Fig. 2; official code 
 
 Three pre-training losses, summed with weight 1 each (official `Agent_Pretrain.step`: ls_mtm + ls_mvm + ls_vtm):
 
-* VTM, video-text matching (sec. 3.2, eq. 1): each video i is scored against its own text and O - 1 = 3 texts of
+* VTM, video-text matching (sec. 3.2): each video i is scored against its own text and O - 1 = 3 texts of
   other samples of the batch (official `_O = min(B, 4)`), s = FC(h_[CLS]) / 0.05 on the cross-modal output at the
   text's first token, and L_VTM = -log softmax(s)_positive, a cross-entropy over the O candidates with the positive
   in column 0 (official `ans_vtm = 0`; the paper writes it as a binary matching score). Negatives are drawn
   uniformly among samples whose caption differs (`draw_matching_candidates`).
-* MLM (sec. 3.2, eq. 2): 15 % of the text tokens masked, predicted from the cross-modal output through BERT's MLM
+* MLM (sec. 3.2): 15 % of the text tokens masked, predicted from the cross-modal output through BERT's MLM
   head tied to the token embedding, L_MLM = -E log P(w_i | w_\\i, v) (`losses.fusion.mask_tokens`, `mlm_loss`).
-* MVM, masked visual-token modelling (sec. 3.2, eq. 3): patches of the frames are masked (their pixels set to 0,
+* MVM, masked visual-token modelling (sec. 3.2): patches of the frames are masked (their pixels set to 0,
   official `img *= 1 - cov`) and the model predicts the *discrete visual token* q_{t,h,w} of each masked patch from
   the cross-modal output at that patch, L_MVM = -E log P(q_{t,h,w} | v_\\masked, w), a cross-entropy over the
   codebook (official `fc_mvm`: MLP width -> 2 width -> 8192). Masks are blockwise (sec. 3.2, "Blockwise Masking";
@@ -41,14 +41,15 @@ Representations: `probe_features` (the video transformer's class tokens averaged
 transformer: what kNN and linear probes read), `match_scores` (the VTM logit of video-text pairs: VIOLET's
 retrieval score; it has no two-tower joint space, so no `encode_video` / `encode_text`).
 
-Deliberate changes / not confirmed: Video Swin (local 3-D windows, shifted) is replaced by a ViT with joint
-space-time attention (the same role, temporal attention over frame patches; no pretrained Video Swin here); the
-official code masks half of the clips by *attended* masking (patches and words the model attends to most, sampled
-from a first forward's attention), only blockwise masking here; official MLM replaces every chosen token by [MASK],
-here BERT's 80 / 10 / 10 of the suite's `mask_tokens`; as in the official code, the VTM pairs are scored on the
-masked video and text of the same step; negatives with the same caption as the positive are avoided (the official
-code draws any other sample; repeated captions are common in short clip data); dropout of the official heads is
-omitted; the tokens come from k-means rather than DALL-E (above).
+Deliberate changes / not confirmed: the paper's PDF was not reachable here, so sections are cited from its structure
+and the losses as the official code computes them, not by equation number; Video Swin (local 3-D windows, shifted)
+is replaced by a ViT with joint space-time attention (the same role, temporal attention over frame patches; no
+pretrained Video Swin here); the official code masks half of the clips by *attended* masking (patches and words the
+model attends to most, sampled from a first forward's attention), only blockwise masking here; official MLM replaces
+every chosen token by [MASK], here BERT's 80 / 10 / 10 of the suite's `mask_tokens`; as in the official code, the
+VTM pairs are scored on the masked video and text of the same step; negatives with the same caption as the positive
+are avoided (the official code draws any other sample; repeated captions are common in short clip data); dropout of
+the official heads is omitted; the tokens come from k-means rather than DALL-E (above).
 """
 
 from __future__ import annotations
@@ -321,7 +322,7 @@ class VIOLET(VLPMethod):
 
     # ------------------------------------------------------------------ objective
     def masked_visual_token_loss(self, patch_states: Tensor, codes: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """L_MVM (eq. 3): cross-entropy of the codebook logits at the masked patches only against their codes.
+        """L_MVM (sec. 3.2): cross-entropy of the codebook logits at the masked patches only against their codes.
         patch_states [B, T, L, width], codes / mask [B, T, L] -> (loss, accuracy)."""
         logits = self.mvm_head(patch_states[mask]).float()                               # [M, K]
         targets = codes[mask]
@@ -329,7 +330,7 @@ class VIOLET(VLPMethod):
 
     def matching_loss(self, video_tokens: Tensor, text_tokens: Tensor, attention_mask: Tensor,
                       captions: list[str]) -> tuple[Tensor, Tensor]:
-        """L_VTM (eq. 1): each video against its text and O - 1 others, cross-entropy with the positive first."""
+        """L_VTM (sec. 3.2): each video against its text and O - 1 others, cross-entropy with the positive first."""
         batch = video_tokens.shape[0]
         count = min(batch, self.matching_count)
         if count < 2:  # one sample: nothing to rank against (the head still takes part, for DDP)
