@@ -39,10 +39,12 @@ from vlp_lightning.methods.self_supervised.vicreg import VICReg
 from vlp_lightning.methods.selfie import Selfie
 from vlp_lightning.methods.sit import SiT
 from vlp_lightning.methods.swav import SwAV
+from vlp_lightning.methods.video.gfsltvlp import GFSLTVLP
 from vlp_lightning.methods.video.hecvl import HecVL
 from vlp_lightning.methods.video.sigma import SIGMA
 from vlp_lightning.methods.video.temadapter import TemAdapter
 from vlp_lightning.methods.video.vedit import VEDIT
+from vlp_lightning.methods.video.violet import VIOLET
 from vlp_lightning.methods.video.xclip import XCLIP
 
 
@@ -59,5 +61,5 @@ __all__ = [
     "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP", "PEFTClassifier", "PVP", "PCB",
     "ALBEF", "CoCa", "UrbanCLIP", "FIBER", "BUS", "UNIT", "ARL",
     "LLaVA", "LiMBeR", "SimVLG", "InfMLLM", "VisionFlan", "PLLaVA",
-    "XCLIP", "HecVL", "SIGMA", "TemAdapter", "VEDIT",
+    "XCLIP", "HecVL", "SIGMA", "TemAdapter", "VEDIT", "VIOLET", "GFSLTVLP",
 ]
