@@ -39,6 +39,7 @@ from vlp_lightning.methods.selfie import Selfie
 from vlp_lightning.methods.sit import SiT
 from vlp_lightning.methods.swav import SwAV
 from vlp_lightning.methods.video.hecvl import HecVL
+from vlp_lightning.methods.video.ophclip import OphCLIP
 from vlp_lightning.methods.video.xclip import XCLIP
 
 
@@ -55,5 +56,5 @@ __all__ = [
     "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP", "PEFTClassifier", "PVP", "PCB",
     "ALBEF", "CoCa", "UrbanCLIP", "FIBER", "BUS", "UNIT", "ARL",
     "LLaVA", "LiMBeR", "SimVLG", "InfMLLM", "VisionFlan",
-    "XCLIP", "HecVL",
+    "XCLIP", "HecVL", "OphCLIP",
 ]
