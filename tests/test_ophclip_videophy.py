@@ -150,7 +150,8 @@ def brightening_batch(batch_size: int = 6, frames: int = 8) -> dict:
     video = ramp + 0.01 * torch.randn(batch_size, frames, 3, 8, 8, generator=generator)
     captions = [f"it gets brighter {index}" for index in range(batch_size)]
     tokens = torch.arange(batch_size)[:, None].expand(-1, 4)
-    return {"video": video, "caption": captions, "text": {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}}
+    text = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
+    return {"video": video, "caption": captions, "text": text}
 
 
 def test_an_order_sensitive_model_wins_every_pair_and_a_frame_averaged_one_ties():

@@ -157,8 +157,8 @@ class OphCLIP(HecVL):
 
     paper = Paper("OphCLIP: Hierarchical Retrieval-Augmented Learning for Ophthalmic Surgical Video-Language "
                   "Pretraining", "Hu et al.", 2025,
-                  note="OphVL not reachable: BabyAI sub-goals as narrations, missions as titles, silent clips made by "
-                       "silent_fraction; silent clips retrieve narrations (the paper: titles retrieve silent videos)")
+                  note="OphVL not reachable: BabyAI sub-goals as narrations, missions as titles, silent clips by "
+                       "silent_fraction; silent clips retrieve narrations, where the paper's titles retrieve silent videos")
     required_keys = ("video", "text", "segments")
 
     def __init__(
