@@ -76,7 +76,7 @@ def test_silent_clips_change_the_loss_only_through_their_retrieved_positives():
     outputs = method.forward_loss(batch)
     alone = method.forward_loss(narrated)  # the narrated clips without the silent ones
     assert "retrieval_loss" in outputs and "retrieval_loss" not in alone
-    assert torch.allclose(outputs["loss"], alone["loss"] + outputs["retrieval_loss"], atol=1e-5)
+    assert torch.allclose(outputs["loss"], alone["loss"] + 0.25 * outputs["retrieval_loss"], atol=1e-5)  # w_r 0.25
     assert torch.allclose(outputs["narration_loss"], alone["narration_loss"], atol=1e-6)
     assert torch.allclose(outputs["title_loss"], alone["title_loss"], atol=1e-6)
     (gradient,) = torch.autograd.grad(outputs["loss"], batch["video"])
@@ -110,7 +110,7 @@ def test_silent_fraction_silences_a_share_of_training_batches_only():
 
 @pytest.mark.parametrize("arguments, message", [
     ({"silent_fraction": 1.0}, "silent_fraction=1.0 must lie in"),
-    ({"narration_weight": 0.0, "zero_shot_level": "abstract"}, "retrieval_weight=1.0.* needs narration_weight"),
+    ({"narration_weight": 0.0, "zero_shot_level": "abstract"}, "retrieval_weight=0.25.* needs narration_weight"),
     ({"retrieval_k": 0}, "retrieval_k=0"),
 ])
 def test_bad_configurations_name_the_value_and_the_fix(arguments, message):
