@@ -3,7 +3,7 @@ Video-Language Pretraining", arXiv 2411.15421, ICCV 2025).
 
 Two ideas on the HecVL base (same towers, one embedding space per hierarchy level, `HecVL`):
 
-1. Hierarchical video-text pretraining (paper sec. 3, "clip-level" and "video-level" pretraining): short clips are
+1. Hierarchical video-text pretraining (the method section's clip-level and video-level pretraining): short clips are
    aligned with their narrations (the transcribed speech: fine-grained actions) and whole videos with their titles
    (the procedure), each level a contrastive (InfoNCE) loss over the batch, in the level's own space,
 
@@ -11,7 +11,7 @@ Two ideas on the HecVL base (same towers, one embedding space per hierarchy leve
        L_title     = ½ (CE(s V_t U_tᵀ, P) + CE(s U_t V_tᵀ, Pᵀ)),   V_t: mean-pooled whole clips, U_t: their titles,
 
    HecVL's narration and abstract levels exactly (`HecVL.level_loss`; P: the same-text positives of the base).
-2. Retrieval-augmented pretraining (paper sec. 3, "retrieval-augmented"; the paper's abstract: "leverage the
+2. Retrieval-augmented pretraining (the method section's third part; the paper's abstract: "leverage the
    underexplored large-scale silent surgical procedure videos, automatically retrieving semantically relevant
    content"): videos without any speech still teach, through texts retrieved for them by maximum-inner-product
    search (MIPS) over a dynamic memory bank. Here a silent clip v (its whole-clip embedding in the narration space)
@@ -26,9 +26,9 @@ Two ideas on the HecVL base (same towers, one embedding space per hierarchy leve
    Silent clips take part in nothing else: they are neither rows nor columns of the two hierarchical losses (their
    missing texts would be false pairs) and the retrieval term has no text -> silent-clip direction (a silent clip
    would become a negative of every narration), so a silent clip changes the loss only through its retrieved
-   positives (tested). The memory is filled with the batch's distinct narration embeddings after each training
-   step, gathered from every rank (each rank holds the same memory); each slot keeps its text's id (CRC-32), so
-   copies of a narration stored at different steps count as one narration.
+   positives (tested). The memory is filled with the batch's distinct narration embeddings at each training
+   step, after they were read, gathered from every rank (each rank holds the same memory); each slot keeps its
+   text's id (CRC-32), so copies of a narration stored at different steps count as one narration.
 
 Which clips are silent (the convention of this suite; no shard builder writes silent clips, and the pipeline drops
 a sample without `.txt`): a sample whose `caption` is empty (or only whitespace), or whose batch entry `silent` (a
