@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader
@@ -47,6 +52,32 @@ def test_narration_memory_is_a_fifo_of_filled_slots():
     embeddings, ids = memory.filled()
     assert sorted(ids.tolist()) == [2, 3, 4, 5] and int(memory.pointer) == 1  # the oldest (1) overwritten
     assert embeddings[ids == 5].tolist() == [[2.0, 2.0]]
+
+
+def _memory_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        memory = NarrationMemory(size=8, dim=2)
+        count = 3 if rank == 0 else 1  # ranks store different numbers of narrations
+        memory.enqueue(torch.full((count, 2), float(rank)), torch.arange(count) + 10 * rank)
+        torch.save({"embeddings": memory.embeddings, "ids": memory.ids, "pointer": memory.pointer},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_memory_is_the_same_on_two_gloo_ranks_storing_different_counts(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_memory_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for name in ("embeddings", "ids", "pointer"):
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    assert ranks[0]["ids"][:4].tolist() == [0, 1, 2, 10] and int(ranks[0]["pointer"]) == 4  # rank order, no padding
+    assert ranks[0]["embeddings"][:4, 0].tolist() == [0.0, 0.0, 0.0, 1.0]
 
 
 def silent_batch(method: OphCLIP, silent_rows: tuple[int, ...] = (1, 4)) -> dict:
