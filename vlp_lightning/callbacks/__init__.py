@@ -10,7 +10,8 @@ caption baseline), `RegressionProbe` (UrbanCLIP's MLP regressing a numeric `.jso
 RMSE, MAE, MAPE, and a ridge regression's R²), `PhraseGrounding` (acc@0.5 and mean IoU of a method with
 `ground(images, phrases)` on scene shards; `constant_box_grounding` is the box-prior baseline),
 `InstructionAccuracy` (exact match per task and multiple-choice accuracy of a method with
-`answer_questions(images, questions, max_length)` on `vlp-data instructions` shards).
+`answer_questions(images, questions, max_length)` on `vlp-data instructions` shards), `VideoPhy` (pair accuracy of
+validation clips over their time-reversed and teleporting twins against their captions, for the video family).
 Monitoring: `ThroughputMonitor` (samples/s, data wait, MFU), `NonFiniteLossGuard`.
 Set-up: `GlobalBatchSize` (effective global batch vs the paper's, learning-rate scaling rule).
 Output: `EmbeddingWriter` (`vlp predict`: keys and embeddings of a shard set to `.npz`).
@@ -38,6 +39,7 @@ from vlp_lightning.callbacks.regression_probe import (
 )
 from vlp_lightning.callbacks.retrieval import Retrieval, retrieval_metrics, retrieval_ranks
 from vlp_lightning.callbacks.throughput import ThroughputMonitor
+from vlp_lightning.callbacks.videophy import VideoPhy, videophy_pair_accuracy
 from vlp_lightning.callbacks.zero_shot import (
     TEMPLATE_SETS,
     ZeroShotClassification,
@@ -67,6 +69,7 @@ __all__ = [
     "ThroughputMonitor",
     "VLPModelSummary",
     "VLPProgressBar",
+    "VideoPhy",
     "ZeroShotClassification",
     "ZeroShotDataset",
     "ZeroShotSegmentation",
@@ -88,5 +91,6 @@ __all__ = [
     "retrieval_metrics",
     "retrieval_ranks",
     "ridge_predictions",
+    "videophy_pair_accuracy",
     "weighted_knn_scores",
 ]

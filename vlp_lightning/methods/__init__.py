@@ -41,6 +41,7 @@ from vlp_lightning.methods.sit import SiT
 from vlp_lightning.methods.swav import SwAV
 from vlp_lightning.methods.video.gfsltvlp import GFSLTVLP
 from vlp_lightning.methods.video.hecvl import HecVL
+from vlp_lightning.methods.video.ophclip import OphCLIP
 from vlp_lightning.methods.video.sigma import SIGMA
 from vlp_lightning.methods.video.temadapter import TemAdapter
 from vlp_lightning.methods.video.vedit import VEDIT
@@ -61,5 +62,5 @@ __all__ = [
     "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP", "PEFTClassifier", "PVP", "PCB",
     "ALBEF", "CoCa", "UrbanCLIP", "FIBER", "BUS", "UNIT", "ARL",
     "LLaVA", "LiMBeR", "SimVLG", "InfMLLM", "VisionFlan", "PLLaVA",
-    "XCLIP", "HecVL", "SIGMA", "TemAdapter", "VEDIT", "VIOLET", "GFSLTVLP",
+    "XCLIP", "HecVL", "OphCLIP", "SIGMA", "TemAdapter", "VEDIT", "VIOLET", "GFSLTVLP",
 ]
