@@ -357,7 +357,8 @@ def tables(report: dict, seeds: tuple[int, ...]) -> str:
     family = [name for name, _ in FAMILY if name in captions]
     if family:
         lines += ["", "The family's other connectors, our CLIP tower, one seed, the same unseen drawings", "",
-                  "| method | prefix | CIDEr | names the object | BLEU-1 | NLL of the name |", "|---|---|---|---|---|---|"]
+                  "| method | prefix | CIDEr | names the object | BLEU-1 | NLL of the name |",
+                  "|---|---|---|---|---|---|"]
         for name in family:
             for condition in CONDITIONS:
                 row = captions[name][condition]
