@@ -23,6 +23,8 @@ one draw per clip rather than per frame, and the video recipes this serves (Vide
 
 from __future__ import annotations
 
+import copy
+
 import random
 from dataclasses import dataclass
 from typing import Literal
@@ -150,6 +152,14 @@ class ClipViews:
     @property
     def normalization(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
         return self.augment.mean, self.augment.std
+
+    def for_evaluation(self) -> ClipViews:
+        """The same frames and normalisation, deterministically: no temporal jitter, the centred square, no flip,
+        no tube mask (what `vlp predict` of clips decodes with)."""
+        views = copy.copy(self)
+        views.temporal_jitter, views.scale, views.masking = False, None, None
+        views.augment = Augment(hflip_prob=0.0, mean=self.augment.mean, std=self.augment.std)
+        return views
 
     def build(self, image_size: int) -> ClipTransform:
         if self.masking is not None and image_size % self.masking.patch_size:

@@ -289,7 +289,7 @@ class StreamingDataModule(LightningDataModule):
         """`vlp predict`: the shard set to embed (predict, else test, else validation shards), checked."""
         for argument in ("predict_shards", "test_shards", "val_shards"):
             if getattr(self, argument) is not None:
-                self.splits["predict"] = _Split(argument, getattr(self, argument))
+                self.splits["predict"] = _Split(argument, getattr(self, argument), self.media)
                 log.info("vlp predict: embedding %s", self.splits["predict"].describe())
                 return
         raise DataConfigError(
@@ -562,10 +562,11 @@ class VideoDataModule(StreamingDataModule):
         resampled: bool = False,
         seed: int = 0,
         strict: bool = False,
+        predict_shards: str | None = None,
     ) -> None:
         super().__init__(
             train_shards, val_shards, test_shards, batch_size, num_workers, image_size, views,
-            samples_per_epoch, shuffle_buffer, resampled, seed, strict,
+            samples_per_epoch, shuffle_buffer, resampled, seed, strict, predict_shards,
         )
         self.tokenizer = tokenizer
 
@@ -602,9 +603,24 @@ class VideoDataModule(StreamingDataModule):
                 num_classes=class_count(data.manifest),
             )
 
-    def _setup_predict(self) -> None:
-        raise DataConfigError("VideoDataModule has no predict loader (`vlp predict` embeds images); use "
-                              "`vlp test` with --data.test_shards for clips")
+    def predict_dataloader(self) -> Iterable[dict]:
+        """`vlp predict` of clips: every clip of the predict shards once, in shard order, with the method's frames
+        and normalisation but no randomness (`ClipViews.for_evaluation`); captions (and their tokens) and labels
+        when the shards have them."""
+        if "predict" not in self.splits:
+            raise DataConfigError("no predict shards: setup('predict') resolves them")
+        method = self.trainer.lightning_module if self.trainer is not None else None
+        data = self.splits["predict"]
+        self._check_keys(data, None)
+        decoder = ClipDecoder(
+            self._views(method).for_evaluation().build(self._image_size(method)),
+            with_caption="txt" in data.members,
+            with_label="cls" in data.members,
+            tokenizer=self.tokenizer or getattr(method, "tokenizer", None),
+            num_classes=class_count(data.manifest),
+        )
+        return make_loader(data.urls, decoder, self.batch_size, num_workers=self.num_workers, shuffle=False,
+                           pad=False, finish=False)
 
 
 def _first_epoch() -> int:

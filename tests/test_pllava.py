@@ -3,6 +3,8 @@ post-training LoRA fusion at evaluation, and the start from an image LLaVA (tiny
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -66,3 +68,30 @@ def test_pllava_starts_from_an_image_llava_run(tmp_path):
     video = methods.PLLaVA(language_model=LanguageModel(train="lora"), start_from=str(path))
     assert all(torch.equal(a, b) for a, b in zip(llava.connector.parameters(), video.connector.parameters()))
     assert set(llava.state_dict()) <= set(video.state_dict())
+
+
+def test_vlp_predict_writes_a_caption_per_clip(make_shards, tmp_path, monkeypatch):
+    """`vlp predict` of clip shards (VideoDataModule's predict loader: every clip once, in shard order, no
+    randomness): PLLaVA's generated caption of each clip next to its reference."""
+    import numpy as np
+
+    from data_modules.builder import iterate_shard
+    from data_modules.builder import main as vlp_data
+    from vlp_lightning.cli import main
+
+    shards = make_shards(tmp_path / "shards", n=8, per_shard=8, image_size=32)
+    assert vlp_data(["moving", str(tmp_path / "clips"), "--images", shards.pattern, "--source", "images",
+                     "--count", "5", "--frames", "8", "--size", "32"]) == 0
+    clips = str(tmp_path / "clips" / "train-000000.tar")
+    keys = [key for key, _ in iterate_shard(tmp_path / "clips" / "train-000000.tar")]
+    monkeypatch.chdir(tmp_path)
+    main(["predict", "--config", str(Path(__file__).parents[1] / "experiments/pllava/moving_tiny.yaml"),
+          "--model.init_args.language_model.init_args.name", "tiny", "--model.init_args.image_tower", "null",
+          "--model.init_args.start_from", "null", "--model.init_args.eval_lora_alpha", "null",
+          "--model.init_args.language_model.init_args.train", "frozen", "--model.init_args.answer_length", "3",
+          "--model.init_args.max_length", "512", "--data.predict_shards", clips, "--data.num_workers", "0",
+          "--data.batch_size", "2", "--trainer.callbacks", "[]", "--predictions.path", str(tmp_path / "clips.npz"),
+          "--trainer.enable_progress_bar", "false"])
+    written = np.load(tmp_path / "clips.npz")
+    assert list(written["key"]) == keys and len(written["generated"]) == 5
+    assert all(caption.startswith("a ") and " moving " in caption for caption in written["caption"])

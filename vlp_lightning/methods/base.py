@@ -211,8 +211,8 @@ class VLPMethod(LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """`vlp predict`: per sample its key, `probe_features` and, for a method with a joint image-text space,
         `encode_image` and (with captions) `encode_text` embeddings, all float32 on the CPU
-        (`callbacks.EmbeddingWriter` writes them to a file)."""
-        images = batch["image"]
+        (`callbacks.EmbeddingWriter` writes them to a file); a clip batch's `video` stands where `image` would."""
+        images = batch["image"] if "image" in batch else batch["video"]
         outputs: dict = {"key": list(batch["__key__"]), "probe_features": self.probe_features(images)}
         if self.has_joint_space():
             outputs["image_embedding"] = self.encode_image(images)

@@ -265,6 +265,14 @@ class GFSLTVLP(CaptionGenerator, VLPMethod):
                              "stage-2 model: stage: 2, start_from: <stage-1 last.ckpt>")
         return super().generate_captions(video, max_length, beam_size, length_penalty, min_length)
 
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """`vlp predict` of clips: the base's features and, in stage 2, each clip's greedy translation
+        (`generated`) next to its reference sentence."""
+        outputs = super().predict_step(batch, batch_idx)
+        if self.stage == 2:
+            outputs["generated"] = self.generate_captions(batch["video"])
+        return outputs
+
     # ------------------------------------------------------------------ objectives
     def mask_sentence(self, text: dict[str, Tensor]) -> dict[str, Tensor]:
         """ŷ: the sentence with its end ("omit_last") or random tokens ("random") masked (module doc)."""
