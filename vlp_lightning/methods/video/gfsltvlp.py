@@ -51,7 +51,7 @@ ImageNet); the temporal convolution pads to keep the length before each pooling 
 pooling) so short clips keep tokens (official: no padding); the decoder also attends to the masked sentence's
 padding states (the shared `captioning_loss` takes no memory mask; padding attends only to itself in E_t, so it
 carries no sentence).
-`vlp predict` writes no translations for clips yet: `VideoDataModule` has no predict loader.
+`vlp predict --data.predict_shards CLIPS` of a stage-2 checkpoint writes each clip's translation (`generated`).
 """
 
 from __future__ import annotations
