@@ -131,12 +131,14 @@ def assert_resume_matches(workdir: Path, shards: str, strategy_args: list[str]) 
     assert not rank_keys[0] & rank_keys[1], "the two ranks read overlapping samples"
 
 
+@pytest.mark.slow  # ~65 s each on a 2-core CPU; `make test-all` runs them (the SIGKILL resume tests stay)
 def test_ddp_two_processes_resume_to_the_same_losses(make_shards, tmp_path):
     shards = make_shards(tmp_path / "shards", n=64, per_shard=16, image_size=32)
     ddp = ["--config", str(TRAINER_FRAGMENTS / "ddp_cpu.yaml")]
     assert_resume_matches(tmp_path, shards.pattern, ddp)
 
 
+@pytest.mark.slow  # ~65 s each on a 2-core CPU; `make test-all` runs them (the SIGKILL resume tests stay)
 def test_fsdp2_two_processes_resume_to_the_same_losses(make_shards, tmp_path):
     shards = make_shards(tmp_path / "shards", n=64, per_shard=16, image_size=32)
     # tensor_parallel_size auto (= devices per node): the fragment's `1` with data_parallel_size auto (= nodes)
