@@ -595,13 +595,13 @@ class VideoDataModule(StreamingDataModule):
                                   "VideoDataModule.tokenizer nor the method's tokenizer is set; pass "
                                   "data.init_args.tokenizer")
         for split, data in self.splits.items():
-            self.decoders[split] = ClipDecoder(
-                transform,
-                with_caption="txt" in data.members,
-                with_label="cls" in data.members,
-                tokenizer=tokenizer,
-                num_classes=class_count(data.manifest),
-            )
+            self.decoders[split] = self._clip_decoder(data, transform, tokenizer)
+
+    @staticmethod
+    def _clip_decoder(data: _Split, transform, tokenizer: Tokenizer | None) -> ClipDecoder:
+        """The decoder of one split: captions and labels where its shards have them."""
+        return ClipDecoder(transform, with_caption="txt" in data.members, with_label="cls" in data.members,
+                           tokenizer=tokenizer, num_classes=class_count(data.manifest))
 
     def predict_dataloader(self) -> Iterable[dict]:
         """`vlp predict` of clips: every clip of the predict shards once, in shard order, with the method's frames
@@ -612,13 +612,8 @@ class VideoDataModule(StreamingDataModule):
         method = self.trainer.lightning_module if self.trainer is not None else None
         data = self.splits["predict"]
         self._check_keys(data, None)
-        decoder = ClipDecoder(
-            self._views(method).for_evaluation().build(self._image_size(method)),
-            with_caption="txt" in data.members,
-            with_label="cls" in data.members,
-            tokenizer=self.tokenizer or getattr(method, "tokenizer", None),
-            num_classes=class_count(data.manifest),
-        )
+        decoder = self._clip_decoder(data, self._views(method).for_evaluation().build(self._image_size(method)),
+                                     self.tokenizer or getattr(method, "tokenizer", None))
         return make_loader(data.urls, decoder, self.batch_size, num_workers=self.num_workers, shuffle=False,
                            pad=False, finish=False)
 
