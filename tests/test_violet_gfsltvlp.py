@@ -106,7 +106,16 @@ def test_vtm_scores_pairs_and_its_loss_is_a_ranking_with_the_positive_first():
     torch.manual_seed(0)
     method = VIOLET()
     batch = make_video_batch(method)
-    assert method.match_scores(batch["video"], batch["text"]).shape == (8,)
+    method.eval()
+    pairs = method.match_scores(batch["video"], batch["text"])
+    assert pairs.shape == (8,)
+    # every (video, text) pair by the same head, in chunks: its diagonal is match_scores, row i's column j the pair
+    everything = method.video_text_logits(batch["video"], batch["text"], chunk=5)
+    assert everything.shape == (8, 8) and torch.allclose(everything.diagonal(), pairs, atol=1e-5)
+    shifted = {key: value.roll(1, 0) for key, value in batch["text"].items()}
+    assert torch.allclose(everything.roll(1, 1).diagonal(), method.match_scores(batch["video"], shifted),
+                          atol=1e-5)
+    method.train()
     outputs = method.forward_loss(batch)
     assert 0 <= outputs["vtm_accuracy"] <= 1 and outputs["vtm"] > 0
 

@@ -39,7 +39,8 @@ token is its nearest centroid, computed on the unmasked clip. Until the codebook
 
 Representations: `probe_features` (the video transformer's class tokens averaged over frames, before the cross-modal
 transformer: what kNN and linear probes read), `match_scores` (the VTM logit of video-text pairs: VIOLET's
-retrieval score; it has no two-tower joint space, so no `encode_video` / `encode_text`).
+retrieval score), `video_text_logits` (the same logit for every video-text pair [B, N]: zero-shot recognition
+and VideoPhy; it has no two-tower joint space, so no `encode_video` / `encode_text`).
 
 Deliberate changes / not confirmed: the paper's PDF was not reachable here, so sections are cited from its structure
 and the losses as the official code computes them, not by equation number; Video Swin (local 3-D windows, shifted)
@@ -267,6 +268,21 @@ class VIOLET(VLPMethod):
         video_tokens = self.video_tokens(video)
         out = self.cross_modal(video_tokens, self.text_tokens(text["input_ids"]), text["attention_mask"])
         return self.matching_head(out[:, video_tokens.shape[1]]).squeeze(-1)
+
+    def video_text_logits(self, video: Tensor, text: dict[str, Tensor], chunk: int = 256) -> Tensor:
+        """VTM logits [B, N] of every (video i, text j), unmasked: zero-shot recognition and VideoPhy by the matching
+        head. The video transformer runs once per clip; the cross-modal transformer once per pair, `chunk` pairs at
+        a time (B x N passes: VIOLET has no two-tower space to shortcut them)."""
+        video_tokens = self.video_tokens(video)                                           # [B, V, width]
+        text_tokens = self.text_tokens(text["input_ids"])                                 # [N, L, width]
+        batch, count = video_tokens.shape[0], text_tokens.shape[0]
+        pairs = torch.cartesian_prod(torch.arange(batch), torch.arange(count)).to(video_tokens.device)
+        scores = []
+        for part in pairs.split(chunk):
+            out = self.cross_modal(video_tokens[part[:, 0]], text_tokens[part[:, 1]],
+                                   text["attention_mask"][part[:, 1]])
+            scores.append(self.matching_head(out[:, video_tokens.shape[1]]).squeeze(-1))
+        return torch.cat(scores).view(batch, count)
 
     # ------------------------------------------------------------------ visual tokens
     def frame_patches(self, video: Tensor) -> Tensor:
