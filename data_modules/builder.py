@@ -837,8 +837,12 @@ def make_parser() -> argparse.ArgumentParser:
                         help="smaller tiles for levels whose frames would be larger than this (default: %(default)s)")
     babyai.add_argument("--max-steps", type=_positive_int, default=128, metavar="N",
                         help="actions an episode may take; longer ones are skipped (default: %(default)s)")
+    babyai.add_argument("--silent-fraction", type=float, default=0.0, metavar="F",
+                        help="share of the trained levels' episodes written silent: no .txt, \"silent\": true in the "
+                        ".json (OphCLIP retrieves narrations for them; default: %(default)s)")
     babyai.set_defaults(split="train=0.9,val=0.1", make_source=lambda a: babyai_source(
-        _names(a.levels), _names(a.heldout_levels), a.episodes, a.tile_size, a.max_side, a.view, a.max_steps, a.seed))
+        _names(a.levels), _names(a.heldout_levels), a.episodes, a.tile_size, a.max_side, a.view, a.max_steps, a.seed,
+        a.silent_fraction))
 
     shots = _build_command(
         commands, "shots",

@@ -595,13 +595,15 @@ class VideoDataModule(StreamingDataModule):
                                   "VideoDataModule.tokenizer nor the method's tokenizer is set; pass "
                                   "data.init_args.tokenizer")
         for split, data in self.splits.items():
-            self.decoders[split] = self._clip_decoder(data, transform, tokenizer)
+            self.decoders[split] = self._clip_decoder(data, transform, tokenizer, method)
 
     @staticmethod
-    def _clip_decoder(data: _Split, transform, tokenizer: Tokenizer | None) -> ClipDecoder:
-        """The decoder of one split: captions and labels where its shards have them."""
+    def _clip_decoder(data: _Split, transform, tokenizer: Tokenizer | None, method: object | None) -> ClipDecoder:
+        """The decoder of one split: captions and labels where its shards have them; clips without a caption kept
+        as silent ones for a method that `accepts_silent_clips` (else they are counted skips)."""
         return ClipDecoder(transform, with_caption="txt" in data.members, with_label="cls" in data.members,
-                           tokenizer=tokenizer, num_classes=class_count(data.manifest))
+                           tokenizer=tokenizer, num_classes=class_count(data.manifest),
+                           silent_ok=bool(getattr(method, "accepts_silent_clips", False)))
 
     def predict_dataloader(self) -> Iterable[dict]:
         """`vlp predict` of clips: every clip of the predict shards once, in shard order, with the method's frames
@@ -613,7 +615,7 @@ class VideoDataModule(StreamingDataModule):
         data = self.splits["predict"]
         self._check_keys(data, None)
         decoder = self._clip_decoder(data, self._views(method).for_evaluation().build(self._image_size(method)),
-                                     self.tokenizer or getattr(method, "tokenizer", None))
+                                     self.tokenizer or getattr(method, "tokenizer", None), method)
         return make_loader(data.urls, decoder, self.batch_size, num_workers=self.num_workers, shuffle=False,
                            pad=False, finish=False)
 

@@ -11,7 +11,10 @@ Batch: `video` (packed uint8 until `finish_views`, then float `[B, T, 3, S, S]`)
 `with_label`), `meta` (the `.json`), `tube_mask` (when the views ask for it) and `__key__`.
 
 A clip that does not decode, is shorter than the sampler needs or has a timeline segment outside it, a missing
-caption or label: the sample is dropped and counted with the reason (`SkipCounter`; `strict` raises).
+caption or label: the sample is dropped and counted with the reason (`SkipCounter`; `strict` raises). With
+`silent_ok` (a method that declares `accepts_silent_clips`, OphCLIP) a clip without caption, or marked `"silent":
+true` in its `.json`, is kept as a silent clip instead: caption `""` and `silent` True in the batch's bool `silent`
+[B].
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class ClipDecoder:
     tokenizer: Tokenizer | None = None
     num_classes: int | None = None
     caption_sampling: CaptionSampling = "all"
+    silent_ok: bool = False
     packed_field: ClassVar[str] = "video"
 
     @property
@@ -73,7 +77,10 @@ class ClipDecoder:
             sample["meta"] = meta
         try:
             if self.with_caption:
-                sample["caption"] = read_caption(raw, self.caption_sampling, caption_seed)
+                silent = self.silent_ok and (bool(meta.get("silent")) or not _has_caption(raw))
+                sample["caption"] = "" if silent else read_caption(raw, self.caption_sampling, caption_seed)
+                if self.silent_ok:
+                    sample["silent"] = silent
             if self.with_label:
                 sample["label"] = read_label(raw, self.num_classes)
         except (UnicodeDecodeError, ValueError) as error:
@@ -96,8 +103,15 @@ class ClipDecoder:
             batch["caption"] = [sample["caption"] for sample in samples]
             if self.tokenizer is not None:
                 batch["text"] = self.tokenizer(batch["caption"])
+            if self.silent_ok:
+                batch["silent"] = torch.tensor([sample["silent"] for sample in samples], dtype=torch.bool)
         if self.with_label:
             batch["label"] = torch.tensor([sample["label"] for sample in samples], dtype=torch.long)
         if any("meta" in sample for sample in samples):
             batch["meta"] = [sample.get("meta", {}) for sample in samples]
         return batch
+
+
+def _has_caption(raw: dict) -> bool:
+    """Whether a raw sample has a non-empty `.txt`."""
+    return bool(raw.get("txt", b"").strip())

@@ -100,6 +100,19 @@ def test_builds_are_byte_identical_and_follow_the_seed(episodes: tuple[Path, dic
 
 
 @needs_minigrid
+def test_silent_fraction_writes_caption_less_episodes_of_the_trained_levels_only(tmp_path: Path) -> None:
+    build(tmp_path / "silent", "--episodes", "6", "--silent-fraction", "0.5")
+    splits = samples_of(tmp_path / "silent")
+    trained = {key: sample for split in ("train", "val") for key, sample in splits[split].items()}
+    silent = {key for key, sample in trained.items() if json.loads(sample["json"]).get("silent")}
+    assert 0 < len(silent) < len(trained)  # 6 episodes at 0.5: some of each (the draws follow the episode seeds)
+    assert all(("txt" in sample) == (key not in silent) for key, sample in trained.items())
+    assert all("txt" in sample and not json.loads(sample["json"]).get("silent") for sample in splits["unseen"].values())
+    with pytest.raises(SourceError, match="--silent-fraction 1.0: must lie in"):
+        babyai_source(silent_fraction=1.0)
+
+
+@needs_minigrid
 def test_episodes_past_the_step_cap_are_counted_skips(tmp_path: Path) -> None:
     manifest = build(tmp_path / "capped", "--episodes", "3", "--max-steps", "2")
     skipped = manifest["skipped"]

@@ -197,6 +197,45 @@ def test_bad_clips_are_counted_with_their_reason_and_strict_mode_raises(tmp_path
         list(loader(pattern, views, batch_size=2, pad=False, shuffle=False, strict=True))
 
 
+def test_caption_less_clips_are_skips_unless_the_method_accepts_silent_clips(tmp_path):
+    samples = [clip_sample(f"clip{index}", 16, caption=f"clip {index}") for index in range(4)]
+    del samples[1]["txt"]  # no narration at all
+    meta = json.loads(samples[2]["json"])
+    samples[2]["json"] = json.dumps({**meta, "silent": True}).encode()  # a caption, but marked silent
+    pattern = write_clip_shards(tmp_path / "clips", samples)
+    views = ClipViews(num_frames=4, hflip=False)
+
+    def keys_and_flags(silent_ok: bool) -> tuple[list, list, list]:
+        decoder = ClipDecoder(views.build(16), with_caption=True, silent_ok=silent_ok)
+        batches = list(make_loader(pattern, decoder, 4, pad=False, shuffle=False))
+        return ([key for batch in batches for key in batch["__key__"]],
+                [caption for batch in batches for caption in batch["caption"]],
+                [flag for batch in batches for flag in batch.get("silent", torch.empty(0)).tolist()])
+
+    assert keys_and_flags(False) == (["clip0", "clip2", "clip3"], ["clip 0", "clip 2", "clip 3"], [])
+    assert keys_and_flags(True) == (["clip0", "clip1", "clip2", "clip3"], ["clip 0", "", "", "clip 3"],
+                                    [False, True, True, False])
+
+    class Silent:  # the data module asks the method (OphCLIP declares it)
+        required_keys = ("video", "caption")
+        accepts_silent_clips = True
+        image_size = 16
+
+        def train_views(self) -> ClipViews:
+            return views
+
+    class Narrated(Silent):
+        accepts_silent_clips = False
+
+    for method, count in ((Silent(), 4), (Narrated(), 3)):
+        datamodule = VideoDataModule(train_shards=pattern, batch_size=4, num_workers=0, shuffle_buffer=1)
+        datamodule.trainer = SimpleNamespace(lightning_module=method, global_rank=0, world_size=1)
+        datamodule.setup("fit")
+        assert datamodule.decoders["train"].silent_ok is method.accepts_silent_clips
+        assert sum(len(batch["__key__"]) for batch in make_loader(pattern, datamodule.decoders["train"], 4,
+                                                                   pad=False, shuffle=False)) == count
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_clip_stream_resumes_mid_epoch_exactly(tmp_path, num_workers):
     samples = [clip_sample(f"clip{index:02d}", 12, seed=index, member="mp4" if index % 5 == 0 else "frames.npy")

@@ -12,7 +12,9 @@ Each episode is a BabyAI level (PyPI `minigrid` 3.x, the `sim` extra) reset with
   with the walls) are 64 px square, UnlockPickup's two rooms (11x6 cells) 88x48; the 3x3-room levels (22x22 cells,
   OpenDoor, GoTo) get 4 px tiles, 88 px, at which a closed door (minigrid draws it black in a thin coloured frame)
   all but disappears: give them `--max-side 176`;
-- `<key>.txt`: the mission ("put the green key next to the red box");
+- `<key>.txt`: the mission ("put the green key next to the red box"), except in a silent episode (`--silent-fraction`:
+  that share of the trained levels' episodes, drawn by each episode's seed, have no `.txt` and `"silent": true` in
+  their `.json`: OphCLIP's clips without narration);
 - `<key>.json`: `fps` (frame i is at i / fps), `timeline` (the bot's sub-goals, below), `actions` (one name per
   action: left, right, forward, pickup, drop, toggle, done), `level`, `env_id`, `seed` (of `env.reset`), `mission`,
   `view`, `tile_size`, `minigrid` (its version);
@@ -46,6 +48,7 @@ import hashlib
 import importlib
 import io
 import json
+import random
 from functools import partial
 
 import numpy as np
@@ -92,9 +95,12 @@ def babyai_source(
     view: str = "full",
     max_steps: int = 128,
     seed: int = 0,
+    silent_fraction: float = 0.0,
 ) -> SourceData:
     """`episodes` episodes of every level in `levels` (left to `--split`) and of `heldout_levels` (split `unseen`);
-    nothing is rolled out here: each Record's `members` runs its episode when the builder writes it (module doc)."""
+    nothing is rolled out here: each Record's `members` runs its episode when the builder writes it (module doc).
+    `silent_fraction` of the episodes of `levels` (drawn by each episode's seed) are silent: no `.txt`, and
+    `"silent": true` in the `.json` (OphCLIP's silent clips; the held-out level keeps every mission)."""
     env_ids = _env_ids()
     import gymnasium
     import minigrid
@@ -107,6 +113,9 @@ def babyai_source(
     if not levels or len(set(classnames)) < len(classnames):
         raise SourceError(f"--levels {','.join(levels)} and --heldout-levels {','.join(heldout_levels)}: need at least "
                           "one level and each level once, in one of the two lists")
+    if not 0.0 <= silent_fraction < 1.0:
+        raise SourceError(f"--silent-fraction {silent_fraction}: must lie in [0, 1) (some episodes keep their "
+                          "mission); e.g. --silent-fraction 0.25")
     if view not in VIEWS or min(tile_size, max_side, max_steps) < 1:
         raise SourceError(f"--view {view}, --tile-size {tile_size}, --max-side {max_side}, --max-steps {max_steps}: "
                           f"need a view of {', '.join(VIEWS)}, at least 1 pixel and at least 1 step")
@@ -117,9 +126,12 @@ def babyai_source(
         cells = env.agent_view_size if view == "agent" else max(env.width, env.height)
         tile = min(tile_size, max(1, max_side // cells))
         for index in range(episodes):
-            meta = {"level": level, "env_id": env_ids[level], "seed": episode_seed(seed, level, index),
+            layout_seed = episode_seed(seed, level, index)
+            meta = {"level": level, "env_id": env_ids[level], "seed": layout_seed,
                     "tile_size": tile, "view": view, "max_steps": max_steps, "fps": FPS,
                     "minigrid": minigrid.__version__, "gymnasium": gymnasium.__version__}
+            if split is None and silent_fraction and random.Random(layout_seed).random() < silent_fraction:
+                meta["silent"] = True
             key = f"{level}_{index:05d}"
             records.append(Record(key=key, open_image=None, origin=f"{meta['env_id']} seed {meta['seed']}",
                                   label=label, meta=meta, split=split, members=partial(roll_out, meta, label)))
@@ -166,9 +178,12 @@ def roll_out(meta: dict, label: int) -> dict[str, bytes]:
     np.save(buffer, np.stack(frames), allow_pickle=False)
     described = {key: meta[key] for key in ("level", "env_id", "seed", "view", "tile_size", "minigrid")}
     described.update(fps=FPS, mission=env.mission, actions=actions, timeline=timeline(texts, FPS))
+    members = {FRAMES_MEMBER: buffer.getvalue(), "txt": env.mission.encode("utf-8")}
+    if meta.get("silent"):  # a silent episode: no mission text, marked in the .json
+        described["silent"] = True
+        del members["txt"]
     return {
-        FRAMES_MEMBER: buffer.getvalue(),
-        "txt": env.mission.encode("utf-8"),
+        **members,
         "json": json.dumps(described, sort_keys=True).encode("utf-8"),
         "cls": str(label).encode("ascii"),
     }

@@ -30,12 +30,13 @@ Two ideas on the HecVL base (same towers, one embedding space per hierarchy leve
    step, after they were read, gathered from every rank (each rank holds the same memory); each slot keeps its
    text's id (CRC-32), so copies of a narration stored at different steps count as one narration.
 
-Which clips are silent (the convention of this suite; no shard builder writes silent clips, and the pipeline drops
-a sample without `.txt`): a sample whose `caption` is empty (or only whitespace), or whose batch entry `silent` (a
-bool per sample, when the batch has that key) is True. `silent_fraction` makes silent clips of narrated ones for
-training: each training batch, round(silent_fraction · B) of its narrated samples (at least one stays narrated)
-lose their caption and narrations, chosen at random (the global torch RNG, so `seed_everything` fixes them).
-Validation and test batches are never silenced.
+Which clips are silent (the convention of this suite): a sample whose `caption` is empty (or only whitespace), or
+whose batch entry `silent` (a bool per sample, when the batch has that key) is True. OphCLIP `accepts_silent_clips`,
+so `VideoDataModule` keeps a clip without `.txt` (or marked `"silent": true` in its `.json`) as a silent one with
+`silent` set, where other methods count it as a skip; `vlp-data babyai --silent-fraction F` writes such shards.
+`silent_fraction` makes silent clips of narrated ones for training: each training batch, round(silent_fraction · B)
+of its narrated samples (at least one stays narrated) lose their caption and narrations, chosen at random (the
+global torch RNG, so `seed_everything` fixes them). Validation and test batches are never silenced.
 
 The weight of the retrieval term matters: the positives are the model's own nearest narrations, so from a random
 start every silent clip retrieves the same few and pulls the shared towers there. On BabyAI shards (default
@@ -168,6 +169,7 @@ class OphCLIP(HecVL):
                        "silent_fraction; silent clips retrieve narrations, where the paper's titles retrieve silent "
                        "videos")
     required_keys = ("video", "text", "segments")
+    accepts_silent_clips = True  # caption-less clips are data here, not bad samples (module doc)
 
     def __init__(
         self,
