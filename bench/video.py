@@ -50,7 +50,7 @@ from lightning.pytorch import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import REPO_ROOT, Target, publish  # noqa: E402
+from common import REPO_ROOT, RESULTS_DIR, Target, machine, publish  # noqa: E402
 
 from data_modules.builder import main as vlp_data  # noqa: E402
 from data_modules.clip_views import ClipViews  # noqa: E402
@@ -59,6 +59,7 @@ from data_modules.pipeline import STREAM_FIELD, make_loader  # noqa: E402
 from data_modules.sources.moving import DIRECTIONS  # noqa: E402
 from data_modules.video import ClipDecoder  # noqa: E402
 from data_modules.views import finish_views  # noqa: E402
+from vlp_lightning.callbacks.captioning import caption_metrics  # noqa: E402
 from vlp_lightning.callbacks.linear_probe import linear_probe_scores  # noqa: E402
 from vlp_lightning.callbacks.videophy import pair_outcomes  # noqa: E402
 from vlp_lightning.cli import VLPCLI  # noqa: E402
@@ -345,6 +346,126 @@ def sigma_arms(steps: int, root: Path, runs: dict) -> dict:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------- VIOLET
+def violet_arms(steps: int, root: Path, runs: dict) -> dict:
+    """VIOLET (`experiments/violet/moving_tiny.yaml`, from scratch: it has no image-CLIP start) on the moving
+    clips' motion captions at the moving arms' budget, scored by its matching head (`video_text_logits`)."""
+    torch.manual_seed(0)
+    cli, per_step = train(EXPERIMENTS / "violet" / "moving_tiny.yaml", steps, root, "violet",
+                          f"--data.train_shards={REPO_ROOT / MOVING}/train-*.tar",
+                          f"--model.init_args.num_frames={MOVING_FRAMES}", f"--data.batch_size={MOVING_BATCH}")
+    runs["VIOLET (from scratch)"] = {"steps": steps, "seconds_per_step": per_step}
+    models = {"VIOLET (VTM head)": cli.model}
+    return {"queries": motion_queries(models), "videophy": videophy(models, f"{MOVING}/val-*.tar", MOVING_FRAMES)}
+
+
+# ---------------------------------------------------------------------------------------------------- GFSLT-VLP
+def translations(method, split: str) -> dict[str, float]:
+    """BLEU of the greedy translation of every `split` BabyAI episode (8 uniform frames) against its mission."""
+    generated, missions = [], []
+    with torch.no_grad():
+        for batch in clip_batches(f"{BABYAI}/{split}-*.tar", method, method.num_frames, batch_size=32):
+            generated += method.generate_captions(batch["video"])
+            missions += batch["caption"]
+    metrics = caption_metrics(generated, [[mission] for mission in missions])
+    return {**{name: metrics[name] for name in ("BLEU-1", "BLEU-4", "exact_match")}, "episodes": len(missions),
+            "example": f"{missions[0]!r} -> {generated[0]!r}"}
+
+
+def most_frequent_mission(split: str, method) -> dict[str, float]:
+    """The floor: the split's most frequent mission answered for every episode."""
+    missions = [caption for batch in clip_batches(f"{BABYAI}/{split}-*.tar", method, method.num_frames, 32)
+                for caption in batch["caption"]]
+    common = max(set(missions), key=missions.count)
+    metrics = caption_metrics([common] * len(missions), [[mission] for mission in missions])
+    return {**{name: metrics[name] for name in ("BLEU-1", "BLEU-4", "exact_match")}, "episodes": len(missions),
+            "example": common}
+
+
+def gfslt_arms(steps: int, root: Path, runs: dict) -> dict:
+    """GFSLT-VLP stage 1 then stage 2 (translation from the inherited encoder and decoder) against stage 2 from
+    scratch for the same steps (the paper's no-pretraining baseline), BabyAI episode -> mission."""
+    stage1, stage2 = (EXPERIMENTS / "gfsltvlp" / f"babyai_stage{stage}_tiny.yaml" for stage in (1, 2))
+    shards = f"--data.train_shards={REPO_ROOT / BABYAI}/train-*.tar"
+    torch.manual_seed(0)
+    train(stage1, steps, root, "gfslt-stage1", shards)
+    runs["GFSLT-VLP stage 1"] = {"steps": steps, "seconds_per_step": None}
+    start = str(next((root / "gfslt-stage1").glob("**/last.ckpt")))
+    rows = {}
+    for name, extra in (("GFSLT-VLP stage 1 + 2", (f"--model.init_args.start_from={start}",)),
+                        ("stage 2 from scratch (no VLP)", ())):
+        torch.manual_seed(0)
+        cli, per_step = train(stage2, steps, root, "gfslt-" + str(len(rows)), shards, *extra)
+        runs[name] = {"steps": steps, "seconds_per_step": per_step}
+        rows[name] = {split: translations(cli.model, split) for split in ("unseen", "val")}
+        print(f"{name}: {rows[name]}", flush=True)
+    rows["most frequent mission, always"] = {split: most_frequent_mission(split, cli.model)
+                                             for split in ("unseen", "val")}
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- PLLaVA
+#: the PLLaVA chain's tower and image-LLaVA budgets (the language bench's: a 32 px CLIP for 200 steps, LLaVA stage 1
+#: for 60) and PLLaVA's own (its tiny recipe: 150)
+PLLAVA_TOWER_STEPS, LLAVA_STEPS, PLLAVA_STEPS = 200, 60, 150
+
+
+def pllava_arms(steps: int, root: Path, runs: dict) -> dict:
+    """An image LLaVA (stage 1 on the emoji drawings' captions, our 32 px CLIP tower, SmolLM2 frozen) extended to
+    video by **PLLaVA** (its recipe: 4 frames pooled to 4 x 4 x 4 tokens, projector + LoRA train on the moving clips'
+    motion captions), against the image LLaVA it starts from reading the clip's middle frame. Teacher-forced NLL
+    (nats per caption token) of every moving val clip's caption given its own frames, another clip's (a fixed
+    permutation) and its frames reversed (whose true caption runs the legs backwards): the video must lower it, and
+    reading time must make the reversed clip a worse fit."""
+    from language import LM, caption_nll
+
+    quick = steps < 10
+    tower_steps, llava_steps, pllava_steps = (steps, steps, steps) if quick else (PLLAVA_TOWER_STEPS, LLAVA_STEPS,
+                                                                                  PLLAVA_STEPS)
+    torch.manual_seed(0)
+    train(EXPERIMENTS / "clip" / "emoji_heldout_tiny.yaml", tower_steps, root, "pllava-tower",
+          f"--data.train_shards={REPO_ROOT / EMOJI}/train-*.tar", "--data.test_shards=null",
+          "--model.init_args.vision.init_args.img_size=32")
+    runs["CLIP tower (32 px, drawings)"] = {"steps": tower_steps, "seconds_per_step": None}
+    tower = str(next((root / "pllava-tower").glob("**/last.ckpt")))
+    torch.manual_seed(0)
+    llava, per_step = train(EXPERIMENTS / "llava" / "emoji_stage1_tiny.yaml", llava_steps, root, "pllava-llava",
+                            f"--data.train_shards={REPO_ROOT / EMOJI}/train-*.tar", "--data.test_shards=null",
+                            f"--model.init_args.image_tower={tower}", *LM)
+    runs["LLaVA stage 1 (drawings)"] = {"steps": llava_steps, "seconds_per_step": per_step}
+    start = str(next((root / "pllava-llava").glob("**/last.ckpt")))
+    torch.manual_seed(0)
+    pllava, per_step = train(EXPERIMENTS / "pllava" / "moving_tiny.yaml", pllava_steps, root, "pllava",
+                             f"--data.train_shards={REPO_ROOT / MOVING}/train-*.tar",
+                             f"--model.init_args.image_tower={tower}", f"--model.init_args.start_from={start}", *LM)
+    runs["PLLaVA (moving clips)"] = {"steps": pllava_steps, "seconds_per_step": per_step}
+    video_model, image_model = pllava.model, llava.model
+    frames, captions = [], []
+    for batch in clip_batches(f"{MOVING}/val-*.tar", video_model, video_model.num_frames, batch_size=32):
+        frames.append(batch["video"])
+        captions += batch["caption"]
+        if quick:
+            break
+    video = torch.cat(frames)
+    permutation = torch.randperm(len(video), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens = {"own clip": video_model.visual_tokens(video),
+                  "another clip's frames": video_model.visual_tokens(video[permutation]),
+                  "own clip reversed": video_model.visual_tokens(video.flip(1))}
+        rows = {"PLLaVA": {condition: caption_nll(video_model.language_model, video_model.caption_prompts[0],
+                                                  captions, visual) for condition, visual in tokens.items()}}
+        middle = video[:, video.shape[1] // 2]
+        image_tokens = {"own clip": image_model.visual_tokens(middle),
+                        "another clip's frames": image_model.visual_tokens(middle[permutation])}
+        rows["image LLaVA stage 1, middle frame"] = {
+            condition: caption_nll(image_model.language_model, image_model.caption_prompts[0], captions, visual)
+            for condition, visual in image_tokens.items()}
+    for row in rows.values():
+        row["clips"] = len(captions)
+    print(f"PLLaVA: {rows}", flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------- report
 def tables(report: dict) -> str:
     lines = []
@@ -357,16 +478,18 @@ def tables(report: dict) -> str:
             lines.append(f"| {name} | {row['accuracy']:.3f} | {babyai['val'][name]['accuracy']:.3f} "
                          f"| {row['segments']} | {row['texts']} |")
         lines.append("")
-    if "moving" in report:
+    queries = {**report.get("moving", {}).get("queries", {}), **report.get("violet", {}).get("queries", {})}
+    if queries:
         lines += ["Moving emoji, zero-shot motion on the val clips", "",
                   "| model | first-leg direction (8-way) | two-leg order (pairs) |", "|---|---|---|"]
-        lines += [f"| {name} | {row['direction']:.3f} | {row['order']:.3f} |"
-                  for name, row in report["moving"]["queries"].items()]
+        lines += [f"| {name} | {row['direction']:.3f} | {row['order']:.3f} |" for name, row in queries.items()]
         lines.append("")
     videophy_rows = {**({f"{name}, BabyAI unseen": row for name, row in report["babyai"]["videophy"].items()
                          if name != "chance"} if "babyai" in report else {}),
                      **({f"{name}, moving val": row for name, row in report["moving"]["videophy"].items()
-                         if name != "chance"} if "moving" in report else {})}
+                         if name != "chance"} if "moving" in report else {}),
+                     **({f"{name}, moving val": row for name, row in report["violet"]["videophy"].items()
+                         if name != "chance"} if "violet" in report else {})}
     if videophy_rows:
         lines += ["VideoPhy pair accuracy: each clip against its reversed / teleporting twin, with its caption "
                   "(chance 0.5)", "", "| model, clips | reversed | teleport |", "|---|---|---|"]
@@ -378,8 +501,26 @@ def tables(report: dict) -> str:
                   "| encoder | linear top-1 |", "|---|---|"]
         lines += [f"| {name} | {row['linear_top1']:.3f} |" for name, row in probes.items()]
         lines.append("")
+    if "gfslt" in report:
+        lines += ["GFSLT-VLP, BabyAI episode -> mission (greedy; BLEU-4 / exact match of the translation)", "",
+                  "| model | unseen level BLEU-4 | unseen exact | seen levels, val BLEU-4 | val exact |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {name} | {row['unseen']['BLEU-4']:.3f} | {row['unseen']['exact_match']:.3f} "
+                  f"| {row['val']['BLEU-4']:.3f} | {row['val']['exact_match']:.3f} |"
+                  for name, row in report["gfslt"].items()]
+        lines.append("")
+    if "pllava" in report:
+        lines += ["PLLaVA: NLL of the moving val clips' captions (nats per token, lower is better)", "",
+                  "| model | own clip | another clip's frames | own clip reversed |", "|---|---|---|---|"]
+        other = "another clip's frames"
+        lines += [f"| {name} | {row['own clip']:.3f} | {row[other]:.3f} | "
+                  + (f"{row['own clip reversed']:.3f}" if "own clip reversed" in row else "-") + " |"
+                  for name, row in report["pllava"].items()]
+        lines.append("")
     lines += ["| run | steps | s / step |", "|---|---|---|"]
-    lines += [f"| {name} | {run['steps']} | {run['seconds_per_step']:.2f} |" for name, run in report["runs"].items()]
+    lines += [f"| {name} | {run['steps']} | "
+              + (f"{run['seconds_per_step']:.2f}" if run["seconds_per_step"] is not None else "-") + " |"
+              for name, run in report["runs"].items()]
     return "\n".join(lines)
 
 
@@ -422,13 +563,70 @@ def targets(report: dict) -> list[Target]:
             Target("SIGMA - random-init linear probe, moving val (points)",
                    100 * (sigma["SIGMA"]["linear_top1"] - sigma["random init (same encoder)"]["linear_top1"]), MARGIN),
         ]
+    if "violet" in report:
+        violet, chance = report["violet"]["queries"]["VIOLET (VTM head)"], report["violet"]["queries"]["chance"]
+        goals += [
+            Target("VIOLET - chance first-leg direction accuracy, moving val (points)",
+                   100 * (violet["direction"] - chance["direction"]), MARGIN),
+            Target("VIOLET - chance two-leg order accuracy, moving val (points)",
+                   100 * (violet["order"] - chance["order"]), MARGIN),
+            Target("VIOLET VideoPhy reversed-twin pair accuracy - chance, moving val (points)",
+                   100 * (report["violet"]["videophy"]["VIOLET (VTM head)"]["reversed"] - 0.5), MARGIN),
+        ]
+    if "gfslt" in report:
+        gfslt = report["gfslt"]
+        goals += [
+            Target("GFSLT-VLP stage 1 + 2 - stage 2 from scratch BLEU-4, unseen level (points)",
+                   100 * (gfslt["GFSLT-VLP stage 1 + 2"]["unseen"]["BLEU-4"]
+                          - gfslt["stage 2 from scratch (no VLP)"]["unseen"]["BLEU-4"]), MARGIN),
+            Target("GFSLT-VLP stage 1 + 2 - most frequent mission BLEU-4, seen levels val (points)",
+                   100 * (gfslt["GFSLT-VLP stage 1 + 2"]["val"]["BLEU-4"]
+                          - gfslt["most frequent mission, always"]["val"]["BLEU-4"]), MARGIN),
+        ]
+    if "pllava" in report:
+        pllava, image = report["pllava"]["PLLaVA"], report["pllava"]["image LLaVA stage 1, middle frame"]
+        goals += [
+            Target("PLLaVA caption NLL: another clip's frames - own clip, moving val (nats/token)",
+                   pllava["another clip's frames"] - pllava["own clip"], 0.01),
+            Target("PLLaVA caption NLL: image LLaVA on the middle frame - PLLaVA, moving val (nats/token)",
+                   image["own clip"] - pllava["own clip"], 0.01),
+            Target("PLLaVA caption NLL: own clip reversed - own clip, moving val (nats/token)",
+                   pllava["own clip reversed"] - pllava["own clip"], 0.01),
+        ]
     return goals
 
 
 #: points a method must gain over its baseline (a tie is not a win)
 MARGIN = 0.1
 
-SECTIONS = ("babyai", "moving", "sigma")
+SECTIONS = ("babyai", "moving", "sigma", "violet", "gfslt", "pllava")
+RUNNERS = {"babyai": babyai_arms, "moving": moving_arms, "sigma": sigma_arms, "violet": violet_arms,
+           "gfslt": gfslt_arms, "pllava": pllava_arms}
+
+
+def merged_start(report: dict, sections: list[str]) -> dict:
+    """The stored report (bench/results/video.json) without the sections about to run: its other sections, their
+    runs and dates kept; a stored run of another step budget or a quick one cannot be merged (one clear error)."""
+    path = RESULTS_DIR / "video.json"
+    if not path.is_file():
+        raise SystemExit(f"--merge: no stored results at {path}; run without --merge first")
+    stored = json.loads(path.read_text())
+    if stored.get("quick") != report["quick"] or stored.get("steps") != report["steps"]:
+        raise SystemExit(f"--merge: the stored run has steps={stored.get('steps')} quick={stored.get('quick')}, this "
+                         f"one steps={report['steps']} quick={report['quick']}; rerun with the same --steps (and "
+                         "--quick) or without --merge")
+    kept = [section for section in SECTIONS if section in stored and section not in sections]
+    dated = stored.get("sections") or {section: {"date": stored["machine"].get("date"), "cpu": stored["machine"]["cpu"]}
+                                       for section in kept}  # a run from before sections were dated: its own date
+    section_runs = stored.get("section_runs") or {section: list(stored["runs"]) for section in kept}
+    report.update({section: stored[section] for section in kept})
+    report["sections"] = {section: dated[section] for section in kept}
+    report["section_runs"] = {section: section_runs.get(section, []) for section in kept}
+    report["runs"] = {name: run for name, run in stored["runs"].items()
+                      if any(name in section_runs.get(section, []) for section in kept)}
+    report["stored_seconds"] = stored.get("seconds", 0.0) - sum(
+        stored.get("sections", {}).get(section, {}).get("seconds", 0.0) for section in sections)
+    return report
 
 
 def main() -> None:
@@ -438,22 +636,29 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="the parts to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="5 steps per arm: a smoke run of the bench")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the stored results' other sections (bench/results/video.json, the same --steps) "
+                             "and replace only the sections run now; each section records its own date and CPU")
     args = parser.parse_args()
     steps, clip_steps = (5, 5) if args.quick else (args.steps, args.clip_steps)
     ensure_data(episodes=200, clips=2000)
     started = time.perf_counter()
-    report: dict = {"quick": args.quick, "steps": steps, "clip_steps": clip_steps, "runs": {}}
+    report: dict = {"quick": args.quick, "steps": steps, "clip_steps": clip_steps, "runs": {}, "sections": {},
+                    "section_runs": {}}
+    if args.merge:
+        report = merged_start(report, args.sections)
     with tempfile.TemporaryDirectory(prefix="vlp-video-") as folder:
         root = Path(folder)
         for section in args.sections:
-            if section == "babyai":
-                report["babyai"] = babyai_arms(steps, root, report["runs"])
-            elif section == "moving":
-                report["moving"] = moving_arms(steps, clip_steps, root, report["runs"])
-            else:
-                report["sigma"] = sigma_arms(steps, root, report["runs"])
+            section_started, before = time.perf_counter(), set(report["runs"])
+            arguments = (steps, clip_steps) if section == "moving" else (steps,)
+            report[section] = RUNNERS[section](*arguments, root, report["runs"])
+            report["sections"][section] = {"date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                                           "cpu": machine()["cpu"], "native_bf16": machine()["native_bf16"],
+                                           "seconds": time.perf_counter() - section_started}
+            report["section_runs"][section] = [name for name in report["runs"] if name not in before]
             print(json.dumps(report[section], indent=1), flush=True)
-    report["seconds"] = time.perf_counter() - started
+    report["seconds"] = time.perf_counter() - started + report.pop("stored_seconds", 0.0)
     report["table"] = tables(report)
     print("\n" + report["table"])
     publish("video", report, targets(report))

@@ -20,3 +20,35 @@ def test_published_targets_reach_the_results_table(tmp_path, monkeypatch, capsys
     table = common.results_markdown(common.read_results(tmp_path))
     assert "| toy | margin over shuffled | 0.04 | >= 0.001 | PASS |" in table
     assert "| toy | minutes | 50 | <= 45 | MISS |" in table
+
+
+def test_video_bench_merge_keeps_the_other_sections_and_refuses_another_budget(tmp_path, monkeypatch):
+    import video  # bench/video.py
+
+    monkeypatch.setattr(video, "RESULTS_DIR", tmp_path)
+    stored = {"quick": False, "steps": 300, "seconds": 100.0, "machine": {"cpu": "EPYC", "date": "2026-12-02"},
+              "runs": {"HecVL": {"steps": 300}, "SIGMA": {"steps": 300}}, "babyai": {"HecVL": 0.2},
+              "sigma": {"SIGMA": 0.1}, "sections": {"babyai": {"date": "d1", "cpu": "EPYC", "seconds": 60.0},
+                                                    "sigma": {"date": "d2", "cpu": "EPYC", "seconds": 40.0}},
+              "section_runs": {"babyai": ["HecVL"], "sigma": ["SIGMA"]}}
+    (tmp_path / "video.json").write_text(json.dumps(stored))
+    fresh = {"quick": False, "steps": 300, "runs": {}, "sections": {}, "section_runs": {}}
+    report = video.merged_start(dict(fresh), ["sigma", "violet"])
+    assert report["babyai"] == {"HecVL": 0.2} and "sigma" not in report  # the rerun section is dropped, not kept
+    assert report["runs"] == {"HecVL": {"steps": 300}}
+    assert report["sections"] == {"babyai": stored["sections"]["babyai"]}
+    assert report["stored_seconds"] == 60.0
+    try:
+        video.merged_start({**fresh, "steps": 5, "quick": True}, ["violet"])
+    except SystemExit as error:
+        assert "steps=300 quick=False" in str(error) and "same --steps" in str(error)
+    else:
+        raise AssertionError("a merge across step budgets must be refused")
+
+
+def test_video_bench_targets_recompute_from_the_published_results():
+    import video
+
+    stored = json.loads((common.RESULTS_DIR / "video.json").read_text())
+    recomputed = {target.name: target.as_dict()["passed"] for target in video.targets(stored)}
+    assert recomputed == {target["name"]: target["passed"] for target in stored["targets"]}
