@@ -93,6 +93,8 @@ def test_tiny_recipe_trains_a_step(recipe, make_shards, tmp_path, request):
         train_shards = str(tmp_path / "clips" / "train-*.tar")
         if "pretrained_clip" in model_arguments(recipe):  # from the tests' tiny CLIP, not the emoji run
             start += ["--model.init_args.pretrained_clip", request.getfixturevalue("tiny_clip_checkpoint")]
+        if "target_tower" in model_arguments(recipe):  # SIGMA (DINO): the tiny CLIP's tower, not the DINO run's
+            start += ["--model.init_args.target_tower", request.getfixturevalue("tiny_clip_checkpoint")]
     main(["fit", "--config", str(recipe), *start, "--data.train_shards", train_shards, "--data.val_shards", "null",
           "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.max_steps", "1",
           "--trainer.callbacks", "[]", "--trainer.val_check_interval", "1.0", "--trainer.check_val_every_n_epoch", "1",

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from vlp_lightning.methods import SIGMA
 from vlp_lightning.modules.video_vision import VideoVisionTransformer, tube_masking
+from vlp_lightning.modules.vision import VisionEncoder
 
 
 def tiny_sigma(**overrides) -> SIGMA:
@@ -172,8 +173,84 @@ def test_pixel_baseline_builds_no_projection_and_its_loss_falls():
     assert losses[-1] < 0.95 * losses[0], losses
 
 
+def dino_tower(**overrides) -> VisionEncoder:
+    arguments = {"img_size": 32, "patch_size": 8, "width": 48, "depth": 1, "num_heads": 2, "mean": (0.4, 0.45, 0.5),
+                 "std": (0.2, 0.22, 0.25), **overrides}
+    return VisionEncoder("vit_tiny_patch16_224", **arguments)
+
+
+def test_dino_target_is_the_frozen_towers_patch_tokens_of_each_tubelets_first_frame_standardised_per_clip():
+    torch.manual_seed(0)
+    method = SIGMA(target="dino", target_vision=dino_tower(), mask_ratio=0.5)
+    assert isinstance(method.projection, torch.nn.Identity) and method.decoder_head.out_features == 48
+    assert method.prototypes.shape == (32, 48) and not any(p.requires_grad for p in method.target_vision.parameters())
+    pixels = torch.rand(2, 4, 3, 32, 32)
+    mean, std = (torch.tensor(values).view(1, 1, 3, 1, 1) for values in (method.vision.mean, method.vision.std))
+    video = (pixels - mean) / std  # the clip as SIGMA's views normalise it
+    mask = method.draw_mask(2, video.device)
+    features = method.masked_tube_features(video, mask)
+    # by hand: frames 0 and 2 in the tower's own normalisation, its patch tokens, channels standardised per clip
+    tower = method.target_vision
+    tower_mean, tower_std = (torch.tensor(v).view(1, 3, 1, 1) for v in (tower.mean, tower.std))
+    with torch.no_grad():
+        tokens = torch.stack([torch.cat([tower.forward_tokens((pixels[b, t:t + 1] - tower_mean) / tower_std)[0]
+                                         for t in (0, 2)]) for b in range(2)])  # [2, 2 * 16, 48]
+    tokens = (tokens - tokens.mean(dim=1, keepdim=True)) / (tokens.std(dim=1, keepdim=True) + 1e-6)
+    expected = torch.stack([tokens[b, mask.ids_masked[b]] for b in range(2)])
+    assert features.shape == (2, 16, 48) and torch.allclose(features, expected, atol=1e-4)
+    # the second frame of a tubelet does not change the target; the first does
+    changed = video.clone()
+    changed[:, 1] += 1.0
+    assert torch.allclose(method.masked_tube_features(changed, mask), features, atol=1e-5)
+    changed[:, 0] += 1.0
+    assert not torch.allclose(method.masked_tube_features(changed, mask), features, atol=1e-3)
+
+
+def test_dino_target_trains_the_video_model_and_prototypes_never_the_tower():
+    torch.manual_seed(0)
+    method = SIGMA(target="dino", target_vision=dino_tower())
+    tower = {name: value.clone() for name, value in method.target_vision.state_dict().items()}
+    video = torch.randn(8, 4, 3, 32, 32)
+    parameters = [p for p in method.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3)
+    method.train()
+    assert not method.target_vision.training  # locked: eval mode even when the method trains
+    losses = []
+    for _ in range(10):
+        torch.manual_seed(0)
+        outputs = method.forward_loss({"video": video})
+        optimizer.zero_grad()
+        outputs["loss"].backward()
+        optimizer.step()
+        losses.append(outputs["loss"].item())
+    assert losses[-1] < 0.95 * losses[0], losses
+    assert method.vision.tube_embed.weight.grad is not None and method.prototypes.grad is not None
+    assert all(torch.equal(value, method.target_vision.state_dict()[name]) for name, value in tower.items())
+
+
+def test_dino_target_reads_the_ema_teacher_of_a_dino_checkpoint(tmp_path):
+    from vlp_lightning.modules.vision import frozen_image_tower
+    from vlp_lightning.pretrained import build_method, save_checkpoint
+
+    config = {"class_path": "vlp_lightning.methods.DINO"}
+    torch.manual_seed(0)
+    dino, _ = build_method(config, "DINO", "")
+    with torch.no_grad():  # a teacher that differs from the student, as after training
+        for parameter in dino.teacher.parameters():
+            parameter.add_(0.01)
+    path = str(save_checkpoint(dino, tmp_path / "dino.ckpt", config))
+    teacher = dino.teacher[0].state_dict()
+    tower = frozen_image_tower(None, path, "target_tower", teacher=True)
+    assert all(torch.equal(value, teacher[name]) for name, value in tower.state_dict().items())
+    method = SIGMA(target="dino", target_tower=path)
+    assert all(torch.equal(value, teacher[name]) for name, value in method.target_vision.state_dict().items())
+
+
 @pytest.mark.parametrize(("arguments", "says"), [
-    ({"target": "dino"}, "target='dino' is not one of"),
+    ({"target": "tokens"}, "target='tokens' is not one of"),
+    ({"target": "dino"}, "the 'dino' target needs its frozen tower"),
+    ({"target": "mlp", "target_vision": "tower"}, "the 'dino' target needs its frozen tower and only it takes one"),
+    ({"target": "dino", "target_vision": dino_tower(patch_size=16)}, "its patch grid must be the tube grid"),
     ({"mask_ratio": 0.99}, "mask_ratio=0.99 masks 16 of 16 patches"),
 ])
 def test_bad_configuration_names_the_value_and_the_fix(arguments, says):

@@ -180,6 +180,29 @@ class VisionEncoder(LockableEncoder):
         return features[:, self.model.num_prefix_tokens :]
 
 
+def frozen_image_tower(vision: VisionEncoder | None, checkpoint: str | None, option: str = "pretrained_clip",
+                       teacher: bool = False) -> VisionEncoder:
+    """A locked image tower for methods that read a frozen one (VEDIT, TemAdapter-like, SIGMA's DINO target):
+    `vision` (default `tiny_vit()`), or the tower of the suite checkpoint `checkpoint` (given as option `option`):
+    its `vision`, or with `teacher` the EMA teacher's tower where the method has one (DINO, BYOL, MoCo: the weights
+    those papers release), else its `vision`."""
+    if checkpoint is None:
+        tower = vision or tiny_vit()
+    else:
+        from vlp_lightning.pretrained import load_method  # here: it imports the CLI, which imports the method index
+
+        method, _ = load_method(checkpoint, name=option, config_option=option)
+        towers = [module for _, teacher_module in (getattr(method, "momentum_pairs", None) or [])
+                  for module in teacher_module.modules() if isinstance(module, VisionEncoder)] if teacher else []
+        tower = towers[0] if towers else getattr(method, "vision", None)
+        if not isinstance(tower, VisionEncoder):
+            raise ValueError(f"{option}={checkpoint} holds a {type(method).__name__} without an image tower "
+                             "(`vision`); give a checkpoint of a method that has one, e.g. "
+                             "runs/clip/emoji_tiny/checkpoints/last.ckpt")
+    tower.lock()
+    return tower
+
+
 def takes_any_input_size(vision: VisionEncoder) -> bool:
     """CNNs take any resolution; a timm ViT only when built with `dynamic_img_size`."""
     return vision.patch_size is None or getattr(vision.model, "dynamic_img_size", False)

@@ -33,6 +33,20 @@ K = 3000, the decoder side scores against detached prototypes (so C learns throu
 prototypes are L2-normalised in every forward, and the MLP is 1024-1024-512-256 with GELUs on the normalised pixels
 of a tube (2 x 16 x 16 x 3 = 1536 inputs), the decoder predicting 256-d features.
 
+`target: dino`, "SIGMA (DINO)" (the released `target_type=dino_v1`, `--distillation_teacher dino_b`): the projection
+is a frozen image tower φ (a DINO ViT; the release's DINO ViT-B/16, whose 14 x 14 patch grid at 224 px is the tube
+grid of 16 px tubes) and h = identity. The target of tube i is φ's patch token at i's spatial position on the first
+frame of i's tubelet (frames 0, t, 2t, ...: the release's `video[:, ::2]`), read from the tower's last block after
+its final norm, class token dropped, the clip's frames in the tower's own pixel normalisation; with
+`normalize_target` each of its D channels is standardised over all N tubes of the clip (mean and unbiased std over
+the tube axis, + 1e-6: the release normalises `dim=-2` of [B, N, D], not per tube), and the masked tubes are kept.
+The decoder predicts D-dim features, the prototypes are [K, D] (K = 3000 released), and L_SIGMA is the same swapped
+prediction: s from the decoder against detached prototypes, t from the frozen features against learnable ones, so
+the prototype term trains the prototypes only and the other the video model. The tower comes from a suite
+checkpoint (`target_tower`: a DINO run's EMA teacher, the weights DINO releases) or a `VisionEncoder`
+(`target_vision`, e.g. timm's ViT-B/16 with a local `pretrained_path` of converted DINO weights, the release's
+route); its patch size must be the tube's and its input size the clip's (one error naming both otherwise).
+
 The mask is drawn in the method (`tube_masking`, torch's global RNG: the base class checkpoints it, so a resumed
 run draws the same masks), not taken from `ClipViews`' `tube_mask`: the mask's geometry (patch, tubelet, ratio) is
 the model's, and one source cannot disagree with it; the views here never ask for a mask. Representation
@@ -40,9 +54,9 @@ the model's, and one source cannot disagree with it; the views here never ask fo
 frames; SIGMA's linear evaluation reads the encoder, not the decoder.
 
 Not confirmed / deliberate changes: the paper's section and equation numbers (the text here follows the released
-code, which this file was checked against, not copied from); the DINO-feature projection ("SIGMA (DINO)", the
-released scripts' `target_type=dino_v1`: a frozen DINO ViT's patch features of every second frame, normalised, with
-an identity head) is not built, since no pretrained DINO weights are reachable here; the scores are computed in fp32
+code, QUVA-Lab/SIGMA `modeling_pretrain.py` / `engine_for_pretraining.py`, which this file was checked against, not
+copied from); no released DINO weights are reachable here, so the tiny DINO-target recipe reads a suite DINO run's
+teacher (`experiments/sigma/moving_dino_tiny.yaml`); the scores are computed in fp32
 outside autocast (the released code scores in fp16 under `torch.cuda.amp`), as SwAV's here; the tiny defaults shrink
 the MLP to 128-128-64-32 and K to 32; clips are sampled at a fixed stride with a random start (VideoMAE's loader)
 and cropped by one random resized crop (`crop_scale`, ~ VideoMAE's multi-scale crop), never flipped.
@@ -62,6 +76,7 @@ from vlp_lightning.catalog import Paper
 from vlp_lightning.losses.swav import sinkhorn_knopp, swav_loss
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.modules.masking import PatchMask, gather_patches, num_masked_patches
+from vlp_lightning.modules.vision import VisionEncoder, frozen_image_tower, takes_any_input_size
 from vlp_lightning.modules.video_vision import (
     VideoVisionTransformer,
     sinusoid_table,
@@ -71,7 +86,7 @@ from vlp_lightning.modules.video_vision import (
     videomae_init,
 )
 
-Target = Literal["mlp", "pixels"]
+Target = Literal["mlp", "pixels", "dino"]
 
 
 class SIGMA(VLPMethod):
@@ -79,17 +94,23 @@ class SIGMA(VLPMethod):
 
     Args:
         vision: the video encoder (default: a 2-block ViT of width 64 on 4 frames of 32 px, 8 px patches, tubelet 2).
-        target: "mlp" (SIGMA: prototype assignments of a learned MLP projection of each tube) or "pixels"
-            (VideoMAE: normalised-pixel MSE), under the same encoder, decoder and masks.
+        target: "mlp" (SIGMA: prototype assignments of a learned MLP projection of each tube), "dino" (SIGMA
+            (DINO): of a frozen image tower's patch features) or "pixels" (VideoMAE: normalised-pixel MSE), under
+            the same encoder, decoder and masks.
+        target_tower: for "dino", a suite checkpoint whose tower (its EMA teacher's where it has one: a DINO run)
+            gives the target features, frozen.
+        target_vision: for "dino", the frozen target tower as a `VisionEncoder` (ignored with `target_tower`).
         mask_ratio: fraction of the spatial positions masked in every tubelet (0.9 in both papers).
         decoder_width, decoder_depth, decoder_heads: the decoder (ViT-B: 384, 4, 6 in the released scripts).
-        feature_dim: size of the decoder's prediction and the projection's output for "mlp" (256 released).
+        feature_dim: size of the decoder's prediction and the projection's output for "mlp" (256 released; "dino"
+            predicts the tower's width).
         projection_hidden: hidden widths of the projection MLP (1024, 1024, 512 released).
         num_prototypes: K (3000 released).
         temperature: τ of the swapped prediction (0.1).
         sinkhorn_epsilon, sinkhorn_iterations: ε and iterations of Sinkhorn-Knopp (0.05 for Kinetics, 10).
         hard_assignments: predict the one-hot argmax of the codes (the released code) rather than the soft codes.
-        normalize_target: per-tube normalised pixels as the pixel target and the MLP's input (True released).
+        normalize_target: per-tube normalised pixels as the pixel target and the MLP's input, per-clip standardised
+            channels of the DINO features (True released).
         frame_stride: frames between sampled frames (VideoMAE's `sampling_rate`: 4 for Kinetics, 2 for SSv2).
         crop_scale: area range of the one random crop drawn per clip (VideoMAE's multi-scale crop takes 0.66-1 of
             the short side: 0.44-1 of the area).
@@ -97,7 +118,8 @@ class SIGMA(VLPMethod):
     """
 
     paper = Paper("SIGMA: Sinkhorn-Guided Masked Video Modeling", "Salehi et al.", 2024,
-                  note="Kinetics not reachable: moving-emoji clips; MLP projection only, no DINO weights here")
+                  note="Kinetics not reachable: moving-emoji clips; the DINO target reads a suite DINO run's "
+                       "teacher (no released DINO weights here)")
     family = "masked video modelling"
     view_kind = "clip"
     required_keys = ("video",)
@@ -107,6 +129,8 @@ class SIGMA(VLPMethod):
         self,
         vision: VideoVisionTransformer | None = None,
         target: Target = "mlp",
+        target_tower: str | None = None,
+        target_vision: VisionEncoder | None = None,
         mask_ratio: float = 0.9,
         decoder_width: int = 64,
         decoder_depth: int = 1,
@@ -126,10 +150,15 @@ class SIGMA(VLPMethod):
         compile: bool = False,
     ) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, compile=compile)
-        if target not in ("mlp", "pixels"):
-            raise ValueError(f"SIGMA target={target!r} is not one of 'mlp' (SIGMA's prototype targets) or 'pixels' "
-                             "(the VideoMAE baseline)")
-        self.save_hyperparameters(ignore=["vision", "optimizer", "lr_scheduler"])
+        if target not in ("mlp", "pixels", "dino"):
+            raise ValueError(f"SIGMA target={target!r} is not one of 'mlp' (SIGMA's prototype targets), 'dino' (of "
+                             "a frozen DINO tower's features) or 'pixels' (the VideoMAE baseline)")
+        if (target == "dino") != (target_tower is not None or target_vision is not None):
+            raise ValueError(f"SIGMA target={target!r} with target_tower={target_tower!r} and target_vision="
+                             f"{type(target_vision).__name__ if target_vision is not None else None}: the 'dino' "
+                             "target needs its frozen tower and only it takes one; give target_tower (e.g. "
+                             "runs/dino/emoji_tiny/checkpoints/last.ckpt) or target_vision with target: dino")
+        self.save_hyperparameters(ignore=["vision", "target_vision", "optimizer", "lr_scheduler"])
         self.vision = vision or VideoVisionTransformer()
         num_masked_patches(self.vision.num_positions, mask_ratio)  # fail at construction, not at the first step
         self.target, self.mask_ratio, self.normalize_target = target, mask_ratio, normalize_target
@@ -144,6 +173,12 @@ class SIGMA(VLPMethod):
         self.register_buffer("decoder_pos_embed", sinusoid_table(positions, decoder_width), persistent=False)
         self.decoder_blocks = transformer_blocks(decoder_width, decoder_depth, decoder_heads)
         self.decoder_norm = nn.LayerNorm(decoder_width, eps=1e-6)
+        if target == "dino":
+            self.target_vision = frozen_image_tower(target_vision, target_tower, "target_tower", teacher=True)
+            self.check_target_grid()
+            feature_dim = self.target_vision.num_features
+            self.projection: nn.Module = nn.Identity()  # the release's identity head on the frozen features
+            self.prototypes = nn.Parameter(torch.randn(num_prototypes, feature_dim))
         self.decoder_head = nn.Linear(decoder_width, tube_dim if target == "pixels" else feature_dim)
         if target == "mlp":
             widths = (tube_dim, *projection_hidden, feature_dim)
@@ -159,6 +194,16 @@ class SIGMA(VLPMethod):
     @property
     def num_frames(self) -> int:
         return self.vision.num_frames
+
+    def check_target_grid(self) -> None:
+        """The DINO tower's patch tokens must be the tubes' spatial grid: the same patch size and input size."""
+        tower = self.target_vision
+        same_size = tower.img_size == self.vision.img_size or takes_any_input_size(tower)
+        if tower.patch_size != self.vision.patch_size or not same_size:
+            raise ValueError(f"SIGMA target='dino': the target tower takes {tower.img_size} px in {tower.patch_size} "
+                             f"px patches, the clips are {self.vision.img_size} px in {self.vision.patch_size} px "
+                             "tubes; its patch grid must be the tube grid: give a tower of the same patch and input "
+                             "size (or set the video encoder's img_size / patch_size to the tower's)")
 
     # ------------------------------------------------------------------ protocol
     def train_views(self) -> ClipViews:
@@ -196,6 +241,21 @@ class SIGMA(VLPMethod):
                              self.vision.patch_size, normalize=self.normalize_target)
         return gather_patches(pixels, mask.ids_masked)
 
+    def masked_tube_features(self, video: Tensor, mask: PatchMask) -> Tensor:
+        """The DINO targets of the masked tubes [B, M, D] (module doc): the frozen tower's patch tokens of each
+        tubelet's first frame in the tower's pixel normalisation, each channel standardised over the clip's tubes
+        with `normalize_target`."""
+        clip = self.vision.as_clip(video).float()[:, ::self.vision.tubelet_size]  # [B, T/t, 3, H, W]
+        tower = self.target_vision
+        mean, std = (clip.new_tensor(values).view(1, 1, 3, 1, 1) for values in (self.vision.mean, self.vision.std))
+        tower_mean, tower_std = (clip.new_tensor(values).view(1, 1, 3, 1, 1) for values in (tower.mean, tower.std))
+        frames = ((clip * std + mean) - tower_mean) / tower_std
+        tokens = tower.forward_tokens(frames.flatten(0, 1)).float()  # [B * T/t, L, D]
+        tokens = tokens.reshape(clip.shape[0], -1, tokens.shape[-1])  # [B, N, D], (tubelet, row, column) order
+        if self.normalize_target:
+            tokens = (tokens - tokens.mean(dim=1, keepdim=True)) / (tokens.var(dim=1, keepdim=True).sqrt() + 1e-6)
+        return gather_patches(tokens, mask.ids_masked)
+
     def prototype_scores(self, features: Tensor, detach_prototypes: bool) -> Tensor:
         """features [..., D] -> [..., K] cosine scores against the prototypes, in fp32 outside autocast (they feed
         exp(s / ε))."""
@@ -226,7 +286,8 @@ class SIGMA(VLPMethod):
         mask = self.draw_mask(video.shape[0], video.device)
         predicted = self.forward_decoder(video, mask)  # [B, M, out]
         with torch.no_grad():
-            target = self.masked_tube_pixels(video, mask)  # [B, M, t*p*p*3]
+            target = (self.masked_tube_features(video, mask) if self.target == "dino"  # [B, M, D]
+                      else self.masked_tube_pixels(video, mask))  # [B, M, t*p*p*3]
         if self.target == "pixels":
             return {"loss": F.mse_loss(predicted.float(), target)}
         with torch.no_grad():  # the released `normalize_prototypes`, in every forward

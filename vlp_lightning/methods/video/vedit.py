@@ -63,7 +63,7 @@ from vlp_lightning.catalog import Paper
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.video.temadapter import sinusoidal_encoding
 from vlp_lightning.modules.fusion import AttentionalPooler
-from vlp_lightning.modules.vision import VisionEncoder, tiny_vit
+from vlp_lightning.modules.vision import VisionEncoder, frozen_image_tower
 
 Masking = Literal["future", "intermediate", "both"]
 
@@ -314,21 +314,3 @@ class VEDIT(VLPMethod):
                 outputs["forecast_loss"] = forecast_loss.detach()
                 loss = loss + self.probe_weight * forecast_loss
         return {"loss": loss, **outputs}
-
-
-def frozen_image_tower(vision: VisionEncoder | None, pretrained_clip: str | None) -> VisionEncoder:
-    """The image tower VEDIT embeds steps with, locked: `vision` (default `tiny_vit()`), or the `vision` tower of the
-    suite checkpoint `pretrained_clip`."""
-    if pretrained_clip is None:
-        tower = vision or tiny_vit()
-    else:
-        from vlp_lightning.pretrained import load_method  # here: it imports the CLI, which imports this index
-
-        method, _ = load_method(pretrained_clip, name="pretrained_clip", config_option="pretrained_clip")
-        tower = getattr(method, "vision", None)
-        if not isinstance(tower, VisionEncoder):
-            raise ValueError(f"pretrained_clip={pretrained_clip} holds a {type(method).__name__} without an image "
-                             "tower (`vision`); give a checkpoint of a method that has one, e.g. "
-                             "runs/clip/emoji_tiny/checkpoints/last.ckpt")
-    tower.lock()
-    return tower
