@@ -20,7 +20,7 @@ from vlp_lightning.callbacks import VideoPhy, videophy_pair_accuracy
 from vlp_lightning.callbacks.videophy import make_twin, teleport_order
 from vlp_lightning.methods import OphCLIP
 from vlp_lightning.methods.video.base import VideoTextMethod
-from vlp_lightning.methods.video.ophclip import NarrationMemory, retrieve_narrations, text_ids
+from vlp_lightning.methods.video.ophclip import RetrievalMemory, retrieve_nearest, text_ids
 
 
 def test_the_index_and_catalogue_name_ophclip():
@@ -35,17 +35,17 @@ def test_retrieval_gives_each_silent_clip_its_nearest_distinct_narrations():
                                      [0.95, 0.0, 0.05]]), dim=1)
     ids = torch.tensor([7, 8, 9, 10, 7])  # keys 0 and 4 are two copies of narration 7
     queries = F.normalize(torch.tensor([[1.0, 0.05, 0.0], [0.0, 0.2, 1.0]]), dim=1)
-    retrieved, targets = retrieve_narrations(queries, keys, ids, k=2)
+    retrieved, targets = retrieve_nearest(queries, keys, ids, k=2)
     assert retrieved.tolist() == [[7, 8], [10, 9]]  # distinct texts, nearest first: the copy of 7 is not a second hit
     assert torch.allclose(targets.sum(1), torch.ones(2))
     assert targets[0].tolist() == pytest.approx([0.25, 0.5, 0.0, 0.0, 0.25])  # 7's half split over its two copies
     assert targets[1].tolist() == pytest.approx([0.0, 0.0, 0.5, 0.5, 0.0])
-    retrieved, targets = retrieve_narrations(queries, keys, ids, k=10)  # more than there are: every narration
+    retrieved, targets = retrieve_nearest(queries, keys, ids, k=10)  # more than there are: every narration
     assert retrieved.shape == (2, 4) and torch.allclose(targets.sum(1), torch.ones(2))
 
 
 def test_narration_memory_is_a_fifo_of_filled_slots():
-    memory = NarrationMemory(size=4, dim=2)
+    memory = RetrievalMemory(size=4, dim=2)
     assert memory.filled()[1].numel() == 0  # an empty slot is never retrieved
     memory.enqueue(torch.ones(3, 2), torch.tensor([1, 2, 3]))
     memory.enqueue(torch.full((2, 2), 2.0), torch.tensor([4, 5]))
@@ -58,7 +58,7 @@ def _memory_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        memory = NarrationMemory(size=8, dim=2)
+        memory = RetrievalMemory(size=8, dim=2)
         count = 3 if rank == 0 else 1  # ranks store different numbers of narrations
         memory.enqueue(torch.full((count, 2), float(rank)), torch.arange(count) + 10 * rank)
         torch.save({"embeddings": memory.embeddings, "ids": memory.ids, "pointer": memory.pointer},
@@ -139,9 +139,36 @@ def test_silent_fraction_silences_a_share_of_training_batches_only():
     assert int(method.silent_mask(batch).sum()) == 0
 
 
+def test_the_papers_direction_titles_retrieve_silent_videos_which_learn_through_them():
+    torch.manual_seed(0)
+    method = OphCLIP(retrieval="silent_videos").eval()
+    batch = silent_batch(method)
+    narrated = method.narrated_batch(batch, torch.tensor([row not in (1, 4) for row in range(6)]))
+    batch["video"].requires_grad_(True)
+    outputs = method.forward_loss(batch)
+    alone = method.forward_loss(narrated)
+    assert torch.allclose(outputs["loss"], alone["loss"] + 0.25 * outputs["retrieval_loss"], atol=1e-5)
+    assert torch.allclose(outputs["title_loss"], alone["title_loss"], atol=1e-6)
+    (gradient,) = torch.autograd.grad(outputs["loss"], batch["video"])
+    assert gradient[[1, 4]].abs().sum() > 0  # the silent videos learn, as the titles' retrieved positives
+    # the retrieval term by hand: each narrated title's soft CE over the two silent videos, both retrieved (k = 4)
+    with torch.no_grad():
+        titles = F.normalize(method.text_projection(method.text(narrated["text"])), dim=-1)  # [4, D]
+        silent = F.normalize(method.image_projection(method.frame_features(batch["video"][[1, 4]]).mean(dim=1)),
+                             dim=-1)
+        expected = -(method.logit_scale.exp() * titles @ silent.T).log_softmax(dim=1).mean(dim=1).mean()
+    assert torch.allclose(outputs["retrieval_loss"], expected, atol=1e-5)
+    method.train()
+    method.forward_loss(batch)  # training stores the silent videos, by their shard keys
+    assert sorted(method.memory.filled()[1].tolist()) == sorted(text_ids([batch["__key__"][1],
+                                                                          batch["__key__"][4]]).tolist())
+
+
 @pytest.mark.parametrize("arguments, message", [
     ({"silent_fraction": 1.0}, "silent_fraction=1.0 must lie in"),
     ({"narration_weight": 0.0, "zero_shot_level": "abstract"}, "retrieval_weight=0.25.* needs narration_weight"),
+    ({"retrieval": "silent_videos", "title_weight": 0.0}, "retrieval_weight=0.25.* needs title_weight"),
+    ({"retrieval": "titles"}, "retrieval='titles' is not one of"),
     ({"retrieval_k": 0}, "retrieval_k=0"),
 ])
 def test_bad_configurations_name_the_value_and_the_fix(arguments, message):

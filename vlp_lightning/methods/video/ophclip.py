@@ -14,9 +14,12 @@ Two ideas on the HecVL base (same towers, one embedding space per hierarchy leve
 2. Retrieval-augmented pretraining (the method section's third part; the paper's abstract: "leverage the
    underexplored large-scale silent surgical procedure videos, automatically retrieving semantically relevant
    content"): videos without any speech still teach, through texts retrieved for them by maximum-inner-product
-   search (MIPS) over a dynamic memory bank. Here a silent clip v (its whole-clip embedding in the narration space)
-   retrieves the k most similar distinct narrations R_k(v) from a text memory M = [this batch's narration embeddings
-   (with gradient) ; a FIFO queue of past narration embeddings (detached)], and they are its soft positives:
+   search (MIPS) over a dynamic memory bank. Two directions are built (`retrieval`):
+
+   `retrieval: narrations` (the default, the issue's direction): a silent clip v (its whole-clip embedding in the
+   narration space) retrieves the k most similar distinct narrations R_k(v) from a text memory M = [this batch's
+   narration embeddings (with gradient) ; a FIFO queue of past narration embeddings (detached)], and they are its
+   soft positives:
 
        R_k(v) = top-k over distinct narrations n of max_{m in M, text(m) = n} <v, m>       (no gradient: a search)
        q(m | v) = 1 / (k · copies(text(m)))  if text(m) in R_k(v), else 0                 (each narration 1/k)
@@ -29,6 +32,14 @@ Two ideas on the HecVL base (same towers, one embedding space per hierarchy leve
    positives (tested). The memory is filled with the batch's distinct narration embeddings at each training
    step, after they were read, gathered from every rank (each rank holds the same memory); each slot keeps its
    text's id (CRC-32), so copies of a narration stored at different steps count as one narration.
+
+   `retrieval: silent_videos` (the paper's direction: its memory bank "stores multi-modal embeddings of 30K+ silent
+   surgical videos", and MIPS "retrieves the top-K most relevant silent videos for each narrative video, adding them
+   as auxiliary supervisory signals" to the video level): each narrated video's title u (in the title space)
+   retrieves the k nearest distinct silent videos from M = [this batch's silent clips' whole-clip embeddings in the
+   title space (with gradient) ; a FIFO queue of past ones (detached)], by the same R_k, q and soft cross-entropy
+   with u in place of v (title -> silent video only). The silent videos learn only as the positives of the titles
+   that retrieve them; a silent video's id is the CRC-32 of its shard `__key__`, so a clip seen again counts once.
 
 Which clips are silent (the convention of this suite): a sample whose `caption` is empty (or only whitespace), or
 whose batch entry `silent` (a bool per sample, when the batch has that key) is True. OphCLIP `accepts_silent_clips`,
@@ -44,15 +55,14 @@ towers, batch 16, silent_fraction 0.25, 150 steps) w_r = 1 pinned the title loss
 narrated clips, within 50 steps, also with w_r ramped up over the first 100 steps; w_r = 0.25 trained the title
 level as well as w_r = 0 did (2.05 vs 2.11 at step 150, from 2.69). Hence the default 0.25.
 
-Deliberate changes and what is not confirmed (no official code was reachable here; the paper's method section
-was not either, only its abstract and summaries, so no equation numbers are cited): the paper retrieves at the
-*video* level, querying with a narrated video's title into a knowledge pool of silent-*video* features, and uses
-the retrieved silent videos to enhance that video's long-term representation; this suite's issue asks for the
-mirror image, silent clips retrieving narrations as positives, which is what is built (the same MIPS over a
-dynamic memory bank, in the other direction, at the narration level). The memory holds narrations only (not
-titles), its size and k are this suite's choices (the paper's are not known here), the positives are uniform over
-the k retrieved narrations (no similarity weighting), and the paper's clip-level SimSiam-style self-supervised term
-on the visual features is not built. Each training sample is one sampled clip of an episode (HecVL's convention):
+Deliberate changes and what is not confirmed (no official code was reachable here, minghu0830/OphCLIP; the paper's
+method section was not either, only its abstract, its project page (uni-medical gmai-web, "Hierarchical
+Retrieval-Augmented Pretraining") and summaries, so no equation numbers are cited): whether the paper's query is
+the title, the narrations or the video embedding, and how the retrieved videos enter its loss (extra positives as
+here, a separate term, or feature fusion) are not known here; the memory size and k are this suite's choices, the
+positives are uniform over the k retrieved items (no similarity weighting), the paper's alternating training of
+the two levels is one summed loss here, and its clip-level SimSiam-style self-supervised term on the visual
+features is not built. Each training sample is one sampled clip of an episode (HecVL's convention):
 its timeline segments are the narrations, its caption the title.
 """
 
@@ -75,6 +85,8 @@ from vlp_lightning.methods.video.hecvl import HecVL
 from vlp_lightning.modules.tokenizers import Tokenizer
 from vlp_lightning.modules.vision import VisionEncoder
 
+Retrieval = Literal["narrations", "silent_videos"]
+
 #: the batch keys a silent sample's texts live in (dropped for the hierarchical levels).
 TEXT_KEYS = ("caption", "segments")
 
@@ -85,18 +97,20 @@ def text_ids(texts: Sequence[str], device: torch.device | None = None) -> Tensor
 
 
 @torch.no_grad()
-def retrieve_narrations(queries: Tensor, keys: Tensor, key_ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """MIPS of the k nearest distinct narrations (module doc, R_k).
+def retrieve_nearest(queries: Tensor, keys: Tensor, key_ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """MIPS of the k nearest distinct keys (module doc, R_k): narrations for silent clips, or silent videos for
+    titles.
 
     Args:
-        queries: [S, D] unit embeddings of the silent clips.
-        keys: [C, D] unit narration embeddings (batch and memory); several may hold the same text.
-        key_ids: [C] text id of each key.
-        k: narrations per query (fewer when the keys hold fewer distinct texts).
+        queries: [S, D] unit embeddings of the queries (silent clips; titles).
+        keys: [C, D] unit key embeddings (batch and memory); several may hold the same item (a narration's text, a
+            silent video's key).
+        key_ids: [C] id of each key's item.
+        k: items per query (fewer when the keys hold fewer distinct items).
 
     Returns:
-        (retrieved [S, k'] text ids, nearest first; targets [S, C] the soft positives q(m | v): each retrieved
-        narration 1/k', split evenly over its copies among the keys).
+        (retrieved [S, k'] item ids, nearest first; targets [S, C] the soft positives q(m | v): each retrieved
+        item 1/k', split evenly over its copies among the keys).
     """
     unique, inverse = key_ids.unique(return_inverse=True)  # [U], [C]
     similarity = queries.float() @ keys.float().T  # [S, C]
@@ -109,11 +123,12 @@ def retrieve_narrations(queries: Tensor, keys: Tensor, key_ids: Tensor, k: int) 
     return retrieved, positive / copies[None, :] / top.shape[1]
 
 
-class NarrationMemory(nn.Module):
-    """FIFO queue of `size` narration embeddings and their text ids (-1: an empty slot), the same on every rank.
+class RetrievalMemory(nn.Module):
+    """FIFO queue of `size` embeddings and their item ids (-1: an empty slot), the same on every rank: the
+    narrations silent clips retrieve, or the silent videos titles retrieve.
 
-    `MemoryBank` does not fit: a step stores a varying number of distinct narrations (its enqueue needs a fixed
-    global batch dividing the size) and an empty slot must never be retrieved (its bank starts as random keys).
+    `MemoryBank` does not fit: a step stores a varying number of distinct items (its enqueue needs a fixed global
+    batch dividing the size) and an empty slot must never be retrieved (its bank starts as random keys).
     """
 
     def __init__(self, size: int, dim: int) -> None:
@@ -154,8 +169,10 @@ class OphCLIP(HecVL):
         narration_weight, title_weight, retrieval_weight: w_n, w_t, w_r (module doc); the narration space is where
             silent clips retrieve, so w_r > 0 needs w_n > 0. w_r = 0.25 by default: 1 collapsed both spaces on
             BabyAI (module doc).
-        retrieval_k: narrations retrieved per silent clip (k).
-        memory_size: slots of the narration memory (K).
+        retrieval: who retrieves what (module doc): "narrations" (silent clips retrieve narrations, the issue's
+            direction) or "silent_videos" (narrated videos' titles retrieve silent videos, the paper's).
+        retrieval_k: items retrieved per query (k).
+        memory_size: slots of the retrieval memory (K).
         silent_fraction: share of each training batch's narrated clips made silent (module doc); 0: only the
             batch's own silent clips (empty caption or `silent`).
         zero_shot_level: the space `encode_video` / `encode_text` embed in ("narration" or "abstract", the title
@@ -166,8 +183,8 @@ class OphCLIP(HecVL):
     paper = Paper("OphCLIP: Hierarchical Retrieval-Augmented Learning for Ophthalmic Surgical Video-Language "
                   "Pretraining", "Hu et al.", 2025,
                   note="OphVL not reachable: BabyAI sub-goals as narrations, missions as titles, silent clips by "
-                       "silent_fraction; silent clips retrieve narrations, where the paper's titles retrieve silent "
-                       "videos")
+                       "silent_fraction or --silent-fraction shards; retrieval: silent_videos is the paper's "
+                       "direction (titles retrieve silent videos), narrations the issue's")
     required_keys = ("video", "text", "segments")
     accepts_silent_clips = True  # caption-less clips are data here, not bad samples (module doc)
 
@@ -184,6 +201,7 @@ class OphCLIP(HecVL):
         narration_weight: float = 1.0,
         title_weight: float = 1.0,
         retrieval_weight: float = 0.25,
+        retrieval: Retrieval = "narrations",
         retrieval_k: int = 4,
         memory_size: int = 256,
         silent_fraction: float = 0.0,
@@ -199,19 +217,23 @@ class OphCLIP(HecVL):
                          zero_shot_level=zero_shot_level, init_logit_scale=init_logit_scale,
                          max_logit_scale=max_logit_scale, optimizer=optimizer, lr_scheduler=lr_scheduler,
                          compile=compile)
-        if retrieval_weight < 0 or (retrieval_weight > 0 and not narration_weight):
-            raise ValueError(f"retrieval_weight={retrieval_weight}: it must be >= 0, and > 0 needs narration_weight "
-                             "> 0 (silent clips retrieve in the narration space); set narration_weight: 1.0 or "
-                             "retrieval_weight: 0")
+        if retrieval not in ("narrations", "silent_videos"):
+            raise ValueError(f"OphCLIP retrieval={retrieval!r} is not one of 'narrations' (silent clips retrieve "
+                             "narrations) or 'silent_videos' (titles retrieve silent videos, the paper's)")
+        space, weight = ("narration", narration_weight) if retrieval == "narrations" else ("title", title_weight)
+        if retrieval_weight < 0 or (retrieval_weight > 0 and not weight):
+            raise ValueError(f"retrieval_weight={retrieval_weight}: it must be >= 0, and > 0 needs {space}_weight "
+                             f"> 0 (retrieval={retrieval!r} retrieves in the {space} space); set {space}_weight: "
+                             "1.0 or retrieval_weight: 0")
         if retrieval_k < 1 or memory_size < 1:
             raise ValueError(f"retrieval_k={retrieval_k} and memory_size={memory_size} must both be >= 1")
         if not 0.0 <= silent_fraction < 1.0:
             raise ValueError(f"silent_fraction={silent_fraction} must lie in [0, 1) (at least one clip of a batch "
                              "stays narrated); e.g. silent_fraction: 0.25")
-        self.retrieval_weight = retrieval_weight
+        self.retrieval_weight, self.retrieval = retrieval_weight, retrieval
         self.retrieval_k = retrieval_k
         self.silent_fraction = silent_fraction
-        self.memory = NarrationMemory(memory_size, self.embed_dim)
+        self.memory = RetrievalMemory(memory_size, self.embed_dim)
 
     # ------------------------------------------------------------------ silent clips
     def silent_mask(self, batch: dict) -> Tensor:
@@ -245,17 +267,28 @@ class OphCLIP(HecVL):
         tokens = {name: value.to(device) for name, value in self.tokenizer(texts).items()}
         return F.normalize(self.text_projections["narration"](self.text(tokens)), dim=-1), text_ids(texts, device)
 
-    def retrieval_loss(self, silent_video: Tensor, batch_keys: Tensor, batch_ids: Tensor) -> Tensor | None:
-        """L_retrieval of silent clips [S, T, 3, H, W] against the batch's narrations and the memory (module doc);
-        None when there is no narration to retrieve."""
+    def silent_video_keys(self, batch: dict, silent: Tensor) -> tuple[Tensor, Tensor]:
+        """(unit embeddings [S, D] of the silent clips in the title space, with gradient; ids [S]: the CRC-32 of
+        each clip's `__key__`, or ids unique to this step and rank where the batch has no keys)."""
+        video = batch["video"][silent.to(batch["video"].device)]
+        if not video.shape[0]:
+            device = self.logit_scale.device
+            return torch.zeros(0, self.embed_dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
+        embeddings = F.normalize(self.image_projection(self.frame_features(video).mean(dim=1)), dim=-1)
+        rows = silent.nonzero().squeeze(1).tolist()
+        keys = ([str(batch["__key__"][row]) for row in rows] if "__key__" in batch else
+                [f"step {self.global_step if self._trainer else 0} rank {self.global_rank} row {row}" for row in rows])
+        return embeddings, text_ids(keys, embeddings.device)
+
+    def retrieval_loss(self, queries: Tensor, batch_keys: Tensor, batch_ids: Tensor) -> Tensor | None:
+        """L_retrieval (module doc) of unit queries [S, D] (silent clips; titles) against the batch's keys
+        (narrations; silent videos) and the memory; None when there is nothing to retrieve."""
         memory_keys, memory_ids = self.memory.filled()
         keys = torch.cat([batch_keys, memory_keys.to(batch_keys.dtype)])  # [C, D]
         ids = torch.cat([batch_ids, memory_ids])
-        if not ids.numel():
+        if not ids.numel() or not queries.shape[0]:
             return None
-        queries = F.normalize(self.video_projections["narration"](self.frame_features(silent_video).mean(dim=1)),
-                              dim=-1)  # [S, D]
-        _, targets = retrieve_narrations(queries, keys, ids, self.retrieval_k)
+        _, targets = retrieve_nearest(queries, keys, ids, self.retrieval_k)
         logits = self.logit_scale.exp() * queries @ keys.T  # [S, C]
         return distilled_contrastive_loss(logits, logits, targets, targets)  # ½ (L + L): the one-way soft CE
 
@@ -270,14 +303,26 @@ class OphCLIP(HecVL):
             if "abstract_loss" in outputs:
                 outputs["title_loss"] = outputs.pop("abstract_loss")
         if self.retrieval_weight:
-            narrated_segments = [spans for spans, is_silent in zip(batch["segments"], silent.tolist())
-                                 if not is_silent]
-            keys, ids = self.narration_keys(narrated_segments)
-            if bool(silent.any()):
-                retrieval = self.retrieval_loss(batch["video"][silent.to(batch["video"].device)], keys, ids)
-                if retrieval is not None:
-                    total = total + self.retrieval_weight * retrieval
-                    outputs["retrieval_loss"] = retrieval.detach()
+            retrieval = None
+            if self.retrieval == "narrations":  # silent clips query the narrations (module doc)
+                narrated_segments = [spans for spans, is_silent in zip(batch["segments"], silent.tolist())
+                                     if not is_silent]
+                keys, ids = self.narration_keys(narrated_segments)
+                if bool(silent.any()):
+                    video = batch["video"][silent.to(batch["video"].device)]
+                    queries = F.normalize(self.video_projections["narration"](
+                        self.frame_features(video).mean(dim=1)), dim=-1)  # [S, D]
+                    retrieval = self.retrieval_loss(queries, keys, ids)
+            else:  # narrated videos' titles query the silent videos (the paper's direction)
+                keys, ids = self.silent_video_keys(batch, silent)
+                if not bool(silent.all()):
+                    index = (~silent).nonzero().squeeze(1)
+                    tokens = {name: value[index.to(value.device)] for name, value in batch["text"].items()}
+                    queries = F.normalize(self.text_projection(self.text(tokens)), dim=-1)  # [N_narrated, D]
+                    retrieval = self.retrieval_loss(queries, keys, ids)
+            if retrieval is not None:
+                total = total + self.retrieval_weight * retrieval
+                outputs["retrieval_loss"] = retrieval.detach()
             if self.training:
                 self.memory.enqueue(keys.detach(), ids)
         if not total.requires_grad:  # a batch with nothing to learn from (all silent, empty memory): a zero loss
