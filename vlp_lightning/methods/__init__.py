@@ -22,6 +22,7 @@ from vlp_lightning.methods.fusion.urbanclip import UrbanCLIP
 from vlp_lightning.methods.language.infmllm import InfMLLM
 from vlp_lightning.methods.language.limber import LiMBeR
 from vlp_lightning.methods.language.llava import LLaVA
+from vlp_lightning.methods.language.mplug_video import MPLUGVideo
 from vlp_lightning.methods.language.pllava import PLLaVA
 from vlp_lightning.methods.language.simvlg import SimVLG
 from vlp_lightning.methods.language.visionflan import VisionFlan
@@ -61,6 +62,6 @@ __all__ = [
     "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg", "MMC", "LOOK", "HVP",
     "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP", "PEFTClassifier", "PVP", "PCB",
     "ALBEF", "CoCa", "UrbanCLIP", "FIBER", "BUS", "UNIT", "ARL",
-    "LLaVA", "LiMBeR", "SimVLG", "InfMLLM", "VisionFlan", "PLLaVA",
+    "LLaVA", "LiMBeR", "SimVLG", "InfMLLM", "VisionFlan", "PLLaVA", "MPLUGVideo",
     "XCLIP", "HecVL", "OphCLIP", "SIGMA", "TemAdapter", "VEDIT", "VIOLET", "GFSLTVLP",
 ]

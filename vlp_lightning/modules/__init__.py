@@ -9,6 +9,7 @@ from vlp_lightning.modules.connectors import (
     QueryResampler,
     ScaleInvariantConnector,
     TokenMergingConnector,
+    VisualAbstractor,
 )
 from vlp_lightning.modules.heads import GELUMLPProjection, MLPHead, ProjectionHead
 from vlp_lightning.modules.language_model import LanguageModel
@@ -38,4 +39,5 @@ __all__ = [
     "TokenMergingConnector",
     "Tokenizer",
     "VisionEncoder",
+    "VisualAbstractor",
 ]

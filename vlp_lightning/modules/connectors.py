@@ -23,6 +23,9 @@ language model's embedding space. The tokens come in row-major grid order, N = g
   PA-LLaVA `xtuner_add/pallava/projector.py` `QFormerConnector`): the tokens of the downscaled image are the
   queries of a Q-Former that cross-attends to the full-resolution tokens, so M is fixed while nothing is lost to the
   downscaling.
+* `VisualAbstractor` — mPLUG-Owl's visual abstractor (Ye et al. 2023; X-PLUG/mPLUG-Owl `mplug_owl_video`), the
+  connector of Youku-mPLUG's mPLUG-video: learned (and, for video, temporal) queries cross-attend to [queries ;
+  all frames' tokens] through SwiGLU layers, then into the LM with a learned end-of-vision token.
 """
 
 from __future__ import annotations
@@ -384,3 +387,95 @@ class ScaleInvariantConnector(Connector):
             encoder_attention_mask=None if crop_mask is None else crop_mask.long(),
         ).last_hidden_state
         return self.proj(self.norm(attended + queries))
+
+
+class AbstractorLayer(nn.Module):
+    """One layer of mPLUG-Owl's visual abstractor (X-PLUG/mPLUG-Owl `modeling_mplug_owl.py`,
+    `MplugOwlVisualAbstractorLayer`): cross-attention only, pre-LN, the keys and values the concatenation
+    [LN1(queries) ; LNk(visual tokens)]; the residual is taken from the normalised queries, then a SwiGLU MLP with
+    a LayerNorm inside, w2(LN(SiLU(w1 x) * w3 x)), on its own pre-LN residual."""
+
+    def __init__(self, width: int, heads: int, intermediate_size: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1, self.normk, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.w1, self.w3 = nn.Linear(width, intermediate_size), nn.Linear(width, intermediate_size)
+        self.ffn_ln = nn.LayerNorm(intermediate_size)
+        self.w2 = nn.Linear(intermediate_size, width)
+
+    def forward(self, queries: Tensor, tokens: Tensor) -> Tensor:
+        queries = self.norm1(queries)
+        context = torch.cat([queries, self.normk(tokens)], dim=1)
+        queries = queries + self.attention(queries, context, context, need_weights=False)[0]
+        hidden = self.norm2(queries)
+        return queries + self.w2(self.ffn_ln(F.silu(self.w1(hidden)) * self.w3(hidden)))
+
+
+class VisualAbstractor(Connector):
+    """mPLUG-Owl's visual abstractor (Ye et al. 2023, sec. 3.1: "learnable tokens ... to summarize the visual
+    information" of the ViT's patch tokens), as its video form (`mplug_owl_video`) builds it, the abstractor of
+    Youku-mPLUG's mPLUG-video (Xu et al. 2023).
+
+    `num_queries` learned queries and, for video, `num_temporal_queries` more go together through `depth`
+    `AbstractorLayer`s over the visual tokens (a clip's frames flattened into one key set, T x N tokens; an image
+    is one frame); the queries' outputs go through `visual_fc` into the LM width and, in the video form, the
+    temporal queries' outputs through their own `temporal_fc`, summed into the first (official `MplugOwlModel`:
+    `temporal_visual_fc`); a learned end-of-vision token (`vit_eos`) is appended: M = num_queries + 1 whatever N is.
+    The release: 64 + 64 queries, 6 layers of width 1024 with 16 heads, SwiGLU width 2816 (2/3 of 4096 rounded up
+    to 256), attention dropout 0.1, on a ViT-L/14 whose width (1024) is the abstractor's.
+
+    Deliberate changes: a tower of another width than `width` is first mapped by one Linear (the release's
+    concatenation needs equal widths); the queries are drawn normal with std 0.02 (BLIP-2's `query_tokens`), where
+    the release creates them as zeros and a checkpoint sets them: equal queries would stay equal under training;
+    the mplug_owl_video tower's temporal convolution adapters inside every ViT layer are not built here (the
+    tower is the suite's frozen image tower).
+
+    Args:
+        in_dim, out_dim: the tower's token width, the LM's embedding width.
+        num_queries: the learned queries (and M - 1).
+        num_temporal_queries: the video form's extra queries (0: mPLUG-Owl's image abstractor).
+        width, depth, heads, intermediate_size, dropout: the layers.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_queries: int = 8,
+        num_temporal_queries: int = 8,
+        width: int = 64,
+        depth: int = 2,
+        heads: int = 2,
+        intermediate_size: int = 128,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_queries < 1 or num_temporal_queries < 0 or depth < 1:
+            raise ValueError(f"VisualAbstractor num_queries={num_queries}, num_temporal_queries="
+                             f"{num_temporal_queries}, depth={depth}: need at least one query and one layer, and no "
+                             "negative count; e.g. num_queries: 64, num_temporal_queries: 64, depth: 6")
+        self.input_proj = nn.Identity() if in_dim == width else nn.Linear(in_dim, width)
+        self.queries = nn.Parameter(torch.randn(1, num_queries, width) * 0.02)
+        self.temporal_queries = nn.Parameter(torch.randn(1, num_temporal_queries, width) * 0.02) \
+            if num_temporal_queries else None
+        self.layers = nn.ModuleList(AbstractorLayer(width, heads, intermediate_size, dropout) for _ in range(depth))
+        self.visual_fc = nn.Linear(width, out_dim)
+        self.temporal_fc = nn.Linear(width, out_dim) if num_temporal_queries else None
+        self.eos = nn.Parameter(torch.randn(1, 1, out_dim) * 0.02)
+
+    def num_tokens(self, num_input_tokens: int) -> int:
+        return self.queries.shape[1] + 1
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens [B, N, in_dim] (a clip's frames flattened: N = T x patches) -> [B, num_queries + 1, out_dim]."""
+        batch, count = tokens.shape[0], self.queries.shape[1]
+        queries = self.queries if self.temporal_queries is None else torch.cat([self.queries,
+                                                                               self.temporal_queries], dim=1)
+        queries = queries.to(tokens.dtype).expand(batch, -1, -1)
+        context = self.input_proj(tokens)
+        for layer in self.layers:
+            queries = layer(queries, context)
+        out = self.visual_fc(queries[:, :count])
+        if self.temporal_fc is not None:
+            out = out + self.temporal_fc(queries[:, count:])
+        return torch.cat([out, self.eos.to(out.dtype).expand(batch, -1, -1)], dim=1)

@@ -23,7 +23,8 @@ r) B A, which blends the image model's LM back in and keeps its language ability
 trained scaling.
 
 Data: clip batches (`VideoDataModule`: `video` [B, T, 3, H, W]); captions become caption instructions with
-`caption_prompts` (video descriptions here), as LLaVA's stage 1 does for images. Not here: the paper's instruction
+`caption_prompts` (video descriptions here), as LLaVA's stage 1 does for images (`VideoLLaVA`, shared with
+mPLUG-video). Not here: the paper's instruction
 data (VideoChat2's mixture) and dense captions; on this suite's clips the instructions are the clips' captions
 (BabyAI missions, moving-emoji motions).
 """
@@ -37,28 +38,19 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from data_modules.clip_views import ClipViews
 from vlp_lightning.catalog import Paper
 from vlp_lightning.methods.base import WarmupCosineLR
 from vlp_lightning.methods.language.base import ConnectorFactory
-from vlp_lightning.methods.language.llava import LLaVA
+from vlp_lightning.methods.language.video import VIDEO_CAPTION_PROMPTS, VideoLLaVA
 from vlp_lightning.modules.language_model import LanguageModel
 from vlp_lightning.modules.peft import LowRankUpdate
 
-#: video versions of LLaVA's brief-description prompts.
-VIDEO_CAPTION_PROMPTS: tuple[str, ...] = (
-    "Describe the video concisely.",
-    "Provide a brief description of the given video.",
-    "Summarize what happens in the video.",
-    "Give a short and clear explanation of the video.",
-)
 
-
-class PLLaVA(LLaVA):
+class PLLaVA(VideoLLaVA):
     """LLaVA on T frames, visual tokens average-pooled to `pooling_shape`, LoRA fused at evaluation (module doc).
 
     Args:
-        num_frames: frames sampled per clip (TSN segments, one crop per clip).
+        num_frames: frames sampled per clip (TSN segments, one crop per clip; `VideoLLaVA`).
         pooling_shape: (T', h', w') of the adaptive average pooling (paper: 16, 12, 12 from 16 x 24 x 24).
         eval_lora_alpha: LoRA's alpha at evaluation (post-training fusion; paper 4 of 32), None: the trained one.
         (the rest: see `FrozenLMMethod`; `caption_prompts` default to video descriptions)
@@ -66,8 +58,6 @@ class PLLaVA(LLaVA):
 
     paper = Paper("PLLaVA: Parameter-free LLaVA Extension from Images to Videos for Video Dense Captioning",
                   "Xu et al.", 2024, note="VideoChat2 instructions not reachable: caption instructions of clips")
-    view_kind = "clip"
-    required_keys = ("video", "caption")
 
     def __init__(
         self,
@@ -92,10 +82,9 @@ class PLLaVA(LLaVA):
             raise ValueError(f"pooling_shape={tuple(pooling_shape)} is not three positive sizes (frames, height, "
                              "width); give e.g. [16, 12, 12] (the paper's)")
         super().__init__(language_model=language_model, vision=vision, image_tower=image_tower, connector=connector,
-                         train_vision=train_vision, caption_prompts=caption_prompts, max_length=max_length,
-                         answer_length=answer_length, start_from=start_from, crop_scale=crop_scale,
-                         optimizer=optimizer, lr_scheduler=lr_scheduler, compile=compile)
-        self.num_frames = num_frames
+                         num_frames=num_frames, train_vision=train_vision, caption_prompts=caption_prompts,
+                         max_length=max_length, answer_length=answer_length, start_from=start_from,
+                         crop_scale=crop_scale, optimizer=optimizer, lr_scheduler=lr_scheduler, compile=compile)
         self.pooling_shape = tuple(pooling_shape)
         self.eval_lora_alpha = eval_lora_alpha
         self._lora = [module for module in self.language_model.modules() if isinstance(module, LowRankUpdate)]
@@ -104,12 +93,7 @@ class PLLaVA(LLaVA):
                              "LoRA; set language_model.init_args.train: lora or eval_lora_alpha: null")
         self._trained_scaling = [module.scaling for module in self._lora]
 
-    # ------------------------------------------------------------------ protocol
-    def train_views(self) -> ClipViews:
-        """`num_frames` frames by TSN segment sampling, one crop per clip, no flip (motion texts name directions)."""
-        return ClipViews(num_frames=self.num_frames, sampling="segments", scale=self.crop_scale, hflip=False,
-                         mean=self.vision.mean, std=self.vision.std)
-
+    # ------------------------------------------------------------------ model
     def train(self, mode: bool = True) -> PLLaVA:
         """Training uses LoRA's trained scaling alpha / r, evaluation `eval_lora_alpha` / r (module doc)."""
         super().train(mode)
@@ -125,8 +109,7 @@ class PLLaVA(LLaVA):
         if video.ndim == 4:  # a still image: T copies (the official projector's `repeat(num_frames)`)
             video = video.unsqueeze(1).expand(-1, self.num_frames, -1, -1, -1)
         batch, frames = video.shape[:2]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_vision):
-            tokens = self.vision.forward_tokens(video.flatten(0, 1))
+        tokens = self.tower_tokens(video).flatten(0, 1)  # [B T, N, width]
         projected = self.connector(tokens)
         side = int(round(projected.shape[1] ** 0.5))
         if side * side != projected.shape[1] or projected.shape[1] != tokens.shape[1]:
@@ -140,15 +123,3 @@ class PLLaVA(LLaVA):
         tokens = self.frame_tokens(video).permute(0, 4, 1, 2, 3)  # [B, D, T, h, w]: AdaptiveAvgPool3d's layout
         pooled = F.adaptive_avg_pool3d(tokens, self.pooling_shape)
         return pooled.flatten(2).transpose(1, 2)
-
-    def probe_features(self, video: Tensor) -> Tensor:
-        """The tower's pooled features averaged over frames [B, width] (a still image is a one-frame clip)."""
-        video = video if video.ndim == 5 else video.unsqueeze(1)
-        return self.vision(video.flatten(0, 1)).view(*video.shape[:2], -1).mean(dim=1)
-
-    def forward_loss(self, batch: dict) -> dict[str, Tensor]:
-        return super().forward_loss({**batch, "image": batch["video"]})
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """`vlp predict` of clips: the generated captions (or answers) per clip, as LLaVA's per image."""
-        return super().predict_step({**batch, "image": batch["video"]} if "video" in batch else batch, batch_idx)
