@@ -340,6 +340,19 @@ def sigma_arms(steps: int, root: Path, runs: dict) -> dict:
         runs[name] = {"steps": steps, "seconds_per_step": per_step}
         rows[name] = clip_probe(cli.model)
         print(f"{name}: {rows[name]}", flush=True)
+    # SIGMA (DINO): the frozen targets of a DINO run's EMA teacher, DINO's tiny recipe on the emoji images
+    torch.manual_seed(0)
+    train(EXPERIMENTS / "dino" / "emoji_tiny.yaml", steps, root, "sigma-dino-tower",
+          f"--data.train_shards={REPO_ROOT / EMOJI}/train-*.tar")
+    runs["DINO tower (emoji images)"] = {"steps": steps, "seconds_per_step": None}
+    tower = str(next((root / "sigma-dino-tower").glob("**/last.ckpt")))
+    torch.manual_seed(0)
+    cli, per_step = train(EXPERIMENTS / "sigma" / "moving_dino_tiny.yaml", steps, root, "SIGMA-dino",
+                          f"--data.train_shards={REPO_ROOT / MOVING}/train-*.tar",
+                          f"--model.init_args.target_tower={tower}")
+    runs["SIGMA (DINO targets)"] = {"steps": steps, "seconds_per_step": per_step}
+    rows["SIGMA (DINO targets)"] = clip_probe(cli.model)
+    print(f"SIGMA (DINO targets): {rows['SIGMA (DINO targets)']}", flush=True)
     torch.manual_seed(0)
     untrained = VLPCLI(args=["--config", str(recipes["SIGMA"]), "--trainer.callbacks=[]"], run=False).model.eval()
     rows["random init (same encoder)"] = clip_probe(untrained)
@@ -416,7 +429,8 @@ def pllava_arms(steps: int, root: Path, runs: dict) -> dict:
     motion captions), against the image LLaVA it starts from reading the clip's middle frame. Teacher-forced NLL
     (nats per caption token) of every moving val clip's caption given its own frames, another clip's (a fixed
     permutation) and its frames reversed (whose true caption runs the legs backwards): the video must lower it, and
-    reading time must make the reversed clip a worse fit."""
+    reading time must make the reversed clip a worse fit. **mPLUG-video** (its recipe: the same tower and LM, frozen,
+    the visual abstractor and temporal embedding trained from scratch for PLLaVA's steps) is scored alike."""
     from language import LM, caption_nll
 
     quick = steps < 10
@@ -439,6 +453,11 @@ def pllava_arms(steps: int, root: Path, runs: dict) -> dict:
                              f"--data.train_shards={REPO_ROOT / MOVING}/train-*.tar",
                              f"--model.init_args.image_tower={tower}", f"--model.init_args.start_from={start}", *LM)
     runs["PLLaVA (moving clips)"] = {"steps": pllava_steps, "seconds_per_step": per_step}
+    torch.manual_seed(0)
+    mplug, per_step = train(EXPERIMENTS / "mplugvideo" / "moving_tiny.yaml", pllava_steps, root, "mplug-video",
+                            f"--data.train_shards={REPO_ROOT / MOVING}/train-*.tar",
+                            f"--model.init_args.image_tower={tower}", *LM)
+    runs["mPLUG-video (moving clips)"] = {"steps": pllava_steps, "seconds_per_step": per_step}
     video_model, image_model = pllava.model, llava.model
     frames, captions = [], []
     for batch in clip_batches(f"{MOVING}/val-*.tar", video_model, video_model.num_frames, batch_size=32):
@@ -449,11 +468,11 @@ def pllava_arms(steps: int, root: Path, runs: dict) -> dict:
     video = torch.cat(frames)
     permutation = torch.randperm(len(video), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        tokens = {"own clip": video_model.visual_tokens(video),
-                  "another clip's frames": video_model.visual_tokens(video[permutation]),
-                  "own clip reversed": video_model.visual_tokens(video.flip(1))}
-        rows = {"PLLaVA": {condition: caption_nll(video_model.language_model, video_model.caption_prompts[0],
-                                                  captions, visual) for condition, visual in tokens.items()}}
+        rows = {name: {condition: caption_nll(model.language_model, model.caption_prompts[0], captions,
+                                              model.visual_tokens(clips))
+                       for condition, clips in (("own clip", video), ("another clip's frames", video[permutation]),
+                                                ("own clip reversed", video.flip(1)))}
+                for name, model in (("PLLaVA", video_model), ("mPLUG-video (abstractor)", mplug.model))}
         middle = video[:, video.shape[1] // 2]
         image_tokens = {"own clip": image_model.visual_tokens(middle),
                         "another clip's frames": image_model.visual_tokens(middle[permutation])}
@@ -462,7 +481,7 @@ def pllava_arms(steps: int, root: Path, runs: dict) -> dict:
             for condition, visual in image_tokens.items()}
     for row in rows.values():
         row["clips"] = len(captions)
-    print(f"PLLaVA: {rows}", flush=True)
+    print(f"PLLaVA, mPLUG-video: {rows}", flush=True)
     return rows
 
 
@@ -563,6 +582,10 @@ def targets(report: dict) -> list[Target]:
             Target("SIGMA - random-init linear probe, moving val (points)",
                    100 * (sigma["SIGMA"]["linear_top1"] - sigma["random init (same encoder)"]["linear_top1"]), MARGIN),
         ]
+        if "SIGMA (DINO targets)" in sigma:
+            goals.append(Target("SIGMA (DINO targets) - VideoMAE pixel targets linear probe, moving val (points)",
+                                100 * (sigma["SIGMA (DINO targets)"]["linear_top1"]
+                                       - sigma["VideoMAE pixel targets"]["linear_top1"]), MARGIN))
     if "violet" in report:
         violet, chance = report["violet"]["queries"]["VIOLET (VTM head)"], report["violet"]["queries"]["chance"]
         goals += [
@@ -593,6 +616,12 @@ def targets(report: dict) -> list[Target]:
             Target("PLLaVA caption NLL: own clip reversed - own clip, moving val (nats/token)",
                    pllava["own clip reversed"] - pllava["own clip"], 0.01),
         ]
+        if "mPLUG-video (abstractor)" in report["pllava"]:
+            mplug = report["pllava"]["mPLUG-video (abstractor)"]
+            goals += [Target("mPLUG-video caption NLL: another clip's frames - own clip, moving val (nats/token)",
+                             mplug["another clip's frames"] - mplug["own clip"], 0.01),
+                      Target("mPLUG-video caption NLL: own clip reversed - own clip, moving val (nats/token)",
+                             mplug["own clip reversed"] - mplug["own clip"], 0.01)]
     return goals
 
 
