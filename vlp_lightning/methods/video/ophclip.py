@@ -166,9 +166,9 @@ class OphCLIP(HecVL):
     positives of silent clips (module doc).
 
     Args:
-        narration_weight, title_weight, retrieval_weight: w_n, w_t, w_r (module doc); the narration space is where
-            silent clips retrieve, so w_r > 0 needs w_n > 0. w_r = 0.25 by default: 1 collapsed both spaces on
-            BabyAI (module doc).
+        narration_weight, title_weight, retrieval_weight: w_n, w_t, w_r (module doc); retrieval runs in the
+            narration space (retrieval: narrations) or the title space (silent_videos), so w_r > 0 needs that
+            level's weight > 0. w_r = 0.25 by default: 1 collapsed both spaces on BabyAI (module doc).
         retrieval: who retrieves what (module doc): "narrations" (silent clips retrieve narrations, the issue's
             direction) or "silent_videos" (narrated videos' titles retrieve silent videos, the paper's).
         retrieval_k: items retrieved per query (k).
