@@ -70,3 +70,21 @@ def test_env_override_is_used_as_is_and_a_missing_file_says_so(tmp_path: Path, m
     monkeypatch.setenv(smollm2.SMOLLM2_ENV, str(missing))
     with pytest.raises(FileNotFoundError, match=r"VLP_SMOLLM2_GGUF='.*nowhere\.gguf' is not a file; .*unset it"):
         smollm2.smollm2_gguf(cache_dir=tmp_path / "cache")
+
+
+def test_a_folder_converted_first_by_another_process_is_kept(tmp_path: Path) -> None:
+    """Two processes converting at once (DDP ranks, the overhead bench's contenders): the loser's rename must not
+    fail when the winner's complete folder is already there, and must still fail onto an incomplete one."""
+    converted, partial = tmp_path / "converted", tmp_path / "partial"
+    for folder, text in ((converted, "winner"), (partial, "loser")):
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+    smollm2.publish_folder(partial, converted)
+    assert (converted / "config.json").read_text() == "winner"
+    (converted / "config.json").unlink()
+    (converted / "weights").write_text("half")
+    with pytest.raises(OSError):
+        smollm2.publish_folder(partial, converted)
+    fresh = tmp_path / "fresh"
+    smollm2.publish_folder(partial, fresh)
+    assert (fresh / "config.json").read_text() == "loser" and not partial.exists()

@@ -129,6 +129,16 @@ def smollm2_gguf(cache_dir: str | Path | None = None, progress: bool = True) -> 
     return target
 
 
+def publish_folder(partial: Path, converted: Path) -> None:
+    """Rename the complete folder `partial` to `converted`; when another process (a DDP rank, a lockstep contender)
+    converted first, its complete folder (with `config.json`) is kept and ours is left for the caller to remove."""
+    try:
+        os.replace(partial, converted)
+    except OSError:
+        if not (converted / "config.json").is_file():
+            raise
+
+
 def load_smollm2(cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32):
     """`(model, tokenizer)`: SmolLM2-135M-Instruct as a `LlamaForCausalLM` in eval mode, and its chat tokenizer.
 
@@ -158,7 +168,7 @@ def load_smollm2(cache_dir: str | Path | None = None, dtype: torch.dtype = torch
         try:
             plain.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
-            os.replace(partial, converted)
+            publish_folder(partial, converted)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(converted)
