@@ -8,6 +8,12 @@ explicitly. The method's class must be one of `vlp_lightning.methods` and every 
 be vlp's or torch's: a file never chooses other code to import. The optimizer and schedule are not needed and not
 built; the weights come from the checkpoint, loaded strictly with `weights_only=True`, never from
 `pretrained_path` files.
+
+A folder in open_clip's format (`open_clip_config.json` with `model_cfg` and `preprocess_cfg`, beside
+`open_clip_model.safetensors` or `open_clip_pytorch_model.bin`: what the Hugging Face hub holds for open_clip models
+and what `vlp export` writes to `OUT/open_clip/`) rebuilds as our `CLIP` through `modules.open_clip_import`, so
+every start that takes a checkpoint (adaptation `pretrained:`, `pretrained_clip:`, `image_tower:`) also takes open_clip
+weights already on disk. Configs the importer cannot express stop with its sentence.
 """
 
 from __future__ import annotations
@@ -20,12 +26,16 @@ from typing import Any
 import yaml
 from jsonargparse import Namespace
 
+from data_modules.views import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vlp_lightning import methods
 from vlp_lightning.cli import _hyper_parameter_conflict, available_methods, concise_error, load_checkpoint_for_check
 from vlp_lightning.methods.base import VLPMethod, _class_path, _state_dict_differences
 
 #: class-path prefixes a model config may name (a config file never chooses other code to import).
 TRUSTED_PREFIXES = ("vlp_lightning.", "torch.")
+#: an open_clip model folder: its config, and its weights (either name).
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 #: model arguments a rebuild never builds: training only, and they may name classes from anywhere.
 TRAINING_ONLY = ("optimizer", "lr_scheduler")
 
@@ -42,9 +52,12 @@ def load_method(
     `PretrainedError` / `CheckpointError` sentence otherwise. `name` is how sentences call the checkpoint path and
     `config_option` the option that gives a config."""
     if Path(checkpoint_path).is_dir():
+        if (Path(checkpoint_path) / OPEN_CLIP_CONFIG).is_file():
+            return load_open_clip_folder(Path(checkpoint_path), name)
         raise PretrainedError(
-            f"{name} {checkpoint_path} is a folder; give a checkpoint file (a sharded checkpoint folder becomes one "
-            f"with python -m lightning.pytorch.utilities.consolidate_checkpoint {checkpoint_path})"
+            f"{name} {checkpoint_path} is a folder without {OPEN_CLIP_CONFIG}; give a checkpoint file or an open_clip "
+            f"model folder (a sharded checkpoint folder becomes one file with python -m "
+            f"lightning.pytorch.utilities.consolidate_checkpoint {checkpoint_path})"
         )
     checkpoint = load_checkpoint_for_check(
         checkpoint_path,
@@ -182,6 +195,57 @@ def _check_class_paths(model: dict[str, Any], source: str) -> None:
                 "config file never chooses other code to import); build the method in Python and call "
                 "vlp_lightning.commands.export.write_exports(method, out)"
             )
+
+
+def open_clip_model_config(folder: Path, name: str = "CKPT") -> dict[str, Any]:
+    """The `model:` section (our CLIP, its towers, CLIP BPE, the preprocessing's mean and std) that reproduces the
+    open_clip model of `folder`'s `open_clip_config.json`; a `PretrainedError` naming what the importer refuses."""
+    from vlp_lightning.modules.open_clip_import import text_config_from_open_clip, vision_config_from_open_clip
+
+    path = folder / OPEN_CLIP_CONFIG
+    try:
+        config = json.loads(path.read_text())
+        model_cfg = config["model_cfg"]
+        vision, text = vision_config_from_open_clip(model_cfg), text_config_from_open_clip(model_cfg)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        reason = f"no {error} entry" if isinstance(error, KeyError) else str(error).rstrip(".")
+        raise PretrainedError(f"{name} {folder}: {path.name} is not an open_clip CLIP config our CLIP can load "
+                              f"({reason}); give a vlp checkpoint or an open_clip ViT CLIP folder") from None
+    preprocess = config.get("preprocess_cfg") or {}
+    return {"class_path": "vlp_lightning.methods.CLIP", "init_args": {
+        "embed_dim": model_cfg["embed_dim"],
+        "vision": {"class_path": "vlp_lightning.modules.VisionEncoder", "init_args": {
+            **vision, "mean": list(preprocess.get("mean", OPENAI_CLIP_MEAN)),  # open_clip's default preprocessing
+            "std": list(preprocess.get("std", OPENAI_CLIP_STD))}},
+        "text": {"class_path": "vlp_lightning.modules.TextTransformer", "init_args": text},
+        "tokenizer": {"class_path": "vlp_lightning.modules.CLIPTokenizer",
+                      "init_args": {"context_length": text["context_length"]}},
+    }}
+
+
+def load_open_clip_folder(folder: Path, name: str = "CKPT") -> tuple[VLPMethod, str]:
+    """Our CLIP with the weights of an open_clip model folder (module doc), in eval mode, and its source."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vlp_lightning.modules.open_clip_import import open_clip_state_dict_to_vlp
+
+    source = f"the open_clip model in {folder}"
+    method, _ = build_method(open_clip_model_config(folder, name), source, "give an open_clip ViT CLIP folder")
+    weights = next((folder / file for file in OPEN_CLIP_WEIGHTS if (folder / file).is_file()), None)
+    if weights is None:
+        raise PretrainedError(f"{name} {folder} has {OPEN_CLIP_CONFIG} but no weights; put "
+                              f"{' or '.join(OPEN_CLIP_WEIGHTS)} beside it")
+    state = load_file(weights) if weights.suffix == ".safetensors" else torch.load(weights, map_location="cpu",
+                                                                                       weights_only=True)
+    state = open_clip_state_dict_to_vlp(state)
+    differences = _state_dict_differences(state, method.state_dict(), strict=True)
+    if differences:
+        raise PretrainedError(
+            f"{weights} does not fit the CLIP its {OPEN_CLIP_CONFIG} describes ({len(differences)} tensors differ, "
+            f"e.g. {'; '.join(differences[:3])}); give the weights and config of one open_clip model")
+    method.load_state_dict(state, strict=True)
+    return method.eval(), source
 
 
 def build_method(model: dict[str, Any], source: str, redo: str) -> tuple[VLPMethod, Namespace]:
