@@ -19,6 +19,12 @@ its prompts and head on the Twitter drawings of the demo's seen emoji; downstrea
 Google training split, PVP starts its prompts from the upstream run (new head) and PEFTClassifier from random
 prompts, the same steps; both against a logistic-regression probe of the frozen tower on the same 4 shots.
 
+Active learning (PCB, `vlp active`): from the same CLIP, rounds of CoOp training on the labelled set, each round
+labelling one sample per category (10) of the Google training split, 6 rounds: random selection (the paper's
+baseline), entropy's top candidates without balancing, and PCB (entropy's candidates rebalanced by the
+pseudo-labels); top-1 on the validation + test splits and the labelled set's class balance (smallest / largest
+count) per round, one seed (`--seeds` is for the prompt-learning rows).
+
 Memory: the bytes autograd saves for the backward of one training step (`saved_tensors_hooks`, exact and
 independent of the allocator) for CoOp and CoCoOp at batch 1, 4, 16, with the 50 base classes: CoOp's prompts are the
 same for every image (C sequences through the text tower), CoCoOp's are per image (N x C sequences).
@@ -219,6 +225,42 @@ def peft(pretrained: str, steps: int | None, root: Path) -> dict[str, dict]:
     return rows
 
 
+#: the active-learning arms: (row name, `vlp active` options); rounds and the labelling budget per round.
+ACTIVE_ARMS = (("random", ["--acquisition", "random"]),
+               ("entropy (no PCB balance)", ["--acquisition", "entropy", "--no-balance"]),
+               ("PCB (entropy + balance)", ["--acquisition", "entropy"]))
+ACTIVE_ROUNDS = 6
+
+
+def active(pretrained: str, steps: int | None, root: Path, rounds: int = ACTIVE_ROUNDS) -> dict[str, list[dict]]:
+    """PCB vs random selection at equal labels (module doc): each arm's rounds from `vlp active`'s results.json."""
+    from vlp_lightning.commands.active import main as vlp_active
+
+    rows = {}
+    for name, options in ACTIVE_ARMS:
+        out = root / f"active-{options[1]}-{len(options)}"
+        argv = ["--config", str(REPO_ROOT / "experiments" / "pcb" / "emoji_tiny.yaml"), "--pool", DOWNSTREAM_POOL,
+                "--rounds", str(rounds), "--seed", "1", "--out", str(out), *options,
+                *(["--steps", str(steps)] if steps else []), f"--model.init_args.pretrained={pretrained}"]
+        if vlp_active(argv) != 0:
+            raise SystemExit(f"adaptation bench: vlp active {' '.join(options)} failed")
+        rows[name] = json.loads((out / "results.json").read_text())["rounds"]
+        print(f"{name}: " + ", ".join(f"{row['labelled']} labels {100 * row['score']:.1f}" for row in rows[name]),
+              flush=True)
+    return rows
+
+
+def active_table(rows: dict[str, list[dict]]) -> str:
+    """Test top-1 (and the labelled set's smallest / largest class count) per round and arm."""
+    arms = list(rows)
+    lines = ["| labels | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    for index, first in enumerate(rows[arms[0]]):
+        cells = [f"{100 * rows[arm][index]['score']:.1f} ({rows[arm][index]['smallest']}-"
+                 f"{rows[arm][index]['largest']})" for arm in arms]
+        lines.append(f"| {first['labelled']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def category_table(rows: dict[str, dict]) -> str:
     lines = ["| method | top-1 | trainable params | train s |", "|---|---|---|---|"]
     lines += [f"| {name} | {100 * row['top1']:.1f} | {row.get('trainable_parameters', 0):,} | "
@@ -278,7 +320,7 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("base2novel", "categories", "peft", "memory")
+SECTIONS = ("base2novel", "categories", "peft", "active", "memory")
 RESULTS = REPO_ROOT / "bench" / "results" / "adaptation.json"
 
 
@@ -297,7 +339,7 @@ def main() -> None:
     steps = 30 if args.quick else args.steps
     started = time.perf_counter()
     kept = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not args.quick else {}
-    report = {name: kept[name] for name in ("rows", "runs", "categories", "peft", "saved_activation_bytes")
+    report = {name: kept[name] for name in ("rows", "runs", "categories", "peft", "active", "saved_activation_bytes")
               if name in kept}
     with tempfile.TemporaryDirectory(prefix="vlp-adaptation-") as folder:
         root = Path(folder)
@@ -314,6 +356,8 @@ def main() -> None:
             report["categories"] = categories(args.pretrained, steps, root)
         if "peft" in args.sections:
             report["peft"] = peft(args.pretrained, steps, root)
+        if "active" in args.sections:
+            report["active"] = active(args.pretrained, steps, root, rounds=2 if args.quick else ACTIVE_ROUNDS)
         if "memory" in args.sections:
             report["saved_activation_bytes"] = memory(args.pretrained, root)
     targets = []
@@ -350,6 +394,18 @@ def main() -> None:
                    100 * (random_start - peft_rows[f"linear probe ({PEFT_SHOTS}-shot)"]["top1"]), 0.0, ">="),
         ]
         report["peft_table"] = category_table(peft_rows)
+    if "active" in report:
+        active_rows = report["active"]
+        print("\n" + active_table(active_rows))
+        final = {name: arm[-1] for name, arm in active_rows.items()}
+        targets += [
+            Target(f"PCB - random test top-1 at {final['random']['labelled']} labels (points)",
+                   100 * (final["PCB (entropy + balance)"]["score"] - final["random"]["score"]), 0.0, ">="),
+            Target(f"PCB - entropy without balance test top-1 at {final['random']['labelled']} labels (points)",
+                   100 * (final["PCB (entropy + balance)"]["score"]
+                          - final["entropy (no PCB balance)"]["score"]), 0.0, ">="),
+        ]
+        report["active_table"] = active_table(active_rows)
     report.update(quick=args.quick, seconds=time.perf_counter() - started, pretrained=args.pretrained,
                   steps=steps or "the recipes'", seeds=seeds, sections=args.sections,
                   targets=[target.as_dict() for target in targets])

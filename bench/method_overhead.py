@@ -21,8 +21,15 @@ crops, `on_after_batch_transfer`) and the callbacks between backward and update 
 peak resident memory (`ru_maxrss`) of each process, and MFU (FLOPs of one bare step by `torch.utils.flop_counter`
 / median step / the matmul ceiling of the step's dtype).
 
-Usage: python bench/method_overhead.py [--quick] [--methods CLIP DINO ...] [--steps 8] [--threads 1]
-(`--quick`: CLIP, SimCLR and DINO, 4 timed steps each)
+A method's tiny recipe is its `emoji_tiny.yaml`, else the `*_tiny.yaml` that needs the fewest earlier runs (SIGMA's
+pixel-target `moving_tiny`, not the DINO-target one; stage 1, not stage 2). Earlier runs a recipe names (a frozen
+CLIP tower: `pretrained_clip`, `image_tower`, `target_tower`) are replaced by one 1-step CLIP run of
+`experiments/clip/emoji_tiny.yaml` made here (the same architecture; speed does not depend on the weights), and a
+`start_from` by none (it only loads weights). Frozen-LM recipes run their real SmolLM2-135M (fetched into the cache
+on first use).
+
+Usage: python bench/method_overhead.py [--quick] [--methods CLIP DINO ...] [--merge] [--steps 8] [--threads 1]
+(`--quick`: CLIP, SimCLR and DINO, 4 timed steps each; `--merge`: keep the stored rows of the methods not run)
 Prints a table and `target` lines, writes bench/results/method_overhead.json. The shards are built with the
 command each recipe names (`vlp-data emoji data/emoji ...`, npm cache) when missing.
 """
@@ -34,13 +41,16 @@ import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from common import CLOCKS, REPO_ROOT, StepTime, Target, cpu_model, ensure_shards, publish, step_summary
+import yaml
+from common import CLOCKS, REPO_ROOT, RESULTS_DIR, StepTime, Target, cpu_model, ensure_shards, publish, step_summary
 from lockstep import Lockstep, TurnClock, TurnClockCallback, UpdateClock, run_in_lockstep
 
 from data_modules.pipeline import STREAM_FIELD
@@ -55,10 +65,46 @@ QUICK_METHODS = ("CLIP", "SimCLR", "DINO")
 AUTOCAST = {"bf16-mixed": torch.bfloat16}
 
 
+#: arguments naming a frozen CLIP tower from an earlier run (replaced by the bench's start CLIP), and the one that
+#: only loads a whole earlier run's weights (dropped).
+TOWER_STARTS = ("pretrained_clip", "image_tower", "target_tower")
+WEIGHTS_START = "start_from"
+
+
+def model_arguments(recipe: Path) -> dict:
+    return yaml.safe_load(recipe.read_text())["model"].get("init_args") or {}
+
+
+def earlier_runs(recipe: Path) -> int:
+    return sum(name in model_arguments(recipe) for name in (*TOWER_STARTS, WEIGHTS_START))
+
+
 def tiny_recipe(entry: catalog.Entry) -> Path:
+    """The method's `emoji_tiny.yaml`, else its `*_tiny.yaml` needing the fewest earlier runs (then the shortest)."""
     recipes = [recipe for recipe in entry.recipes() if recipe.stem.endswith("_tiny")]
-    preferred = [recipe for recipe in recipes if recipe.stem == "emoji_tiny"]
-    return (preferred or recipes)[0]
+    return min(recipes, key=lambda recipe: (recipe.stem != "emoji_tiny", earlier_runs(recipe), len(recipe.stem),
+                                            recipe.stem))
+
+
+def start_arguments(recipe: Path, start_clip: str | None) -> list[str]:
+    """The overrides that stand the bench's start CLIP in for the recipe's earlier runs (module doc)."""
+    arguments = model_arguments(recipe)
+    overrides = [f"--model.init_args.{name}={start_clip}" for name in TOWER_STARTS if name in arguments]
+    return overrides + (["--model.init_args.start_from=null"] if WEIGHTS_START in arguments else [])
+
+
+def make_start_clip(workdir: Path) -> str:
+    """One optimizer step of the CLIP tiny recipe in `workdir`: the frozen tower the recipes' earlier runs name."""
+    root = workdir / "start-clip"
+    subprocess.run([sys.executable, "-m", "vlp_lightning.cli", "fit", "--config",
+                    str(REPO_ROOT / "experiments" / "clip" / "emoji_tiny.yaml"), "--trainer.max_steps=1",
+                    "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+                    "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root}",
+                    "--trainer.callbacks=[]"], check=True, cwd=REPO_ROOT)
+    checkpoints = sorted(root.glob("**/last.ckpt"))
+    if not checkpoints:
+        raise RuntimeError(f"the start CLIP run wrote no last.ckpt under {root}")
+    return str(checkpoints[0])
 
 
 def methods_to_run(names: list[str] | None) -> dict[str, Path]:
@@ -70,17 +116,17 @@ def methods_to_run(names: list[str] | None) -> dict[str, Path]:
     return {entry.name: tiny_recipe(entry) for entry in entries}
 
 
-def cli_for(recipe: Path, total_steps: int, run_dir: Path) -> VLPCLI:
-    """The recipe as `vlp fit` builds it, for `total_steps` steps, not validated (its logs and checkpoint go
-    to `run_dir`, in the temporary folder)."""
-    return VLPCLI(args=["--config", str(recipe), f"--trainer.max_steps={total_steps}",
+def cli_for(recipe: Path, total_steps: int, run_dir: Path, start: list[str]) -> VLPCLI:
+    """The recipe as `vlp fit` builds it (with the `start` overrides), for `total_steps` steps, not validated (its
+    logs and checkpoint go to `run_dir`, in the temporary folder)."""
+    return VLPCLI(args=["--config", str(recipe), *start, f"--trainer.max_steps={total_steps}",
                         "--trainer.enable_progress_bar=false",
                         "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=0",
                         f"--trainer.default_root_dir={run_dir}"], run=False)
 
 
-def run_vlp_fit(clock: TurnClock, updates: UpdateClock, recipe: Path, run_dir: Path) -> dict:
-    cli = cli_for(recipe, clock.total_steps, run_dir)
+def run_vlp_fit(clock: TurnClock, updates: UpdateClock, recipe: Path, run_dir: Path, start: list[str]) -> dict:
+    cli = cli_for(recipe, clock.total_steps, run_dir, start)
     cli.trainer.callbacks.append(TurnClockCallback(clock, updates))
     # Clock the photometric half of the views (jitter, blur, normalisation of the uint8 crops), which `vlp fit`
     # runs in the training process after the transfer and the bare loop's pre-made batches already hold.
@@ -121,9 +167,9 @@ def premade_batches(cli: VLPCLI, count: int) -> list[dict]:
     raise RuntimeError(f"the recipe's shards hold fewer than {count} batches")
 
 
-def run_bare(clock: TurnClock, updates: UpdateClock, recipe: Path, run_dir: Path) -> dict:
+def run_bare(clock: TurnClock, updates: UpdateClock, recipe: Path, run_dir: Path, start: list[str]) -> dict:
     """The model and optimizer of `vlp fit`, the method's own hooks, on pre-made batches; nothing else."""
-    cli = cli_for(recipe, clock.total_steps, run_dir)
+    cli = cli_for(recipe, clock.total_steps, run_dir, start)
     model = cli.model
     precision = str(cli.trainer.precision)
     batches = premade_batches(cli, 4)
@@ -157,14 +203,14 @@ def run_bare(clock: TurnClock, updates: UpdateClock, recipe: Path, run_dir: Path
     return {"batch_size": len(batches[0]["__key__"]), "precision": precision}
 
 
-def contender_body(contender: str, recipe: Path, args: argparse.Namespace):
+def contender_body(contender: str, recipe: Path, start: list[str], args: argparse.Namespace):
     def body(name: str, lockstep: Lockstep, index: int) -> None:
         torch.set_num_threads(args.threads)
         updates = UpdateClock()
         clock = TurnClock(lockstep, args.warmup + args.steps, args.warmup, torch.float32, args.ceiling_seconds,
                           count_flops=contender == "bare")
         run = run_bare if contender == "bare" else run_vlp_fit
-        details = run(clock, updates, recipe, args.workdir / name)
+        details = run(clock, updates, recipe, args.workdir / name, start)
         if len(clock.steps) != clock.total_steps:
             raise RuntimeError(f"{name}: {len(clock.steps)} of {clock.total_steps} steps timed")
         result = {
@@ -209,7 +255,7 @@ def summarise(method: str, runs: list[dict], clock: str) -> dict:
 
 def print_table(rows: list[dict], clock: str) -> None:
     print(f"\n{'method':<12} {'prec':<10} {'vlp fit/s':>9} {'bare/s':>8} {'ratio':>6} {'data wait':>9} "
-          f"{'update':>7} {'finish':>7} {'hooks':>6} {'MFU':>5} {'RSS fit':>8} {'RSS bare':>8}")
+          f"{'update':>7} {'finish':>7} {'hooks':>6} {'MFU':>5} {'RSS fit':>8} {'RSS bare':>8}  run")
     for row in rows:
         fit, bare = row["vlp_fit"], row["bare"]
         mfu = f"{bare['mfu']:.2f}" if bare["mfu"] else "-"
@@ -217,7 +263,7 @@ def print_table(rows: list[dict], clock: str) -> None:
               f"{bare[f'samples_per_s_{clock}']:>8.1f} {row['vs_bare']:>6.2f} {fit['data_wait_fraction']:>9.1%} "
               f"{fit['update_share_of_step_cpu']:>7.1%} {fit.get('finish_views_share_of_step_cpu', 0):>7.1%} "
               f"{fit.get('pre_update_hooks_share_of_step_cpu', 0):>6.1%} {mfu:>5} {fit['peak_rss_mib']:>7.0f}M "
-              f"{bare['peak_rss_mib']:>7.0f}M")
+              f"{bare['peak_rss_mib']:>7.0f}M  {row.get('date', '')} {row.get('cpu', '')}")
 
 
 def find_targets(rows: list[dict]) -> list[Target]:
@@ -235,6 +281,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"4 timed steps per contender (default 8), methods {' '.join(QUICK_METHODS)} only")
     parser.add_argument("--methods", nargs="+", help="only these methods (names of `vlp methods`)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the stored rows (results/method_overhead.json) of the methods not run now")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per contender")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (step 0 counts FLOPs); >= 1")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each contender")
@@ -250,15 +298,28 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="method_overhead-") as workdir:
         args.workdir = Path(workdir)
+        start_clip = (make_start_clip(args.workdir)
+                      if any(start_arguments(recipe, "") for recipe in recipes.values()) else None)
         for number, (method, recipe) in enumerate(recipes.items(), 1):
             method_started = time.perf_counter()
             names = [f"{method}-{contender}" for contender in CONTENDERS]
-            bodies = [contender_body(contender, recipe.resolve(), args) for contender in CONTENDERS]
+            start = start_arguments(recipe, start_clip)
+            bodies = [contender_body(contender, recipe.resolve(), start, args) for contender in CONTENDERS]
             runs = run_in_lockstep(names, lambda name, lockstep, index: bodies[index](name, lockstep, index),
                                    args.workdir, args.turn_timeout)
-            rows.append(summarise(method, runs, args.clock))
+            rows.append({**summarise(method, runs, args.clock), "cpu": cpu_model(),
+                         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())})
             print(f"[{number}/{len(recipes)}] {method}: vlp fit / bare {rows[-1]['vs_bare']:.2f} "
                   f"({time.perf_counter() - method_started:.0f} s)", flush=True)
+    stored = RESULTS_DIR / "method_overhead.json"
+    if args.merge and stored.is_file():  # the stored rows of the other methods, in the index's order
+        run_now = {row["method"]: row for row in rows}
+        previous = json.loads(stored.read_text())
+        made = {"cpu": previous["config"]["cpu"], "date": previous["machine"]["date"][:16].replace("T", " ")}
+        kept = {row["method"]: {**made, **row} for row in previous["methods"] if row["method"] not in run_now}
+        order = list(methods_to_run(None))
+        rows = sorted([*kept.values(), *run_now.values()],
+                      key=lambda row: order.index(row["method"]) if row["method"] in order else len(order))
     print_table(rows, args.clock)
     targets = find_targets(rows)
     report = {
