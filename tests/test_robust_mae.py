@@ -125,3 +125,22 @@ def test_pgd_callback_scores_with_and_without_prompts(tiny_mae_checkpoint, make_
     for suffix in ("", "_no_prompt"):
         assert 0 <= metrics[f"robustness/pgd/pgd{suffix}"] <= metrics[f"robustness/pgd/clean{suffix}"] <= 1
         assert unchanged[f"robustness/pgd/pgd{suffix}"] == unchanged[f"robustness/pgd/clean{suffix}"]
+
+
+@pytest.mark.slow
+def test_bench_robust_section_runs_end_to_end(tiny_mae_checkpoint, make_shards, tmp_path, monkeypatch):
+    """bench/adaptation.py's "robust" section on generated shards, a few steps: both rows, both targets."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import adaptation  # bench/adaptation.py
+
+    monkeypatch.chdir(tmp_path)
+    shards = make_shards(tmp_path / "shards", n=16, per_shard=16, image_size=32, num_classes=4)
+    rows = adaptation.robust(tiny_mae_checkpoint, 3, tmp_path / "bench", train=shards.pattern,
+                             evaluation=shards.pattern, classes_from=shards.pattern, pgd_steps=1)
+    assert set(rows) == {"MAE + head, no prompts", "MAE + head + RobustMAE prompts"}
+    assert all(0 <= row["pgd"] <= row["clean"] <= 1 for row in rows.values())
+    assert [target.measured is not None for target in adaptation.robust_targets(rows)] == [True, True]
+    assert "| MAE + head + RobustMAE prompts |" in adaptation.robust_table(rows)
