@@ -116,7 +116,7 @@ def test_pgd_callback_scores_with_and_without_prompts(tiny_mae_checkpoint, make_
     with torch.no_grad():
         method.cluster_prompts.prompts[0].spectrum.normal_(std=0.5)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
-    with evaluation_mode(trainer, method):
+    with evaluation_mode(trainer, method), torch.inference_mode():  # as `vlp test` calls it
         metrics = AdversarialRobustness(shards.pattern, epsilon=8 / 255, steps=2, batch_size=8).evaluate(trainer,
                                                                                                         method)
         unchanged = AdversarialRobustness(shards.pattern, epsilon=0.0, steps=1, batch_size=8).evaluate(trainer,

@@ -79,6 +79,11 @@ class AdversarialRobustness(EvaluationCallback):
         if not hasattr(method, "classify"):
             self.warn_once(f"AdversarialRobustness skipped: {type(method).__name__} has no classify(images)")
             return {}
+        with torch.inference_mode(False):  # `vlp test` evaluates under inference mode; the attack needs autograd
+            return self.attack_scores(method)
+
+    def attack_scores(self, method: LightningModule) -> dict[str, float]:
+        """Clean and PGD accuracy of `classify` (and `classify_unprompted`) on the shards (module doc)."""
         device = module_device(method)
         mean, std = method.train_views().normalization
         mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
