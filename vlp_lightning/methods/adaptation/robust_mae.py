@@ -32,9 +32,9 @@ whole prompted pipeline, the prompt selection recomputed on the attacked image a
 gradient; the prompt's path does). `classify_unprompted` is the same classifier without prompts, scored by the same
 callback as the "no prompt" row.
 
-Paper fidelity. Only the abstract and the introduction of the paper could be read here (the method section, its
-equations and hyper-parameters were not reachable, nor the official code, shikiw/RobustMAE), so no equation numbers
-are cited and these are our reading, stated as choices: k-means on the frozen model's features (the paper clusters
+Paper fidelity. Only the abstract and the opening of sec. 1 (with Fig. 1) could be read here; the method section,
+its equations and hyper-parameters were not reachable, and the official repository (shikiw/RobustMAE) holds a README
+only, no code. So no equation numbers are cited, and these are our reading, stated as choices: k-means on the frozen model's features (the paper clusters
 the pretraining data: `cluster_shards` is any shard set), Euclidean nearest prototype, an additive masked spectrum
 (`combine: replace` overwrites the medium / high frequencies instead), a circular mask of radius 0.25 by default,
 the prompts trained by the clean cross-entropy (the model frozen); `adversarial_steps > 0` adds the PGD min-max
