@@ -34,11 +34,12 @@ callback as the "no prompt" row.
 
 Paper fidelity. Only the abstract and the opening of sec. 1 (with Fig. 1) could be read here; the method section,
 its equations and hyper-parameters were not reachable, and the official repository (shikiw/RobustMAE) holds a README
-only, no code. So no equation numbers are cited, and these are our reading, stated as choices: k-means on the frozen model's features (the paper clusters
-the pretraining data: `cluster_shards` is any shard set), Euclidean nearest prototype, an additive masked spectrum
-(`combine: replace` overwrites the medium / high frequencies instead), a circular mask of radius 0.25 by default,
-the prompts trained by the clean cross-entropy (the model frozen); `adversarial_steps > 0` adds the PGD min-max
-(Madry et al. 2018) on the prompted pipeline, an option, not a claim about the paper.
+only, no code. So no equation numbers are cited, and these are our reading, stated as choices: k-means on the
+frozen model's features (the paper clusters the pretraining data: `cluster_shards` is any shard set), Euclidean
+nearest prototype, an additive masked spectrum (`combine: replace` overwrites the medium / high frequencies
+instead), a circular mask of radius 0.25 by default, the prompts trained by the clean cross-entropy (the model
+frozen); `adversarial_steps > 0` adds the PGD min-max (Madry et al. 2018) on the prompted pipeline, an option, not a
+claim about the paper.
 """
 
 from __future__ import annotations
