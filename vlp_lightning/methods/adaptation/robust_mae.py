@@ -125,9 +125,9 @@ class RobustMAE(AdaptationMethod):
                 f"PEFTClassifier run on an MAE), but pretrained={pretrained} holds a "
                 f"{type(self.pretrained).__name__}; use head: linear or a classifier's checkpoint"
             )
-        if head == "pretrained" and classnames is None and classnames_from is None:
-            classnames = self.pretrained.classes.all
-            label_field = self.pretrained.classes.label_field
+        own_classes = getattr(self.pretrained, "classes", None) if head == "pretrained" else None
+        if isinstance(own_classes, ClassNames) and classnames is None and classnames_from is None:
+            classnames, label_field = own_classes.all, own_classes.label_field
         self.classes = ClassNames(classnames, classnames_from, label_field, "all", type(self).__name__)
         self.head_kind, self.combine = head, combine
         self.adversarial_steps, self.adversarial_weight = adversarial_steps, adversarial_weight
