@@ -29,9 +29,18 @@ Memory: the bytes autograd saves for the backward of one training step (`saved_t
 independent of the allocator) for CoOp and CoCoOp at batch 1, 4, 16, with the 50 base classes: CoOp's prompts are the
 same for every image (C sequences through the text tower), CoCoOp's are per image (N x C sequences).
 
+Robust: RobustMAE's claim (Huang et al. 2023: frequency prompts raise MAE's PGD accuracy and keep its clean
+accuracy) on the emoji categories. A linear head is trained on the frozen emoji MAE (PEFTClassifier, `peft: linear`:
+"MAE + head", no prompts); then RobustMAE's tiny recipe trains only the frequency prompts of that frozen classifier
+(`head: pretrained`). Both score clean and ℓ∞ PGD top-1 (ε 4/255, 10 steps of 1/255, the recipe's
+`AdversarialRobustness`) on the validation + test splits, the attack seeing the whole prompted pipeline. Two prompt
+rows: `combine: add` (the recipes') and `combine: replace` (the image's medium / high frequencies overwritten by
+the prompt, so the attack's perturbation there is removed: the literal reading of "narrowing the optimization space").
+Needs runs/mae/emoji_tiny (`vlp fit --config experiments/mae/emoji_tiny.yaml`; --mae gives another MAE checkpoint).
+
 Adapts runs/clip/emoji_tiny (`vlp fit --config experiments/clip/emoji_tiny.yaml` on the `data/emoji` shards of the
 README's quick start), training it first when it is missing (--quick: a 20-step stand-in).
-Usage: python bench/adaptation.py [--quick] [--steps N] [--seeds K] [--pretrained CKPT]
+Usage: python bench/adaptation.py [--quick] [--steps N] [--seeds K] [--pretrained CKPT] [--mae CKPT]
 (writes bench/results/adaptation.json)
 """
 
@@ -261,6 +270,73 @@ def active_table(rows: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_MAE = "runs/mae/emoji_tiny/checkpoints/last.ckpt"
+ROBUST_PLAIN = "MAE + head, no prompts"
+#: RobustMAE's two readings of "occupy the medium / high frequencies": add the prompt to them, or replace them by it.
+ROBUST_COMBINES = ("add", "replace")
+
+
+def robust(mae: str, steps: int | None, root: Path, train: str = DOWNSTREAM_POOL, evaluation: str = EVAL_SHARDS,
+           classes_from: str = "data/emoji/train-000000.tar", pgd_steps: int | None = None) -> dict[str, dict]:
+    """The MAE + linear head without prompts, then RobustMAE's prompts on that frozen classifier (module doc):
+    {row: {clean, pgd}}. `pgd_steps` shortens the attack (tests)."""
+    from vlp_lightning.callbacks import AdversarialRobustness
+
+    if not Path(mae).is_file():
+        raise SystemExit(f"adaptation bench: --mae {mae}: no such file; train it with vlp fit --config "
+                         "experiments/mae/emoji_tiny.yaml or give an MAE checkpoint written by vlp fit")
+    classes = (f"--model.init_args.classnames_from={classes_from}", "--model.init_args.label_field=cls")
+    head = build("PEFTClassifier", mae, steps or 150, 0, root / "robust-head", (
+        *classes, "--model.init_args.peft=linear", f"--data.train_shards={train}", "--data.val_shards=null",
+        "--data.batch_size=32", "--trainer.val_check_interval=1.0"), config=PEFT_RECIPE)
+    fit(head)
+    checkpoint = root / "robust-head.ckpt"
+    head.trainer.save_checkpoint(checkpoint)
+    plain = None
+    rows = {}
+    for combine in ROBUST_COMBINES:  # the additive prompt (the recipes') and the replacing one (module doc)
+        prompts = build("RobustMAE", str(checkpoint), steps, 0, root / f"robust-prompts-{combine}", (
+            *classes, "--model.init_args.head=pretrained", f"--model.init_args.cluster_shards={train}",
+            f"--model.init_args.combine={combine}", f"--data.train_shards={train}", "--data.test_shards=null"))
+        attack = next(c for c in prompts.trainer.callbacks if isinstance(c, AdversarialRobustness))
+        attack.shards, attack.steps = evaluation, pgd_steps or attack.steps
+        seconds = fit(prompts)
+        scored = scores_of(attack, prompts.trainer, prompts.model)
+        if plain is None:
+            plain = scores_of(attack, head.trainer, head.model)
+            rows[ROBUST_PLAIN] = {"clean": plain[f"robustness/{attack.name}/clean"],
+                                  "pgd": plain[f"robustness/{attack.name}/pgd"]}
+        rows[robust_row(combine)] = {"clean": scored[f"robustness/{attack.name}/clean"],
+                                     "pgd": scored[f"robustness/{attack.name}/pgd"], "seconds": seconds,
+                                     "clusters": len(prompts.model.cluster_prompts.prompts)}
+    for name, row in rows.items():
+        print(f"{name}: clean {row['clean']:.3f}, PGD {row['pgd']:.3f}", flush=True)
+    return rows
+
+
+def robust_row(combine: str) -> str:
+    return f"MAE + head + RobustMAE prompts ({combine})"
+
+
+def robust_targets(rows: dict[str, dict]) -> list[Target]:
+    plain, targets = rows[ROBUST_PLAIN], []
+    for combine in ROBUST_COMBINES:
+        prompted = rows.get(robust_row(combine))
+        if prompted is None:
+            continue
+        targets += [Target(f"RobustMAE ({combine}) PGD - no-prompt PGD top-1 (points)",
+                           100 * (prompted["pgd"] - plain["pgd"]), 0.0, ">="),
+                    Target(f"RobustMAE ({combine}) clean - no-prompt clean top-1 (points)",
+                           100 * (prompted["clean"] - plain["clean"]), -2.0, ">=")]
+    return targets
+
+
+def robust_table(rows: dict[str, dict]) -> str:
+    lines = ["| model | clean top-1 | PGD top-1 |", "|---|---|---|"]
+    return "\n".join(lines + [f"| {name} | {100 * row['clean']:.1f} | {100 * row['pgd']:.1f} |"
+                               for name, row in rows.items()])
+
+
 def category_table(rows: dict[str, dict]) -> str:
     lines = ["| method | top-1 | trainable params | train s |", "|---|---|---|---|"]
     lines += [f"| {name} | {100 * row['top1']:.1f} | {row.get('trainable_parameters', 0):,} | "
@@ -320,7 +396,7 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("base2novel", "categories", "peft", "active", "memory")
+SECTIONS = ("base2novel", "categories", "peft", "active", "memory", "robust")
 RESULTS = REPO_ROOT / "bench" / "results" / "adaptation.json"
 
 
@@ -331,6 +407,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="seeds per method (default 2)")
     parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED,
                         help=f"CLIP checkpoint (default {DEFAULT_PRETRAINED}, trained first when missing)")
+    parser.add_argument("--mae", default=DEFAULT_MAE, help=f"MAE checkpoint of the robust section ({DEFAULT_MAE})")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="run only these parts; the others keep their results from the last run")
     args = parser.parse_args()
@@ -339,7 +416,8 @@ def main() -> None:
     steps = 30 if args.quick else args.steps
     started = time.perf_counter()
     kept = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not args.quick else {}
-    report = {name: kept[name] for name in ("rows", "runs", "categories", "peft", "active", "saved_activation_bytes")
+    report = {name: kept[name] for name in ("rows", "runs", "categories", "peft", "active",
+                                            "saved_activation_bytes", "robust")
               if name in kept}
     with tempfile.TemporaryDirectory(prefix="vlp-adaptation-") as folder:
         root = Path(folder)
@@ -360,6 +438,8 @@ def main() -> None:
             report["active"] = active(args.pretrained, steps, root, rounds=2 if args.quick else ACTIVE_ROUNDS)
         if "memory" in args.sections:
             report["saved_activation_bytes"] = memory(args.pretrained, root)
+        if "robust" in args.sections:
+            report["robust"] = robust(args.mae, steps, root)
     targets = []
     if "rows" in report:
         rows = report["rows"]
@@ -406,6 +486,10 @@ def main() -> None:
                           - final["entropy (no PCB balance)"]["score"]), 0.0, ">="),
         ]
         report["active_table"] = active_table(active_rows)
+    if "robust" in report:
+        print("\n" + robust_table(report["robust"]))
+        targets += robust_targets(report["robust"])
+        report["robust_table"] = robust_table(report["robust"])
     report.update(quick=args.quick, seconds=time.perf_counter() - started, pretrained=args.pretrained,
                   steps=steps or "the recipes'", seeds=seeds, sections=args.sections,
                   targets=[target.as_dict() for target in targets])

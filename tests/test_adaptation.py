@@ -250,7 +250,7 @@ def test_pad_prompt_frames_the_image_and_clusters_follow_the_threshold():
     from vlp_lightning.modules.visual_prompts import ClusterPrompts, PadPrompt, cluster_prototypes
 
     prompt = PadPrompt(16, 3)
-    frame = prompt.frame()
+    frame = prompt.pattern()
     assert frame.shape == (3, 16, 16) and torch.count_nonzero(frame[:, 3:13, 3:13]) == 0
     assert sum(p.numel() for p in prompt.parameters()) == 4 * 3 * (16 - 3) * 3
     torch.manual_seed(0)
@@ -258,12 +258,12 @@ def test_pad_prompt_frames_the_image_and_clusters_follow_the_threshold():
     assert len(cluster_prototypes(features, distance_threshold=1.0)) == 2
     assert len(cluster_prototypes(features, distance_threshold=100.0)) == 1
     assert len(cluster_prototypes(features, None)) == 1
-    prompts = ClusterPrompts(cluster_prototypes(features, 1.0), 16, 3)
+    prompts = ClusterPrompts(cluster_prototypes(features, 1.0), lambda: PadPrompt(16, 3))
     assert prompts.nearest(torch.tensor([[5.0] * 4, [-5.0] * 4])).unique().numel() == 2
     images = torch.zeros(2, 3, 16, 16)
     prompted = prompts(images, torch.tensor([[5.0] * 4, [-5.0] * 4]))
     chosen = prompts.nearest(torch.tensor([[5.0] * 4, [-5.0] * 4]))
-    assert torch.equal(prompted[0], prompts.prompts[int(chosen[0])].frame())
+    assert torch.equal(prompted[0], prompts.prompts[int(chosen[0])].pattern())
 
 
 def test_damvp_clusters_its_training_shards_and_starts_from_a_meta_prompt(tiny_clip_checkpoint, make_shards,

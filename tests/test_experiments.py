@@ -31,7 +31,7 @@ def test_there_are_recipes_for_every_method_family():
     assert {"clip", "convirt", "align", "swav", "mae", "selfie", "sit", "byol", "simclr", "mocov2", "mocov3", "dino",
             "barlowtwins", "vicreg", "mmc", "look", "hvp", "coop", "cocoop", "maple", "pre", "drtune", "damvp",
             "peftclassifier", "pvp", "llava", "limber", "simvlg", "infmllm", "visionflan", "pa-llava", "pllava",
-            "youku-mplug", "xclip", "hecvl", "ophclip", "sigma", "temadapter", "vedit", "violet",
+            "youku-mplug", "xclip", "hecvl", "ophclip", "sigma", "temadapter", "vedit", "violet", "robustmae",
             "gfsltvlp"} <= families
 
 

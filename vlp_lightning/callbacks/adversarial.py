@@ -5,8 +5,11 @@ ascent steps of size α on the cross-entropy, each projected back onto the ball 
 ε and α are in pixel units (4/255 is the usual ImageNet budget); the attack runs on the pixels and normalises them as
 the method's training views do, so the budget means the same for every method. It scores any method with
 `classify(images) -> logits [N, C]` over its classes (the classification adaptation methods: DRTune, DAMVP,
-PEFTClassifier, PVP); others are skipped with one warning. Metrics: `robustness/<name>/clean`,
-`robustness/<name>/pgd`.
+PEFTClassifier, PVP, RobustMAE); others are skipped with one warning. Metrics: `robustness/<name>/clean`,
+`robustness/<name>/pgd`; a prompting method that also has `classify_unprompted(images)` (RobustMAE: the same
+classifier without its prompts) is scored both ways on the same images, the second as
+`robustness/<name>/clean_no_prompt` and `robustness/<name>/pgd_no_prompt`. The attack sees whatever the scored
+function does (for RobustMAE the prompt selection too, recomputed on every attacked image).
 """
 
 from __future__ import annotations
@@ -76,6 +79,11 @@ class AdversarialRobustness(EvaluationCallback):
         if not hasattr(method, "classify"):
             self.warn_once(f"AdversarialRobustness skipped: {type(method).__name__} has no classify(images)")
             return {}
+        with torch.inference_mode(False):  # `vlp test` evaluates under inference mode; the attack needs autograd
+            return self.attack_scores(method)
+
+    def attack_scores(self, method: LightningModule) -> dict[str, float]:
+        """Clean and PGD accuracy of `classify` (and `classify_unprompted`) on the shards (module doc)."""
         device = module_device(method)
         mean, std = method.train_views().normalization
         mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
@@ -87,7 +95,11 @@ class AdversarialRobustness(EvaluationCallback):
         loader = make_eval_loader(self.shards, method.image_size, self.batch_size, num_workers=self.num_workers,
                                   view=EvalView(mean=mean, std=std), device=device)
         generator = torch.Generator().manual_seed(self.seed)
-        clean = robust = seen = 0
+        scored = {"": method.classify}
+        if hasattr(method, "classify_unprompted"):
+            scored["_no_prompt"] = method.classify_unprompted
+        correct = {f"{kind}{suffix}": 0 for suffix in scored for kind in ("clean", "pgd")}
+        seen = 0
         for batch in loader:
             rows = len(batch["__key__"]) if self.max_samples is None else min(len(batch["__key__"]),
                                                                                self.max_samples - seen)
@@ -95,13 +107,14 @@ class AdversarialRobustness(EvaluationCallback):
                 break
             labels = batch_labels(batch, self.label_field)[:rows].to(device)
             pixels = (batch["image"][:rows] * std_t + mean_t).clamp(0, 1)
-            clean += int((method.classify(normalise(pixels)).argmax(1) == labels).sum())
-            with torch.enable_grad():
-                adversarial = pgd_attack(method.classify, pixels, labels, normalise, self.epsilon, self.step_size,
-                                         self.steps, generator)
-            robust += int((method.classify(normalise(adversarial)).argmax(1) == labels).sum())
+            for suffix, classify in scored.items():
+                correct[f"clean{suffix}"] += int((classify(normalise(pixels)).argmax(1) == labels).sum())
+                with torch.enable_grad():
+                    adversarial = pgd_attack(classify, pixels, labels, normalise, self.epsilon, self.step_size,
+                                             self.steps, generator)
+                correct[f"pgd{suffix}"] += int((classify(normalise(adversarial)).argmax(1) == labels).sum())
             seen += rows
         if not seen:
             raise ValueError(f"AdversarialRobustness: {self.shards} holds no samples")
-        return {f"robustness/{self.name}/clean": clean / seen, f"robustness/{self.name}/pgd": robust / seen}
+        return {f"robustness/{self.name}/{key}": count / seen for key, count in correct.items()}
 

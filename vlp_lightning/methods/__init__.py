@@ -9,6 +9,7 @@ from vlp_lightning.methods.adaptation.pcb import PCB
 from vlp_lightning.methods.adaptation.peft_classifier import PEFTClassifier
 from vlp_lightning.methods.adaptation.pre import PRE
 from vlp_lightning.methods.adaptation.pvp import PVP
+from vlp_lightning.methods.adaptation.robust_mae import RobustMAE
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.clip import CLIP
 from vlp_lightning.methods.convirt import ConVIRT
@@ -60,7 +61,7 @@ def method_names() -> list[str]:
 __all__ = [
     "VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "SwAV", "MAE", "Selfie", "SiT",
     "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg", "MMC", "LOOK", "HVP",
-    "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP", "PEFTClassifier", "PVP", "PCB",
+    "CoOp", "CoCoOp", "MaPLe", "PRE", "DRTune", "DAMVP", "PEFTClassifier", "PVP", "PCB", "RobustMAE",
     "ALBEF", "CoCa", "UrbanCLIP", "FIBER", "BUS", "UNIT", "ARL",
     "LLaVA", "LiMBeR", "SimVLG", "InfMLLM", "VisionFlan", "PLLaVA", "MPLUGVideo",
     "XCLIP", "HecVL", "OphCLIP", "SIGMA", "TemAdapter", "VEDIT", "VIOLET", "GFSLTVLP",

@@ -37,7 +37,7 @@ from vlp_lightning.catalog import Paper
 from vlp_lightning.methods.adaptation.base import AdaptationMethod, ClassNames
 from vlp_lightning.methods.base import WarmupCosineLR
 from vlp_lightning.modules.prompts import class_name_text
-from vlp_lightning.modules.visual_prompts import ClusterPrompts, cluster_prototypes
+from vlp_lightning.modules.visual_prompts import ClusterPrompts, PadPrompt, cluster_prototypes
 
 
 class DAMVP(AdaptationMethod):
@@ -92,7 +92,7 @@ class DAMVP(AdaptationMethod):
         size = self.image_size
         width = prompt_width or max(1, round(size * 30 / 224))
         prototypes = self.frozen_prototypes(cluster_shards, distance_threshold, max_cluster_samples)
-        self.cluster_prompts = ClusterPrompts(prototypes, size, width)
+        self.cluster_prompts = ClusterPrompts(prototypes, lambda: PadPrompt(size, width))
         if meta_prompt is not None:
             self.cluster_prompts.start_from(mean_prompt(meta_prompt))
         self.head = nn.Linear(self.probe_dim(), len(self.classes.all)) if head == "linear" else None
