@@ -20,7 +20,7 @@ Google training split, PVP starts its prompts from the upstream run (new head) a
 prompts, the same steps; both against a logistic-regression probe of the frozen tower on the same 4 shots.
 
 Active learning (PCB, `vlp active`): from the same CLIP, rounds of CoOp training on the labelled set, each round
-labelling one sample per category (10) of the Google training split, 6 rounds: random selection (the paper's
+labelling one sample per category (10) of the Google training split, 5 rounds: random selection (the paper's
 baseline), entropy's top candidates without balancing, and PCB (entropy's candidates rebalanced by the
 pseudo-labels); top-1 on the validation + test splits and the labelled set's class balance (smallest / largest
 count) per round, one seed (`--seeds` is for the prompt-learning rows).
@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO_ROOT, Target, ensure_shards, publish
+from common import REPO_ROOT, Target, cpu_model, ensure_shards, publish
 from lightning.pytorch import Trainer
 
 from vlp_lightning.callbacks import BaseToNovel, LinearProbe, ZeroShotClassification
@@ -238,7 +238,7 @@ def peft(pretrained: str, steps: int | None, root: Path) -> dict[str, dict]:
 ACTIVE_ARMS = (("random", ["--acquisition", "random"]),
                ("entropy (no PCB balance)", ["--acquisition", "entropy", "--no-balance"]),
                ("PCB (entropy + balance)", ["--acquisition", "entropy"]))
-ACTIVE_ROUNDS = 6
+ACTIVE_ROUNDS = 5
 
 
 def active(pretrained: str, steps: int | None, root: Path, rounds: int = ACTIVE_ROUNDS) -> dict[str, list[dict]]:
@@ -397,6 +397,9 @@ def table(rows: dict[str, dict]) -> str:
 
 
 SECTIONS = ("base2novel", "categories", "peft", "active", "memory", "robust")
+#: the report keys each section writes (base2novel writes "runs" too)
+SECTION_KEYS = {"base2novel": "rows", "runs": "runs", "categories": "categories", "peft": "peft", "active": "active",
+                "memory": "saved_activation_bytes", "robust": "robust"}
 RESULTS = REPO_ROOT / "bench" / "results" / "adaptation.json"
 
 
@@ -415,10 +418,7 @@ def main() -> None:
     seeds = 1 if args.quick else args.seeds
     steps = 30 if args.quick else args.steps
     started = time.perf_counter()
-    kept = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not args.quick else {}
-    report = {name: kept[name] for name in ("rows", "runs", "categories", "peft", "active",
-                                            "saved_activation_bytes", "robust")
-              if name in kept}
+    report: dict = {}  # the sections run now; the stored ones are merged in when this run ends (below)
     with tempfile.TemporaryDirectory(prefix="vlp-adaptation-") as folder:
         root = Path(folder)
         if "base2novel" in args.sections:
@@ -440,6 +440,13 @@ def main() -> None:
             report["saved_activation_bytes"] = memory(args.pretrained, root)
         if "robust" in args.sections:
             report["robust"] = robust(args.mae, steps, root)
+    # Read the stored results only now, so two runs of different sections at once both keep their sections.
+    kept = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not args.quick else {}
+    when = {"date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "cpu": cpu_model(),
+            "steps": steps or "the recipes'"}
+    report = {**{name: kept[name] for name in SECTION_KEYS.values() if name in kept and name not in report},
+              **report, "section_runs": {**kept.get("section_runs", {}),
+                                         **{section: when for section in args.sections}}}
     targets = []
     if "rows" in report:
         rows = report["rows"]

@@ -127,6 +127,7 @@ def cli_for(recipe: Path, total_steps: int, run_dir: Path, start: list[str]) -> 
 
 def run_vlp_fit(clock: TurnClock, updates: UpdateClock, recipe: Path, run_dir: Path, start: list[str]) -> dict:
     cli = cli_for(recipe, clock.total_steps, run_dir, start)
+    clock.ceiling_dtype = AUTOCAST.get(str(cli.trainer.precision), torch.float32)  # MFU against the step's dtype
     cli.trainer.callbacks.append(TurnClockCallback(clock, updates))
     # Clock the photometric half of the views (jitter, blur, normalisation of the uint8 crops), which `vlp fit`
     # runs in the training process after the transfer and the bare loop's pre-made batches already hold.
@@ -172,6 +173,7 @@ def run_bare(clock: TurnClock, updates: UpdateClock, recipe: Path, run_dir: Path
     cli = cli_for(recipe, clock.total_steps, run_dir, start)
     model = cli.model
     precision = str(cli.trainer.precision)
+    clock.ceiling_dtype = AUTOCAST.get(precision, torch.float32)
     batches = premade_batches(cli, 4)
     # What the method reads of its trainer: the step counters and the schedule's length; logging is dropped.
     trainer = SimpleNamespace(global_step=0, current_epoch=0, estimated_stepping_batches=clock.total_steps,
