@@ -141,7 +141,8 @@ def test_bench_robust_section_runs_end_to_end(tiny_mae_checkpoint, make_shards, 
     rows = adaptation.robust(tiny_mae_checkpoint, 3, tmp_path / "bench", train=shards.pattern,
                              evaluation=shards.pattern, classes_from=shards.pattern, pgd_steps=1)
     assert set(rows) == {"MAE + head, no prompts", "MAE + head + RobustMAE prompts (add)",
-                         "MAE + head + RobustMAE prompts (replace)"}
+                         "MAE + head + RobustMAE prompts (replace)",
+                         "MAE + head trained as long as head + prompts, no prompts"}
     assert all(0 <= row["pgd"] <= row["clean"] <= 1 for row in rows.values())
-    assert [target.measured is not None for target in adaptation.robust_targets(rows)] == [True] * 4
+    assert [target.measured is not None for target in adaptation.robust_targets(rows)] == [True] * 6
     assert "| MAE + head + RobustMAE prompts (replace) |" in adaptation.robust_table(rows)
