@@ -96,6 +96,25 @@ class AdaptationMethod(VLPMethod):
     def train_views(self) -> Views:
         return SingleCrop(scale=self.crop_scale, hflip=True, mean=self.vision.mean, std=self.vision.std)
 
+    def frozen_dim(self, representation: Literal["probe", "joint"]) -> int:
+        """The width of the frozen model's probe features or joint image embedding."""
+        encode = self.pretrained.encode_image if representation == "joint" else self.pretrained.probe_features
+        with torch.no_grad():
+            return encode(torch.zeros(1, 3, self.image_size, self.image_size)).shape[-1]
+
+    def frozen_prototypes(self, shards: str | None, representation: Literal["probe", "joint"], max_samples: int,
+                          **clustering) -> Tensor:
+        """Cluster prototypes [M, D] of the frozen model's `representation` features of up to `max_samples` images
+        of `shards` (`modules.visual_prompts.cluster_prototypes` with `clustering`); without shards one zero
+        prototype, i.e. one prompt for every image (DAMVP, RobustMAE)."""
+        if shards is None:
+            return torch.zeros(1, self.frozen_dim(representation))
+        from vlp_lightning.callbacks.features import extract_features
+        from vlp_lightning.modules.visual_prompts import cluster_prototypes
+
+        features = extract_features(self.pretrained, shards, max_samples=max_samples, representation=representation)
+        return cluster_prototypes(features.image, **clustering)
+
     def zero_loss(self) -> Tensor:
         """A zero that depends on every trainable parameter: the loss of a batch with nothing to learn from, so
         every rank's backward still reaches the same parameters (DDP)."""

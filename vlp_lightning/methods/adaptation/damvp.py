@@ -37,7 +37,7 @@ from vlp_lightning.catalog import Paper
 from vlp_lightning.methods.adaptation.base import AdaptationMethod, ClassNames
 from vlp_lightning.methods.base import WarmupCosineLR
 from vlp_lightning.modules.prompts import class_name_text
-from vlp_lightning.modules.visual_prompts import ClusterPrompts, PadPrompt, cluster_prototypes
+from vlp_lightning.modules.visual_prompts import ClusterPrompts, PadPrompt
 
 
 class DAMVP(AdaptationMethod):
@@ -91,11 +91,12 @@ class DAMVP(AdaptationMethod):
         self.head_kind, self.template = head, template
         size = self.image_size
         width = prompt_width or max(1, round(size * 30 / 224))
-        prototypes = self.frozen_prototypes(cluster_shards, distance_threshold, max_cluster_samples)
+        prototypes = self.frozen_prototypes(cluster_shards, "joint" if head == "text" else "probe",
+                                            max_cluster_samples, distance_threshold=distance_threshold)
         self.cluster_prompts = ClusterPrompts(prototypes, lambda: PadPrompt(size, width))
         if meta_prompt is not None:
             self.cluster_prompts.start_from(mean_prompt(meta_prompt))
-        self.head = nn.Linear(self.probe_dim(), len(self.classes.all)) if head == "linear" else None
+        self.head = nn.Linear(self.frozen_dim("probe"), len(self.classes.all)) if head == "linear" else None
         self._text_classifier: Tensor | None = None
 
     # ------------------------------------------------------------------ clusters
@@ -106,23 +107,6 @@ class DAMVP(AdaptationMethod):
             if self.head_kind == "text":
                 return self.pretrained.encode_image(images)
             return self.pretrained.probe_features(images)
-
-    def frozen_prototypes(self, shards: str | None, threshold: float | None, max_samples: int) -> Tensor:
-        if shards is None:
-            return torch.zeros(1, self.probe_dim() if self.head_kind == "linear" else self.embed_dim())
-        from vlp_lightning.callbacks.features import extract_features
-
-        representation = "joint" if self.head_kind == "text" else "probe"
-        features = extract_features(self.pretrained, shards, max_samples=max_samples, representation=representation)
-        return cluster_prototypes(features.image, threshold)
-
-    def probe_dim(self) -> int:
-        with torch.no_grad():
-            return self.pretrained.probe_features(torch.zeros(1, 3, self.image_size, self.image_size)).shape[-1]
-
-    def embed_dim(self) -> int:
-        with torch.no_grad():
-            return self.pretrained.encode_image(torch.zeros(1, 3, self.image_size, self.image_size)).shape[-1]
 
     def prompted(self, images: Tensor) -> Tensor:
         """x + P_m(x) (module doc)."""

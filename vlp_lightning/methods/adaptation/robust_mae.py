@@ -54,13 +54,7 @@ from torch import Tensor, nn
 from vlp_lightning.catalog import Paper
 from vlp_lightning.methods.adaptation.base import AdaptationMethod, ClassNames
 from vlp_lightning.methods.base import WarmupCosineLR
-from vlp_lightning.modules.visual_prompts import (
-    ClusterPrompts,
-    FrequencyPrompt,
-    cluster_prototypes,
-    high_frequency_mask,
-    high_pass,
-)
+from vlp_lightning.modules.visual_prompts import ClusterPrompts, FrequencyPrompt, high_pass
 
 
 class RobustMAE(AdaptationMethod):
@@ -133,8 +127,7 @@ class RobustMAE(AdaptationMethod):
         self.adversarial_steps, self.adversarial_weight = adversarial_steps, adversarial_weight
         self.epsilon, self.step_size = epsilon, step_size
         size = self.image_size
-        self.register_buffer("mask", high_frequency_mask(size, low_frequency_radius), persistent=False)
-        prototypes = self.frozen_prototypes(cluster_shards, num_clusters, max_cluster_samples)
+        prototypes = self.frozen_prototypes(cluster_shards, "probe", max_cluster_samples, num_clusters=num_clusters)
         self.cluster_prompts = ClusterPrompts(prototypes, lambda: FrequencyPrompt(size, low_frequency_radius))
         self.head = nn.Linear(prototypes.shape[1], len(self.classes.all)) if head == "linear" else None
 
@@ -144,18 +137,10 @@ class RobustMAE(AdaptationMethod):
         with torch.no_grad():
             return self.pretrained.probe_features(images)
 
-    def frozen_prototypes(self, shards: str | None, num_clusters: int, max_samples: int) -> Tensor:
-        if shards is None:
-            size = self.image_size
-            return torch.zeros(1, self.frozen_features(torch.zeros(1, 3, size, size)).shape[-1])
-        from vlp_lightning.callbacks.features import extract_features
-
-        features = extract_features(self.pretrained, shards, max_samples=max_samples, representation="probe")
-        return cluster_prototypes(features.image, num_clusters=num_clusters)
-
     def prompted(self, images: Tensor) -> Tensor:
         """x~: each normalised image with its nearest prototype's frequency prompt (module doc)."""
-        base = images if self.combine == "add" else images - high_pass(images, self.mask)
+        mask = self.cluster_prompts.prompts[0].mask  # the prompts' high-pass mask M
+        base = images if self.combine == "add" else images - high_pass(images, mask)
         return self.cluster_prompts(base, self.frozen_features(images))
 
     # ------------------------------------------------------------------ representations and loss
