@@ -29,7 +29,7 @@ def _isolated(monkeypatch, tmp_path):
 def test_there_are_recipes_for_every_method_family():
     families = {path.parent.name for path in TINY}
     assert {"clip", "convirt", "align", "swav", "mae", "selfie", "sit", "byol", "simclr", "mocov2", "mocov3", "dino",
-            "barlowtwins", "vicreg", "mmc", "look", "hvp", "coop", "cocoop", "maple", "pre", "drtune", "damvp",
+            "barlowtwins", "vicreg", "mmc", "look", "hvp", "coop", "cocoop", "maple", "pre", "finetune", "drtune", "damvp",
             "peftclassifier", "pvp", "llava", "limber", "simvlg", "infmllm", "visionflan", "pa-llava", "pllava",
             "youku-mplug", "xclip", "hecvl", "ophclip", "sigma", "temadapter", "vedit", "violet", "robustmae",
             "gfsltvlp"} <= families

@@ -58,7 +58,8 @@ DESCRIPTION = (
     "`vlp fewshot` trains a recipe on K shots per class for several K and seeds and prints the curve, "
     "`vlp scaling` trains it on 1/8 ... all of a data pool and fits score against log data size, "
     "`vlp active` runs PCB's rounds of active prompt learning (train, score the pool, label a balanced budget), "
-    "`vlp backbones CKPT ...` scores checkpoints on the same tasks (kNN, linear, few-shot, zero-shot, retrieval)."
+    "`vlp backbones CKPT ...` scores checkpoints on the same tasks (kNN, linear, few-shot, zero-shot, retrieval), "
+    "`vlp benchx CKPT ...` fine-tunes them the same way with a learning-rate search (BenchX)."
 )
 
 #: `vlp <command>` outside Lightning's fit / validate / test / predict: command -> module with `main(argv) -> int`.
@@ -70,6 +71,7 @@ COMMANDS = {
     "active": "vlp_lightning.commands.active",
     "scaling": "vlp_lightning.commands.scaling",
     "backbones": "vlp_lightning.commands.backbones",
+    "benchx": "vlp_lightning.commands.benchx",
 }
 
 

@@ -146,25 +146,42 @@ def train_and_test(args: argparse.Namespace, extra: list[str], folder: Path, poi
     return score, int(cli.trainer.global_step)
 
 
-def fit_and_test(args: argparse.Namespace, extra: list[str], folder: Path, root: str, seed: int, command: str = "vlp"):
+def fit_and_test(args: argparse.Namespace, extra: list[str], folder: Path, root: str, seed: int, command: str = "vlp",
+                 val_shards: str | None = None):
     """The recipe (`args.config`, `args.steps`, `args.metric`) trained from scratch on `folder`'s training shards
-    with `seed`, then tested: (the CLI, its `args.metric`); what `vlp fewshot`, `vlp scaling` and `vlp active` run
-    at every point."""
+    with `seed`, then tested: (the CLI, its `args.metric`); what `vlp fewshot`, `vlp scaling`, `vlp active` and
+    `vlp benchx` run at every point. With `val_shards` the trained model is also validated on them once, after
+    training (never during it), before the test: `vlp benchx` selects on that score (`validation_metric`)."""
     from vlp_lightning.cli import VLPCLI  # heavy: imported once a run is due
 
     vlp_args = [arg for config in args.config for arg in ("--config", config)]
-    vlp_args += [f"--data.train_shards={folder}/train-*.tar", "--data.val_shards=null",
+    vlp_args += [f"--data.train_shards={folder}/train-*.tar", f"--data.val_shards={val_shards or 'null'}",
                  "--trainer.val_check_interval=1.0", f"--seed_everything={seed}", f"--data.seed={seed}",
                  f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
                  "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0", "--checkpoint.save_last=false"]
+    vlp_args += ["--trainer.limit_val_batches=0"] if val_shards else []
     vlp_args += [f"--trainer.max_steps={args.steps}"] if args.steps else []
     cli = VLPCLI(args=[*vlp_args, *extra], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    if val_shards:
+        cli.trainer.limit_val_batches = 1.0
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        cli.validation_score = logged(cli, validation_metric(args.metric), command)
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-    if args.metric not in cli.trainer.callback_metrics:
-        raise SystemExit(f"{command}: error: the test logged no {args.metric!r}; it logged "
+    return cli, logged(cli, args.metric, command)
+
+
+def validation_metric(metric: str) -> str:
+    """The validation counterpart of a test metric: test/accuracy -> val/accuracy (others are kept)."""
+    return "val/" + metric.removeprefix("test/") if metric.startswith("test/") else metric
+
+
+def logged(cli, metric: str, command: str) -> float:
+    """`metric` as the last evaluation logged it, or one error line naming the metrics it did log."""
+    if metric not in cli.trainer.callback_metrics:
+        raise SystemExit(f"{command}: error: the evaluation logged no {metric!r}; it logged "
                          f"{', '.join(sorted(cli.trainer.callback_metrics))}; pass one of them as --metric")
-    return cli, float(cli.trainer.callback_metrics[args.metric])
+    return float(cli.trainer.callback_metrics[metric])
 
 
 def table(rows: list[dict], point: str, metric: str) -> str:

@@ -245,11 +245,14 @@ class VLPMethod(LightningModule):
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups
 
-    def parameter_groups_at(self, lr: float | None, modules: Iterable[nn.Module]) -> list[dict]:
-        """`parameter_groups`, each split in two: the parameters of `modules` at learning rate `lr`, the others at
-        the optimizer's (a head or new layers trained faster than a pretrained body; `lr` None: no split)."""
-        if lr is None:
+    def parameter_groups_at(self, lr: float | None, modules: Iterable[nn.Module],
+                            lr_multiplier: float | None = None) -> list[dict]:
+        """`parameter_groups`, each split in two: the parameters of `modules` at learning rate `lr` (or at
+        `lr_multiplier` times the optimizer's), the others at the optimizer's (a head or new layers trained faster
+        than a pretrained body, a fine-tuned tower slower than its head; both None: no split)."""
+        if lr is None and lr_multiplier is None:
             return VLPMethod.parameter_groups(self)
+        setting = {"lr": lr} if lr is not None else {"lr_multiplier": lr_multiplier}
         chosen = {id(param) for module in modules for param in module.parameters()}
         groups = []
         for group in VLPMethod.parameter_groups(self):  # the weight-decay split (an override calls this method)
@@ -257,15 +260,14 @@ class VLPMethod(LightningModule):
             rest = [param for param in group["params"] if id(param) not in chosen]
             picked = [param for param in group["params"] if id(param) in chosen]
             groups += [{"params": rest, **extra}] if rest else []
-            groups += [{"params": picked, **extra, "lr": lr}] if picked else []
+            groups += [{"params": picked, **extra, **setting}] if picked else []
         return groups
 
     def configure_optimizers(self):
         groups = self.parameter_groups()
         optimizer = self.optimizer_factory(groups, **fast_optimizer_options(self.optimizer_factory, groups))
-        if self.lr_scale != 1.0:  # before the scheduler records its base learning rates
-            for group in optimizer.param_groups:
-                group["lr"] *= self.lr_scale
+        for group in optimizer.param_groups:  # before the scheduler records its base learning rates
+            group["lr"] *= self.lr_scale * group.get("lr_multiplier", 1.0)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)

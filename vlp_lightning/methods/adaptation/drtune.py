@@ -1,8 +1,8 @@
 """DR-Tune: fine-tuning with Distribution Regularisation and semantic calibration (Zhou et al. 2023, "DR-Tune:
 Improving Fine-tuning of Pretrained Visual Models by Distribution Regularization with Semantic Calibration", ICCV).
 
-The whole image tower is fine-tuned (a trainable copy of the pretrained one) with a linear head; the pretrained tower
-stays frozen and supplies a second feature distribution that the head must also classify. Queues of K = 2048 keep
+The whole image tower is fine-tuned (a trainable copy of the pretrained one) with a linear head (`finetune.FineTune`,
+whose vanilla fine-tuning this regularises); the pretrained tower stays frozen and supplies a second feature distribution that the head must also classify. Queues of K = 2048 keep
 the recent downstream features f_d, pretrained features f_p and labels y (one first-in-first-out `MemoryBank`
 shared by every rank). Each step (official `weeknan/DR-Tune`, `model.py`):
 
@@ -27,8 +27,6 @@ decay 1e-4, lr 0.01 (backbone) and 0.33 (head), cosine, 100 epochs, batch 64, ra
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -36,7 +34,7 @@ from torch import Tensor, nn
 
 from vlp_lightning.catalog import Paper
 from vlp_lightning.distributed import world_size
-from vlp_lightning.methods.adaptation.base import AdaptationMethod, ClassNames
+from vlp_lightning.methods.adaptation.finetune import FineTune
 from vlp_lightning.methods.base import WarmupCosineLR
 from vlp_lightning.modules.memory_bank import MemoryBank
 
@@ -70,7 +68,7 @@ def semantic_calibration(pretrained: Tensor, downstream: Tensor, labels: Tensor,
     return F.normalize(calibrated, dim=1) * scale
 
 
-class DRTune(AdaptationMethod):
+class DRTune(FineTune):
     """Fine-tune a pretrained image tower with distribution regularisation (module doc).
 
     Args:
@@ -100,31 +98,14 @@ class DRTune(AdaptationMethod):
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
         compile: bool = False,
     ) -> None:
-        super().__init__(pretrained, pretrained_config, crop_scale, optimizer, lr_scheduler, compile)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.classes = ClassNames(classnames, classnames_from, label_field, "all", type(self).__name__)
-        self.encoder = copy.deepcopy(self.pretrained.vision).requires_grad_(True)  # f_d, fine-tuned
-        dim = self.encoder.num_features
-        self.head = nn.Linear(dim, len(self.classes.all))
-        nn.init.normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
+        super().__init__(pretrained, classnames, classnames_from, label_field, backbone_lr_scale=1.0,
+                         head_norm=False, head_init_std=0.01, pretrained_config=pretrained_config,
+                         crop_scale=crop_scale, optimizer=optimizer, lr_scheduler=lr_scheduler, compile=compile)
+        dim = self.feature_dim
         self.regularize = regularize
         self.head_lr = head_lr
-        self.feature_dim = dim
         self.queue = MemoryBank(queue_size, 2 * dim + 1)  # [f_d ; f_p ; y] per row
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
-
-    @property
-    def vision(self) -> nn.Module:
-        """The fine-tuned image tower (what kNN, probes and `vlp export` read)."""
-        return self.encoder
-
-    def probe_features(self, images: Tensor) -> Tensor:
-        return self.encoder(images)
-
-    def classify(self, images: Tensor) -> Tensor:
-        """Class logits [N, C] of the fine-tuned tower and head."""
-        return self.head(self.encoder(images))
 
     def parameter_groups(self) -> list[dict]:
         """The base's groups, the head's in groups of its own at `head_lr` (when set)."""
