@@ -417,3 +417,21 @@ def test_a_checkpoint_never_chooses_what_is_imported(make_shards, in_workdir, ca
         f"vlp: error: {hostile} was written by this.Zen, which is neither a method of vlp_lightning.methods nor "
         "the configured vlp_lightning.methods.CLIP")
     assert "this" not in sys.modules
+
+
+@pytest.mark.parametrize("monitor", [None, "val/loss"])
+def test_a_run_ending_between_two_validations_still_saves_its_last_step(make_shards, in_workdir, monitor):
+    """A validation every 4 batches of an epoch and max_steps 8 in another epoch than step 4's: Lightning's own saves
+    stop at step 4 (without `AtomicModelCheckpoint.on_train_end` last.ckpt is step 4's); the final state must not be
+    lost."""
+    shards = make_shards(in_workdir / "shards", n=48, per_shard=12, image_size=32)
+    experiment = f"between-{monitor is None}"
+    in_process_fit(in_workdir, shards.pattern, experiment, "--trainer.max_steps", "8",
+                   "--trainer.val_check_interval", "4", "--data.val_shards", shards.pattern,
+                   "--trainer.limit_val_batches", "1", *(["--checkpoint.monitor", monitor] if monitor else []))
+    folder = checkpoints_dir(in_workdir, experiment)
+    assert load(folder / "last.ckpt")["global_step"] == 8
+    if monitor is None:  # the newest top-k checkpoint is the final one, and last points at it
+        assert sorted(p.name for p in folder.iterdir()) == ["epoch=2-step=8.ckpt", "last.ckpt"]
+    else:  # the best by val/loss is kept as it was (step 4); last holds the final state
+        assert load(next(folder.glob("epoch=0-step=4*.ckpt")))["global_step"] == 4

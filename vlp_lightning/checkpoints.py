@@ -104,6 +104,24 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
+    def on_train_end(self, trainer: Trainer, pl_module) -> None:
+        """Save the final state when training ends between two of Lightning's saves.
+
+        Lightning saves when a validation ends (or every N steps / epochs). A run whose `max_steps` falls mid-way
+        through an epoch, after the epoch's last validation check (an integer `val_check_interval` counts batches
+        within the epoch), would end with its checkpoints behind its last step, and Lightning's own `on_train_end`
+        saves `last` only when nothing was saved before: a 600-step run of 469-batch epochs ended with `last.ckpt`
+        at step 300. Without a monitor, the final state is saved as a top-k checkpoint and `last` points at it; with
+        one (whose metric the final step may not have), it is written as `last` itself."""
+        if not self._should_skip_saving_checkpoint(trainer) and (self.save_top_k != 0 or self.save_last):
+            candidates = self._monitor_candidates(trainer)
+            if self.monitor is None and self.save_top_k != 0:
+                self._save_topk_checkpoint(trainer, candidates)
+                self._save_last_checkpoint(trainer, candidates)
+            elif self.save_last:
+                self._save_checkpoint(trainer, self.format_checkpoint_name(candidates, self.CHECKPOINT_NAME_LAST))
+        super().on_train_end(trainer, pl_module)
+
     @staticmethod
     def _link_checkpoint(trainer: Trainer, filepath: str, linkpath: str) -> None:
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
