@@ -115,7 +115,6 @@ class TaskImageDataModule(ImageDataModule):
     def _build_decoders(self, method: object | None) -> None:
         """The usual decoders, each tagging samples with their task; a split's shard outside every task's folder
         stops here in one sentence."""
-        super()._build_decoders(method)
         task_of_folder: dict[str, int] = {}
         for task, pattern in enumerate(self.tasks):
             for url in expand_shards(pattern):
@@ -130,11 +129,13 @@ class TaskImageDataModule(ImageDataModule):
         if unlabelled and len(unlabelled) < len(self.tasks):
             raise DataConfigError(f"the tasks {unlabelled} have no .cls labels but the others have; give every task "
                                   "labelled shards (a meta-learning task is a classification task)")
-        for split, data in self.splits.items():
+        for data in self.splits.values():
             outside = [url for url in data.urls if shard_folder(url) not in task_of_folder]
             if outside:
                 raise DataConfigError(f"{data.describe()} holds {outside[0]}, which is in the folder of none of the "
                                       f"tasks {self.tasks}; give shards of the tasks' folders")
+        super()._build_decoders(method)
+        for split, data in self.splits.items():
             decoder = self.decoders[split]
             options = {option.name: getattr(decoder, option.name) for option in fields(SampleDecoder)}
             self.decoders[split] = TaskSampleDecoder(
