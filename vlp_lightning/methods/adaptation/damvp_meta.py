@@ -25,11 +25,13 @@ build whose manifest names its classes), given as `tasks` (shard patterns). The 
 and clusters its first `max_cluster_samples` images when it is built; the data arrive from
 `data_modules.TaskImageDataModule`, which asks the method for the tasks, streams their shards as one shard set through
 the one pipeline (shard shuffle, rank / worker split, shuffle buffer, exact resume: nothing new) and tags every sample
-with `task`, its dataset's index. So batches stay plain batch dicts, a dataset joins by naming its shards, and no
-second loader or merged shard set is needed. The price: a meta step adapts to the tasks its batch holds, weighted by
-how often they come (their size), where the official loop takes one batch of every task per step; serial or batched,
-that is Reptile, and a `shuffle_buffer` of several shards mixes several tasks into each batch. Without `tasks` there
-is one task, the whole training stream, with `classnames` / `classnames_from` and one prompt.
+with `task`, its dataset's index. So batches stay plain batch dicts, a dataset joins by naming its shards, and each
+keeps its own manifest and classes; tasks as label groups of one pool would need the datasets merged into one shard
+set first, and one loader per task would give batches that are not dicts and a resume state per loader. The price:
+a meta step adapts to the tasks its batch holds, weighted by how often they come (their size), where the official
+loop takes one batch of every task per step; serial or batched, that is Reptile, and a `shuffle_buffer` of several
+shards mixes several tasks into each batch. Without `tasks` there is one task, the whole training stream, with
+`classnames` / `classnames_from` and one prompt.
 
 Official settings (github.com/shikiw/DAM-VP, `meta-training/`, read at its last commit; paths in that repository):
 * tasks: SUN397, STL-10, Fru92, Veg200, Oxford-IIIT Pets, EuroSAT (`arguments.py:18-25`, `--num_tasks 6`); each meta
@@ -97,7 +99,7 @@ class DAMVPMeta(PixelPrompting):
     """
 
     paper = Paper("Diversity-Aware Meta Visual Prompting", "Huang et al.", 2023,
-                  "the meta-prompt training of sec. 3.4, from the official meta-training/ code (module doc)")
+                  "the meta-prompt training of sec. 3.4, with the official meta-training/ settings")
     #: the tasks' linear heads get no weight decay (the official head-tuning loop, `meta_ht.py:177`).
     no_weight_decay_names = ("task_heads.",)
 
