@@ -129,11 +129,17 @@ def test_a_wrong_meta_prompt_checkpoint_is_one_sentence(wrong, tiny_clip_checkpo
     assert len(str(error.value).splitlines()) == 1
 
 
-def test_several_tasks_without_task_tags_are_one_sentence(tiny_clip_checkpoint, make_shards, tmp_path):
+def test_untagged_batches_several_processes_and_fp16_are_one_sentence(tiny_clip_checkpoint, make_shards, tmp_path):
     two, four = two_tasks(make_shards, tmp_path)
     method = methods.DAMVPMeta(pretrained=tiny_clip_checkpoint, tasks=[two.pattern, four.pattern])
     batch = {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 0, 1])}
-    with pytest.raises(ValueError, match="needs task-tagged batches.*TaskImageDataModule"):
+    with pytest.raises(DataConfigError, match="needs task-tagged batches.*TaskImageDataModule"):
         method.forward_loss(batch)
     with pytest.raises(ValueError, match="classes from the manifest.json"):
         methods.DAMVPMeta(pretrained=tiny_clip_checkpoint, tasks=[two.pattern], classnames=CLASSES)
+    method._trainer = SimpleNamespace(world_size=2, precision_plugin=SimpleNamespace())
+    with pytest.raises(ValueError, match="meta-trains in one process"):
+        method.setup("fit")
+    method._trainer = SimpleNamespace(world_size=1, precision_plugin=SimpleNamespace(scaler=object()))
+    with pytest.raises(ValueError, match="fp16's loss scaling would rescale it"):
+        method.setup("fit")

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from data_modules.pipeline import batch_labels
+from data_modules.pipeline import DataConfigError, batch_labels
 from vlp_lightning.catalog import Paper
 from vlp_lightning.methods.adaptation.base import ClassNames
 from vlp_lightning.methods.adaptation.damvp import Head, PixelPrompting
@@ -162,7 +162,7 @@ class DAMVPMeta(PixelPrompting):
             raise ValueError(f"{name} meta-trains in one process (its inner loops differ per batch, as in the "
                              f"official single-GPU loop); run it with trainer.devices: 1, not {self.trainer.world_size}"
                              " processes")
-        if str(self.trainer.precision) == "16-mixed":
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError(f"{name}'s Reptile step is no loss gradient, and fp16's loss scaling would rescale it; "
                              "use trainer.precision bf16-mixed or 32-true")
 
@@ -172,8 +172,8 @@ class DAMVPMeta(PixelPrompting):
         count = len(batch["image"])
         if "task" not in batch:
             if len(self.task_classes) > 1:
-                raise ValueError(f"{type(self).__name__} with {len(self.task_classes)} tasks needs task-tagged "
-                                 "batches (`task`); use data: class_path: data_modules.TaskImageDataModule")
+                raise DataConfigError(f"{type(self).__name__} with {len(self.task_classes)} tasks needs task-tagged "
+                                      "batches (`task`); use data: class_path: data_modules.TaskImageDataModule")
             return torch.zeros(count, dtype=torch.long, device=self.device)
         return batch["task"].to(self.device)
 
