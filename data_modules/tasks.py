@@ -13,6 +13,7 @@ How many tasks a batch holds depends on how far each worker's shuffle buffer rea
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -46,7 +47,7 @@ class TaskSampleDecoder(SampleDecoder):
     task_of_shard: dict[str, int] = field(default_factory=dict)
     class_counts: tuple[int | None, ...] = ()
 
-    def decode(self, raw: dict, rng, caption_seed: str = "") -> dict:
+    def decode(self, raw: dict, rng: random.Random, caption_seed: str = "") -> dict:
         sample = super().decode(raw, rng, caption_seed)
         task = self.task_of_shard[raw["__url__"]]
         count = self.class_counts[task]
