@@ -21,6 +21,7 @@ _EXPORTS = {
     "ImageDataModule": "data_modules.datamodules",
     "InstructionDataModule": "data_modules.datamodules",
     "VideoDataModule": "data_modules.datamodules",
+    "TaskImageDataModule": "data_modules.tasks",
     "ClipViews": "data_modules.clip_views",
     "DataConfigError": "data_modules.pipeline",
     "BadSampleError": "data_modules.pipeline",

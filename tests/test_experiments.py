@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,10 @@ def _isolated(monkeypatch, tmp_path):
 def test_there_are_recipes_for_every_method_family():
     families = {path.parent.name for path in TINY}
     assert {"clip", "convirt", "align", "swav", "mae", "selfie", "sit", "byol", "simclr", "mocov2", "mocov3", "dino",
-            "barlowtwins", "vicreg", "mmc", "look", "hvp", "coop", "cocoop", "maple", "pre", "finetune", "drtune", "damvp",
-            "peftclassifier", "pvp", "llava", "limber", "simvlg", "infmllm", "visionflan", "pa-llava", "pllava",
-            "youku-mplug", "xclip", "hecvl", "ophclip", "sigma", "temadapter", "vedit", "violet", "robustmae",
-            "gfsltvlp"} <= families
+            "barlowtwins", "vicreg", "mmc", "look", "hvp", "coop", "cocoop", "maple", "pre", "finetune", "drtune",
+            "damvp", "damvpmeta", "peftclassifier", "pvp", "llava", "limber", "simvlg", "infmllm", "visionflan",
+            "pa-llava", "pllava", "youku-mplug", "xclip", "hecvl", "ophclip", "sigma", "temadapter", "vedit", "violet",
+            "robustmae", "gfsltvlp"} <= families
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=recipe_id)
@@ -67,7 +68,11 @@ def test_tiny_recipe_trains_a_step(recipe, make_shards, tmp_path, request):
     start, train_shards = [], shards.pattern
     if adapts(recipe):  # from the tests' tiny CLIP, classifying (and clustering) the generated shapes (`.cls`)
         start = ["--model.init_args.pretrained", request.getfixturevalue("tiny_clip_checkpoint"),
-                 "--model.init_args.label_field", "cls", "--model.init_args.classnames_from", shards.pattern]
+                 "--model.init_args.label_field", "cls"]
+        if "tasks" in model_arguments(recipe):  # DAMVPMeta: one task, the shapes (their manifest names the classes)
+            start += ["--model.init_args.tasks", json.dumps([shards.pattern])]
+        else:
+            start += ["--model.init_args.classnames_from", shards.pattern]
         if "cluster_shards" in model_arguments(recipe):
             start += ["--model.init_args.cluster_shards", shards.pattern]
     position_prompts = "position_prompts: true" in recipe.read_text()  # PTP reads the scenes' instance masks

@@ -3,6 +3,7 @@
 from vlp_lightning.methods.adaptation.cocoop import CoCoOp
 from vlp_lightning.methods.adaptation.coop import CoOp
 from vlp_lightning.methods.adaptation.damvp import DAMVP
+from vlp_lightning.methods.adaptation.damvp_meta import DAMVPMeta
 from vlp_lightning.methods.adaptation.drtune import DRTune
 from vlp_lightning.methods.adaptation.finetune import FineTune
 from vlp_lightning.methods.adaptation.maple import MaPLe
@@ -62,7 +63,8 @@ def method_names() -> list[str]:
 __all__ = [
     "VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "SwAV", "MAE", "Selfie", "SiT",
     "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg", "MMC", "LOOK", "HVP",
-    "CoOp", "CoCoOp", "MaPLe", "PRE", "FineTune", "DRTune", "DAMVP", "PEFTClassifier", "PVP", "PCB", "RobustMAE",
+    "CoOp", "CoCoOp", "MaPLe", "PRE", "FineTune", "DRTune", "DAMVP", "DAMVPMeta", "PEFTClassifier", "PVP", "PCB",
+    "RobustMAE",
     "ALBEF", "CoCa", "UrbanCLIP", "FIBER", "BUS", "UNIT", "ARL",
     "LLaVA", "LiMBeR", "SimVLG", "InfMLLM", "VisionFlan", "PLLaVA", "MPLUGVideo",
     "XCLIP", "HecVL", "OphCLIP", "SIGMA", "TemAdapter", "VEDIT", "VIOLET", "GFSLTVLP",
