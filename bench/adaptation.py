@@ -38,9 +38,28 @@ rows: `combine: add` (the recipes') and `combine: replace` (the image's medium /
 the prompt, so the attack's perturbation there is removed: the literal reading of "narrowing the optimization space").
 Needs runs/mae/emoji_tiny (`vlp fit --config experiments/mae/emoji_tiny.yaml`; --mae gives another MAE checkpoint).
 
+Few-shot curves (`vlp fewshot`) on Fashion-MNIST from the suite's own Fashion MoCo v3 (a self-supervised ViT-tiny/8,
+`experiments/mocov3/fashion_mnist_tiny.yaml`): K = 1, 2, 4, 8, 16 shots per class drawn from the first 10,000
+training images, 3 seeds (draw, global and data seed), the same steps, optimizer and batch for every arm, scored on
+5,000 official test images: the linear probe (PEFTClassifier `peft: linear`: the head alone, trained as the others
+are), VPT-deep from random
+prompts, LoRA (rank 8 on attn.qkv) and PVP (VPT-deep started from prompts pretrained upstream on another dataset:
+the 10 emoji categories, PEFTClassifier on the same frozen tower; Song et al. 2023's ImageNet -> FGVC in small).
+`--sections fewshot_probe` adds the reference row: a logistic regression of the frozen features on the same draws.
+
+Meta prompt (DAMVPMeta, DAM-VP sec. 3.4): Reptile over two upstream tasks (Twitter emoji categories, Fashion-MNIST;
+`experiments/damvpmeta/emoji_tiny.yaml`, 50 meta steps) from the same CLIP; then DAMVP on the Google emoji
+categories for 100 steps from that meta prompt and from the N(0, 1) start, the same seed; top-1 by CLIP's text head
+on the validation + test splits (the paper's claim: the meta-learned start adapts faster and better).
+
+BenchX (`vlp benchx`, `methods.FineTune`): the same Fashion MoCo v3 against its randomly initialised tower (the same
+recipe for one step at learning rate 0, so the same architecture untouched), each fine-tuned on 1 % and 10 % of
+the training split with the learning rate chosen from 3 on a fixed validation split, seeds 42, 0, 1; test top-1 on
+the official test split.
+
 Adapts runs/clip/emoji_tiny (`vlp fit --config experiments/clip/emoji_tiny.yaml` on the `data/emoji` shards of the
 README's quick start), training it first when it is missing (--quick: a 20-step stand-in).
-Usage: python bench/adaptation.py [--quick] [--steps N] [--seeds K] [--pretrained CKPT] [--mae CKPT]
+Usage: python bench/adaptation.py [--quick] [--steps N] [--seeds K] [--pretrained CKPT] [--mae CKPT] [--ssl CKPT]
 (writes bench/results/adaptation.json)
 """
 
@@ -352,6 +371,198 @@ def robust_table(rows: dict[str, dict]) -> str:
                                for name, row in rows.items()])
 
 
+FASHION_SSL = "runs/mocov3/fashion_mnist_tiny/checkpoints/last.ckpt"
+FASHION_SSL_QUICK = "runs/mocov3/fashion_mnist_tiny_bench_quick/checkpoints/last.ckpt"
+FASHION_SSL_RECIPE = REPO_ROOT / "experiments" / "mocov3" / "fashion_mnist_tiny.yaml"
+FASHION_POOL = "data/fashion-mnist/train-{000000..000009}.tar"
+FASHION_TRAIN = "data/fashion-mnist/train-{000000..000059}.tar"
+FASHION_TEST = "data/fashion-mnist/test-{000000..000004}.tar"
+FASHION_CLASSES = "data/fashion-mnist/train-000000.tar"
+FEWSHOT_SHOTS = (1, 2, 4, 8, 16)
+FEWSHOT_SEEDS = (1, 2, 3)
+#: the few-shot arms: (name, recipe, extra vlp options; "{upstream}" is the upstream prompts' checkpoint).
+FEWSHOT_ARMS = (("linear probe", PEFT_RECIPE, ("--model.init_args.peft=linear",)),
+                ("VPT-deep (random prompts)", PEFT_RECIPE, ("--model.init_args.peft=vpt_deep",)),
+                ("LoRA", PEFT_RECIPE, ("--model.init_args.peft=lora",)),
+                ("PVP (prompts from upstream)", PEFT_RECIPE,
+                 ("--model.init_args.peft=vpt_deep", "--model.init_args.peft_checkpoint={upstream}")))
+
+
+def ensure_fashion_ssl(path: str, quick: bool) -> str:
+    """The Fashion-MNIST SSL checkpoint: `path`, or (for the default) trained now with its tiny recipe (--quick: a
+    20-step stand-in), on the Fashion-MNIST shards (built when missing)."""
+    if quick and path == FASHION_SSL:
+        path = FASHION_SSL_QUICK
+    if Path(path).is_file():
+        return path
+    if path not in (FASHION_SSL, FASHION_SSL_QUICK):
+        sys.exit(f"adaptation bench: --ssl {path}: no such file; give a checkpoint written by vlp fit")
+    ensure_shards({"mocov3": FASHION_SSL_RECIPE})
+    quick_args = ["--trainer.max_steps=20", "--experiment=fashion_mnist_tiny_bench_quick"] if quick else []
+    print(f"adaptation bench: training the Fashion-MNIST MoCo v3 (vlp fit --config {FASHION_SSL_RECIPE})", flush=True)
+    subprocess.run([sys.executable, "-m", "vlp_lightning.cli", "fit", "--config", str(FASHION_SSL_RECIPE),
+                    "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]", *quick_args],
+                   check=True, cwd=REPO_ROOT)
+    return path
+
+
+def fewshot_curves(ssl: str, steps: int | None, root: Path, shots=FEWSHOT_SHOTS, seeds=FEWSHOT_SEEDS
+                   ) -> dict[str, dict]:
+    """Every arm's `vlp fewshot` curve (module doc): {arm: {shots: {mean, std, scores}}}."""
+    from vlp_lightning.commands.fewshot import main as vlp_fewshot
+
+    upstream = peft_run(ssl, DOWNSTREAM_POOL, steps or 300, root / "fewshot-upstream")
+    checkpoint = root / "fewshot-upstream.ckpt"
+    upstream.trainer.save_checkpoint(checkpoint)
+    print(f"fewshot: upstream prompts on the emoji categories: top-1 {test_accuracy(upstream):.3f}", flush=True)
+    curves = {}
+    for name, config, extra in FEWSHOT_ARMS:
+        out = root / "fewshot"  # one folder: the arms share the drawn subsets
+        argv = ["--config", str(config), "--pool", FASHION_POOL, "--shots", *map(str, shots),
+                "--seeds", *map(str, seeds), "--steps", str(steps or 100), "--out", str(out),
+                f"--model.init_args.pretrained={ssl}", f"--model.init_args.classnames_from={FASHION_CLASSES}",
+                "--model.init_args.label_field=cls", f"--data.test_shards={FASHION_TEST}", "--data.batch_size=32",
+                *(option.format(upstream=checkpoint) for option in extra)]
+        if vlp_fewshot(argv) != 0:
+            raise SystemExit(f"adaptation bench: vlp fewshot for {name} failed")
+        summary_rows = json.loads((out / "results.json").read_text())["summary"]
+        curves[name] = {str(k): {key: row[key] for key in ("mean", "std", "scores")}
+                        for k, row in zip(shots, summary_rows)}
+        print(f"fewshot {name}: " + ", ".join(f"{k}-shot {100 * curves[name][str(k)]['mean']:.1f}" for k in shots),
+              flush=True)
+    return curves
+
+
+FEWSHOT_PROBE = "logistic regression on frozen features"
+
+
+def fewshot_probe(ssl: str, root: Path, shots=FEWSHOT_SHOTS, seeds=FEWSHOT_SEEDS) -> dict[str, dict]:
+    """The reference the trained arms are read against: a logistic regression (standardised features, the
+    `LinearProbe` code) fitted on the same K-shot draws (`vlp-data shots` of the same pool and seed) of the frozen
+    tower's features, scored on the same test images: {shots: {mean, std, scores}}."""
+    from data_modules.builder import main as vlp_data
+    from vlp_lightning.callbacks.features import extract_features
+    from vlp_lightning.callbacks.linear_probe import linear_probe_scores
+
+    method, _ = load_method(ssl, name="--ssl")
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    curve = {}
+    with evaluation_mode(trainer, method):
+        test = extract_features(method, FASHION_TEST)
+        for k in shots:
+            scores = []
+            for seed in seeds:
+                folder = root / "fewshot-probe" / f"k{k}-seed{seed}"
+                if vlp_data(["shots", FASHION_POOL, str(folder), "--shots", str(k), "--seed", str(seed)]) != 0:
+                    raise SystemExit("adaptation bench: could not draw the few-shot Fashion-MNIST set")
+                train = extract_features(method, f"{folder}/train-*.tar")
+                logits = linear_probe_scores(train.image, train.labels, test.image, 10, standardize=True)
+                scores.append((logits.argmax(1) == test.labels).float().mean().item())
+            curve[str(k)] = {"mean": statistics.fmean(scores), "std": statistics.stdev(scores) if len(scores) > 1
+                             else 0.0, "scores": scores}
+    print(f"fewshot {FEWSHOT_PROBE}: " + ", ".join(f"{k}-shot {100 * curve[str(k)]['mean']:.1f}" for k in shots),
+          flush=True)
+    return curve
+
+
+def fewshot_table(curves: dict[str, dict]) -> str:
+    shots = list(next(iter(curves.values())))
+    lines = ["| arm | " + " | ".join(f"{k}-shot" for k in shots) + " |", "|---" * (len(shots) + 1) + "|"]
+    lines += [f"| {arm} | " + " | ".join(f"{100 * curve[k]['mean']:.1f} ± {100 * curve[k]['std']:.1f}" for k in shots)
+              + " |" for arm, curve in curves.items()]
+    return "\n".join(lines)
+
+
+def fewshot_targets(curves: dict[str, dict]) -> list[Target]:
+    def mean_over_shots(arm: str) -> float:
+        return statistics.fmean(point["mean"] for point in curves[arm].values())
+
+    largest = list(curves["linear probe"])[-1]
+    return [
+        Target("PVP - VPT-deep from random prompts, top-1 averaged over K (points)",
+               100 * (mean_over_shots("PVP (prompts from upstream)") - mean_over_shots("VPT-deep (random prompts)")),
+               0.0, ">="),
+        *(Target(f"{arm} - linear probe top-1 at {largest} shots (points)",
+                 100 * (curves[arm][largest]["mean"] - curves["linear probe"][largest]["mean"]), 0.0, ">=")
+          for arm in ("VPT-deep (random prompts)", "LoRA")),
+    ]
+
+
+BENCHX_FRACTIONS = (0.01, 0.1)
+BENCHX_LRS = (1e-4, 5e-4, 2e-3)
+BENCHX_SEEDS = (42, 0, 1)
+BENCHX_RANDOM = "random-init tower (same architecture)"
+
+
+def benchx(ssl: str, steps: int | None, root: Path, fractions=BENCHX_FRACTIONS, lrs=BENCHX_LRS,
+           seeds=BENCHX_SEEDS) -> dict[str, dict]:
+    """`vlp benchx` of the SSL checkpoint and its randomly initialised tower (module doc):
+    {row: {fraction: {mean, std, scores, lr, samples, validation}}}."""
+    from vlp_lightning.commands.benchx import main as vlp_benchx
+
+    random_root = root / "benchx-random"
+    subprocess.run([sys.executable, "-m", "vlp_lightning.cli", "fit", "--config", str(FASHION_SSL_RECIPE),
+                    "--trainer.max_steps=1", "--model.init_args.optimizer.init_args.lr=0.0",
+                    "--trainer.callbacks=[]", "--trainer.enable_progress_bar=false",
+                    f"--trainer.default_root_dir={random_root}", "--checkpoint.dirpath=" + str(random_root)],
+                   check=True, cwd=REPO_ROOT)
+    random_checkpoint = str(random_root / "last.ckpt")
+    out = root / "benchx"
+    argv = [ssl, random_checkpoint, "--pool", FASHION_TRAIN, "--test", FASHION_TEST,
+            "--fractions", *map(str, fractions), "--lrs", *map(str, lrs), "--seeds", *map(str, seeds),
+            "--out", str(out), f"--model.init_args.classnames_from={FASHION_CLASSES}",
+            *(["--steps", str(steps)] if steps else [])]
+    if vlp_benchx(argv) != 0:
+        raise SystemExit("adaptation bench: vlp benchx failed")
+    names = {ssl: f"MoCo v3 ({Path(ssl).parent.parent.name})", random_checkpoint: BENCHX_RANDOM}
+    rows: dict[str, dict] = {}
+    for row in json.loads((out / "results.json").read_text())["summary"]:
+        rows.setdefault(names[row["checkpoint"]], {})[f"{row['fraction']:g}"] = {
+            key: row[key] for key in ("mean", "std", "scores", "lr", "samples", "validation")}
+    return rows
+
+
+def benchx_table(rows: dict[str, dict]) -> str:
+    fractions = list(next(iter(rows.values())))
+    first = next(iter(rows.values()))
+    lines = ["| checkpoint | " + " | ".join(f"{100 * float(f):g} % ({first[f]['samples']} images): top-1, lr"
+                                           for f in fractions) + " |", "|---" * (len(fractions) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{100 * row[f]['mean']:.1f} ± {100 * row[f]['std']:.1f} ({row[f]['lr']:g})"
+                                         for f in fractions) + " |" for name, row in rows.items()]
+    return "\n".join(lines)
+
+
+def benchx_targets(rows: dict[str, dict]) -> list[Target]:
+    pretrained = next(name for name in rows if name != BENCHX_RANDOM)
+    return [Target(f"BenchX fine-tuned {pretrained} - random init at {100 * float(f):g} % (points)",
+                   100 * (rows[pretrained][f]["mean"] - rows[BENCHX_RANDOM][f]["mean"]), 0.0, ">=")
+            for f in rows[pretrained]]
+
+
+META_STEPS = 50
+META_DAMVP_STEPS = 100
+META_ROWS = ("DAMVP from N(0, 1) prompts", "DAMVP from the DAMVPMeta prompt")
+
+
+def meta_prompt(pretrained: str, steps: int | None, root: Path) -> dict[str, dict]:
+    """DAMVPMeta's Reptile start against DAMVP's random one (module doc): {row: {top1, ...}}."""
+    meta = build("DAMVPMeta", pretrained, META_STEPS if steps is None else min(steps, META_STEPS), 0, root / "meta")
+    seconds = fit(meta)
+    checkpoint = root / "meta.ckpt"
+    meta.trainer.save_checkpoint(checkpoint)
+    rows, trained = {}, {"meta_steps": meta.trainer.global_step, "meta_seconds": seconds}
+    for name, extra in zip(META_ROWS, ((), (f"--model.init_args.meta_prompt={checkpoint}",))):
+        cli = build("DAMVP", pretrained, steps or META_DAMVP_STEPS, 0, root / f"meta-{len(extra)}", extra)
+        evaluation = next(c for c in cli.trainer.callbacks if isinstance(c, ZeroShotClassification))
+        seconds = fit(cli)
+        trainable = sum(param.numel() for param in cli.model.parameters() if param.requires_grad)
+        rows[name] = {"top1": top1(scores_of(evaluation, cli.trainer, cli.model)), "seconds": seconds,
+                      "trainable_parameters": trainable, "steps": cli.trainer.global_step,
+                      **(trained if extra else {})}
+        print(f"{name}: top-1 {rows[name]['top1']:.3f} in {seconds:.0f} s", flush=True)
+    return rows
+
+
 def category_table(rows: dict[str, dict]) -> str:
     lines = ["| method | top-1 | trainable params | train s |", "|---|---|---|---|"]
     lines += [f"| {name} | {100 * row['top1']:.1f} | {row.get('trainable_parameters', 0):,} | "
@@ -411,10 +622,12 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("base2novel", "categories", "peft", "active", "memory", "robust")
+SECTIONS = ("base2novel", "categories", "peft", "active", "memory", "robust", "fewshot", "fewshot_probe", "benchx",
+            "meta")
 #: the report keys each section writes (base2novel writes "runs" too)
 SECTION_KEYS = {"base2novel": "rows", "runs": "runs", "categories": "categories", "peft": "peft", "active": "active",
-                "memory": "saved_activation_bytes", "robust": "robust"}
+                "memory": "saved_activation_bytes", "robust": "robust", "fewshot": "fewshot", "benchx": "benchx",
+                "fewshot_probe": "fewshot_probe", "meta": "meta"}
 RESULTS = REPO_ROOT / "bench" / "results" / "adaptation.json"
 
 
@@ -426,6 +639,8 @@ def main() -> None:
     parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED,
                         help=f"CLIP checkpoint (default {DEFAULT_PRETRAINED}, trained first when missing)")
     parser.add_argument("--mae", default=DEFAULT_MAE, help=f"MAE checkpoint of the robust section ({DEFAULT_MAE})")
+    parser.add_argument("--ssl", default=FASHION_SSL,
+                        help=f"Fashion-MNIST SSL checkpoint of the fewshot and benchx sections ({FASHION_SSL})")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="run only these parts; the others keep their results from the last run")
     args = parser.parse_args()
@@ -455,6 +670,20 @@ def main() -> None:
             report["saved_activation_bytes"] = memory(args.pretrained, root)
         if "robust" in args.sections:
             report["robust"] = robust(args.mae, steps, root)
+        if "meta" in args.sections:
+            report["meta"] = meta_prompt(args.pretrained, steps, root)
+        if {"fewshot", "fewshot_probe", "benchx"} & set(args.sections):
+            ssl = ensure_fashion_ssl(args.ssl, args.quick)
+            if "fewshot_probe" in args.sections:
+                report["fewshot_probe"] = fewshot_probe(ssl, root, shots=(1, 4) if args.quick else FEWSHOT_SHOTS,
+                                                        seeds=(1, 2) if args.quick else FEWSHOT_SEEDS)
+            if "fewshot" in args.sections:
+                report["fewshot"] = fewshot_curves(ssl, steps, root, shots=(1, 4) if args.quick else FEWSHOT_SHOTS,
+                                                   seeds=(1, 2) if args.quick else FEWSHOT_SEEDS)
+            if "benchx" in args.sections:
+                report["benchx"] = benchx(ssl, steps, root, fractions=(0.01,) if args.quick else BENCHX_FRACTIONS,
+                                          lrs=BENCHX_LRS[:2] if args.quick else BENCHX_LRS,
+                                          seeds=BENCHX_SEEDS[:2] if args.quick else BENCHX_SEEDS)
     # Read the stored results only now, so two runs of different sections at once both keep their sections.
     kept = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not args.quick else {}
     when = {"date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "cpu": cpu_model(),
@@ -512,6 +741,22 @@ def main() -> None:
         print("\n" + robust_table(report["robust"]))
         targets += robust_targets(report["robust"])
         report["robust_table"] = robust_table(report["robust"])
+    if "fewshot" in report:
+        curves = {**report["fewshot"], **({FEWSHOT_PROBE: report["fewshot_probe"]} if "fewshot_probe" in report
+                                          else {})}
+        print("\n" + fewshot_table(curves))
+        targets += fewshot_targets(report["fewshot"])
+        report["fewshot_table"] = fewshot_table(curves)
+    if "benchx" in report:
+        print("\n" + benchx_table(report["benchx"]))
+        targets += benchx_targets(report["benchx"])
+        report["benchx_table"] = benchx_table(report["benchx"])
+    if "meta" in report:
+        meta_rows = report["meta"]
+        print("\n" + category_table(meta_rows))
+        targets.append(Target("DAMVP from the meta prompt - from N(0, 1) top-1 (points)",
+                              100 * (meta_rows[META_ROWS[1]]["top1"] - meta_rows[META_ROWS[0]]["top1"]), 0.0, ">="))
+        report["meta_table"] = category_table(meta_rows)
     report.update(quick=args.quick, seconds=time.perf_counter() - started, pretrained=args.pretrained,
                   steps=steps or "the recipes'", seeds=seeds, sections=args.sections,
                   targets=[target.as_dict() for target in targets])
