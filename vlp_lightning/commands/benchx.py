@@ -182,10 +182,11 @@ def run(args: argparse.Namespace, extra: list[str], results: dict, results_path:
 
 
 def label(checkpoint: str) -> str:
-    """A short name of a checkpoint: runs/<method>/<recipe>/checkpoints/last.ckpt -> <method>_<recipe>."""
+    """A short name of a checkpoint: runs/<method>/<recipe>/checkpoints/last.ckpt -> <method>_<recipe>; elsewhere
+    <folder>_<stem> (runs/x/last.ckpt -> x_last)."""
     path = Path(checkpoint)
-    parts = path.parent.parent.parts[-2:] if path.parent.name == "checkpoints" else (path.stem,)
-    return "_".join(parts)
+    parts = path.parent.parent.parts[-2:] if path.parent.name == "checkpoints" else (path.parent.name, path.stem)
+    return "_".join(part for part in parts if part)
 
 
 def write_tensorboard(directory: Path, rows: list[dict]) -> None:
