@@ -92,24 +92,31 @@ MEMORY_BATCHES = (1, 4, 16)
 
 
 CLIP_RECIPE = REPO_ROOT / "experiments" / "clip" / "emoji_tiny.yaml"
-QUICK_PRETRAINED = "runs/clip/emoji_tiny_bench_quick/checkpoints/last.ckpt"
+
+
+def ensure_checkpoint(path: str, quick: bool, default: str, recipe_path: Path, option: str,
+                      extra: tuple[str, ...] = ()) -> str:
+    """The checkpoint `path`, or for the `default` one trained now with `recipe_path` on its shards (built when
+    missing); --quick trains a 20-step stand-in under `<recipe stem>_bench_quick` instead."""
+    stem = recipe_path.stem
+    quick_path = default.replace(f"/{stem}/", f"/{stem}_bench_quick/")
+    if quick and path == default and not Path(path).is_file():
+        path = quick_path
+    if Path(path).is_file():
+        return path
+    if path not in (default, quick_path):
+        sys.exit(f"adaptation bench: {option} {path}: no such file; give a checkpoint written by vlp fit")
+    ensure_shards({recipe_path.parent.name: recipe_path})
+    quick_args = ["--trainer.max_steps=20", f"--experiment={stem}_bench_quick"] if path == quick_path else []
+    print(f"adaptation bench: no checkpoint at {path}: training it (vlp fit --config {recipe_path})", flush=True)
+    subprocess.run([sys.executable, "-m", "vlp_lightning.cli", "fit", "--config", str(recipe_path),
+                    "--trainer.enable_progress_bar=false", *extra, *quick_args], check=True, cwd=REPO_ROOT)
+    return path
 
 
 def ensure_pretrained(path: str, quick: bool) -> str:
-    """The CLIP checkpoint to adapt: `path`, or (for the default) trained now with the CLIP tiny recipe, on its
-    shards (built when missing); --quick trains a 20-step stand-in instead."""
-    if quick and path == DEFAULT_PRETRAINED and not Path(path).is_file():
-        path = QUICK_PRETRAINED
-    if Path(path).is_file():
-        return path
-    if path not in (DEFAULT_PRETRAINED, QUICK_PRETRAINED):
-        sys.exit(f"adaptation bench: --pretrained {path}: no such file; give a CLIP checkpoint written by vlp fit")
-    ensure_shards({"clip": CLIP_RECIPE})
-    quick_args = ["--trainer.max_steps=20", "--experiment=emoji_tiny_bench_quick"] if path == QUICK_PRETRAINED else []
-    print(f"adaptation bench: no pretrained CLIP at {path}: training it (vlp fit --config {CLIP_RECIPE})", flush=True)
-    subprocess.run([sys.executable, "-m", "vlp_lightning.cli", "fit", "--config", str(CLIP_RECIPE),
-                    "--trainer.enable_progress_bar=false", *quick_args], check=True, cwd=REPO_ROOT)
-    return path
+    """The CLIP checkpoint to adapt (`ensure_checkpoint` with the CLIP tiny recipe)."""
+    return ensure_checkpoint(path, quick, DEFAULT_PRETRAINED, CLIP_RECIPE, "--pretrained")
 
 
 def recipe(method: str) -> Path:
@@ -372,7 +379,6 @@ def robust_table(rows: dict[str, dict]) -> str:
 
 
 FASHION_SSL = "runs/mocov3/fashion_mnist_tiny/checkpoints/last.ckpt"
-FASHION_SSL_QUICK = "runs/mocov3/fashion_mnist_tiny_bench_quick/checkpoints/last.ckpt"
 FASHION_SSL_RECIPE = REPO_ROOT / "experiments" / "mocov3" / "fashion_mnist_tiny.yaml"
 FASHION_POOL = "data/fashion-mnist/train-{000000..000009}.tar"
 FASHION_TRAIN = "data/fashion-mnist/train-{000000..000059}.tar"
@@ -389,21 +395,8 @@ FEWSHOT_ARMS = (("linear probe", PEFT_RECIPE, ("--model.init_args.peft=linear",)
 
 
 def ensure_fashion_ssl(path: str, quick: bool) -> str:
-    """The Fashion-MNIST SSL checkpoint: `path`, or (for the default) trained now with its tiny recipe (--quick: a
-    20-step stand-in), on the Fashion-MNIST shards (built when missing)."""
-    if quick and path == FASHION_SSL:
-        path = FASHION_SSL_QUICK
-    if Path(path).is_file():
-        return path
-    if path not in (FASHION_SSL, FASHION_SSL_QUICK):
-        sys.exit(f"adaptation bench: --ssl {path}: no such file; give a checkpoint written by vlp fit")
-    ensure_shards({"mocov3": FASHION_SSL_RECIPE})
-    quick_args = ["--trainer.max_steps=20", "--experiment=fashion_mnist_tiny_bench_quick"] if quick else []
-    print(f"adaptation bench: training the Fashion-MNIST MoCo v3 (vlp fit --config {FASHION_SSL_RECIPE})", flush=True)
-    subprocess.run([sys.executable, "-m", "vlp_lightning.cli", "fit", "--config", str(FASHION_SSL_RECIPE),
-                    "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]", *quick_args],
-                   check=True, cwd=REPO_ROOT)
-    return path
+    """The Fashion-MNIST SSL checkpoint (`ensure_checkpoint` with the MoCo v3 tiny recipe, without its probes)."""
+    return ensure_checkpoint(path, quick, FASHION_SSL, FASHION_SSL_RECIPE, "--ssl", ("--trainer.callbacks=[]",))
 
 
 def fewshot_curves(ssl: str, steps: int | None, root: Path, shots=FEWSHOT_SHOTS, seeds=FEWSHOT_SEEDS
