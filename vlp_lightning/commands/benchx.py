@@ -1,7 +1,8 @@
 """`vlp benchx`: BenchX's fixed fine-tuning protocol (Zhou et al. 2024): every checkpoint given, fine-tuned the same
 way on the same splits with its learning rate searched on a validation split, one table.
 
-    vlp benchx runs/mocov3/fashion_mnist_tiny/checkpoints/last.ckpt runs/dino/fashion_mnist_tiny/checkpoints/last.ckpt \\
+    vlp benchx runs/mocov3/fashion_mnist_tiny/checkpoints/last.ckpt \\
+        runs/dino/fashion_mnist_tiny/checkpoints/last.ckpt \\
         --pool 'data/fashion-mnist/train-*.tar' --test 'data/fashion-mnist/test-*.tar' \\
         --fractions 0.01 0.1 --lrs 1e-4 5e-4 1e-3 --seeds 42 0 1 --steps 300
 
@@ -40,8 +41,7 @@ import sys
 from pathlib import Path
 
 from data_modules import builder
-from data_modules.pipeline import expand_shards
-from vlp_lightning.commands.fewshot import fit_and_test, run_key
+from vlp_lightning.commands.fewshot import fit_and_test, run_key, shards_exist
 
 DEFAULT_CONFIG = "experiments/finetune/fashion_mnist_tiny.yaml"
 
@@ -85,8 +85,7 @@ def check(args: argparse.Namespace) -> str | None:
     if any(lr <= 0 for lr in args.lrs):
         return f"--lrs must be positive, got {args.lrs}"
     for option, pattern in (("--pool", args.pool), ("--test", args.test)):
-        urls = expand_shards(pattern)
-        if not urls or not all(Path(url).is_file() for url in urls):
+        if not shards_exist(pattern):
             return f"{option} {pattern!r} matches no shard file; build one with vlp-data"
     missing = [path for path in args.checkpoints if not Path(path).is_file()]
     if missing:
@@ -94,8 +93,9 @@ def check(args: argparse.Namespace) -> str | None:
     return None
 
 
-def prepare_splits(args: argparse.Namespace) -> tuple[str, dict[float, Path]] | None:
-    """The validation shards and, per training fraction, the folder of its training shards (module doc, 2)."""
+def prepare_splits(args: argparse.Namespace) -> tuple[str, dict[float, tuple[Path, int]]] | None:
+    """The validation shards and, per training fraction, the folder of its training shards and their number
+    (module doc, 2)."""
     split = args.out / "splits" / "pool"
     train_share = round(1 - args.val_fraction, 6)
     if builder.main(["shots", args.pool, str(split), "--fraction", "1", "--seed", "0", "--label-field",
@@ -103,14 +103,13 @@ def prepare_splits(args: argparse.Namespace) -> tuple[str, dict[float, Path]] | 
         return None
     folders = {}
     for fraction in args.fractions:
-        if fraction == 1:
-            folders[fraction] = split
-            continue
-        folder = args.out / "splits" / f"f{fraction:g}"
-        if builder.main(["shots", f"{split}/train-*.tar", str(folder), "--fraction", str(fraction), "--seed", "0",
-                         "--label-field", args.label_field]) != 0:
+        folder = split if fraction == 1 else args.out / "splits" / f"f{fraction:g}"
+        if fraction != 1 and builder.main(["shots", f"{split}/train-*.tar", str(folder), "--fraction", str(fraction),
+                                           "--seed", "0", "--label-field", args.label_field]) != 0:
             return None
-        folders[fraction] = folder
+        manifest = json.loads((folder / "manifest.json").read_text())
+        folders[fraction] = folder, sum(len(shard["keys"]) for file, shard in manifest["shards"].items()
+                                        if file.startswith("train-"))
     return f"{split}/val-*.tar", folders
 
 
@@ -130,18 +129,18 @@ def main(argv: list[str]) -> int:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": {}}
     rows = []
     for checkpoint in args.checkpoints:
-        for fraction, folder in folders.items():
+        for fraction, (folder, samples) in folders.items():
             runs = {}
             for lr in args.lrs:  # the search, with the first seed
                 runs[(lr, args.seeds[0])] = run(args, extra, results, results_path, checkpoint, fraction, folder,
-                                                val_shards, lr, args.seeds[0])
+                                                samples, val_shards, lr, args.seeds[0])
             best = max(args.lrs, key=lambda lr: runs[(lr, args.seeds[0])]["validation"])
             for seed in args.seeds[1:]:
                 runs[(best, seed)] = run(args, extra, results, results_path, checkpoint, fraction, folder,
-                                         val_shards, best, seed)
+                                         samples, val_shards, best, seed)
             tests = [runs[(best, seed)]["score"] for seed in args.seeds]
             rows.append({
-                "checkpoint": checkpoint, "fraction": fraction, "samples": runs[(best, args.seeds[0])]["samples"],
+                "checkpoint": checkpoint, "fraction": fraction, "samples": samples,
                 "lr": best, "validation": {f"{lr:g}": runs[(lr, args.seeds[0])]["validation"] for lr in args.lrs},
                 "mean": statistics.fmean(tests), "std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
                 "scores": tests,
@@ -155,7 +154,7 @@ def main(argv: list[str]) -> int:
 
 
 def run(args: argparse.Namespace, extra: list[str], results: dict, results_path: Path, checkpoint: str,
-        fraction: float, folder: Path, val_shards: str, lr: float, seed: int) -> dict:
+        fraction: float, folder: Path, samples: int, val_shards: str, lr: float, seed: int) -> dict:
     """One fine-tuning run (or the stored one with the same settings): its validation and test scores."""
     name = f"{label(checkpoint)}-f{fraction:g}-lr{lr:g}"
     wanted = {"config": args.config, "checkpoint": checkpoint, "pool": args.pool, "test": args.test,
@@ -170,8 +169,6 @@ def run(args: argparse.Namespace, extra: list[str], results: dict, results_path:
                  f"--data.test_shards={args.test}", *extra]
     cli, score = fit_and_test(args, overrides, folder, f"{args.out}/runs/{name}-seed{seed}", seed, "vlp benchx",
                               val_shards=val_shards)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    samples = sum(len(shard["keys"]) for file, shard in manifest["shards"].items() if file.startswith("train-"))
     entry = {"settings": wanted, "score": score, "validation": cli.validation_score, "lr": lr,
              "steps": int(cli.trainer.global_step), "samples": samples}
     results["runs"][key] = entry

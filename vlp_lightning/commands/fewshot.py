@@ -84,8 +84,7 @@ def run_subsets(command: str, args: argparse.Namespace, extra: list[str], points
     it, test; results.json written after every run, runs done before with the same settings skipped. Returns the
     results with `summary` (per point: mean, std, per-seed scores, samples), `draws` (point -> seed -> drawn keys)
     and `path`; None (after one error line) for a bad pool."""
-    urls = expand_shards(args.pool)
-    if not urls or not all(Path(url).is_file() for url in urls):
+    if not shards_exist(args.pool):
         print(f"vlp {command}: error: --pool {args.pool!r} matches no shard file; build one with vlp-data",
               file=sys.stderr)
         return None
@@ -122,6 +121,12 @@ def run_subsets(command: str, args: argparse.Namespace, extra: list[str], points
     results["summary"] = summary
     results_path.write_text(json.dumps(results, indent=2) + "\n")
     return {**results, "draws": draws, "path": results_path}
+
+
+def shards_exist(pattern: str) -> bool:
+    """Whether the shard pattern names at least one file and every file it names exists."""
+    urls = expand_shards(pattern)
+    return bool(urls) and all(Path(url).is_file() for url in urls)
 
 
 def drawn_keys(folder: Path) -> set[str]:

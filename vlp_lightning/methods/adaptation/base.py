@@ -19,6 +19,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
@@ -114,6 +115,14 @@ class AdaptationMethod(VLPMethod):
 
         features = extract_features(self.pretrained, shards, max_samples=max_samples, representation=representation)
         return cluster_prototypes(features.image, **clustering)
+
+    def classification_loss(self, batch: dict) -> dict[str, Tensor]:
+        """The cross-entropy and top-1 of `classify` (the method's class logits) on the batch's images and labels
+        (`self.classes`): the `forward_loss` of the classifiers (PEFTClassifier, FineTune, DAMVP)."""
+        labels = self.classes.labels(batch).to(self.device)
+        logits = self.classify(batch["image"])
+        accuracy = (logits.argmax(1) == labels).float().mean()
+        return {"loss": F.cross_entropy(logits.float(), labels), "accuracy": accuracy}
 
     def zero_loss(self) -> Tensor:
         """A zero that depends on every trainable parameter: the loss of a batch with nothing to learn from, so

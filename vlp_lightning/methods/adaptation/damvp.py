@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
@@ -190,10 +189,7 @@ class DAMVP(PixelPrompting):
         return self.head_logits(self.prompted(images), self.classes.all, self.head)
 
     def forward_loss(self, batch: dict) -> dict[str, Tensor]:
-        labels = self.classes.labels(batch).to(self.device)
-        logits = self.classify(batch["image"])
-        loss = F.cross_entropy(logits.float(), labels)
-        return {"loss": loss, "accuracy": (logits.argmax(1) == labels).float().mean()}
+        return self.classification_loss(batch)
 
 
 def load_meta_prompt(checkpoint_path: str, like: PadPrompt) -> dict[str, Tensor]:

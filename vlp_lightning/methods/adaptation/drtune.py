@@ -2,9 +2,10 @@
 Improving Fine-tuning of Pretrained Visual Models by Distribution Regularization with Semantic Calibration", ICCV).
 
 The whole image tower is fine-tuned (a trainable copy of the pretrained one) with a linear head (`finetune.FineTune`,
-whose vanilla fine-tuning this regularises); the pretrained tower stays frozen and supplies a second feature distribution that the head must also classify. Queues of K = 2048 keep
-the recent downstream features f_d, pretrained features f_p and labels y (one first-in-first-out `MemoryBank`
-shared by every rank). Each step (official `weeknan/DR-Tune`, `model.py`):
+whose vanilla fine-tuning this regularises); the pretrained tower stays frozen and supplies a second feature
+distribution that the head must also classify. Queues of K = 2048 keep the recent downstream features f_d,
+pretrained features f_p and labels y (one first-in-first-out `MemoryBank` shared by every rank). Each step
+(official `weeknan/DR-Tune`, `model.py`):
 
     L = CE(h([f_d(x) ; SC(F_p)]), [y ; y_Q])      one cross-entropy over the batch and the calibrated queue
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
@@ -95,6 +94,4 @@ class FineTune(AdaptationMethod):
         return self.parameter_groups_at(None, [self.encoder], lr_multiplier=self.backbone_lr_scale)
 
     def forward_loss(self, batch: dict) -> dict[str, Tensor]:
-        labels = self.classes.labels(batch).to(self.device)
-        logits = self.classify(batch["image"])
-        return {"loss": F.cross_entropy(logits.float(), labels), "accuracy": (logits.argmax(1) == labels).float().mean()}
+        return self.classification_loss(batch)

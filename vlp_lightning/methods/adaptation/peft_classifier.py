@@ -17,7 +17,6 @@ the run adapted the same frozen backbone. That is PVP's start (`pvp.py`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
@@ -136,7 +135,4 @@ class PEFTClassifier(AdaptationMethod):
         return self.classify(images)
 
     def forward_loss(self, batch: dict) -> dict[str, Tensor]:
-        labels = self.classes.labels(batch).to(self.device)
-        logits = self.classify(batch["image"])
-        loss = F.cross_entropy(logits.float(), labels)
-        return {"loss": loss, "accuracy": (logits.argmax(dim=1) == labels).float().mean()}
+        return self.classification_loss(batch)
