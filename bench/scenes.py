@@ -1,19 +1,25 @@
-"""Scenes: what position prompts (PTP) teach a contrastive model, on the scenes of `vlp-data scenes data/scenes`.
+"""Scenes: what region-, position- and long-caption-aware pretraining teaches, on the scenes of `vlp-data scenes`.
 
-PTP (Wang et al. 2023, "Position-guided Text Prompt for Vision-Language Pre-training") adds "The block [P] has a
-[O]." to each training caption (P one of the 3 x 3 blocks, O the object covering most of it) and nothing at
-inference. Two arms train the same tiny CLIP (`experiments/clip/scenes_tiny.yaml` and `scenes_ptp_tiny.yaml`: the
-same model, data, schedule and seed; only `data.position_prompts` differs) for the same optimizer steps on the 4,500
-training scenes, fp32, and are scored on the 500 val scenes and the 500 scenes of held-out concepts:
+Every arm trains a tiny model from its recipe (`experiments/<method>/scenes_*.yaml`: the same ViT-Tiny 64 px tower,
+text tower, batch, schedule and seed as `clip/scenes_tiny.yaml` unless the method needs otherwise) for the same
+optimizer steps on the 4,500 training scenes, and is scored on the 500 val scenes and the 500 scenes of held-out
+concepts. An arm is trained once and kept as `runs/bench/scenes/<arm>-<steps>.ckpt`, so every section that scores
+it (and a later run of other sections) reuses it; `--retrain` trains again.
 
-* **Which block has the X?** For every object of a scene, the nine texts "The block P has a X." (P = 1..9, X its
-  name) are ranked by cosine with the image in the joint space; correct when the best block is one the object
-  covers (at least 2 % of the block, the scenes' `blocks` tags). Chance is the mean share of blocks an object
-  covers (printed as a row).
-* **Retrieval** (`callbacks.Retrieval`): image -> text R@1 / R@5 among the scenes' own short captions, which carry
-  no position words: the prompts must not cost ordinary retrieval.
+Sections (`--sections`; each keeps its own part of bench/results/scenes.json, the others stay as stored):
 
-Usage: python bench/scenes.py [--steps N] [--quick]   (writes bench/results/scenes.json)
+* **ptp** -- PTP (Wang et al. 2023, "Position-guided Text Prompt for Vision-Language Pre-training") adds "The block
+  [P] has a [O]." to each training caption (P one of the 3 x 3 blocks, O the object covering most of it) and
+  nothing at inference. Arms CLIP and CLIP + PTP (only `data.position_prompts` differs), scored by
+  - **which block has the X?** For every object of a scene, the nine texts "The block P has a X." (P = 1..9, X its
+    name) are ranked by cosine with the image in the joint space; correct when the best block is one the object
+    covers (at least 2 % of the block, the scenes' `blocks` tags). Chance is the mean share of blocks an object
+    covers (printed as a row).
+  - **Retrieval** (`callbacks.Retrieval`): image -> text R@1 / R@5 among the scenes' own short captions, which
+    carry no position words: the prompts must not cost ordinary retrieval.
+
+Usage: python bench/scenes.py [--sections ptp ...] [--steps N] [--retrain] [--quick]
+(writes bench/results/scenes.json; `--quick` is a 10-step smoke run into a temporary folder, results not kept)
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 from common import REPO_ROOT, Target, publish
 
@@ -32,12 +41,73 @@ from data_modules.pipeline import make_eval_loader
 from vlp_lightning.callbacks import Retrieval
 from vlp_lightning.callbacks.features import evaluation_mode, new_evaluation_pass
 from vlp_lightning.cli import VLPCLI
+from vlp_lightning.hardware import cpu_model
+from vlp_lightning.methods.base import VLPMethod
+from vlp_lightning.pretrained import load_method
 
 SCENES = "data/scenes"
-ARMS = {"CLIP": "scenes_tiny.yaml", "CLIP + PTP": "scenes_ptp_tiny.yaml"}
 SPLITS = {"val": f"{SCENES}/val-000000.tar", "unseen concepts": f"{SCENES}/unseen-000000.tar"}
+RESULTS = REPO_ROOT / "bench" / "results" / "scenes.json"
+ARM_CACHE = REPO_ROOT / "runs" / "bench" / "scenes"
+
+#: every arm: its recipe (under experiments/) and the extra `vlp fit` options it trains with.
+ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "CLIP": ("clip/scenes_tiny.yaml", ()),
+    "CLIP + PTP": ("clip/scenes_ptp_tiny.yaml", ()),
+}
 
 
+@dataclass
+class Bench:
+    """One run of the bench: the budget, where arms are kept, and the arms trained or loaded so far."""
+
+    steps: int
+    cache: Path
+    retrain: bool = False
+    trainer: pl.Trainer = field(default_factory=lambda: pl.Trainer(accelerator="cpu", devices=1, logger=False,
+                                                                   enable_progress_bar=False))
+    methods: dict[str, VLPMethod] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def arm(self, name: str) -> VLPMethod:
+        """The arm `name` of `ARMS` trained for `steps` optimizer steps (trained now, or loaded from the cache), in
+        eval mode; its training time is `seconds[name]` (the stored time when loaded)."""
+        if name in self.methods:
+            return self.methods[name]
+        checkpoint = self.cache / f"{name.replace(' ', '').replace('+', '_')}-{self.steps}.ckpt"
+        timing = checkpoint.with_suffix(".json")
+        if self.retrain or not checkpoint.is_file():
+            recipe, options = ARMS[name]
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="vlp-scenes-") as root:
+                cli = VLPCLI(args=[
+                    "--config", str(REPO_ROOT / "experiments" / recipe), f"--trainer.max_steps={self.steps}",
+                    "--data.val_shards=null", "--data.test_shards=null", "--trainer.callbacks=[]",
+                    f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+                    "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0",
+                    "--checkpoint.save_last=false", *options,
+                ], run=False)
+                cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                partial = checkpoint.with_suffix(".partial")  # renamed when whole: a reader never sees half a file
+                cli.trainer.save_checkpoint(partial)
+                timing.write_text(json.dumps({"seconds": time.perf_counter() - start,
+                                              "steps": cli.trainer.global_step, "cpu": cpu_model(),
+                                              "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}))
+                partial.replace(checkpoint)
+        method, _ = load_method(str(checkpoint))
+        self.methods[name] = method.eval()
+        self.seconds[name] = json.loads(timing.read_text())["seconds"] if timing.is_file() else float("nan")
+        return method
+
+    def evaluate(self, method: VLPMethod) -> evaluation_mode:
+        """The context every score is taken in (eval mode, no gradient), after a fresh evaluation pass."""
+        new_evaluation_pass()
+        return evaluation_mode(self.trainer, method)
+
+
+# ------------------------------------------------------------------------------------------------------ ptp
 def block_query(method, shards: str) -> dict[str, float]:
     """`accuracy` of "which block has the X?" over every object of `shards`' scenes, and `chance` (module doc)."""
     right = total = 0
@@ -57,54 +127,32 @@ def block_query(method, shards: str) -> dict[str, float]:
     return {"accuracy": right / total, "chance": covered_share / total, "objects": total}
 
 
-def train(arm: str, steps: int, root: Path) -> VLPCLI:
-    cli = VLPCLI(args=[
-        "--config", str(REPO_ROOT / "experiments" / "clip" / ARMS[arm]), f"--trainer.max_steps={steps}",
-        "--data.val_shards=null", "--data.test_shards=null", "--trainer.callbacks=[]",
-        f"--trainer.default_root_dir={root / arm.replace(' ', '')}", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", "--checkpoint.save_top_k=0", "--checkpoint.save_last=false",
-    ], run=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return cli
+def retrieval(bench: Bench, method: VLPMethod, shards: str, split: str) -> dict[str, float]:
+    """Image <-> short-caption retrieval of `shards` (`callbacks.Retrieval`), keyed `i2t_R@1` ... `t2i_R@10`."""
+    scored = Retrieval(shards, name=split, num_examples=0).evaluate(bench.trainer, method)
+    return {name.rsplit("/", 1)[1]: value for name, value in scored.items()}
 
 
-def targets(report: dict) -> list[Target]:
-    """The goals, from the report alone (so a stored run's targets can be recomputed)."""
-    rows = report["arms"]
+def ptp(bench: Bench) -> dict:
+    rows: dict[str, dict] = {}
+    for arm in ("CLIP", "CLIP + PTP"):
+        method = bench.arm(arm)
+        rows[arm] = {"steps": bench.steps, "seconds": bench.seconds[arm]}
+        with bench.evaluate(method):
+            for split, shards in SPLITS.items():
+                rows[arm][split] = {**block_query(method, shards), **retrieval(bench, method, shards, split)}
+        print(f"{arm}: {json.dumps(rows[arm])}", flush=True)
+    return {"arms": rows, "table": ptp_table(rows)}
+
+
+def ptp_targets(part: dict) -> list[Target]:
+    rows = part["arms"]
     return [Target(f"PTP - CLIP block accuracy, {split} (points)",
                    100 * (rows["CLIP + PTP"][split]["accuracy"] - rows["CLIP"][split]["accuracy"]), 0.0)
             for split in SPLITS]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per arm (default 400)")
-    parser.add_argument("--quick", action="store_true", help="10 steps per arm: a smoke run of the bench")
-    args = parser.parse_args()
-    steps = 10 if args.quick else args.steps
-    if not (REPO_ROOT / SCENES / "manifest.json").is_file():
-        vlp_data(["scenes", SCENES])
-    started = time.perf_counter()
-    rows: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="vlp-scenes-") as folder:
-        for arm in ARMS:
-            torch.manual_seed(0)
-            start = time.perf_counter()
-            cli = train(arm, steps, Path(folder))
-            rows[arm] = {"steps": cli.trainer.global_step, "seconds": time.perf_counter() - start}
-            new_evaluation_pass()
-            with evaluation_mode(cli.trainer, cli.model), torch.no_grad():
-                for split, shards in SPLITS.items():
-                    rows[arm][split] = block_query(cli.model, shards)
-                    scored = Retrieval(shards, name=split, num_examples=0).evaluate(cli.trainer, cli.model)
-                    rows[arm][split].update({name.rsplit("/", 1)[1]: value for name, value in scored.items()})
-            print(f"{arm}: {json.dumps(rows[arm])}", flush=True)
-    report = {"seconds": time.perf_counter() - started, "steps": steps, "arms": rows, "table": table(rows)}
-    print("\n" + report["table"])
-    publish("scenes", report, targets(report))
-
-
-def table(rows: dict[str, dict]) -> str:
+def ptp_table(rows: dict[str, dict]) -> str:
     lines = ["| arm | split | steps | which block has the X? | chance | i2t R@1 | i2t R@5 |",
              "|---|---|---|---|---|---|---|"]
     for arm, row in rows.items():
@@ -114,6 +162,45 @@ def table(rows: dict[str, dict]) -> str:
                          f"{100 * scores['chance']:.1f} | {100 * scores['i2t_R@1']:.1f} | "
                          f"{100 * scores['i2t_R@5']:.1f} |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- sections
+#: each section: (what it measures and returns as its part of the report, its targets from that part alone, so a
+#: stored part's targets can be recomputed).
+SECTIONS: dict[str, tuple[Callable[[Bench], dict], Callable[[dict], list[Target]]]] = {
+    "ptp": (ptp, ptp_targets),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="run only these sections; the others keep their stored results")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per arm (default 150)")
+    parser.add_argument("--retrain", action="store_true", help="train every arm again instead of loading it")
+    parser.add_argument("--quick", action="store_true", help="10 steps per arm: a smoke run of the bench")
+    args = parser.parse_args()
+    if not (REPO_ROOT / SCENES / "manifest.json").is_file():
+        vlp_data(["scenes", SCENES])
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="vlp-scenes-arms-") as scratch:
+        bench = Bench(steps=10 if args.quick else args.steps, cache=Path(scratch) if args.quick else ARM_CACHE,
+                      retrain=args.retrain)
+        parts = {name: SECTIONS[name][0](bench) for name in args.sections}
+    # Read the stored results only now, so two runs of different sections at once both keep their sections.
+    kept = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not args.quick else {}
+    when = {"date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "cpu": cpu_model(), "steps": bench.steps}
+    sections = {**{name: part for name, part in kept.get("sections", {}).items() if name in SECTIONS}, **parts}
+    report = {"seconds": time.perf_counter() - started, "sections": sections,
+              "section_runs": {**kept.get("section_runs", {}), **{name: when for name in parts}}}
+    for name, part in parts.items():
+        print(f"\n{name}:\n{part['table']}")
+    targets = [target for name, part in sections.items() for target in SECTIONS[name][1](part)]
+    if args.quick:
+        for target in targets:
+            print(target.line())
+        return
+    publish("scenes", report, targets)
 
 
 if __name__ == "__main__":
