@@ -258,10 +258,9 @@ def ensure_shards(recipes: dict[str, Path]) -> None:
     from data_modules.builder import main as vlp_data
     from vlp_lightning import catalog
 
-    for recipe in recipes.values():
-        command = catalog.shard_command(recipe)
-        folder = Path(shlex.split(command)[2]) if command else None
-        if command and folder and not (REPO_ROOT / folder / "manifest.json").is_file():
+    for command in (command for recipe in recipes.values() for command in catalog.shard_commands(recipe)):
+        folder = Path(shlex.split(command)[2])
+        if not (REPO_ROOT / folder / "manifest.json").is_file():
             print(f"building {folder}: {command}", flush=True)
             if vlp_data(shlex.split(command)[1:]) != 0:
                 raise SystemExit(f"`{command}` failed; build the shards by hand and rerun")

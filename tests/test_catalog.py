@@ -48,6 +48,18 @@ def test_vlp_methods_name_shows_arguments_and_the_commands_to_run(capsys):
     assert "vlp-data emoji data/emoji" in shown and "vlp fit --config experiments/dino/emoji_tiny.yaml" in shown
 
 
+def test_a_recipe_needing_two_datasets_shows_both_commands(capsys, tmp_path):
+    recipe = tmp_path / "two_tiny.yaml"
+    recipe.write_text("# Tiny.\n# Shards: `vlp-data emoji data/a --style twitter`,\n"
+                      "# `vlp-data fashion-mnist data/b`.\nseed_everything: 0\n")
+    assert catalog.shard_commands(recipe) == ["vlp-data emoji data/a --style twitter", "vlp-data fashion-mnist data/b"]
+    recipe.write_text("# Shards: as moving_tiny.yaml (`vlp-data moving data/moving ...`).\n")
+    assert catalog.shard_commands(recipe) == []  # a reference to another recipe is not a command
+    assert main(["damvpmeta"]) == 0
+    shown = capsys.readouterr().out
+    assert "vlp-data emoji data/emoji-twitter" in shown and "vlp-data fashion-mnist data/fashion-mnist" in shown
+
+
 @pytest.mark.parametrize(("argv", "says"), [(["nope"], "no method called 'nope'"),
                                              (["--update-readme", "/nonexistent/README.md"], "cannot rewrite")])
 def test_vlp_methods_bad_input_is_one_sentence(capsys, argv, says):

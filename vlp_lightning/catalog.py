@@ -147,7 +147,20 @@ def _short(value: object) -> str:
     return repr(value)
 
 
-def shard_command(recipe: Path) -> str | None:
-    """The `vlp-data` command a recipe's header names for its shards (`# Shards: \\`vlp-data ...\\``), if any."""
-    match = re.search(r"^#.*Shards:\s*`?(vlp-data [^`\n]+)`?", recipe.read_text(), re.M)
-    return match.group(1).strip().rstrip(".") if match else None
+def shard_commands(recipe: Path) -> list[str]:
+    """The `vlp-data` commands a recipe's header names for its shards: `# Shards: \\`vlp-data ...\\``, and any
+    further backquoted `vlp-data` commands on the comment lines that continue it (a recipe needing two datasets)."""
+    lines = recipe.read_text().splitlines()
+    for index, line in enumerate(lines):
+        if re.match(r"^#.*Shards:", line):
+            block = [line]
+            for following in lines[index + 1 :]:
+                if not re.match(r"^#\s+`vlp-data ", following):
+                    break
+                block.append(following)
+            text = " ".join([block[0].split("Shards:", 1)[1]] + [following[1:] for following in block[1:]]).strip()
+            if not text.startswith(("`vlp-data ", "vlp-data ")):  # "Shards: as moving_tiny.yaml (...)": no command
+                return []
+            commands = re.findall(r"`(vlp-data [^`]+)`", text) or [text.split("`")[0]]
+            return [command.strip().rstrip(".,") for command in commands]
+    return []

@@ -93,9 +93,7 @@ def describe(entry: catalog.Entry) -> str:
     tiny = [recipe for recipe in recipes if recipe.stem.endswith("_tiny")]
     if tiny:
         lines += ["", "train the tiny recipe on CPU:"]
-        build = catalog.shard_command(tiny[0])
-        if build:
-            lines.append(f"  {build}")
+        lines += [f"  {build}" for build in catalog.shard_commands(tiny[0])]
         lines.append(f"  vlp fit --config {_relative(tiny[0])}")
     return "\n".join(lines).replace("\n\n\n", "\n\n")
 
