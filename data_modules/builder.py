@@ -775,8 +775,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     scenes = _build_command(
         commands, "scenes",
-        "scenes of 1-K emoji cut-outs on real backgrounds with exact boxes, instance masks, attributes, relations and "
-        f"captions; --heldout-concepts of the concepts only in the split {SCENES_HELDOUT_SPLIT}", resizable=False,
+        "scenes of 1-K emoji / stamp cut-outs on real backgrounds with exact boxes, instance masks, attributes, "
+        f"relations and captions; --heldout-concepts of the concepts only in the split {SCENES_HELDOUT_SPLIT}", resizable=False,
     )
     scenes.add_argument("--count", type=_positive_int, default=5000,
                         help="scenes of the concepts not held out, divided by --split (default: %(default)s)")
@@ -789,7 +789,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="objects per scene at most (default: %(default)s)")
     scenes.add_argument("--size", type=_positive_int, default=256, help="image side in pixels (default: %(default)s)")
     scenes.add_argument("--styles", default="twitter,google",
-                        help="emoji styles of the cut-outs, fetched once like `vlp-data emoji` (default: %(default)s)")
+                        help="cut-out sources, comma-separated: emoji PNG styles (twitter, google), SVG emoji "
+                             "(openmoji, fluent-color, fluent-flat, fluent-high-contrast) and tuxpaint (photographs "
+                             "and drawings), each fetched once like its own vlp-data command (default: %(default)s)")
     scenes.add_argument("--backgrounds", choices=("skimage", "plain"), default="skimage",
                         help="scikit-image's sample photos and textures (the `scenes` extra; plain when it is missing)"
                         " or plain colours and gradients (default: %(default)s)")

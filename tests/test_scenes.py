@@ -285,3 +285,45 @@ def test_position_prompts_name_the_block_the_object_covers_in_the_view_and_only_
     datamodule.trainer = SimpleNamespace(lightning_module=method, global_rank=0, world_size=1)
     with pytest.raises(DataConfigError, match="position_prompts .* captioned scene shards"):
         datamodule.setup("fit")
+
+
+def test_scenes_mix_emoji_pngs_vector_emoji_and_tux_paint_stamps(tmp_path: Path) -> None:
+    """`--styles twitter,openmoji,tuxpaint`: a vector emoji joins the PNG emoji of its code point under the emoji's
+    name (not its own CLDR name), an emoji no PNG style draws is a concept of its own, skin-tone variants and
+    non-things stay out, Tux Paint stamps are concepts named by their description's noun phrase, and the scenes show
+    them all with exact boxes."""
+    pytest.importorskip("resvg_py", reason="vector cut-outs need the svg extra (resvg-py)")
+    from data_modules.sources.scenes import cutout_concepts
+    from tests.test_sources import circle_svg, fake_debian_cache, fake_npm_cache
+
+    cache = fake_npm_cache(fake_emoji_cache(tmp_path / "npm"))
+    fake_debian_cache(tmp_path / "debian")
+    openmoji = cache / "openmoji-17.0.0" / "package"
+    entries = json.loads((openmoji / "data" / "openmoji.json").read_text())
+    entries.append({**entries[0], "hexcode": "0000", "annotation": "a cldr name", "group": "objects"})
+    (openmoji / "data" / "openmoji.json").write_text(json.dumps(entries))
+    (openmoji / "color" / "svg" / "0000.svg").write_text(circle_svg("#123456"))
+
+    concepts, _, licences = cutout_concepts(("twitter", "openmoji", "tuxpaint"), cache)
+    first_png = json.loads((cache / "emoji-datasource-twitter-16.0.0" / "package" / "emoji.json").read_text())[0]
+    assert sorted(concepts[first_png["name"].lower()].images) == ["openmoji", "twitter"]
+    assert "a cldr name" not in concepts and sorted(concepts["grinning face"].images) == ["openmoji"]
+    assert "waving hand" in concepts and not any("skin tone" in name for name in concepts)
+    assert concepts["cat"].images == {"tuxpaint": (str(tmp_path / "debian" / "tuxpaint-stamps-default_2022.06.04-1_all"
+                                                       / "usr/share/tuxpaint/stamps/animals/cats/cat.png"),)}
+    assert concepts["apple"].category == "food" and len(licences) == 3
+
+    manifest = build(tmp_path / "mixed", cache, "--styles", "twitter,openmoji,tuxpaint", "--backgrounds", "plain",
+                     "--heldout-concepts", "0.2")
+    assert "OpenMoji" in manifest["licence"] and "Tux Paint" in manifest["licence"]
+    styles = set()
+    for samples in samples_of(tmp_path / "mixed").values():
+        for sample in samples.values():
+            meta = json.loads(sample["json"])
+            labels = np.asarray(Image.open(io.BytesIO(sample[INSTANCES_MEMBER])))
+            for index, item in enumerate(meta["objects"]):
+                ys, xs = np.nonzero(labels == index + 1)
+                assert item["box"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+                styles.add(item["style"])
+    assert styles == {"twitter", "openmoji", "tuxpaint"}
+    assert main(["scenes", str(tmp_path / "bad"), "--cache-dir", str(cache), "--styles", "twitter,crayons"]) == 2

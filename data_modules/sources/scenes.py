@@ -1,8 +1,11 @@
 """Composite scenes whose every label is exact: emoji cut-outs pasted on real backgrounds (`vlp-data scenes`).
 
-Cut-outs: the 64 px emoji PNGs with alpha of `emoji-datasource-<style>` (read through `sources.emoji`, fetched once
-by `vlp-data emoji`), the things among them (not flags, symbols or skin-tone swatches: `OBJECT_CATEGORIES`); a
-concept is an emoji name ("red apple"), drawn in any of the `--styles`. Backgrounds: scikit-image's bundled sample
+Cut-outs (`--styles`, `CUTOUT_STYLES`): the 64 px emoji PNGs with alpha of `emoji-datasource-<style>` (`twitter`,
+`google`; read through `sources.emoji`, fetched once by `vlp-data emoji`), the things among them (not flags, symbols
+or skin-tone swatches: `OBJECT_CATEGORIES`); a concept is an emoji name ("red apple"), drawn in any of the styles.
+The SVG emoji (`openmoji`, `fluent-color`, `fluent-flat`, `fluent-high-contrast`, drawn at 192 px) join the concept
+of their code point, and the Tux Paint stamps (`tuxpaint`, many of them photographs) are concepts named by their
+descriptions, a stamp of an emoji's name joining it (`cutout_concepts`). Backgrounds: scikit-image's bundled sample
 photos and textures (`SKIMAGE_BACKGROUNDS`, the images inside its wheel; the ones it downloads are never used), a
 random square of one, textures tinted; without scikit-image (the `scenes` extra), or with `--backgrounds plain`,
 plain colours and two-colour gradients.
@@ -35,6 +38,7 @@ import importlib.util
 import io
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -42,11 +46,16 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import platformdirs
 from PIL import Image
 
 from data_modules.instances import INSTANCES_MEMBER, block_tags
 from data_modules.sources import Record, SourceData, SourceError
 from data_modules.sources.emoji import IMAGE_LICENCES, emoji_source
+from data_modules.sources.fluent import fluent_source
+from data_modules.sources.openmoji import openmoji_source
+from data_modules.sources.svg import render_svg
+from data_modules.sources.tuxpaint import tuxpaint_source
 
 HELDOUT_SPLIT = "unseen"
 #: bumped whenever the drawing changes, so existing shard sets are rebuilt (it is part of the source name).
@@ -76,14 +85,32 @@ _NOUNS_IN_ING = {"building", "ring", "wing", "wedding", "dumpling", "seedling", 
 _POSITIONS = (("top left", "top", "top right"), ("left", "center", "right"), ("bottom left", "bottom", "bottom right"))
 
 
+#: the cut-out sources `--styles` may name: the emoji PNGs (`vlp-data emoji`), the SVG emoji (`vlp-data openmoji`,
+#: `vlp-data fluent --style ...`, drawn by the SVG renderer) and the Tux Paint stamps (`vlp-data tuxpaint`, many of
+#: them photographs).
+EMOJI_STYLES = ("twitter", "google")
+VECTOR_STYLES = ("openmoji", "fluent-color", "fluent-flat", "fluent-high-contrast")
+CUTOUT_STYLES = (*EMOJI_STYLES, *VECTOR_STYLES, "tuxpaint")
+#: OpenMoji's groups (also Fluent's, matched through OpenMoji) of things, as the emoji categories they are.
+VECTOR_GROUPS = {"smileys-emotion": "Smileys & Emotion", "people-body": "People & Body",
+                 "animals-nature": "Animals & Nature", "food-drink": "Food & Drink",
+                 "travel-places": "Travel & Places", "activities": "Activities", "objects": "Objects"}
+#: Tux Paint's top folders whose stamps are not things (letters, signs, notes, coins).
+TUXPAINT_SKIPPED = ("symbols",)
+#: the side vector cut-outs are drawn at and raster ones are shrunk to (a cut-out fills at most 40 % of a scene).
+CUTOUT_SIDE = 192
+_NOUN_PHRASE = re.compile(r"^(?:a|an|some|the)\s+([a-z][a-z' -]*?)[.!]?$", re.IGNORECASE)
+
+
 @dataclass(frozen=True)
 class Concept:
-    """An emoji name and its cut-out per style (the PNG path)."""
+    """A thing's name and its cut-outs per style (the image paths: one per style, several for Tux Paint stamps of one
+    name)."""
 
     name: str
     category: str
-    emoji: str
-    images: dict[str, str]
+    emoji: str | None
+    images: dict[str, tuple[str, ...]]
 
 
 def heldout(name: str, fraction: float) -> bool:
@@ -116,16 +143,7 @@ def scenes_source(
     if not 1 <= max_objects <= 254 or size < 64 or not 0 < heldout_fraction < 1:
         raise SourceError(f"--max-objects {max_objects}, --size {size}, --heldout-concepts {heldout_fraction}: need "
                           "1-254 objects, at least 64 pixels and a fraction in (0, 1)")
-    concepts: dict[str, Concept] = {}
-    inputs: list[Path] = []
-    for style in styles:
-        emoji = emoji_source(style, None, cache_dir)
-        inputs += emoji.inputs
-        for record in emoji.records:
-            if record.meta["category"] in OBJECT_CATEGORIES:
-                concept = concepts.setdefault(record.caption, Concept(
-                    record.caption, record.meta["category"], record.meta["unified"].lower(), {}))
-                concept.images[style] = record.origin
+    concepts, inputs, licences = cutout_concepts(styles, cache_dir)
     seen = sorted(name for name in concepts if not heldout(name, heldout_fraction))
     unseen = sorted(name for name in concepts if heldout(name, heldout_fraction))
     if not seen or not unseen:
@@ -146,21 +164,95 @@ def scenes_source(
                 key=key, open_image=None, origin=f"scene {key}", caption=None, meta=plan, split=split,
                 members=partial(render_scene, plan, size, f"{seed}:{key}:layout"),
             ))
-    licences = sorted({IMAGE_LICENCES[style] for style in styles})
     background_licence = (
         "backgrounds: scikit-image sample images: " + "; ".join(f"{name} {licence}" for name, (_, licence)
                                                                  in SKIMAGE_BACKGROUNDS.items())
         if skimage_dir else "backgrounds: plain colours and gradients")
     return SourceData(
-        name=f"scenes v{RENDER_VERSION}: emoji-datasource-{{{','.join(styles)}}} on "
+        name=f"scenes v{RENDER_VERSION}: "
+             + (f"emoji-datasource-{{{','.join(styles)}}}" if set(styles) <= set(EMOJI_STYLES)
+                else f"cut-outs {{{','.join(styles)}}}") + " on "
              f"{'scikit-image' if skimage_dir else 'plain'} backgrounds, {size} px, 1-{max_objects} objects, "
              f"{heldout_fraction:g} of {len(concepts)} concepts held out",
-        licence="; ".join(["cut-outs " + ", ".join(licences), background_licence,
-                           "emoji.json metadata: MIT (emoji-data, Cal Henderson)"]),
+        licence="; ".join(["cut-outs " + ", ".join(licences), background_licence]
+                          + (["emoji.json metadata: MIT (emoji-data, Cal Henderson)"]
+                             if set(styles) & set(EMOJI_STYLES) else [])),
         records=records,
         inputs=[*inputs, *map(Path, background_files)],
         classnames={"concepts": seen, HELDOUT_SPLIT: unseen},
     )
+
+
+def cutout_concepts(styles: tuple[str, ...], cache_dir: Path | None) -> tuple[dict[str, Concept], list[Path], list[str]]:
+    """The concepts the `styles` draw (`CUTOUT_STYLES`), their input files and licences.
+
+    Emoji PNG styles name a concept by its emoji name; a vector emoji joins the concept of its code point (OpenMoji's
+    and Fluent's CLDR names differ from the emoji names: "grinning face with big eyes" is "smiling face with open
+    mouth"), or is a concept of its own when no PNG style draws that emoji; skin-tone variants are left out. A Tux
+    Paint stamp's concept is its description when that is a noun phrase ("A head of lettuce." -> "head of lettuce"),
+    else its file name; a stamp joins an emoji concept of the same name (a photograph of a "mouse" beside the
+    drawings), and stamps of one name are one concept."""
+    unknown = [style for style in styles if style not in CUTOUT_STYLES]
+    if unknown or not styles:
+        raise SourceError(f"--styles {','.join(styles)}: unknown {', '.join(unknown) or 'empty list'}; choose from "
+                          f"{', '.join(CUTOUT_STYLES)}")
+    cache_dir = cache_dir or Path(platformdirs.user_cache_dir("vlp-lightning")) / "npm"
+    concepts: dict[str, Concept] = {}
+    inputs: list[Path] = []
+    licences: list[str] = []
+    by_code: dict[str, str | None] = {}  # emoji code point -> its concept (None: an emoji that is not a thing)
+    ordered = [style for group in (EMOJI_STYLES, VECTOR_STYLES, ("tuxpaint",)) for style in group if style in styles]
+    for style in ordered:
+        if style in EMOJI_STYLES:
+            source = emoji_source(style, None, cache_dir)
+            licences.append(IMAGE_LICENCES[style])
+            for record in source.records:
+                code = record.meta["unified"].lower()
+                if record.meta["category"] not in OBJECT_CATEGORIES:
+                    by_code.setdefault(code, None)
+                    continue
+                by_code[code] = record.caption
+                _add(concepts, record.caption, record.meta["category"], code, style, record.origin)
+        elif style in VECTOR_STYLES:
+            if style == "openmoji":
+                source = openmoji_source(CUTOUT_SIDE, None, cache_dir)
+            else:
+                source = fluent_source(style.removeprefix("fluent-"), CUTOUT_SIDE, None, cache_dir)
+            licences.append(source.licence)
+            for record in source.records:
+                code = str(record.meta["hexcode"] or "").lower()
+                category = VECTOR_GROUPS.get(str(record.meta["group"]))
+                if record.meta["skintone"] is not None or category is None or not code:
+                    continue
+                name = by_code[code] if code in by_code else record.caption
+                if name is not None:
+                    _add(concepts, name, category, code, style, record.origin)
+        else:
+            source = tuxpaint_source("en", CUTOUT_SIDE, None, cache_dir.parent / "debian")  # `vlp-data tuxpaint`s
+            licences.append(source.licence)
+            for record in source.records:
+                if record.meta["category"] in TUXPAINT_SKIPPED:
+                    continue
+                name = stamp_name(record.caption, Path(record.origin).stem)
+                category = concepts[name].category if name in concepts else str(record.meta["category"])
+                _add(concepts, name, category, None, style, record.origin)
+        inputs += source.inputs
+    return concepts, inputs, licences
+
+
+def stamp_name(description: str, stem: str) -> str:
+    """A Tux Paint stamp's concept: its description's noun phrase of at most 4 words ("A head of lettuce." -> "head of
+    lettuce"), else its file name in words without numbers ("stoplight_02_yellow" -> "stoplight yellow")."""
+    phrase = _NOUN_PHRASE.match(description.strip())
+    if phrase and len(phrase.group(1).split()) <= 4:
+        return phrase.group(1).lower().strip()
+    words = re.sub(r"[_-]+|(?<=[a-z])(?=[A-Z])", " ", stem).lower().split()
+    return " ".join(word for word in words if not word.isdigit()) or stem.lower()
+
+
+def _add(concepts: dict[str, Concept], name: str, category: str, emoji: str | None, style: str, path: str) -> None:
+    concept = concepts.setdefault(name, Concept(name, category, emoji, {}))
+    concept.images[style] = (*concept.images.get(style, ()), path) if style == "tuxpaint" else (path,)
 
 
 def _plan(rng: random.Random, pool: list[Concept], max_objects: int, background_files: list[str]) -> dict:
@@ -172,8 +264,9 @@ def _plan(rng: random.Random, pool: list[Concept], max_objects: int, background_
     objects = []
     for concept in chosen:
         style = rng.choice(sorted(concept.images))
+        paths = concept.images[style]
         objects.append({"name": concept.name, "category": concept.category, "emoji": concept.emoji, "style": style,
-                        "image": concept.images[style]})
+                        "image": paths[0] if len(paths) == 1 else rng.choice(paths)})
     if background_files:
         background = {"file": rng.choice(background_files), "scale": round(rng.uniform(0.4, 1.0), 4),
                       "offset": [round(rng.random(), 4), round(rng.random(), 4)],
@@ -185,19 +278,35 @@ def _plan(rng: random.Random, pool: list[Concept], max_objects: int, background_
     return {"objects": objects, "background": background}
 
 
-@lru_cache(maxsize=4096)
 def _cutout(path: str) -> tuple[np.ndarray, np.ndarray, str]:
     """The cut-out trimmed to its alpha box: premultiplied RGB float32 [h, w, 3], alpha float32 [h, w, 1] in
     [0, 1], and the name of its mean colour."""
-    with Image.open(path) as image:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255
-    ys, xs = np.nonzero(rgba[..., 3] > 0.5)
+    trimmed, colour = _trimmed_cutout(path)
+    rgba = trimmed.astype(np.float32) / 255
+    alpha = rgba[..., 3:]
+    return rgba[..., :3] * alpha, alpha, colour
+
+
+@lru_cache(maxsize=2048)
+def _trimmed_cutout(path: str) -> tuple[np.ndarray, str]:
+    """The cut-out's RGBA uint8 [h, w, 4] trimmed to its alpha box and the name of its mean colour; kept as uint8
+    (a quarter of the float32 arrays) so the cache of a few thousand cut-outs stays small."""
+    if path.endswith(".svg"):
+        image = render_svg(Path(path), CUTOUT_SIDE)
+    else:
+        with Image.open(path) as opened:
+            image = opened.convert("RGBA")
+        if max(image.size) > CUTOUT_SIDE:  # large photographs (Tux Paint): no scene needs more pixels
+            image.thumbnail((CUTOUT_SIDE, CUTOUT_SIDE), Image.Resampling.LANCZOS)
+    pixels = np.asarray(image.convert("RGBA"))
+    ys, xs = np.nonzero(pixels[..., 3].astype(np.float32) / 255 > 0.5)
     if len(ys) == 0:
         raise ValueError(f"cut-out {path} has no opaque pixel")
-    rgba = rgba[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    pixels = np.ascontiguousarray(pixels[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1])
+    rgba = pixels.astype(np.float32) / 255
     alpha = rgba[..., 3:]
     mean = (rgba[..., :3] * alpha).sum((0, 1)) / alpha.sum()
-    return rgba[..., :3] * alpha, alpha, colour_name(mean)
+    return pixels, colour_name(mean)
 
 
 def colour_name(rgb: np.ndarray) -> str:
