@@ -297,7 +297,9 @@ def test_scenes_mix_emoji_pngs_vector_emoji_and_tux_paint_stamps(tmp_path: Path)
     from tests.test_sources import circle_svg, fake_debian_cache, fake_npm_cache
 
     cache = fake_npm_cache(fake_emoji_cache(tmp_path / "npm"))
-    fake_debian_cache(tmp_path / "debian")
+    stamps = fake_debian_cache(tmp_path / "debian") / "tuxpaint-stamps-default_2022.06.04-1_all/usr/share/tuxpaint/stamps"
+    (stamps / "food" / "broken.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="0" height="0"/>')
+    (stamps / "food" / "broken.txt").write_text("A broken drawing.\n")
     openmoji = cache / "openmoji-17.0.0" / "package"
     entries = json.loads((openmoji / "data" / "openmoji.json").read_text())
     entries.append({**entries[0], "hexcode": "0000", "annotation": "a cldr name", "group": "objects"})
@@ -312,6 +314,7 @@ def test_scenes_mix_emoji_pngs_vector_emoji_and_tux_paint_stamps(tmp_path: Path)
     assert concepts["cat"].images == {"tuxpaint": (str(tmp_path / "debian" / "tuxpaint-stamps-default_2022.06.04-1_all"
                                                        / "usr/share/tuxpaint/stamps/animals/cats/cat.png"),)}
     assert concepts["apple"].category == "food" and len(licences) == 3
+    assert "broken drawing" not in concepts  # the renderer rejects it: left out, not a failure of every scene
 
     manifest = build(tmp_path / "mixed", cache, "--styles", "twitter,openmoji,tuxpaint", "--backgrounds", "plain",
                      "--heldout-concepts", "0.2")

@@ -191,7 +191,7 @@ def cutout_concepts(styles: tuple[str, ...], cache_dir: Path | None) -> tuple[di
     mouth"), or is a concept of its own when no PNG style draws that emoji; skin-tone variants are left out. A Tux
     Paint stamp's concept is its description when that is a noun phrase ("A head of lettuce." -> "head of lettuce"),
     else its file name; a stamp joins an emoji concept of the same name (a photograph of a "mouse" beside the
-    drawings), and stamps of one name are one concept."""
+    drawings), and stamps of one name are one concept; stamps the SVG renderer rejects are left out."""
     unknown = [style for style in styles if style not in CUTOUT_STYLES]
     if unknown or not styles:
         raise SourceError(f"--styles {','.join(styles)}: unknown {', '.join(unknown) or 'empty list'}; choose from "
@@ -231,7 +231,7 @@ def cutout_concepts(styles: tuple[str, ...], cache_dir: Path | None) -> tuple[di
             source = tuxpaint_source("en", CUTOUT_SIDE, None, cache_dir.parent / "debian")  # `vlp-data tuxpaint`s
             licences.append(source.licence)
             for record in source.records:
-                if record.meta["category"] in TUXPAINT_SKIPPED:
+                if record.meta["category"] in TUXPAINT_SKIPPED or not _drawable(record.origin):
                     continue
                 name = stamp_name(record.caption, Path(record.origin).stem)
                 category = concepts[name].category if name in concepts else str(record.meta["category"])
@@ -248,6 +248,16 @@ def stamp_name(description: str, stem: str) -> str:
         return phrase.group(1).lower().strip()
     words = re.sub(r"[_-]+|(?<=[a-z])(?=[A-Z])", " ", stem).lower().split()
     return " ".join(word for word in words if not word.isdigit()) or stem.lower()
+
+
+def _drawable(path: str) -> bool:
+    """Whether the cut-out at `path` can be drawn (a few Tux Paint SVGs are rejected by the renderer: left out of
+    the concepts rather than failing every scene that would show them)."""
+    try:
+        _trimmed_cutout(path)
+    except (ValueError, OSError):
+        return False
+    return True
 
 
 def _add(concepts: dict[str, Concept], name: str, category: str, emoji: str | None, style: str, path: str) -> None:
