@@ -64,14 +64,16 @@ ARM_CACHE = REPO_ROOT / "runs" / "bench" / "scenes"
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "CLIP": ("clip/scenes_tiny.yaml", ()),
     "CLIP + PTP": ("clip/scenes_ptp_tiny.yaml", ()),
-    **{f"FFR {start}{objective}": (f"ffr/{recipe}", options + (f"--model.init_args.objective={objective.lower()}",))
+    **{f"FFR {start}{objective}": (f"ffr/{recipe}", options + (f"--model.init_args.objective={objective.lower()}",
+                                                               "--data.num_workers=0"))
        for start, recipe, options in (
            ("none ", "tuxpaint_baseline_tiny.yaml", ("--trainer.max_steps=double",)),
            ("synthetic ", "tuxpaint_step2_erm_tiny.yaml", ()),
            ("real ", "tuxpaint_step2_erm_tiny.yaml", ()))
        for objective in ("ERM", "GroupDRO")},
-    "FFR step 1 synthetic": ("ffr/tuxpaint_step1_tiny.yaml", ()),
+    "FFR step 1 synthetic": ("ffr/tuxpaint_step1_tiny.yaml", ("--data.num_workers=0",)),
     "FFR step 1 real": ("ffr/tuxpaint_step1_tiny.yaml", (
+        "--data.num_workers=0",
         f"--data.train_shards={FFR_DATA}/train-{{000000..000001}}.tar",
         f"--model.init_args.classnames_from={FFR_DATA}/train-000000.tar")),
 }

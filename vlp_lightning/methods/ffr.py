@@ -1,11 +1,12 @@
 """FFR: "From Fake to Real: Pretraining on Balanced Synthetic Images to Prevent Spurious Correlations in Image
 Recognition" (Qraitem, Saenko, Plummer, ECCV 2024; arXiv 2308.04553).
 
-FFR is a two-step pipeline, not a new loss (abstract; the official code's `training_code/train_erm_ffr_1.py` and
-`train_{erm,groupdro}_ffr_2.py`):
+FFR is a two-step pipeline, not a new loss. Only the paper's abstract was reachable here, so the steps below come
+from the abstract and from the official code (github.com/mqraitem/From-Fake-to-Real: `training_code/
+train_erm_ffr_1.py`, `train_{erm,groupdro}_ffr_2.py`, `trainer.py`, `utils.py`), not from the paper's method section:
 
 1. pretrain a classifier on synthetic images that are balanced over the subgroups (class Y x bias attribute B), with
-   ERM (cross-entropy), never showing it a real image;
+   ERM (cross-entropy), never showing it a real image (`ffr_1`: the same number of synthetic images per group);
 2. fine-tune the whole model (backbone and classifier, nothing frozen; `ffr_2` loads every weight of step 1) on the
    biased real training set with ERM or a loss-based bias mitigation method: GroupDRO (Sagawa et al. 2020,
    `losses.group_robust.group_dro_loss`), resampling, DFR.
@@ -15,7 +16,7 @@ Keeping the two domains in separate steps is the point: trained on a mix, the mo
 `start_from` naming step 1's checkpoint (`experiments/ffr/`); the baselines are step 2 from scratch (no
 pretraining) and step 2 after step 1 on the real biased set. GroupDRO's weights q restart uniform in every step.
 
-The official schedule (its argparse defaults and the paper's protocol): an ImageNet-pretrained ResNet-50 at 224 px,
+The official schedule (its scripts' argparse defaults): an ImageNet-pretrained ResNet-50 at 224 px,
 Adam with weight decay 1e-5, batch 128, 50 epochs per step, learning rate 1e-4 in step 1 and searched in step 2
 (default 1e-3), GroupDRO step size 0.01, no augmentation (resize only; the flip is commented out), and each step's
 checkpoint chosen by the worst-group accuracy on the real, balanced validation split (`callbacks.GroupAccuracy` +
