@@ -57,6 +57,14 @@ from vlp_lightning.pretrained import load_method
 SCENES = "data/scenes"
 SPLITS = {"val": f"{SCENES}/val-000000.tar", "unseen concepts": f"{SCENES}/unseen-000000.tar"}
 FFR_DATA = "data/ffr"
+#: the seeds every ffr arm trains with (seed 0 keeps the arm's plain name).
+FFR_SEEDS = (0, 1)
+
+
+def _seed(seed: int) -> str:
+    return "" if seed == 0 else f" seed {seed}"
+
+
 RESULTS = REPO_ROOT / "bench" / "results" / "scenes.json"
 ARM_CACHE = REPO_ROOT / "runs" / "bench" / "scenes"
 
@@ -64,22 +72,23 @@ ARM_CACHE = REPO_ROOT / "runs" / "bench" / "scenes"
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "CLIP": ("clip/scenes_tiny.yaml", ()),
     "CLIP + PTP": ("clip/scenes_ptp_tiny.yaml", ()),
-    **{f"FFR {start}{objective}": (f"ffr/{recipe}", options + (f"--model.init_args.objective={objective.lower()}",
-                                                               "--data.num_workers=0"))
+    **{f"FFR {start}{objective}{_seed(seed)}": (f"ffr/{recipe}", options + (
+        f"--model.init_args.objective={objective.lower()}", "--data.num_workers=0", f"--seed_everything={seed}"))
        for start, recipe, options in (
            ("none ", "tuxpaint_baseline_tiny.yaml", ("--trainer.max_steps=double",)),
            ("synthetic ", "tuxpaint_step2_erm_tiny.yaml", ()),
            ("real ", "tuxpaint_step2_erm_tiny.yaml", ()))
-       for objective in ("ERM", "GroupDRO")},
-    "FFR step 1 synthetic": ("ffr/tuxpaint_step1_tiny.yaml", ("--data.num_workers=0",)),
-    "FFR step 1 real": ("ffr/tuxpaint_step1_tiny.yaml", (
-        "--data.num_workers=0",
+       for objective in ("ERM", "GroupDRO") for seed in FFR_SEEDS},
+    **{f"FFR step 1 synthetic{_seed(seed)}": ("ffr/tuxpaint_step1_tiny.yaml", (
+        "--data.num_workers=0", f"--seed_everything={seed}")) for seed in FFR_SEEDS},
+    **{f"FFR step 1 real{_seed(seed)}": ("ffr/tuxpaint_step1_tiny.yaml", (
+        "--data.num_workers=0", f"--seed_everything={seed}",
         f"--data.train_shards={FFR_DATA}/train-{{000000..000001}}.tar",
-        f"--model.init_args.classnames_from={FFR_DATA}/train-000000.tar")),
+        f"--model.init_args.classnames_from={FFR_DATA}/train-000000.tar")) for seed in FFR_SEEDS},
 }
-#: arms that start from another arm's checkpoint (`start_from`): FFR's step 2 after its step 1.
-STARTS = {f"FFR {start} {objective}": f"FFR step 1 {start}" for start in ("synthetic", "real")
-          for objective in ("ERM", "GroupDRO")}
+#: arms that start from another arm's checkpoint (`start_from`): FFR's step 2 after its step 1 of the same seed.
+STARTS = {f"FFR {start} {objective}{_seed(seed)}": f"FFR step 1 {start}{_seed(seed)}" for start in ("synthetic", "real")
+          for objective in ("ERM", "GroupDRO") for seed in FFR_SEEDS}
 
 
 @dataclass
@@ -206,41 +215,54 @@ def ffr(bench: Bench) -> dict:
     if not (REPO_ROOT / FFR_DATA / "manifest.json").is_file():
         vlp_data(["ffr", str(REPO_ROOT / FFR_DATA)])
     rows: dict[str, dict] = {}
-    for start in FFR_STARTS:
-        for objective in ("ERM", "GroupDRO"):
-            arm = f"FFR {start} {objective}"
-            if arm in STARTS:  # step 1 (loaded when cached): its time counts toward the arm's
-                bench.arm(STARTS[arm])
-            method = bench.arm(arm)
-            seconds = bench.seconds[arm] + (bench.seconds[STARTS[arm]] if arm in STARTS else 0.0)
-            rows[arm] = {"start": start, "objective": objective, "steps": 2 * bench.steps, "seconds": seconds}
-            with bench.evaluate(method):
-                for split in ("val", "test"):
-                    callback = GroupAccuracy(f"{REPO_ROOT / FFR_DATA}/{split}-000000.tar", name=split)
-                    scores = callback.evaluate(bench.trainer, method)
-                    rows[arm][split] = {name.split("/", 2)[2]: value for name, value in scores.items()}
-            print(f"{arm}: {json.dumps(rows[arm])}", flush=True)
+    for start, objective, seed in ((start, objective, seed) for seed in FFR_SEEDS for start in FFR_STARTS
+                                   for objective in ("ERM", "GroupDRO")):
+        arm = f"FFR {start} {objective}{_seed(seed)}"
+        if arm in STARTS:  # step 1 (loaded when cached): its time counts toward the arm's
+            bench.arm(STARTS[arm])
+        method = bench.arm(arm)
+        seconds = bench.seconds[arm] + (bench.seconds[STARTS[arm]] if arm in STARTS else 0.0)
+        rows[arm] = {"start": start, "objective": objective, "seed": seed, "steps": 2 * bench.steps,
+                     "seconds": seconds}
+        with bench.evaluate(method):
+            for split in ("val", "test"):
+                callback = GroupAccuracy(f"{REPO_ROOT / FFR_DATA}/{split}-000000.tar", name=split)
+                scores = callback.evaluate(bench.trainer, method)
+                rows[arm][split] = {name.split("/", 2)[2]: value for name, value in scores.items()}
+        print(f"{arm}: {json.dumps(rows[arm])}", flush=True)
     return {"arms": rows, "table": ffr_table(rows)}
+
+
+def ffr_mean(rows: dict[str, dict], start: str, objective: str, metric: str) -> float:
+    """The mean over the seeds of an arm's test `metric`."""
+    scores = [row["test"][metric] for row in rows.values() if (row["start"], row["objective"]) == (start, objective)]
+    return sum(scores) / len(scores)
 
 
 def ffr_targets(part: dict) -> list[Target]:
     rows = part["arms"]
-    return [Target(f"FFR - real-data pretraining, test worst-group accuracy, {objective} (points)",
-                   100 * (rows[f"FFR synthetic {objective}"]["test"]["worst"]
-                          - rows[f"FFR real {objective}"]["test"]["worst"]), 0.0)
+    return [Target(f"FFR - real-data pretraining, test worst-group accuracy, {objective}, seed mean (points)",
+                   100 * (ffr_mean(rows, "synthetic", objective, "worst") - ffr_mean(rows, "real", objective, "worst")),
+                   0.0)
             for objective in ("ERM", "GroupDRO")]
 
 
 def ffr_table(rows: dict[str, dict]) -> str:
-    lines = ["| pretraining | fine-tuning | steps | test worst-group | test average | val worst-group | "
-             "test per group |", "|---|---|---|---|---|---|---|"]
-    for row in rows.values():
+    lines = ["| pretraining | fine-tuning | seed | steps | test worst-group | test average | val worst-group | "
+             "test per group |", "|---|---|---|---|---|---|---|---|"]
+    for row in sorted(rows.values(), key=lambda row: (list(FFR_STARTS).index(row["start"]), row["objective"],
+                                                       row.get("seed", 0))):
         test = row["test"]
         groups = ", ".join(f"{name.split('/', 1)[1]} {100 * value:.0f}" for name, value in test.items()
                            if name.startswith("group/"))
-        lines.append(f"| {FFR_STARTS[row['start']]} | {row['objective']} | {row['steps']} | "
+        lines.append(f"| {FFR_STARTS[row['start']]} | {row['objective']} | {row.get('seed', 0)} | {row['steps']} | "
                      f"{100 * test['worst']:.1f} | {100 * test['average']:.1f} | {100 * row['val']['worst']:.1f} | "
                      f"{groups} |")
+    for start in FFR_STARTS:
+        for objective in ("ERM", "GroupDRO"):
+            lines.append(f"| {FFR_STARTS[start]} | {objective} | mean | | "
+                         f"{100 * ffr_mean(rows, start, objective, 'worst'):.1f} | "
+                         f"{100 * ffr_mean(rows, start, objective, 'average'):.1f} | | |")
     return "\n".join(lines)
 
 
