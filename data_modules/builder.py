@@ -63,6 +63,11 @@ from data_modules.sources.emoji import STYLES, emoji_source
 from data_modules.sources.emoji import VERSION as EMOJI_VERSION
 from data_modules.sources.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from data_modules.sources.fashion_mnist import fashion_mnist_source
+from data_modules.sources.ffr import DEFAULT_BACKGROUNDS as FFR_BACKGROUNDS
+from data_modules.sources.ffr import DEFAULT_CLASSES as FFR_CLASSES
+from data_modules.sources.ffr import DEFAULT_SYNTHETIC as FFR_SYNTHETIC
+from data_modules.sources.ffr import SYNTHETIC_SPLIT as FFR_SYNTHETIC_SPLIT
+from data_modules.sources.ffr import ffr_source
 from data_modules.sources.fluent import STYLES as FLUENT_STYLES
 from data_modules.sources.fluent import fluent_source
 from data_modules.sources.instructions import TASKS as INSTRUCTION_TASKS
@@ -571,6 +576,7 @@ def make_parser() -> argparse.ArgumentParser:
             "  vlp-data tuxpaint shards/tuxpaint --language de\n"
             "  vlp-data words shards/words --split train=0.9,val=0.1\n"
             "  vlp-data scenes shards/scenes --count 5000 --max-objects 6\n"
+            "  vlp-data ffr shards/ffr --bias 0.95\n"
             "  vlp-data babyai shards/babyai --episodes 200\n"
             "  vlp-data shots 'shards/emoji/train-*.tar' shards/emoji-16shot --shots 16 --seed 1\n"
             "  vlp-data wordnet 'shards/emoji/*.tar' shards/emoji-wordnet\n"
@@ -803,6 +809,49 @@ def make_parser() -> argparse.ArgumentParser:
         a.count, a.heldout_count, a.heldout_concepts, a.max_objects, a.size, tuple(a.styles.split(",")),
         a.backgrounds, a.cache_dir, a.seed,
     ))
+
+    ffr = _build_command(
+        commands, "ffr",
+        "a spurious-correlation benchmark: Tux Paint photographs of --classes pasted on --backgrounds, each class on "
+        "its own kind in --bias of train and balanced over (class, background) groups in val / test, plus the same "
+        f"classes as emoji, balanced over the groups, in the split {FFR_SYNTHETIC_SPLIT} (FFR's synthetic data)",
+        splits=False, resizable=False, seed_help="seed of every sample's cut-out, background square and placement",
+        epilog=(
+            "Each sample: <key>.png, <key>.cls (the class) and <key>.json (class, background, group, group_name,\n"
+            "domain, majority, cutout); the manifest's classnames name the classes, groups and backgrounds.\n"
+            "example:\n"
+            "  vlp-data ffr data/ffr --bias 0.95 --size 64\n"
+            "then pretrain on the synthetic split and fine-tune on the real one: experiments/ffr/"
+        ),
+    )
+    ffr.add_argument("--classes", default=FFR_CLASSES, metavar="SPEC",
+                     help="NAME=FOLDER[+FOLDER],... Tux Paint stamp folders per class (default: %(default)s)")
+    ffr.add_argument("--synthetic", default=FFR_SYNTHETIC, metavar="SPEC",
+                     help="NAME=SUBCATEGORY[+...],... emoji subcategories per class, same names and order "
+                     "(default: %(default)s)")
+    ffr.add_argument("--backgrounds", default=FFR_BACKGROUNDS, metavar="LIST",
+                     help="background kinds (scikit-image sample images); class c is biased toward the c-th "
+                     "(default: %(default)s)")
+    ffr.add_argument("--bias", type=float, default=0.95,
+                     help="share of a class's train samples on its own background kind (default: %(default)s)")
+    ffr.add_argument("--train-count", type=_positive_int, default=2000, metavar="N",
+                     help="real training samples, split evenly over the classes (default: %(default)s)")
+    ffr.add_argument("--eval-count", type=_positive_int, default=100, metavar="N",
+                     help="real samples per group in val and in test (default: %(default)s)")
+    ffr.add_argument("--synthetic-count", type=_positive_int, default=2000, metavar="N",
+                     help="synthetic samples, split evenly over the groups (default: %(default)s)")
+    ffr.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default: %(default)s)")
+    ffr.add_argument("--styles", default="twitter,google",
+                     help="emoji styles of the synthetic cut-outs (default: %(default)s)")
+    ffr.add_argument("--stamps-dir", type=Path, default=None, metavar="DIR",
+                     help="a Tux Paint stamps folder instead of fetching tuxpaint-stamps-default")
+    ffr.add_argument("--deb-cache", type=Path, default=_DEBIAN_CACHE, metavar="DIR",
+                     help="where the fetched Debian package is kept (default: %(default)s)")
+    ffr.add_argument("--npm-cache", type=Path, default=_NPM_CACHE, metavar="DIR",
+                     help="where the emoji packages are kept (default: %(default)s)")
+    ffr.set_defaults(make_source=lambda a: ffr_source(
+        a.classes, a.synthetic, a.backgrounds, a.bias, a.train_count, a.eval_count, a.synthetic_count, a.size,
+        _names(a.styles), a.stamps_dir, a.deb_cache, a.npm_cache, a.seed))
 
     babyai = _build_command(
         commands, "babyai",

@@ -183,6 +183,40 @@ def scene_shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
+def fake_ffr_stamps(root: Path) -> Path:
+    """A Tux Paint stamps folder with 10 photograph-like birds (ellipses) and 10 mammals (rectangles) on transparency,
+    plus a cartoon bird that `vlp-data ffr` must leave out; the stable hash of the paths gives every class stamps in
+    train, val and test."""
+    for kind, box in (("birds", (4, 8, 36, 28)), ("mammals", (6, 4, 34, 26))):
+        for index in range(10):
+            folder = root / "animals" / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            image = Image.new("RGBA", (40, 30), (0, 0, 0, 0))
+            colour = (*list(SCENE_COLOURS.values())[index % len(SCENE_COLOURS)], 255)
+            draw = ImageDraw.Draw(image)
+            (draw.ellipse if kind == "birds" else draw.rectangle)(box, fill=colour)
+            image.save(folder / f"{kind[:-1]}{index}.png")
+    (root / "animals" / "birds" / "cartoon").mkdir()
+    Image.new("RGBA", (20, 20), (255, 0, 0, 255)).save(root / "animals" / "birds" / "cartoon" / "drawn.png")
+    return root
+
+
+#: `vlp-data ffr` options of the tests' tiny sets: the fake emoji shapes as synthetic classes, 32 px.
+FFR_OPTIONS = ("--synthetic", "birds=circle+ring,mammals=triangle+square", "--styles", "twitter", "--size", "32",
+               "--train-count", "40", "--eval-count", "3", "--synthetic-count", "16", "--bias", "0.9")
+
+
+@pytest.fixture(scope="session")
+def ffr_shards(tmp_path_factory) -> Path:
+    """A folder of tiny `vlp-data ffr` shards (train 40 biased 0.9, val / test 3 per group, synthetic 4 per group,
+    32 px) from `fake_ffr_stamps` and `fake_emoji_cache`, built once per session."""
+    root = tmp_path_factory.mktemp("ffr_shards")
+    argv = ["ffr", str(root / "shards"), "--stamps-dir", str(fake_ffr_stamps(root / "stamps")), "--npm-cache",
+            str(fake_emoji_cache(root / "npm")), *FFR_OPTIONS]
+    assert build_shards(argv) == 0
+    return root / "shards"
+
+
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     """Tests run side by side on a small CPU; intra-op threads only add contention at these sizes."""

@@ -60,7 +60,7 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("folder", "csv", "jsonl", "emoji", "fashion-mnist", "openclipart", "openmoji", "tuxpaint",
+    for command in ("folder", "csv", "jsonl", "emoji", "fashion-mnist", "openclipart", "openmoji", "tuxpaint", "ffr",
                     "inspect"):
         assert command in out
     assert "vlp fit" in out

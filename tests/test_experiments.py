@@ -33,7 +33,7 @@ def test_there_are_recipes_for_every_method_family():
             "barlowtwins", "vicreg", "mmc", "look", "hvp", "coop", "cocoop", "maple", "pre", "finetune", "drtune",
             "damvp", "damvpmeta", "peftclassifier", "pvp", "llava", "limber", "simvlg", "infmllm", "visionflan",
             "pa-llava", "pllava", "youku-mplug", "xclip", "hecvl", "ophclip", "sigma", "temadapter", "vedit", "violet",
-            "robustmae", "gfsltvlp"} <= families
+            "robustmae", "gfsltvlp", "ffr"} <= families
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=recipe_id)
@@ -78,6 +78,11 @@ def test_tiny_recipe_trains_a_step(recipe, make_shards, tmp_path, request):
     position_prompts = "position_prompts: true" in recipe.read_text()  # PTP reads the scenes' instance masks
     if model_arguments(recipe).get("stage") == "fine" or position_prompts:  # boxes / masks: the tests' tiny scenes
         train_shards = str(request.getfixturevalue("scene_shards") / "train-000000.tar")
+    if recipe.parent.name == "ffr":  # groups in `.json`: the tests' tiny `vlp-data ffr` set; step 2 from scratch
+        train_shards = str(request.getfixturevalue("ffr_shards") / "train-000000.tar")
+        start += ["--model.init_args.classnames_from", train_shards]
+        if "start_from" in model_arguments(recipe):
+            start += ["--model.init_args.start_from", "null"]
     if "peft_checkpoint" in model_arguments(recipe):  # PVP's upstream run is another recipe's: start without it
         start += ["--model.init_args.peft_checkpoint", "null"]
     if "knowledge" in model_arguments(recipe):  # ARL's knowledge.json is `vlp-data wordnet`'s: start without it

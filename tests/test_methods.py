@@ -8,6 +8,7 @@ Each method is built with its constructor defaults (which are tiny by contract),
 
 from __future__ import annotations
 
+import inspect
 import random
 
 import lightning.pytorch as pl
@@ -88,6 +89,8 @@ def method(request) -> VLPMethod:
     method_class = getattr(methods, request.param)
     if issubclass(method_class, AdaptationMethod):  # starts from a pretrained method: a tiny CLIP made for the test
         return method_class(pretrained=request.getfixturevalue("tiny_clip_checkpoint"), classnames=ADAPTATION_CLASSES)
+    if "classnames" in inspect.signature(method_class).parameters:  # a classifier trained from scratch (FFR)
+        return method_class(classnames=ADAPTATION_CLASSES)
     return method_class()
 
 

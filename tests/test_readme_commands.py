@@ -29,7 +29,8 @@ README = REPO / "README.md"
 #: programs the README may show that this test does not run: environment set-up and cluster launchers' own flags.
 NOT_CHECKED = {"source", "tensorboard"}
 #: `vlp-data` sources that download (from npm / Debian) or read what those wrote; they are parsed, not run.
-DOWNLOADING_SOURCES = {"emoji", "openclipart", "fashion-mnist", "wordnet", "instructions", "moving", "youku-mplug"}
+DOWNLOADING_SOURCES = {"emoji", "openclipart", "fashion-mnist", "wordnet", "instructions", "moving", "youku-mplug",
+                       "ffr"}
 #: `vlp-data` sources that need no download but take too long for the suite (babyai rolls out ~1,000 episodes:
 #: tests/test_babyai.py runs it on two levels); parsed, not run.
 SLOW_SOURCES = {"babyai"}

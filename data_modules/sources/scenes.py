@@ -277,37 +277,43 @@ def _plan(rng: random.Random, pool: list[Concept], max_objects: int, background_
         paths = concept.images[style]
         objects.append({"name": concept.name, "category": concept.category, "emoji": concept.emoji, "style": style,
                         "image": paths[0] if len(paths) == 1 else rng.choice(paths)})
+    return {"objects": objects, "background": draw_background(rng, background_files)}
+
+
+def draw_background(rng: random.Random, background_files: list[str]) -> dict:
+    """A background plan (`render_background` draws it): a random square of one of `background_files` (scaled
+    0.4-1 of its shorter side, at a random offset; grey textures tinted), or without files two plain colours, flat
+    or as a gradient."""
     if background_files:
-        background = {"file": rng.choice(background_files), "scale": round(rng.uniform(0.4, 1.0), 4),
-                      "offset": [round(rng.random(), 4), round(rng.random(), 4)],
-                      "tint": [rng.randint(150, 255) for _ in range(3)]}
-    else:
-        first = [rng.randint(0, 255) for _ in range(3)]
-        background = {"colours": [first, [min(255, max(0, value + rng.randint(-60, 60))) for value in first]],
-                      "gradient": rng.choice(("none", "horizontal", "vertical"))}
-    return {"objects": objects, "background": background}
+        return {"file": rng.choice(background_files), "scale": round(rng.uniform(0.4, 1.0), 4),
+                "offset": [round(rng.random(), 4), round(rng.random(), 4)],
+                "tint": [rng.randint(150, 255) for _ in range(3)]}
+    first = [rng.randint(0, 255) for _ in range(3)]
+    return {"colours": [first, [min(255, max(0, value + rng.randint(-60, 60))) for value in first]],
+            "gradient": rng.choice(("none", "horizontal", "vertical"))}
 
 
-def _cutout(path: str) -> tuple[np.ndarray, np.ndarray, str]:
+def load_cutout(path: str, max_side: int = CUTOUT_SIDE) -> tuple[np.ndarray, np.ndarray, str]:
     """The cut-out trimmed to its alpha box: premultiplied RGB float32 [h, w, 3], alpha float32 [h, w, 1] in
-    [0, 1], and the name of its mean colour."""
-    trimmed, colour = _trimmed_cutout(path)
+    [0, 1], and the name of its mean colour. An SVG is drawn to fit `max_side`, a larger image is first scaled down
+    to it (the photographs of Tux Paint's stamps reach 2,348 px, which the cache should not hold at full size)."""
+    trimmed, colour = _trimmed_cutout(path, max_side)
     rgba = trimmed.astype(np.float32) / 255
     alpha = rgba[..., 3:]
     return rgba[..., :3] * alpha, alpha, colour
 
 
 @lru_cache(maxsize=2048)
-def _trimmed_cutout(path: str) -> tuple[np.ndarray, str]:
+def _trimmed_cutout(path: str, max_side: int = CUTOUT_SIDE) -> tuple[np.ndarray, str]:
     """The cut-out's RGBA uint8 [h, w, 4] trimmed to its alpha box and the name of its mean colour; kept as uint8
     (a quarter of the float32 arrays) so the cache of a few thousand cut-outs stays small."""
     if path.endswith(".svg"):
-        image = render_svg(Path(path), CUTOUT_SIDE)
+        image = render_svg(Path(path), max_side)
     else:
         with Image.open(path) as opened:
             image = opened.convert("RGBA")
-        if max(image.size) > CUTOUT_SIDE:  # large photographs (Tux Paint): no scene needs more pixels
-            image.thumbnail((CUTOUT_SIDE, CUTOUT_SIDE), Image.Resampling.LANCZOS)
+        if max(image.size) > max_side:
+            image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     pixels = np.asarray(image.convert("RGBA"))
     ys, xs = np.nonzero(pixels[..., 3].astype(np.float32) / 255 > 0.5)
     if len(ys) == 0:
@@ -336,8 +342,8 @@ def colour_name(rgb: np.ndarray) -> str:
     return "pink"
 
 
-def _background(background: dict, size: int) -> tuple[np.ndarray, str]:
-    """float32 [size, size, 3] in [0, 1] and the caption's words for it."""
+def render_background(background: dict, size: int) -> tuple[np.ndarray, str]:
+    """The background of a `draw_background` plan: float32 [size, size, 3] in [0, 1] and the caption's words."""
     if "file" in background:
         image = _background_image(background["file"])
         side = max(1, round(min(image.shape[:2]) * background["scale"]))
@@ -376,18 +382,16 @@ class _Placed:
 def render_scene(plan: dict, size: int, layout_seed: str) -> dict[str, bytes]:
     """The members of one scene (module doc): `jpg`, `instances.png`, `json`, `txt`."""
     rng = random.Random(layout_seed)
-    canvas, background_words = _background(plan["background"], size)
+    canvas, background_words = render_background(plan["background"], size)
     labels = np.zeros((size, size), dtype=np.uint8)
     placed: list[_Placed] = []
     visible: list[int] = []
     kept = []
     for item in plan["objects"]:
-        premultiplied, alpha, colour = _cutout(item["image"])
+        premultiplied, alpha, colour = load_cutout(item["image"])
         side = rng.uniform(*_SIDE_RANGE)
-        scale = side * size / max(alpha.shape[:2])
-        width, height = max(1, round(alpha.shape[1] * scale)), max(1, round(alpha.shape[0] * scale))
-        shrink = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-        alpha = cv2.resize(alpha, (width, height), interpolation=shrink)[..., None]
+        rgb, alpha = scale_cutout(premultiplied, alpha, side * size / max(alpha.shape[:2]))
+        height, width = alpha.shape[:2]
         pasted = alpha[..., 0] > 0.5
         for _ in range(_PLACEMENT_TRIES):
             x, y = rng.randint(0, size - width), rng.randint(0, size - height)
@@ -398,10 +402,7 @@ def render_scene(plan: dict, size: int, layout_seed: str) -> dict[str, bytes]:
             continue
         if pasted.sum() < 16:
             continue
-        rgb = cv2.resize(premultiplied, (width, height), interpolation=shrink)
-        region = canvas[y : y + height, x : x + width]
-        region *= 1 - alpha
-        region += rgb
+        paste(canvas, rgb, alpha, x, y)
         labels[y : y + height, x : x + width][pasted] = len(placed) + 1
         visible = [count - covered[index] for index, count in enumerate(visible)] + [int(pasted.sum())]
         placed.append(_Placed(item["name"], x, y, pasted, colour, side))
@@ -411,14 +412,31 @@ def render_scene(plan: dict, size: int, layout_seed: str) -> dict[str, bytes]:
     image = np.clip(canvas * 255 + 0.5, 0, 255).astype(np.uint8)
     meta = describe_scene(kept, placed, labels, background_words)
     return {
-        "jpg": _encode(Image.fromarray(image), "JPEG", quality=90),
-        INSTANCES_MEMBER: _encode(Image.fromarray(labels, mode="L"), "PNG", compress_level=1),
+        "jpg": encode_image(Image.fromarray(image), "JPEG", quality=90),
+        INSTANCES_MEMBER: encode_image(Image.fromarray(labels, mode="L"), "PNG", compress_level=1),
         "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
         "txt": meta["caption"].encode("utf-8"),
     }
 
 
-def _encode(image: Image.Image, format: str, **options: object) -> bytes:
+def scale_cutout(premultiplied: np.ndarray, alpha: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """A `load_cutout` cut-out resized by `scale` (area averaging when shrinking): premultiplied RGB [h, w, 3] and
+    alpha [h, w, 1]."""
+    width, height = max(1, round(alpha.shape[1] * scale)), max(1, round(alpha.shape[0] * scale))
+    shrink = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    rgb = cv2.resize(premultiplied, (width, height), interpolation=shrink).reshape(height, width, 3)
+    return rgb, cv2.resize(alpha, (width, height), interpolation=shrink).reshape(height, width, 1)
+
+
+def paste(canvas: np.ndarray, rgb: np.ndarray, alpha: np.ndarray, x: int, y: int) -> None:
+    """Composite a premultiplied cut-out over `canvas` (float32 [S, S, 3], in place) with its top left at (x, y)."""
+    height, width = alpha.shape[:2]
+    region = canvas[y : y + height, x : x + width]
+    region *= 1 - alpha
+    region += rgb
+
+
+def encode_image(image: Image.Image, format: str, **options: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=format, **options)
     return buffer.getvalue()

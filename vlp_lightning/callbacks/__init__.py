@@ -4,7 +4,8 @@ Evaluation (`features.EvaluationCallback`: end of validate / test, and every `ev
 `ZeroShotClassification`, `Retrieval`, `KNNClassifier`, `LinearProbe`, `EmbeddingProjector`,
 `ZeroShotSegmentation` (MMC's prompt-patch segmentation, scored on `.mask.png` foreground masks), `BaseToNovel`
 (base / novel / harmonic-mean accuracy of prompt learning, zero-shot for other CLIP-family methods),
-`AdversarialRobustness` (clean and ℓ∞ PGD accuracy of a method with `classify(images)`), `CaptionMetrics` (BLEU,
+`AdversarialRobustness` (clean and ℓ∞ PGD accuracy of a method with `classify(images)`), `GroupAccuracy`
+(worst-group, balanced and per-group accuracy of `classify` over the (class, attribute) groups of `.json`), `CaptionMetrics` (BLEU,
 ROUGE-L and CIDEr-D of a method with `generate_captions(images, ...)`; `nearest_neighbour_captions` is the 1-NN
 caption baseline), `RegressionProbe` (UrbanCLIP's MLP regressing a numeric `.json` field from frozen features: R²,
 RMSE, MAE, MAPE, and a ridge regression's R²), `PhraseGrounding` (acc@0.5 and mean IoU of a method with
@@ -25,6 +26,7 @@ from vlp_lightning.callbacks.embedding_projector import EmbeddingProjector
 from vlp_lightning.callbacks.embedding_writer import EmbeddingWriter
 from vlp_lightning.callbacks.features import EvalFeatures, EvaluationCallback, extract_features
 from vlp_lightning.callbacks.global_batch import GlobalBatchSize, lr_scale_factor
+from vlp_lightning.callbacks.group_accuracy import GroupAccuracy, group_accuracies, group_metrics
 from vlp_lightning.callbacks.grounding import PhraseGrounding, constant_box_grounding, grounding_metrics
 from vlp_lightning.callbacks.knn import KNNClassifier, weighted_knn_scores
 from vlp_lightning.callbacks.linear_probe import LinearProbe, fit_logistic_regression, linear_probe_scores
@@ -58,6 +60,7 @@ __all__ = [
     "EvalFeatures",
     "EvaluationCallback",
     "GlobalBatchSize",
+    "GroupAccuracy",
     "InstructionAccuracy",
     "KNNClassifier",
     "LinearProbe",
@@ -79,6 +82,8 @@ __all__ = [
     "extract_features",
     "fit_logistic_regression",
     "grounding_metrics",
+    "group_accuracies",
+    "group_metrics",
     "harmonic_mean",
     "instruction_metrics",
     "linear_probe_scores",

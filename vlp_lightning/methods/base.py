@@ -382,11 +382,12 @@ class CheckpointMismatchError(RuntimeError):
 
 
 def load_earlier_stage(method: nn.Module, path: str, example: str, may_lack: str | None = None,
-                       writers: tuple[type, ...] = ()) -> None:
+                       writers: tuple[type, ...] = (), restart: str | None = None) -> None:
     """Every weight of `path` (loaded `weights_only`) into `method`: the checkpoint of an earlier stage of the same
     method built with the same model arguments (`start_from` of UNIT's and FIBER's second stages), or of one of
     `writers` (classes with the same modules: Vision-Flan starts from LLaVA's stage 1). Tensors under the `may_lack`
-    prefix (a head the earlier stage did not have) may be missing; anything else that differs, a missing file or
+    prefix (a head the earlier stage did not have) may be missing; those under `restart` (state every stage starts
+    afresh: FFR's GroupDRO weights) are neither compared nor loaded; anything else that differs, a missing file or
     another method's checkpoint is one sentence (`example`: a path to suggest)."""
     name = type(method).__name__
     if not Path(path).is_file():
@@ -394,7 +395,11 @@ def load_earlier_stage(method: nn.Module, path: str, example: str, may_lack: str
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     written_by = checkpoint.get("vlp", {}).get("method", _class_path(method))
     state = checkpoint.get("state_dict", {})
-    differences = [difference for difference in _state_dict_differences(state, method.state_dict(), strict=True)
+    current = method.state_dict()
+    if restart is not None:
+        state = {key: value for key, value in state.items() if not key.startswith(restart)}
+        current = {key: value for key, value in current.items() if not key.startswith(restart)}
+    differences = [difference for difference in _state_dict_differences(state, current, strict=True)
                    if may_lack is None or not difference.startswith(may_lack)]
     if written_by not in {_class_path(method), *(f"{kind.__module__}.{kind.__qualname__}" for kind in writers)}:
         raise ValueError(f"start_from {path} was written by {written_by}; give a checkpoint of an earlier {name} "
@@ -402,7 +407,7 @@ def load_earlier_stage(method: nn.Module, path: str, example: str, may_lack: str
     if differences:
         raise ValueError(f"start_from {path} does not fit this {name} ({len(differences)} tensors differ, e.g. "
                          f"{differences[0]}); build it with the model arguments of the run that wrote it")
-    method.load_state_dict(state, strict=may_lack is None)
+    method.load_state_dict(state, strict=may_lack is None and restart is None)
 
 
 def _class_path(obj: object) -> str:
