@@ -54,6 +54,7 @@ ARM_CACHE = REPO_ROOT / "runs" / "bench" / "scenes"
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "CLIP": ("clip/scenes_tiny.yaml", ()),
     "CLIP + PTP": ("clip/scenes_ptp_tiny.yaml", ()),
+    "GRAIN": ("grain/scenes_tiny.yaml", ()),
 }
 
 
