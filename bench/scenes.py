@@ -26,6 +26,24 @@ Sections (`--sections`; each keeps its own part of bench/results/scenes.json, th
   with ERM | GroupDRO (step 2, `start_from` the step 1 arm). Same budget per arm: `--steps` of pretraining plus
   `--steps` of fine-tuning (no pretraining: 2 x `--steps` of fine-tuning). Scored by `callbacks.GroupAccuracy` on
   the balanced test split: worst-group and average accuracy (and on val).
+* **grain** -- GRAIN (Halbe et al. 2024, "Grounding Descriptions in Images informs Zero-Shot Visual Recognition")
+  adds to CLIP a decoder of region queries trained on each object's box and region description ("a medium pink tram
+  car in the center"). Arms CLIP and GRAIN (same towers, batch, schedule, seed, precision), scored by
+  - **Phrase grounding** (`callbacks.PhraseGrounding`, field `regions`): each object's region description gets a
+    box; acc@0.5 and mean IoU against the true box. GRAIN answers with its best-matching region query's box. CLIP has
+    no box head: its zero-shot box is that of the patches whose embedding (the tower's patch tokens through CLIP's
+    image projection) is most similar to the description, thresholded half way between the map's lowest and
+    highest cosine (`callbacks.PatchTextGrounding`). `constant_box_grounding` (a centred box of the mean true size)
+    is the box prior.
+  - **Zero-shot recognition with descriptions**: every object of a split's scenes, cropped from the 256 px scene (its
+    box grown to a square 1.25x its longer side) and resized to the model's input, is classified among the concept
+    names of those objects (val: seen concepts; unseen concepts: held-out ones) by cosine with the image
+    embedding (GRAIN: its global query's, as the official evaluation). Two classifiers, as in the paper's
+    comparison: the names alone ("a tram car") and the names with descriptions, the mean embedding of "a {colour}
+    {name}" over the colours the concept is drawn in (class-level attributes, as Menon & Vondrick's descriptors
+    are; the official evaluation's "{template} which has {descriptor}" averaged per class).
+  Both score the first scenes of each split in shard order, whole batches of 64 until `GRAIN_OBJECTS` objects
+  (about 250 of its 500 scenes), the same scenes for every arm.
 
 Usage: python bench/scenes.py [--sections ptp ...] [--steps N] [--retrain] [--quick]
 (writes bench/results/scenes.json; `--quick` is a 10-step smoke run into a temporary folder, results not kept)
@@ -43,11 +61,15 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from common import REPO_ROOT, Target, publish
+from torchvision.ops import roi_align
 
 from data_modules.builder import main as vlp_data
 from data_modules.pipeline import make_eval_loader
-from vlp_lightning.callbacks import GroupAccuracy, Retrieval
+from data_modules.views import EvalView
+from vlp_lightning.callbacks import (GroupAccuracy, PatchTextGrounding, PhraseGrounding, Retrieval,
+                                    constant_box_grounding)
 from vlp_lightning.callbacks.features import evaluation_mode, new_evaluation_pass
 from vlp_lightning.cli import VLPCLI
 from vlp_lightning.hardware import cpu_model
@@ -85,6 +107,7 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
         "--data.num_workers=0", f"--seed_everything={seed}",
         f"--data.train_shards={FFR_DATA}/train-{{000000..000001}}.tar",
         f"--model.init_args.classnames_from={FFR_DATA}/train-000000.tar")) for seed in FFR_SEEDS},
+    "GRAIN": ("grain/scenes_tiny.yaml", ()),
 }
 #: arms that start from another arm's checkpoint (`start_from`): FFR's step 2 after its step 1 of the same seed.
 STARTS = {f"FFR {start} {objective}{_seed(seed)}": f"FFR step 1 {start}{_seed(seed)}" for start in ("synthetic", "real")
@@ -266,12 +289,120 @@ def ffr_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------------- grain
+#: the side of the stored scenes, in pixels (`vlp-data scenes`), which the recognition crops are cut from.
+SCENE_SIZE = 256
+#: how much a recognition crop grows an object's box (a square of this times its longer side).
+CROP_CONTEXT = 1.25
+#: the objects (phrases) of each split the grain section scores, whole scenes in shard order (the CPU is shared).
+GRAIN_OBJECTS = 700
+
+
+def phrase_grounding(bench: Bench, method: VLPMethod, shards: str, split: str) -> dict[str, float]:
+    """acc@0.5 and mean IoU of every region description of `shards` (module doc: GRAIN's own boxes, CLIP's
+    `PatchTextGrounding`)."""
+    grounder = method if callable(getattr(method, "ground", None)) else PatchTextGrounding(method)
+    scored = PhraseGrounding(shards, name=split, field="regions", max_phrases=GRAIN_OBJECTS).evaluate(bench.trainer,
+                                                                                                     grounder)
+    return {name.rsplit("/", 1)[1]: value for name, value in scored.items()}
+
+
+def object_crops(method: VLPMethod, shards: str) -> tuple[torch.Tensor, list[str], dict[str, set[str]]]:
+    """The objects of `shards`' first scenes (whole batches, until `GRAIN_OBJECTS`), each as a crop at the method's
+    input size [P, 3, S, S] (module doc), its concept name, and each concept's colours."""
+    mean, std = method.train_views().normalization
+    crops, names, colours = [], [], {}
+    for batch in make_eval_loader(shards, SCENE_SIZE, batch_size=64, view=EvalView(mean=mean, std=std)):
+        if len(names) >= GRAIN_OBJECTS:
+            break
+        regions = []
+        for boxes, meta, objects in zip(batch["boxes"], batch["meta"], batch["objects"]):
+            centre, side = (boxes[:, :2] + boxes[:, 2:]) / 2, CROP_CONTEXT * (boxes[:, 2:] - boxes[:, :2]).amax(1)
+            regions.append(torch.cat([centre - side[:, None] / 2, centre + side[:, None] / 2], 1))
+            for index in objects.tolist():
+                item = meta["objects"][index]
+                names.append(item["name"])
+                colours.setdefault(item["name"], set()).add(item["colour"])
+        crops.append(roi_align(batch["image"], regions, method.image_size, aligned=True))
+    return torch.cat(crops), names, colours
+
+
+def class_embeddings(method: VLPMethod, texts: list[list[str]]) -> torch.Tensor:
+    """Per class the renormalised mean of its texts' unit embeddings [C, D] (CLIP's prompt ensembling)."""
+    embedded = []
+    for class_texts in texts:
+        features = method.encode_text(method.tokenizer(class_texts)).mean(0)
+        embedded.append(F.normalize(features, dim=-1))
+    return torch.stack(embedded)
+
+
+def described_recognition(method: VLPMethod, shards: str) -> dict[str, float]:
+    """Top-1 accuracy of classifying the object crops of `shards` among their concepts by their names alone
+    (`names`) and by their names with descriptions (`descriptions`), and `chance` (module doc)."""
+    crops, names, colours = object_crops(method, shards)
+    concepts = sorted(colours)
+    truth = torch.tensor([concepts.index(name) for name in names])
+    images = torch.cat([method.encode_image(chunk) for chunk in crops.split(128)])
+    scores = {}
+    for kind, texts in (("names", [[f"a {name}"] for name in concepts]),
+                        ("descriptions", [[f"a {colour} {name}" for colour in sorted(colours[name])]
+                                          for name in concepts])):
+        predicted = (images @ class_embeddings(method, texts).T).argmax(1)
+        scores[kind] = (predicted == truth).float().mean().item()
+    return {**scores, "chance": 1 / len(concepts), "objects": len(names), "concepts": len(concepts)}
+
+
+def grain(bench: Bench) -> dict:
+    rows: dict[str, dict] = {}
+    for arm in ("CLIP", "GRAIN"):
+        method = bench.arm(arm)
+        rows[arm] = {"steps": bench.steps, "seconds": bench.seconds[arm],
+                     "boxes": "region queries" if callable(getattr(method, "ground", None)) else "patch-text map"}
+        with bench.evaluate(method):
+            for split, shards in SPLITS.items():
+                rows[arm][split] = {"grounding": phrase_grounding(bench, method, shards, split),
+                                    "recognition": described_recognition(method, shards)}
+        print(f"{arm}: {json.dumps(rows[arm])}", flush=True)
+    prior = {split: constant_box_grounding(shards, bench.arm("GRAIN").image_size, kind="centre")
+             for split, shards in SPLITS.items()}
+    return {"arms": rows, "box_prior": prior, "table": grain_table(rows, prior)}
+
+
+def grain_targets(part: dict) -> list[Target]:
+    rows = part["arms"]
+    targets = []
+    for split in SPLITS:
+        grain_row, clip_row = rows["GRAIN"][split], rows["CLIP"][split]
+        targets.append(Target(f"GRAIN - CLIP grounding acc@0.5, {split} (points)",
+                              100 * (grain_row["grounding"]["acc@0.5"] - clip_row["grounding"]["acc@0.5"]), 0.1))
+        targets.append(Target(f"GRAIN - CLIP zero-shot recognition with descriptions, {split} (points)",
+                              100 * (grain_row["recognition"]["descriptions"]
+                                     - clip_row["recognition"]["descriptions"]), 0.1))
+    return targets
+
+
+def grain_table(rows: dict[str, dict], prior: dict[str, dict]) -> str:
+    lines = ["| arm | split | steps | boxes | grounding acc@0.5 | mean IoU | zero-shot: names | names + descriptions "
+             "| chance |", "|---|---|---|---|---|---|---|---|---|"]
+    for arm, row in rows.items():
+        for split in SPLITS:
+            grounding, recognition = row[split]["grounding"], row[split]["recognition"]
+            lines.append(f"| {arm} | {split} | {row['steps']} | {row['boxes']} | {100 * grounding['acc@0.5']:.1f} | "
+                         f"{grounding['mean_iou']:.3f} | {100 * recognition['names']:.1f} | "
+                         f"{100 * recognition['descriptions']:.1f} | {100 * recognition['chance']:.1f} |")
+    for split, scores in prior.items():
+        lines.append(f"| box prior (centred mean-size box) | {split} | - | constant | {100 * scores['acc@0.5']:.1f} | "
+                     f"{scores['mean_iou']:.3f} | - | - | - |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------- sections
 #: each section: (what it measures and returns as its part of the report, its targets from that part alone, so a
 #: stored part's targets can be recomputed).
 SECTIONS: dict[str, tuple[Callable[[Bench], dict], Callable[[dict], list[Target]]]] = {
     "ptp": (ptp, ptp_targets),
     "ffr": (ffr, ffr_targets),
+    "grain": (grain, grain_targets),
 }
 
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from data_modules.builder import main as build_shards
+from vlp_lightning import methods
 from vlp_lightning.cli import main
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
@@ -57,6 +58,12 @@ def model_arguments(recipe: Path) -> dict:
     return yaml.safe_load(recipe.read_text())["model"].get("init_args") or {}
 
 
+def needs_instances(recipe: Path) -> bool:
+    """Whether the recipe's method class needs object boxes or masks in every batch (its `required_keys`)."""
+    method_class = getattr(methods, yaml.safe_load(recipe.read_text())["model"]["class_path"].rsplit(".", 1)[1], None)
+    return bool({"boxes", "masks"} & set(getattr(method_class, "required_keys", ())))
+
+
 def adapts(recipe: Path) -> bool:
     """Whether the recipe's method starts from a pretrained checkpoint (`pretrained:`)."""
     return "pretrained" in model_arguments(recipe)
@@ -76,7 +83,7 @@ def test_tiny_recipe_trains_a_step(recipe, make_shards, tmp_path, request):
         if "cluster_shards" in model_arguments(recipe):
             start += ["--model.init_args.cluster_shards", shards.pattern]
     position_prompts = "position_prompts: true" in recipe.read_text()  # PTP reads the scenes' instance masks
-    if model_arguments(recipe).get("stage") == "fine" or position_prompts:  # boxes / masks: the tests' tiny scenes
+    if model_arguments(recipe).get("stage") == "fine" or position_prompts or needs_instances(recipe):  # tiny scenes
         train_shards = str(request.getfixturevalue("scene_shards") / "train-000000.tar")
     if recipe.parent.name == "ffr":  # groups in `.json`: the tests' tiny `vlp-data ffr` set; step 2 from scratch
         train_shards = str(request.getfixturevalue("ffr_shards") / "train-000000.tar")

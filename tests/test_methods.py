@@ -49,7 +49,27 @@ def make_batch(method: VLPMethod, batch_size: int = 8, seed: int = 0) -> dict:
              "__key__": [f"{i:04d}" for i in range(batch_size)]}
     if method.tokenizer is not None:
         batch["text"] = method.tokenizer(captions)
+    if "boxes" in method.required_keys:
+        batch.update(scene_objects(batch_size, method.image_size))
     return batch
+
+
+def scene_objects(batch_size: int, size: int) -> dict:
+    """`boxes`, `objects` and `meta` as `ImageTextDataModule` gives them on scene shards (`data_modules.instances`):
+    per image one or two objects, their boxes in the view's pixels and the `.json` they index, with a region
+    description each (what `object_phrases(meta, objects, "regions")` reads)."""
+    boxes, objects, metas = [], [], []
+    for index in range(batch_size):
+        half = size / 2
+        left, top = half * (index % 2), half * (index // 2 % 2)
+        kept = [[left, top, left + half, top + half], [size / 4, size / 4, size * 3 / 4, size * 3 / 4]]
+        kept = kept[: 1 + index % 2]
+        names = [CAPTIONS[(index + step) % len(CAPTIONS)] for step in range(len(kept))]
+        boxes.append(torch.tensor(kept))
+        objects.append(torch.arange(len(kept)))
+        metas.append({"objects": [{"name": name, "box": box} for name, box in zip(names, kept)],
+                      "regions": [f"a {name} at {round(box[0])}, {round(box[1])}" for name, box in zip(names, kept)]})
+    return {"boxes": boxes, "objects": objects, "meta": metas}
 
 
 def make_video_batch(method: VLPMethod, batch_size: int = 8, seed: int = 0, frames: int = 8) -> dict:

@@ -27,7 +27,13 @@ from vlp_lightning.callbacks.embedding_writer import EmbeddingWriter
 from vlp_lightning.callbacks.features import EvalFeatures, EvaluationCallback, extract_features
 from vlp_lightning.callbacks.global_batch import GlobalBatchSize, lr_scale_factor
 from vlp_lightning.callbacks.group_accuracy import GroupAccuracy, group_accuracies, group_metrics
-from vlp_lightning.callbacks.grounding import PhraseGrounding, constant_box_grounding, grounding_metrics
+from vlp_lightning.callbacks.grounding import (
+    PatchTextGrounding,
+    PhraseGrounding,
+    constant_box_grounding,
+    grounding_metrics,
+    patch_similarity_boxes,
+)
 from vlp_lightning.callbacks.knn import KNNClassifier, weighted_knn_scores
 from vlp_lightning.callbacks.linear_probe import LinearProbe, fit_logistic_regression, linear_probe_scores
 from vlp_lightning.callbacks.model_summary import VLPModelSummary
@@ -65,6 +71,7 @@ __all__ = [
     "KNNClassifier",
     "LinearProbe",
     "NonFiniteLossGuard",
+    "PatchTextGrounding",
     "PhraseGrounding",
     "RegressionProbe",
     "Retrieval",
@@ -89,6 +96,7 @@ __all__ = [
     "linear_probe_scores",
     "nearest_neighbour_captions",
     "parse_choice",
+    "patch_similarity_boxes",
     "pgd_attack",
     "regression_metrics",
     "regression_probe_predictions",

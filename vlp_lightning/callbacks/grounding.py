@@ -7,17 +7,20 @@ they keep (`boxes`, `objects`; `data_modules.instances`), each object's phrase f
 (`object_phrases`). The boxes are compared in the crop's pixels. Batches are shared across ranks as the feature
 passes are (`encode_across_ranks`, one IoU per phrase), so every rank computes the same metrics.
 `constant_box_grounding` is the box-prior baseline (the whole image, or a centred box of the true boxes' mean size)
-that a bench sets beside a method.
+that a bench sets beside a method; `PatchTextGrounding` the zero-shot baseline of a joint-space method without a box
+head (CLIP): the box of the patches whose embedding is most similar to the phrase's (`patch_similarity_boxes`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from data_modules.instances import PHRASE_FIELDS, object_phrases
@@ -66,6 +69,68 @@ def constant_box_grounding(
     centre = image_size / 2
     box = torch.tensor([[centre - width / 2, centre - height / 2, centre + width / 2, centre + height / 2]])
     return grounding_metrics(paired_iou(box.expand_as(true), true))
+
+
+def patch_similarity_boxes(similarity: Tensor, height: int, width: int, threshold: float = 0.5) -> Tensor:
+    """Cosines [K, h, w] of K phrases with one image's patch grid -> a box per phrase [K, 4] (x0, y0, x1, y1 in
+    pixels of the `height` x `width` image): the box of the patches whose cosine lies at least `threshold` of the way
+    from the map's lowest value to its highest (the best patch always counts)."""
+    count, rows, columns = similarity.shape
+    if count == 0:
+        return similarity.new_zeros(0, 4).float()
+    flat = similarity.reshape(count, -1).float()
+    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    kept = (flat >= low + threshold * (high - low)).reshape(count, rows, columns)
+    spans = []
+    for occupied in (kept.any(1), kept.any(2)):  # [K, columns] and [K, rows]: which columns / rows hold a kept patch
+        length = occupied.shape[1]
+        spans.append((occupied.int().argmax(1), length - occupied.flip(1).int().argmax(1)))  # first, one past last
+    (x0, x1), (y0, y1) = spans
+    scale = similarity.new_tensor([width / columns, height / rows, width / columns, height / rows]).float()
+    cells = torch.stack([x0, y0, x1, y1], -1)
+    return cells.float() * scale
+
+
+class PatchTextGrounding(nn.Module):
+    """The zero-shot grounding baseline of a joint-space method without a box head (module doc): its patch tokens
+    (`patch_features`) mapped into the joint space by its image projection, as MaskCLIP reads CLIP's dense features
+    (Zhou et al. 2022, sec. 3.2), against each phrase's text embedding; a phrase's box is `patch_similarity_boxes`'.
+    It offers what `PhraseGrounding` asks of a method (`ground`, `image_size`, `train_views`).
+
+    Args:
+        method: a CLIP-family method whose `image_projection` maps the image tower's tokens into the joint space.
+        threshold: where between a map's lowest and highest cosine a patch starts to count (0.5: half way).
+    """
+
+    def __init__(self, method: nn.Module, threshold: float = 0.5) -> None:
+        super().__init__()
+        if not hasattr(method, "image_projection"):
+            raise ValueError(f"PatchTextGrounding needs a CLIP-family method with an image_projection, got "
+                             f"{type(method).__name__}; pass a CLIP checkpoint's method")
+        self.method, self.threshold = method, threshold
+
+    @property
+    def image_size(self) -> int:
+        return self.method.image_size
+
+    def train_views(self):
+        return self.method.train_views()
+
+    @torch.no_grad()
+    def ground(self, images: Tensor, phrases: list[list[str]]) -> list[Tensor]:
+        height, width = images.shape[-2:]
+        patches = F.normalize(self.method.image_projection(self.method.patch_features(images)), dim=-1)  # [N, L, D]
+        side = math.isqrt(patches.shape[1])
+        flat = [phrase for sample in phrases for phrase in sample]
+        tokens = {key: ids.to(images.device) for key, ids in self.method.tokenizer(flat).items()} if flat else None
+        texts = self.method.encode_text(tokens) if flat else patches.new_zeros(0, patches.shape[-1])
+        grounded, start = [], 0
+        for image, sample in enumerate(phrases):
+            similarity = texts[start : start + len(sample)] @ patches[image].T  # [K_i, L]
+            grounded.append(patch_similarity_boxes(similarity.reshape(len(sample), side, side), height, width,
+                                                   self.threshold))
+            start += len(sample)
+        return grounded
 
 
 class PhraseGrounding(EvaluationCallback):
