@@ -54,6 +54,9 @@ ARM_CACHE = REPO_ROOT / "runs" / "bench" / "scenes"
 ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "CLIP": ("clip/scenes_tiny.yaml", ()),
     "CLIP + PTP": ("clip/scenes_ptp_tiny.yaml", ()),
+    "CLIP long": ("clip/scenes_long_tiny.yaml", ()),
+    "CLIP mixed": ("clip/scenes_mixed_tiny.yaml", ()),
+    "DreamLIP": ("dreamlip/scenes_tiny.yaml", ()),
 }
 
 

@@ -14,6 +14,7 @@ from vlp_lightning.methods.adaptation.pvp import PVP
 from vlp_lightning.methods.adaptation.robust_mae import RobustMAE
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.clip import CLIP
+from vlp_lightning.methods.contrastive.dreamlip import DreamLIP
 from vlp_lightning.methods.convirt import ConVIRT
 from vlp_lightning.methods.fusion.albef import ALBEF
 from vlp_lightning.methods.fusion.arl import ARL
@@ -61,7 +62,7 @@ def method_names() -> list[str]:
 
 
 __all__ = [
-    "VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "SwAV", "MAE", "Selfie", "SiT",
+    "VLPMethod", "WarmupCosineLR", "CLIP", "DreamLIP", "ConVIRT", "SwAV", "MAE", "Selfie", "SiT",
     "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg", "MMC", "LOOK", "HVP",
     "CoOp", "CoCoOp", "MaPLe", "PRE", "FineTune", "DRTune", "DAMVP", "DAMVPMeta", "PEFTClassifier", "PVP", "PCB",
     "RobustMAE",
