@@ -110,7 +110,7 @@ class StreamingDataModule(LightningDataModule):
     with_caption = False
     #: which text of a `.txt` member a sample's caption is (`data_modules.captions`).
     caption_sampling: CaptionSampling = "all"
-    #: which text a sample's caption is drawn from: `.txt` "short", `.json` "long", or "mixed" (`data_modules.captions`).
+    #: which text a sample's caption is drawn from: `.txt` "short", `.json` "long" or "mixed" (`data_modules.captions`).
     caption_source: CaptionSource = "short"
     #: PTP's position prompts follow the training captions (`SampleDecoder.with_position_prompts`).
     position_prompts = False

@@ -70,7 +70,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import WebLoader, gopen
 from webdataset.shardlists import expand_urls
 
-from data_modules.captions import LONG_CAPTION_FIELD, CaptionSampling, CaptionSource, caption_from_source, sample_caption
+from data_modules.captions import (
+    LONG_CAPTION_FIELD,
+    CaptionSampling,
+    CaptionSource,
+    caption_from_source,
+    sample_caption,
+)
 from data_modules.clips import CLIP_MEMBERS
 from data_modules.conversations import parse_conversation
 from data_modules.manifest import class_count, local_path, read_manifest, shard_counts
@@ -451,7 +457,8 @@ class SampleDecoder:
     sentence), with the seed `decode` gets, from the text `caption_source` names (`.txt` "short", the `.json`
     `long_caption` "long", or either, drawn per sample, "mixed"). `with_long_caption` adds the `.json` long caption
     as `long_caption` (raw str; DreamLIP samples its sub-captions from it). A long caption asked of a sample whose
-    `.json` has none stops the run (`DataConfigError`), never a silent skip. `with_conversation` makes a valid `.json` `"conversations"` list required
+    `.json` has none stops the run (`DataConfigError`), never a silent skip. `with_conversation` makes a valid `.json`
+    `"conversations"` list required
     (`data_modules.conversations`; a sample without one is dropped and counted) and returns it as `conversation`,
     normalised to role / content turns.
     """
