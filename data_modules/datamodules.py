@@ -32,7 +32,7 @@ import torch.distributed as dist
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningDataModule
 
-from data_modules.captions import CAPTION_SAMPLINGS, CaptionSampling
+from data_modules.captions import CAPTION_SAMPLINGS, CAPTION_SOURCES, CaptionSampling, CaptionSource
 from data_modules.clip_views import ClipViews
 from data_modules.clips import CLIP_MEMBERS, VIDEO_MEMBERS
 from data_modules.instances import INSTANCES_MEMBER
@@ -110,6 +110,8 @@ class StreamingDataModule(LightningDataModule):
     with_caption = False
     #: which text of a `.txt` member a sample's caption is (`data_modules.captions`).
     caption_sampling: CaptionSampling = "all"
+    #: which text a sample's caption is drawn from: `.txt` "short", `.json` "long" or "mixed" (`data_modules.captions`).
+    caption_source: CaptionSource = "short"
     #: PTP's position prompts follow the training captions (`SampleDecoder.with_position_prompts`).
     position_prompts = False
     #: a sample's `.json` conversation is part of the batch (`conversation`; `data_modules.conversations`).
@@ -204,6 +206,8 @@ class StreamingDataModule(LightningDataModule):
                 tokenizer=tokenizer,
                 num_classes=class_count(data.manifest),
                 caption_sampling=self.caption_sampling,
+                caption_source=self.caption_source,
+                with_long_caption=self.with_caption and "long_caption" in getattr(method, "required_keys", ()),
                 with_instances=INSTANCES_MEMBER in data.members and (needs_instances or not warps or prompts),
                 position_prompts=self.position_prompts and split == "train",
                 with_conversation=self.with_conversation,
@@ -222,6 +226,19 @@ class StreamingDataModule(LightningDataModule):
             raise DataConfigError(
                 f"{type(self).__name__} needs captions but {split.describe()} has no .txt members; use "
                 "ImageDataModule for image-only data"
+            )
+        wants_long = "long_caption" in required or (self.with_caption and self.caption_source != "short")
+        if wants_long and "json" not in split.members:
+            asked_by = f"{name} needs `long_caption`" if "long_caption" in required else (
+                f"caption_source={self.caption_source!r} reads long captions")
+            raise DataConfigError(
+                f"{asked_by} (the .json field 'long_caption') but {split.describe()} has no .json members; use "
+                "shards with long captions (e.g. `vlp-data scenes data/scenes`) or caption_source: short"
+            )
+        if "long_caption" in required and not self.with_caption:
+            raise DataConfigError(
+                f"{name} needs long captions (`long_caption`) but {type(self).__name__} provides no captions; use "
+                "ImageTextDataModule with long-captioned shards (e.g. `vlp-data scenes data/scenes`)"
             )
         if "text" in required and not self.with_caption:
             raise DataConfigError(
@@ -451,6 +468,10 @@ class ImageTextDataModule(StreamingDataModule):
         caption_sampling: the caption of a sample, from its `.txt` lines: "all" of them (joined, as stored), one
             random "line", or one random "sentence" (ConVIRT, Zhang et al. 2020, sec. 3); the draw depends on
             (seed, epoch, sample key) only, so it is deterministic and resumes exactly (`data_modules.captions`).
+        caption_source: where a caption comes from: "short" (the `.txt`), "long" (the `.json` `long_caption`,
+            e.g. the scenes' one sentence per object) or "mixed" (short or long, drawn per sample from (seed, epoch,
+            key), so resume is exact); `caption_sampling` then picks within it. Shards without long captions stop at
+            setup (no `.json`) or at the first such sample, never silently.
         position_prompts: PTP (Wang et al. 2023, "Position-guided Text Prompt for Vision-Language Pre-training"):
             each training caption is followed by "The block [P] has a [O]." for one of the 3 x 3 blocks of the
             image as the model sees it (after its crop and flip) and the object covering most of that block, read
@@ -479,6 +500,7 @@ class ImageTextDataModule(StreamingDataModule):
         caption_sampling: CaptionSampling = "all",
         predict_shards: str | None = None,
         position_prompts: bool = False,
+        caption_source: CaptionSource = "short",
     ) -> None:
         super().__init__(
             train_shards, val_shards, test_shards, batch_size, num_workers, image_size, views,
@@ -486,6 +508,9 @@ class ImageTextDataModule(StreamingDataModule):
         )
         if caption_sampling not in CAPTION_SAMPLINGS:
             raise DataConfigError(f"caption_sampling must be one of {CAPTION_SAMPLINGS}, got {caption_sampling!r}")
+        if caption_source not in CAPTION_SOURCES:
+            raise DataConfigError(f"caption_source must be one of {CAPTION_SOURCES}, got {caption_source!r}")
+        self.caption_source = caption_source
         self.tokenizer = tokenizer
         self.caption_sampling = caption_sampling
         self.position_prompts = position_prompts

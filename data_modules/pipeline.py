@@ -70,7 +70,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import WebLoader, gopen
 from webdataset.shardlists import expand_urls
 
-from data_modules.captions import CaptionSampling, sample_caption
+from data_modules.captions import (
+    LONG_CAPTION_FIELD,
+    CaptionSampling,
+    CaptionSource,
+    caption_from_source,
+    sample_caption,
+)
 from data_modules.clips import CLIP_MEMBERS
 from data_modules.conversations import parse_conversation
 from data_modules.manifest import class_count, local_path, read_manifest, shard_counts
@@ -448,7 +454,11 @@ class SampleDecoder:
     `.instances.png` required and returns `boxes`, `masks` and `objects` in every view's pixels, following its crops
     and flips (`data_modules.instances`; not affine warps). Captions become `text` tokens when a tokenizer is given;
     `caption_sampling` picks the caption of each sample (`data_modules.captions`: all lines, one line, one
-    sentence), with the seed `decode` gets. `with_conversation` makes a valid `.json` `"conversations"` list required
+    sentence), with the seed `decode` gets, from the text `caption_source` names (`.txt` "short", the `.json`
+    `long_caption` "long", or either, drawn per sample, "mixed"). `with_long_caption` adds the `.json` long caption
+    as `long_caption` (raw str; DreamLIP samples its sub-captions from it). A long caption asked of a sample whose
+    `.json` has none stops the run (`DataConfigError`), never a silent skip. `with_conversation` makes a valid `.json`
+    `"conversations"` list required
     (`data_modules.conversations`; a sample without one is dropped and counted) and returns it as `conversation`,
     normalised to role / content turns.
     """
@@ -463,6 +473,8 @@ class SampleDecoder:
     with_instances: bool = False
     position_prompts: bool = False
     with_conversation: bool = False
+    caption_source: CaptionSource = "short"
+    with_long_caption: bool = False
     #: the batch entry that holds the packed uint8 crops (what `Handover` passes through shared memory).
     packed_field: ClassVar[str] = "image"
 
@@ -492,12 +504,16 @@ class SampleDecoder:
             raise _BadSample(f"undecodable image: {error!r}") from error
         sample = {"__key__": raw["__key__"], "crops": crops}
         try:
-            if self.with_caption:
-                sample["caption"] = read_caption(raw, self.caption_sampling, caption_seed)
-            if self.with_label:
-                sample["label"] = read_label(raw, self.num_classes)
             if "json" in raw:
                 sample["meta"] = json.loads(raw["json"])
+            if self.with_caption:
+                sample["caption"] = read_caption(raw, self.caption_sampling, caption_seed, self.caption_source,
+                                                 sample.get("meta"))
+            if self.with_long_caption:
+                sample["long_caption"] = read_long_caption(raw["__key__"], sample.get("meta"),
+                                                           "a method needing `long_caption`")
+            if self.with_label:
+                sample["label"] = read_label(raw, self.num_classes)
             if self.with_conversation:
                 sample["conversation"] = _conversation(sample.get("meta"))
             if self.with_mask:
@@ -510,6 +526,8 @@ class SampleDecoder:
                 instances = decode_instances(sample["meta"], raw[INSTANCES_MEMBER], image.shape[1], image.shape[0])
                 sample["instances"] = [crop_instances(instances, region, crop.size)
                                        for region, crop in zip(regions, self.transform.crops)]
+        except DataConfigError:
+            raise
         except (UnicodeDecodeError, ValueError, OSError) as error:
             raise _BadSample(f"undecodable member: {error!r}") from error
         return sample
@@ -543,6 +561,8 @@ class SampleDecoder:
                 batch["text"] = self.tokenizer(batch["caption"])
         if self.with_label:
             batch["label"] = torch.tensor([sample["label"] for sample in samples], dtype=torch.long)
+        if self.with_long_caption:
+            batch["long_caption"] = [sample["long_caption"] for sample in samples]
         if any("meta" in sample for sample in samples):
             batch["meta"] = [sample.get("meta", {}) for sample in samples]
         if self.with_conversation:
@@ -554,12 +574,29 @@ class SampleDecoder:
         return batch
 
 
-def read_caption(raw: dict, sampling: CaptionSampling, seed: str) -> str:
-    """The caption of a raw sample's `.txt` (`data_modules.captions` picks which); `_BadSample` when it has none."""
-    caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
-    if not caption:
+def read_caption(raw: dict, sampling: CaptionSampling, seed: str, source: CaptionSource = "short",
+                 meta: dict | None = None) -> str:
+    """The caption of a raw sample: its `.txt` or its `.json` long caption as `source` says, then the part
+    `sampling` picks (`data_modules.captions`); `_BadSample` when it has no `.txt`, `DataConfigError` when a long
+    caption is asked and its `.json` has none."""
+    short = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
+    if not short:
         raise _BadSample("missing caption (.txt)")
+    long = read_long_caption(raw["__key__"], meta, f"caption_source={source!r}") if source != "short" else None
+    caption = caption_from_source(short, long, source, seed, raw["__key__"])
     return sample_caption(caption, sampling, seed, raw["__key__"])
+
+
+def read_long_caption(key: str, meta: dict | None, asked_by: str) -> str:
+    """The `.json` `long_caption` of the sample `key`; one `DataConfigError` naming who asked and the fix when there
+    is none."""
+    text = (meta or {}).get(LONG_CAPTION_FIELD)
+    if not isinstance(text, str) or not text.strip():
+        raise DataConfigError(
+            f"{asked_by} reads the .json field {LONG_CAPTION_FIELD!r}, which sample {key!r} lacks; use shards with "
+            "long captions (e.g. `vlp-data scenes`) or caption_source: short"
+        )
+    return text.strip()
 
 
 def read_label(raw: dict, num_classes: int | None) -> int:

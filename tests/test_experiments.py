@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,9 @@ def test_tiny_recipe_trains_a_step(recipe, make_shards, tmp_path, request):
         if "cluster_shards" in model_arguments(recipe):
             start += ["--model.init_args.cluster_shards", shards.pattern]
     position_prompts = "position_prompts: true" in recipe.read_text()  # PTP reads the scenes' instance masks
-    if model_arguments(recipe).get("stage") == "fine" or position_prompts or needs_instances(recipe):  # tiny scenes
+    long_captions = re.search(r"caption_source: (long|mixed)|methods\.DreamLIP", recipe.read_text())  # .json
+    if (model_arguments(recipe).get("stage") == "fine" or position_prompts or needs_instances(recipe)
+            or long_captions):  # the tests' tiny scenes
         train_shards = str(request.getfixturevalue("scene_shards") / "train-000000.tar")
     if recipe.parent.name == "ffr":  # groups in `.json`: the tests' tiny `vlp-data ffr` set; step 2 from scratch
         train_shards = str(request.getfixturevalue("ffr_shards") / "train-000000.tar")

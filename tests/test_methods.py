@@ -51,6 +51,9 @@ def make_batch(method: VLPMethod, batch_size: int = 8, seed: int = 0) -> dict:
         batch["text"] = method.tokenizer(captions)
     if "boxes" in method.required_keys:
         batch.update(scene_objects(batch_size, method.image_size))
+    if "long_caption" in method.required_keys:  # long captions, several sentences each (DreamLIP)
+        batch["long_caption"] = [f"One {caption} in the centre. A {CAPTIONS[(i + 3) % len(CAPTIONS)]} is on the "
+                                 f"left. The {caption} is big." for i, caption in enumerate(captions)]
     return batch
 
 

@@ -6,13 +6,16 @@ similarity. Image -> text R@K is the fraction of images with at least one of the
 text -> image R@K the fraction of captions whose image is in the top K; the median rank is 1-based.
 
 Several captions per image: a sample's `.txt` may hold several lines, each one caption of that image (how COCO and
-Flickr30k's five captions are stored). Scores that tie with the ground truth do not push it down (ranks count the
-strictly better candidates), so identical captions of different images all count as hits.
+Flickr30k's five captions are stored). `caption_source="long"` ranks each sample's `.json` long caption instead
+(one per image, e.g. the scenes' `long_caption`: DreamLIP's long-caption retrieval, Zheng et al. 2024). Scores that
+tie with the ground truth do not push it down (ranks count the strictly better candidates), so identical captions of
+different images all count as hits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,7 +23,9 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
+from data_modules.captions import LONG_CAPTION_FIELD
 from vlp_lightning.callbacks.features import (
+    EvalFeatures,
     EvaluationCallback,
     encode_texts,
     examples_picture,
@@ -129,6 +134,8 @@ class Retrieval(EvaluationCallback):
         max_samples: evaluate the first this many images (None: all).
         num_examples: images shown in the TensorBoard picture.
         rerank_top_k: candidates a query re-ranks with the method's matching head (0: none).
+        caption_source: "short" ranks the `.txt` captions (each line one caption); "long" the `.json` long caption
+            of each sample (one per image; shards without one stop with one sentence).
         every_n_epochs, batch_size, num_workers: see `EvaluationCallback`.
     """
 
@@ -139,6 +146,7 @@ class Retrieval(EvaluationCallback):
         max_samples: int | None = None,
         num_examples: int = 4,
         rerank_top_k: int = 0,
+        caption_source: Literal["short", "long"] = "short",
         every_n_epochs: int = 1,
         batch_size: int = 64,
         num_workers: int = 0,
@@ -151,15 +159,30 @@ class Retrieval(EvaluationCallback):
         if rerank_top_k < 0:
             raise ValueError(f"rerank_top_k is a number of candidates (0: no re-ranking), got {rerank_top_k}")
         self.rerank_top_k = rerank_top_k
+        if caption_source not in ("short", "long"):
+            raise ValueError(f"caption_source must be 'short' (.txt) or 'long' (.json long_caption), got "
+                             f"{caption_source!r}")
+        self.caption_source = caption_source
+
+    def captions_per_image(self, features: EvalFeatures) -> list[list[str]]:
+        """The texts of each image: its `.txt` lines ("short") or its one `.json` long caption ("long")."""
+        if self.caption_source == "short":
+            if features.captions is None:
+                raise ValueError(f"Retrieval {self.name!r}: the shards {self.shards} have no .txt captions")
+            return [split_captions(caption) for caption in features.captions]
+        longs = [(meta or {}).get(LONG_CAPTION_FIELD) for meta in (features.meta or [None] * len(features.image))]
+        if not all(isinstance(text, str) and text.strip() for text in longs):
+            raise ValueError(f"Retrieval {self.name!r} with caption_source='long' needs a .json {LONG_CAPTION_FIELD!r} "
+                             f"in every sample of {self.shards}; use long-captioned shards (e.g. `vlp-data scenes`) "
+                             "or caption_source: short")
+        return [[text.strip()] for text in longs]
 
     def evaluate(self, trainer: Trainer, method: LightningModule) -> dict[str, float]:
         if not has_text_tower(method):
             self.warn_once(f"Retrieval skipped: {type(method).__name__} has no text tower (encode_text)")
             return {}
         features = self.features(method, self.shards, self.max_samples, representation="joint")
-        if features.captions is None:
-            raise ValueError(f"Retrieval {self.name!r}: the shards {self.shards} have no .txt captions")
-        captions_per_image = [split_captions(caption) for caption in features.captions]
+        captions_per_image = self.captions_per_image(features)
         texts = [caption for captions in captions_per_image for caption in captions]
         text_to_image = torch.tensor([image for image, captions in enumerate(captions_per_image) for _ in captions])
         text_features = encode_texts(method, method.tokenizer, texts, self.batch_size)

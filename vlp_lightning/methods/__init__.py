@@ -15,6 +15,7 @@ from vlp_lightning.methods.adaptation.robust_mae import RobustMAE
 from vlp_lightning.methods.base import VLPMethod, WarmupCosineLR
 from vlp_lightning.methods.clip import CLIP
 from vlp_lightning.methods.contrastive.grain import GRAIN
+from vlp_lightning.methods.contrastive.dreamlip import DreamLIP
 from vlp_lightning.methods.convirt import ConVIRT
 from vlp_lightning.methods.ffr import FFR
 from vlp_lightning.methods.fusion.albef import ALBEF
@@ -63,7 +64,7 @@ def method_names() -> list[str]:
 
 
 __all__ = [
-    "VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "GRAIN", "SwAV", "MAE", "Selfie", "SiT",
+    "VLPMethod", "WarmupCosineLR", "CLIP", "ConVIRT", "GRAIN", "DreamLIP", "SwAV", "MAE", "Selfie", "SiT",
     "BYOL", "SimCLR", "MoCoV2", "MoCoV3", "DINO", "BarlowTwins", "VICReg", "MMC", "LOOK", "HVP", "FFR",
     "CoOp", "CoCoOp", "MaPLe", "PRE", "FineTune", "DRTune", "DAMVP", "DAMVPMeta", "PEFTClassifier", "PVP", "PCB",
     "RobustMAE",
