@@ -200,6 +200,11 @@ def _cutout(path: str) -> tuple[np.ndarray, np.ndarray, str]:
     return rgba[..., :3] * alpha, alpha, colour_name(mean)
 
 
+def cutout_colour(path: str) -> str:
+    """The name of the mean colour of a cut-out PNG's opaque pixels (as the scenes' `.json` objects name it)."""
+    return _cutout(path)[2]
+
+
 def colour_name(rgb: np.ndarray) -> str:
     """The everyday name of an RGB colour in [0, 1]: black, white or grey by value and saturation, else by hue."""
     hue, saturation, value = cv2.cvtColor(np.float32(rgb).reshape(1, 1, 3), cv2.COLOR_RGB2HSV)[0, 0]

@@ -2,7 +2,10 @@
 
 Evaluation (`features.EvaluationCallback`: end of validate / test, and every `every_n_epochs` during fit):
 `ZeroShotClassification`, `Retrieval`, `KNNClassifier`, `LinearProbe`, `EmbeddingProjector`,
-`ZeroShotSegmentation` (MMC's prompt-patch segmentation, scored on `.mask.png` foreground masks), `BaseToNovel`
+`ZeroShotSegmentation` (MMC's prompt-patch segmentation, scored on `.mask.png` foreground masks or on each object
+instance of scene shards), `DenseProbe` (linear segmentation of frozen patch features on scene shards: mIoU),
+`CompositionalProbe` (SNARE-style true vs perturbed scene-graph captions: attribute, relation, shuffle, negation),
+`MMVPPairs` (MMVP pair accuracy on CLIP-blind pairs mined by `mine_clip_blind_pairs`), `BaseToNovel`
 (base / novel / harmonic-mean accuracy of prompt learning, zero-shot for other CLIP-family methods),
 `AdversarialRobustness` (clean and ℓ∞ PGD accuracy of a method with `classify(images)`), `CaptionMetrics` (BLEU,
 ROUGE-L and CIDEr-D of a method with `generate_captions(images, ...)`; `nearest_neighbour_captions` is the 1-NN
@@ -21,6 +24,7 @@ Console: `VLPProgressBar` (steps of a `max_steps` run), `VLPModelSummary` (no FL
 from vlp_lightning.callbacks.adversarial import AdversarialRobustness, pgd_attack
 from vlp_lightning.callbacks.base_to_novel import BaseToNovel, harmonic_mean
 from vlp_lightning.callbacks.captioning import CaptionMetrics, caption_metrics, nearest_neighbour_captions
+from vlp_lightning.callbacks.dense_probe import DenseProbe, dense_probe_predictions, segmentation_metrics
 from vlp_lightning.callbacks.embedding_projector import EmbeddingProjector
 from vlp_lightning.callbacks.embedding_writer import EmbeddingWriter
 from vlp_lightning.callbacks.features import EvalFeatures, EvaluationCallback, extract_features
@@ -28,6 +32,7 @@ from vlp_lightning.callbacks.global_batch import GlobalBatchSize, lr_scale_facto
 from vlp_lightning.callbacks.grounding import PhraseGrounding, constant_box_grounding, grounding_metrics
 from vlp_lightning.callbacks.knn import KNNClassifier, weighted_knn_scores
 from vlp_lightning.callbacks.linear_probe import LinearProbe, fit_logistic_regression, linear_probe_scores
+from vlp_lightning.callbacks.mmvp import MMVPPairs, mine_clip_blind_pairs, write_clip_blind_pairs
 from vlp_lightning.callbacks.model_summary import VLPModelSummary
 from vlp_lightning.callbacks.non_finite_loss import NonFiniteLossGuard
 from vlp_lightning.callbacks.progress import VLPProgressBar
@@ -38,6 +43,7 @@ from vlp_lightning.callbacks.regression_probe import (
     ridge_predictions,
 )
 from vlp_lightning.callbacks.retrieval import Retrieval, retrieval_metrics, retrieval_ranks
+from vlp_lightning.callbacks.snare import CompositionalProbe, snare_pairs
 from vlp_lightning.callbacks.throughput import ThroughputMonitor
 from vlp_lightning.callbacks.videophy import VideoPhy, videophy_pair_accuracy
 from vlp_lightning.callbacks.zero_shot import (
@@ -53,6 +59,8 @@ __all__ = [
     "AdversarialRobustness",
     "BaseToNovel",
     "CaptionMetrics",
+    "CompositionalProbe",
+    "DenseProbe",
     "EmbeddingProjector",
     "EmbeddingWriter",
     "EvalFeatures",
@@ -61,6 +69,7 @@ __all__ = [
     "InstructionAccuracy",
     "KNNClassifier",
     "LinearProbe",
+    "MMVPPairs",
     "NonFiniteLossGuard",
     "PhraseGrounding",
     "RegressionProbe",
@@ -76,12 +85,14 @@ __all__ = [
     "build_zero_shot_classifier",
     "caption_metrics",
     "constant_box_grounding",
+    "dense_probe_predictions",
     "extract_features",
     "fit_logistic_regression",
     "grounding_metrics",
     "harmonic_mean",
     "instruction_metrics",
     "linear_probe_scores",
+    "mine_clip_blind_pairs",
     "nearest_neighbour_captions",
     "parse_choice",
     "pgd_attack",
@@ -91,6 +102,9 @@ __all__ = [
     "retrieval_metrics",
     "retrieval_ranks",
     "ridge_predictions",
+    "segmentation_metrics",
+    "snare_pairs",
     "videophy_pair_accuracy",
     "weighted_knn_scores",
+    "write_clip_blind_pairs",
 ]
