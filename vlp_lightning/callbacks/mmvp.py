@@ -45,21 +45,26 @@ CLIP_THRESHOLD, SSL_THRESHOLD = 0.95, 0.6
 CHANCE = 0.25
 
 
-def clip_blind_pairs(
-    metas: list[dict], clip_features: Tensor, ssl_features: Tensor, clip_threshold: float, ssl_threshold: float
-) -> list[tuple[int, int, float, float]]:
-    """The candidate pairs (two samples of one `group` of `metas`) whose CLIP features [N, D] have cosine above
-    `clip_threshold` and whose self-supervised features [N, D'] have cosine below `ssl_threshold`, as (first,
-    second, CLIP cosine, SSL cosine), in sample order."""
+def candidate_pairs(metas: list[dict]) -> list[tuple[int, int]]:
+    """Every pair of two samples of one contrast `group` of `metas` (their `.json`), in sample order."""
     groups: dict[str, list[int]] = defaultdict(list)
     for index, meta in enumerate(metas):
         if "group" not in meta:
             raise ValueError(f"sample {index}'s .json has no `group`; build the candidates with `vlp-data "
                              "emoji-contrasts`")
         groups[meta["group"]].append(index)
+    return sorted(pair for members in groups.values() for pair in combinations(members, 2))
+
+
+def clip_blind_pairs(
+    metas: list[dict], clip_features: Tensor, ssl_features: Tensor, clip_threshold: float, ssl_threshold: float
+) -> list[tuple[int, int, float, float]]:
+    """The candidate pairs (`candidate_pairs`) whose CLIP features [N, D] have cosine above `clip_threshold` and
+    whose self-supervised features [N, D'] have cosine below `ssl_threshold`, as (first, second, CLIP cosine, SSL
+    cosine), in sample order."""
     clip, ssl = F.normalize(clip_features.float(), dim=-1), F.normalize(ssl_features.float(), dim=-1)
     pairs = []
-    for first, second in sorted(pair for members in groups.values() for pair in combinations(members, 2)):
+    for first, second in candidate_pairs(metas):
         clip_cosine, ssl_cosine = float(clip[first] @ clip[second]), float(ssl[first] @ ssl[second])
         if clip_cosine > clip_threshold and ssl_cosine < ssl_threshold:
             pairs.append((first, second, clip_cosine, ssl_cosine))
@@ -91,13 +96,10 @@ def mine_clip_blind_pairs(
     if clip_pass.meta is None or clip_pass.captions is None:
         raise ValueError(f"mine_clip_blind_pairs: the shards {shards!r} have no .json groups and .txt texts; build "
                          "them with `vlp-data emoji-contrasts`")
-    groups: dict[str, list[int]] = defaultdict(list)
-    for index, meta in enumerate(clip_pass.meta):
-        groups[meta.get("group", "")].append(index)
     pairs = clip_blind_pairs(clip_pass.meta, clip_pass.image, ssl_pass.image, clip_threshold, ssl_threshold)
     return {
         "shards": shards, "clip_threshold": clip_threshold, "ssl_threshold": ssl_threshold,
-        "candidates": sum(len(members) * (len(members) - 1) // 2 for members in groups.values()),
+        "candidates": len(candidate_pairs(clip_pass.meta)),
         "pairs": [{"kind": clip_pass.meta[first]["kind"], "keys": [clip_pass.keys[first], clip_pass.keys[second]],
                    "texts": [clip_pass.captions[first], clip_pass.captions[second]],
                    "clip_cosine": round(clip_cosine, 6), "ssl_cosine": round(ssl_cosine, 6)}
