@@ -44,6 +44,20 @@ Sections (`--sections`; each keeps its own part of bench/results/scenes.json, th
     are; the official evaluation's "{template} which has {descriptor}" averaged per class).
   Both score the first scenes of each split in shard order, whole batches of 64 until `GRAIN_OBJECTS` objects
   (about 250 of its 500 scenes), the same scenes for every arm.
+* **probes** -- dense and compositional probes of every CLIP-family arm of `ARMS` whose checkpoint is cached
+  (`Bench.trained_arms`; no arm is trained here), on val and unseen concepts:
+  - **dense probe** (`callbacks.DenseProbe`): a linear classifier of background + the 7 emoji categories on the
+    frozen patch features of 256 training scenes (L-BFGS, 100 iterations), mIoU at pixel resolution (bilinear
+    logits) on 256 scenes of the split;
+  - **patch-prompt segmentation** (`callbacks.ZeroShotSegmentation`, MMC): each object instance of 256 scenes
+    prompted by one of its patches, the best mIoU over the thresholds 0.2 ... 0.8;
+  - **SNARE** (`callbacks.CompositionalProbe`): true caption vs attribute swap, relation exchange, word shuffle,
+    negation, all built from the scene graph, on the 500 scenes (chance 0.5);
+  - **MMVP** (`callbacks.MMVPPairs`): pair accuracy (chance 0.25) on CLIP-blind pairs of `vlp-data
+    emoji-contrasts` (skin tones; Google vs Twitter drawings), mined once with the CLIP arm and a MoCo v3 emoji
+    checkpoint (`SSL_CHECKPOINT`) and kept in bench/results/mmvp_pairs.json.
+  Reference rows: raw pixels (each 8 x 8 patch's pixels as its feature) and the untrained CLIP recipe (random
+  init) for the dense probes; the random-init CLIP for SNARE and MMVP, beside their chance.
 
 Usage: python bench/scenes.py [--sections ptp ...] [--steps N] [--retrain] [--quick]
 * **captions** -- the captions study: does CLIP profit from quality (long) captions, and does DreamLIP (Zheng et al.
@@ -82,12 +96,32 @@ from torchvision.ops import roi_align
 from data_modules.builder import main as vlp_data
 from data_modules.pipeline import make_eval_loader
 from data_modules.views import EvalView
-from vlp_lightning.callbacks import (GroupAccuracy, PatchTextGrounding, PhraseGrounding, Retrieval,
-                                    constant_box_grounding)
-from vlp_lightning.callbacks.features import encode_texts, evaluation_mode, method_eval_loader, new_evaluation_pass
+from vlp_lightning.callbacks import (
+    CompositionalProbe,
+    DenseProbe,
+    GroupAccuracy,
+    MMVPPairs,
+    PatchTextGrounding,
+    PhraseGrounding,
+    Retrieval,
+    ZeroShotSegmentation,
+    constant_box_grounding,
+    mine_clip_blind_pairs,
+    write_clip_blind_pairs,
+)
+from vlp_lightning.callbacks.features import (
+    encode_texts,
+    evaluation_mode,
+    has_joint_space,
+    has_text_tower,
+    method_eval_loader,
+    new_evaluation_pass,
+)
+from vlp_lightning.callbacks.snare import PERTURBATIONS
 from vlp_lightning.cli import VLPCLI
 from vlp_lightning.hardware import cpu_model
 from vlp_lightning.methods.base import VLPMethod
+from vlp_lightning.modules.masking import patchify
 from vlp_lightning.pretrained import load_method
 
 SCENES = "data/scenes"
@@ -188,6 +222,10 @@ class Bench:
         self.methods[name] = method.eval()
         self.seconds[name] = json.loads(timing.read_text())["seconds"] if timing.is_file() else float("nan")
         return method
+
+    def trained_arms(self) -> list[str]:
+        """The arms of `ARMS` (in its order) already trained for `steps` steps: cached, or trained in this run."""
+        return [name for name in ARMS if name in self.methods or self.checkpoint(name).is_file()]
 
     def evaluate(self, method: VLPMethod) -> evaluation_mode:
         """The context every score is taken in (eval mode, no gradient), after a fresh evaluation pass."""
@@ -501,6 +539,169 @@ def captions_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------------- probes
+PROBE_FIT = f"{SCENES}/train-000000.tar"
+PROBE_SCENES = 256  # fit and test scenes of the dense probes (per split)
+CONTRASTS = "data/emoji-contrasts"
+CONTRAST_SHARDS = f"{CONTRASTS}/test-{{000000..000003}}.tar"
+MMVP_PAIRS = REPO_ROOT / "bench" / "results" / "mmvp_pairs.json"
+#: the self-supervised encoder of the MMVP mining: MoCo v3 on Google's emoji (`experiments/mocov3/emoji_tiny.yaml`).
+SSL_CHECKPOINT = ARM_CACHE / "mocov3_emoji" / "checkpoints" / "last.ckpt"
+#: the arm whose image tower mines the CLIP-blind pairs.
+MINING_ARM = "CLIP"
+MIN_PAIRS = 100
+
+
+class RawPixels(VLPMethod):
+    """Reference: each patch's feature is its pixels (8 x 8 x 3), normalised as `like`'s training views."""
+
+    def __init__(self, like: VLPMethod, patch_size: int = 8) -> None:
+        super().__init__()
+        self.like_views, self.size, self.patch_size = like.train_views(), like.image_size, patch_size
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def image_size(self) -> int:
+        return self.size
+
+    def train_views(self):
+        return self.like_views
+
+    def patch_features(self, images):
+        return patchify(images, self.patch_size)
+
+
+def untrained_arm(name: str) -> VLPMethod:
+    """The recipe of arm `name` at its random initialisation (seed 0), in eval mode."""
+    torch.manual_seed(0)
+    cli = VLPCLI(args=["--config", str(REPO_ROOT / "experiments" / ARMS[name][0]), "--trainer.callbacks=[]",
+                       "--trainer.logger=false", *ARMS[name][1]], run=False)
+    return cli.model.eval()
+
+
+def mine_pairs(bench: Bench) -> dict:
+    """The CLIP-blind pairs of the contrasts, mined with `MINING_ARM` and `SSL_CHECKPOINT`: MMVP's thresholds
+    (CLIP cosine > 0.95, SSL cosine < 0.6) when at least `MIN_PAIRS` pairs pass them; else, since tiny models do not
+    share OpenAI CLIP's and DINOv2's scales, CLIP cosine above its (1 - q) quantile over the candidates and SSL
+    cosine below its q quantile, for the first q of 0.25, 0.375, 0.5 that keeps `MIN_PAIRS` (the medians at most:
+    more alike than CLIP's typical candidate pair, less alike than the SSL encoder's); written to `MMVP_PAIRS`."""
+    if not (REPO_ROOT / CONTRASTS / "manifest.json").is_file():
+        vlp_data(["emoji-contrasts", CONTRASTS])
+    ssl, _ = load_method(str(SSL_CHECKPOINT))
+    every = mine_clip_blind_pairs(bench.arm(MINING_ARM), ssl, CONTRAST_SHARDS, clip_threshold=-2.0, ssl_threshold=2.0)
+    clip_cosines = torch.tensor([pair["clip_cosine"] for pair in every["pairs"]])
+    ssl_cosines = torch.tensor([pair["ssl_cosine"] for pair in every["pairs"]])
+    def passing(thresholds: tuple[float, float]) -> int:
+        return int(((clip_cosines > thresholds[0]) & (ssl_cosines < thresholds[1])).sum())
+
+    thresholds = (0.95, 0.6)
+    for level in (0.25, 0.375, 0.5):
+        if passing(thresholds) >= MIN_PAIRS:
+            break
+        thresholds = (clip_cosines.quantile(1 - level).item(), ssl_cosines.quantile(level).item())
+    kept = [pair for pair in every["pairs"]
+            if pair["clip_cosine"] > thresholds[0] and pair["ssl_cosine"] < thresholds[1]]
+    document = {**every, "clip_threshold": round(thresholds[0], 6), "ssl_threshold": round(thresholds[1], 6),
+                "clip": f"{MINING_ARM} ({bench.checkpoint(MINING_ARM).name})",
+                "ssl": str(SSL_CHECKPOINT.relative_to(REPO_ROOT)), "pairs": kept,
+                "candidate_cosines": {"clip_median": clip_cosines.median().item(),
+                                      "ssl_median": ssl_cosines.median().item()}}
+    write_clip_blind_pairs(MMVP_PAIRS, document)
+    print(f"mmvp: {len(kept)} CLIP-blind pairs of {every['candidates']} candidates (CLIP cosine > {thresholds[0]:.3f}, "
+          f"SSL cosine < {thresholds[1]:.3f})", flush=True)
+    return {key: document[key] for key in ("clip", "ssl", "clip_threshold", "ssl_threshold", "candidates",
+                                           "candidate_cosines")} | {"pairs": len(kept)}
+
+
+def probe_scores(bench: Bench, method: VLPMethod, joint: bool) -> dict[str, dict[str, float]]:
+    """Per split the dense probe and prompt-segmentation mIoU, and for a CLIP-family method SNARE and MMVP."""
+    scores: dict[str, dict[str, float]] = {}
+    with bench.evaluate(method):
+        for split, shards in SPLITS.items():
+            dense = DenseProbe(PROBE_FIT, shards, name=split, max_train_samples=PROBE_SCENES,
+                               max_test_samples=PROBE_SCENES).evaluate(bench.trainer, method)
+            prompt = ZeroShotSegmentation(shards, name=split, max_samples=PROBE_SCENES,
+                                          targets="instances").evaluate(bench.trainer, method)
+            row = {"dense_miou": dense[f"dense_probe/{split}/miou"],
+                   "dense_pixel_accuracy": dense[f"dense_probe/{split}/pixel_accuracy"],
+                   "promptseg_miou": prompt[f"promptseg/{split}/miou_best"]}
+            if joint:
+                snare = CompositionalProbe(shards, name=split).evaluate(bench.trainer, method)
+                row |= {f"snare_{name.rsplit('/', 1)[1]}": value for name, value in snare.items()}
+            scores[split] = row
+        if joint and json.loads(MMVP_PAIRS.read_text())["pairs"]:
+            mmvp = MMVPPairs(CONTRAST_SHARDS, str(MMVP_PAIRS), name="emoji").evaluate(bench.trainer, method)
+            scores["mmvp"] = {name.rsplit("/", 1)[1]: value for name, value in mmvp.items()}
+    return scores
+
+
+def clip_family_arms(bench: Bench) -> list[str]:
+    """The trained arms (`Bench.trained_arms`) with a joint image-text space and a text tower."""
+    return [name for name in bench.trained_arms()
+            if has_joint_space(bench.arm(name)) and has_text_tower(bench.arm(name))]
+
+
+def probes(bench: Bench) -> dict:
+    if MINING_ARM not in clip_family_arms(bench):
+        raise SystemExit(f"probes: the {MINING_ARM} arm is not trained yet ({bench.checkpoint(MINING_ARM)}); "
+                         "run the ptp section (or wait for it) first")
+    if not SSL_CHECKPOINT.is_file():
+        raise SystemExit(f"probes: no self-supervised checkpoint at {SSL_CHECKPOINT}; train one with vlp fit "
+                         "--config experiments/mocov3/emoji_tiny.yaml --trainer.default_root_dir "
+                         f"{SSL_CHECKPOINT.parent.parent}")
+    mining = mine_pairs(bench)
+    scored: dict[str, dict] = {}
+
+    def score(name: str, method: VLPMethod, joint: bool, steps: int) -> None:
+        started = time.perf_counter()
+        scored[name] = {"steps": steps, **probe_scores(bench, method, joint), "seconds": time.perf_counter() - started}
+        print(f"{name}: {json.dumps(scored[name])}", flush=True)
+
+    score(MINING_ARM, bench.arm(MINING_ARM), True, bench.steps)
+    score("random init", untrained_arm(MINING_ARM), True, 0)
+    score("raw pixels", RawPixels(bench.arm(MINING_ARM)), False, 0)
+    for arm in clip_family_arms(bench):  # asked only now: an arm trained meanwhile elsewhere joins
+        if arm not in scored:
+            score(arm, bench.arm(arm), True, bench.steps)
+    order = [*clip_family_arms(bench), "random init", "raw pixels"]
+    rows = {name: scored[name] for name in order if name in scored}
+    return {"arms": rows, "mmvp_mining": mining, "table": probes_table(rows)}
+
+
+def probes_targets(part: dict) -> list[Target]:
+    rows, reference = part["arms"], part["arms"]["random init"]
+    trained = [arm for arm in rows if arm not in ("random init", "raw pixels")]
+    return [
+        *(Target(f"{arm} dense-probe mIoU - random init, {split} (points)",
+                 100 * (rows[arm][split]["dense_miou"] - reference[split]["dense_miou"]), 0.0)
+          for arm in trained for split in SPLITS),
+        *(Target(f"{arm} SNARE mean accuracy, {split}", rows[arm][split]["snare_mean"], 0.5)
+          for arm in trained for split in SPLITS),
+    ]
+
+
+def probes_table(rows: dict[str, dict]) -> str:
+    kinds = " | ".join(f"SNARE {kind}" for kind in PERTURBATIONS)
+    lines = [f"| arm | split | dense mIoU | prompt-seg mIoU | {kinds} | SNARE mean | MMVP pair acc (all / tone / "
+             "style) |", "|---|---|---|---|" + "---|" * len(PERTURBATIONS) + "---|---|"]
+
+    def cell(scores: dict, name: str) -> str:
+        return f"{100 * scores[name]:.1f}" if name in scores else "--"
+
+    for arm, row in rows.items():
+        for split in SPLITS:
+            scores = row[split]
+            mmvp = row.get("mmvp", {})
+            snare = " | ".join(cell(scores, f"snare_{kind}") for kind in PERTURBATIONS)
+            pairs = (f"{cell(mmvp, 'pair_accuracy')} / {cell(mmvp, 'skin_tone')} / {cell(mmvp, 'style')}"
+                     if mmvp and split == "val" else "--")
+            lines.append(f"| {arm} | {split} | {cell(scores, 'dense_miou')} | {cell(scores, 'promptseg_miou')} | "
+                         f"{snare} | {cell(scores, 'snare_mean')} | {pairs} |")
+    chance = " | ".join("50.0" for _ in PERTURBATIONS)
+    lines.append(f"| chance | both | -- | -- | {chance} | 50.0 | 25.0 |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------- sections
 #: each section: (what it measures and returns as its part of the report, its targets from that part alone, so a
 #: stored part's targets can be recomputed).
@@ -509,6 +710,7 @@ SECTIONS: dict[str, tuple[Callable[[Bench], dict], Callable[[dict], list[Target]
     "ffr": (ffr, ffr_targets),
     "grain": (grain, grain_targets),
     "captions": (captions, captions_targets),
+    "probes": (probes, probes_targets),
 }
 
 

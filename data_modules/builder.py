@@ -61,6 +61,7 @@ from data_modules.sources.babyai import VIEWS, babyai_source
 from data_modules.sources.babyai import HELDOUT_SPLIT as BABYAI_HELDOUT_SPLIT
 from data_modules.sources.emoji import STYLES, emoji_source
 from data_modules.sources.emoji import VERSION as EMOJI_VERSION
+from data_modules.sources.emoji_contrasts import emoji_contrasts_source
 from data_modules.sources.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from data_modules.sources.fashion_mnist import fashion_mnist_source
 from data_modules.sources.ffr import DEFAULT_BACKGROUNDS as FFR_BACKGROUNDS
@@ -572,6 +573,7 @@ def make_parser() -> argparse.ArgumentParser:
             "  vlp-data folder photos/ shards/ --split train=0.9,val=0.1\n"
             "  vlp-data csv captions.csv shards/ --image-col filepath --caption-col title\n"
             "  vlp-data emoji shards/emoji-twitter --style twitter\n"
+            "  vlp-data emoji-contrasts shards/emoji-contrasts\n"
             "  vlp-data openmoji shards/openmoji --size 72\n"
             "  vlp-data tuxpaint shards/tuxpaint --language de\n"
             "  vlp-data words shards/words --split train=0.9,val=0.1\n"
@@ -683,6 +685,23 @@ def make_parser() -> argparse.ArgumentParser:
     )
     emoji.add_argument("--language", default=None, metavar="CODE", help=_LANGUAGE_HELP)
     emoji.set_defaults(make_source=lambda a: emoji_source(a.style, a.package_dir, a.cache_dir, a.language))
+
+    contrasts = _build_command(
+        commands, "emoji-contrasts",
+        "minimal emoji contrasts for MMVP-style CLIP-blind pairs: the five skin tones of each emoji that has them and "
+        "the two drawing styles of one code point where their colours differ, each with a text naming its side",
+        splits=False, resizable=False,
+    )
+    contrasts.add_argument("--styles", default="google,twitter",
+                           help="the two drawing styles to contrast (default: %(default)s)")
+    contrasts.add_argument("--tone-style", choices=STYLES, default="google",
+                           help="the style of the skin-tone variants (default: %(default)s)")
+    contrasts.add_argument(
+        "--cache-dir", type=Path, default=Path(platformdirs.user_cache_dir("vlp-lightning")) / "npm",
+        metavar="DIR", help="where the emoji packages are kept (default: %(default)s)",
+    )
+    contrasts.set_defaults(make_source=lambda a: emoji_contrasts_source(
+        tuple(a.styles.split(",")), a.tone_style, a.cache_dir))
 
     openmoji = _build_command(
         commands, "openmoji", "OpenMoji's 4,495 SVG emoji (CC-BY-SA 4.0) rendered with their annotations, tags and "

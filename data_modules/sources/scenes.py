@@ -325,6 +325,11 @@ def _trimmed_cutout(path: str, max_side: int = CUTOUT_SIDE) -> tuple[np.ndarray,
     return pixels, colour_name(mean)
 
 
+def cutout_colour(path: str) -> str:
+    """The name of the mean colour of a cut-out PNG's opaque pixels (as the scenes' `.json` objects name it)."""
+    return _trimmed_cutout(path)[1]
+
+
 def colour_name(rgb: np.ndarray) -> str:
     """The everyday name of an RGB colour in [0, 1]: black, white or grey by value and saturation, else by hue."""
     hue, saturation, value = cv2.cvtColor(np.float32(rgb).reshape(1, 1, 3), cv2.COLOR_RGB2HSV)[0, 0]

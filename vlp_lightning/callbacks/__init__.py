@@ -2,7 +2,10 @@
 
 Evaluation (`features.EvaluationCallback`: end of validate / test, and every `every_n_epochs` during fit):
 `ZeroShotClassification`, `Retrieval`, `KNNClassifier`, `LinearProbe`, `EmbeddingProjector`,
-`ZeroShotSegmentation` (MMC's prompt-patch segmentation, scored on `.mask.png` foreground masks), `BaseToNovel`
+`ZeroShotSegmentation` (MMC's prompt-patch segmentation, scored on `.mask.png` foreground masks or on each object
+instance of scene shards), `DenseProbe` (linear segmentation of frozen patch features on scene shards: mIoU),
+`CompositionalProbe` (SNARE-style true vs perturbed scene-graph captions: attribute, relation, shuffle, negation),
+`MMVPPairs` (MMVP pair accuracy on CLIP-blind pairs mined by `mine_clip_blind_pairs`), `BaseToNovel`
 (base / novel / harmonic-mean accuracy of prompt learning, zero-shot for other CLIP-family methods),
 `AdversarialRobustness` (clean and ℓ∞ PGD accuracy of a method with `classify(images)`), `GroupAccuracy`
 (worst-group, balanced and per-group accuracy of `classify` over the (class, attribute) groups of `.json`), `CaptionMetrics` (BLEU,
@@ -22,6 +25,7 @@ Console: `VLPProgressBar` (steps of a `max_steps` run), `VLPModelSummary` (no FL
 from vlp_lightning.callbacks.adversarial import AdversarialRobustness, pgd_attack
 from vlp_lightning.callbacks.base_to_novel import BaseToNovel, harmonic_mean
 from vlp_lightning.callbacks.captioning import CaptionMetrics, caption_metrics, nearest_neighbour_captions
+from vlp_lightning.callbacks.dense_probe import DenseProbe, dense_probe_predictions, segmentation_metrics
 from vlp_lightning.callbacks.embedding_projector import EmbeddingProjector
 from vlp_lightning.callbacks.embedding_writer import EmbeddingWriter
 from vlp_lightning.callbacks.features import EvalFeatures, EvaluationCallback, extract_features
@@ -36,6 +40,7 @@ from vlp_lightning.callbacks.grounding import (
 )
 from vlp_lightning.callbacks.knn import KNNClassifier, weighted_knn_scores
 from vlp_lightning.callbacks.linear_probe import LinearProbe, fit_logistic_regression, linear_probe_scores
+from vlp_lightning.callbacks.mmvp import MMVPPairs, mine_clip_blind_pairs, write_clip_blind_pairs
 from vlp_lightning.callbacks.model_summary import VLPModelSummary
 from vlp_lightning.callbacks.non_finite_loss import NonFiniteLossGuard
 from vlp_lightning.callbacks.progress import VLPProgressBar
@@ -46,6 +51,7 @@ from vlp_lightning.callbacks.regression_probe import (
     ridge_predictions,
 )
 from vlp_lightning.callbacks.retrieval import Retrieval, retrieval_metrics, retrieval_ranks
+from vlp_lightning.callbacks.snare import CompositionalProbe, snare_pairs
 from vlp_lightning.callbacks.throughput import ThroughputMonitor
 from vlp_lightning.callbacks.videophy import VideoPhy, videophy_pair_accuracy
 from vlp_lightning.callbacks.zero_shot import (
@@ -61,6 +67,8 @@ __all__ = [
     "AdversarialRobustness",
     "BaseToNovel",
     "CaptionMetrics",
+    "CompositionalProbe",
+    "DenseProbe",
     "EmbeddingProjector",
     "EmbeddingWriter",
     "EvalFeatures",
@@ -70,6 +78,7 @@ __all__ = [
     "InstructionAccuracy",
     "KNNClassifier",
     "LinearProbe",
+    "MMVPPairs",
     "NonFiniteLossGuard",
     "PatchTextGrounding",
     "PhraseGrounding",
@@ -86,6 +95,7 @@ __all__ = [
     "build_zero_shot_classifier",
     "caption_metrics",
     "constant_box_grounding",
+    "dense_probe_predictions",
     "extract_features",
     "fit_logistic_regression",
     "grounding_metrics",
@@ -94,6 +104,7 @@ __all__ = [
     "harmonic_mean",
     "instruction_metrics",
     "linear_probe_scores",
+    "mine_clip_blind_pairs",
     "nearest_neighbour_captions",
     "parse_choice",
     "patch_similarity_boxes",
@@ -104,6 +115,9 @@ __all__ = [
     "retrieval_metrics",
     "retrieval_ranks",
     "ridge_predictions",
+    "segmentation_metrics",
+    "snare_pairs",
     "videophy_pair_accuracy",
     "weighted_knn_scores",
+    "write_clip_blind_pairs",
 ]

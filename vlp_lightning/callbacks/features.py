@@ -218,6 +218,33 @@ def extract_features(
     )
 
 
+def patch_grid(num_patches: int, size: int, patch_size: int | None) -> tuple[int, int]:
+    """The (rows, columns) of `num_patches` tokens of a square `size` image (a ViT's patches, a CNN's map)."""
+    side = size // patch_size if patch_size else round(num_patches**0.5)
+    if side * side != num_patches:
+        raise ValueError(f"{num_patches} patch features do not form a square grid for {size} px images")
+    return side, side
+
+
+def encode_patches(method: nn.Module, batches: Iterable[tuple[Tensor, int]]) -> tuple[Tensor, tuple[int, int]]:
+    """`method.patch_features` [N, L, D] of the images of every `(images, rows)` batch, shared across ranks as
+    `encode_across_ranks` shares them, and their patch grid (rows, columns), row-major; (0, 0) without batches."""
+    device = module_device(method)
+    grid: list[tuple[int, int]] = []
+
+    def encode(images: Tensor) -> Tensor:
+        features = method.patch_features(images.to(device))  # [n, L, D]
+        if not grid:
+            patch_size = getattr(getattr(method, "vision", None), "patch_size", None)
+            grid.append(patch_grid(features.shape[1], images.shape[-1], patch_size))
+        return features.flatten(1)
+
+    flat = encode_across_ranks(encode, batches)
+    if not grid:
+        return torch.zeros(0, 0, 0), (0, 0)
+    return flat.view(flat.shape[0], grid[0][0] * grid[0][1], -1), grid[0]
+
+
 def encode_texts(
     method: nn.Module, tokenizer: Callable[[list[str]], dict[str, Tensor]], texts: list[str], batch_size: int = 256
 ) -> Tensor:
@@ -260,6 +287,14 @@ def has_joint_space(method: LightningModule) -> bool:
 def has_text_tower(method: LightningModule) -> bool:
     """True when the method embeds text into the image space (CLIP family) and has a tokenizer for it."""
     return is_overridden("encode_text", method, parent=VLPMethod) and getattr(method, "tokenizer", None) is not None
+
+
+def has_patch_features(method: LightningModule) -> bool:
+    """True when the method gives one feature per patch (`patch_features` defined, or a backbone with patch tokens)."""
+    if not isinstance(method, VLPMethod):
+        return False
+    vision = getattr(method, "vision", None)
+    return is_overridden("patch_features", method, parent=VLPMethod) or hasattr(vision, "forward_tokens")
 
 
 def tensorboard_writers(trainer: Trainer) -> list:

@@ -15,20 +15,31 @@ threshold). What could not be verified from the paper text available here, and i
 * the threshold: a sweep (`thresholds`), each logged, and the best of them (the paper's value is not known here);
 * the map is compared at pixel resolution with every pixel taking its patch's similarity (nearest-neighbour
   upsampling, so a patch-aligned object can be segmented exactly).
+
+On scene shards (`vlp-data scenes`: `.instances.png` and `.json` objects, no foreground mask) every object instance
+of every image is a target of its own (`targets="instances"`): its prompt is a patch on that instance, the map is
+the similarity to it over the whole image, and the segment is scored against that instance's mask alone, so the
+other objects of the scene count as background; the mean is over instances. A ViT whose patches only tell
+"object" from "background" therefore scores well on one-object scenes and poorly on crowded ones, which is the
+intra- vs inter-object discrimination the paper measures next to the segmentation (abstract).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-from data_modules.pipeline import make_eval_loader
-from data_modules.views import EvalView
-from vlp_lightning.callbacks.features import EvaluationCallback, encode_across_ranks, module_device
+from vlp_lightning.callbacks.features import (
+    EvaluationCallback,
+    encode_patches,
+    has_patch_features,
+    method_eval_loader,
+)
 
 
 def prompt_patches(masks: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -59,15 +70,22 @@ def foreground_iou(similarity: Tensor, masks: Tensor, threshold: float) -> Tenso
     return intersection / union.clamp_min(1)
 
 
+#: what a target is: the image's foreground (`.mask.png`), each object instance (`.instances.png`), or whichever
+#: the shards hold (the foreground mask when both).
+Targets = Literal["auto", "foreground", "instances"]
+
+
 class ZeroShotSegmentation(EvaluationCallback):
-    """Mean foreground IoU of prompt-patch segmentation on `shards` (images with `.mask.png`), logged as
-    `promptseg/<name>/miou@<threshold>` for each threshold and `promptseg/<name>/miou_best`.
+    """Mean IoU of prompt-patch segmentation on `shards`, over images (foreground masks, `.mask.png`) or over object
+    instances (scene shards, `.instances.png`; module doc), logged as `promptseg/<name>/miou@<threshold>` for each
+    threshold and `promptseg/<name>/miou_best`.
 
     Args:
-        shards: evaluation shard pattern whose samples carry a `.mask.png` foreground mask.
+        shards: evaluation shard pattern whose samples carry a `.mask.png` foreground mask or an `.instances.png`.
         thresholds: cosine-similarity thresholds to segment at (module doc).
         name: metric prefix.
         max_samples: score the first this many images (None: all).
+        targets: `foreground`, `instances`, or `auto` (the foreground mask when the shards have one, else instances).
         every_n_epochs, batch_size, num_workers: see `EvaluationCallback`.
     """
 
@@ -77,6 +95,7 @@ class ZeroShotSegmentation(EvaluationCallback):
         thresholds: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8),
         name: str = "seg",
         max_samples: int | None = None,
+        targets: Targets = "auto",
         every_n_epochs: int = 1,
         batch_size: int = 64,
         num_workers: int = 0,
@@ -84,43 +103,61 @@ class ZeroShotSegmentation(EvaluationCallback):
         super().__init__(every_n_epochs=every_n_epochs, batch_size=batch_size, num_workers=num_workers)
         if not thresholds:
             raise ValueError("ZeroShotSegmentation needs at least one threshold")
+        if targets not in get_args(Targets):
+            raise ValueError(f"ZeroShotSegmentation targets={targets!r} must be one of {get_args(Targets)}")
         self.shards = shards
         self.thresholds = tuple(thresholds)
         self.name = name
         self.max_samples = max_samples
+        self.targets = targets
+
+    def _target_masks(self, batch: dict) -> tuple[list[Tensor], list[int]]:
+        """The target masks [S, S] of a batch and the batch row of the image each belongs to."""
+        kind = self.targets
+        if kind == "auto":
+            kind = "foreground" if "mask" in batch else "instances"
+        if kind == "foreground":
+            if "mask" not in batch:
+                raise ValueError(f"ZeroShotSegmentation: the shards {self.shards!r} have no .mask.png member; "
+                                 "score scene shards with targets='instances'")
+            return list(batch["mask"]), list(range(len(batch["mask"])))
+        if "masks" not in batch:
+            raise ValueError(f"ZeroShotSegmentation: the shards {self.shards!r} have no .mask.png member and no "
+                             ".instances.png member to take targets from")
+        masks, owners = [], []
+        for row, (labels, objects) in enumerate(zip(batch["masks"], batch["objects"])):
+            for number in range(1, len(objects) + 1):
+                masks.append(labels == number)
+                owners.append(row)
+        return masks, owners
 
     def evaluate(self, trainer: Trainer, method: LightningModule) -> dict[str, float]:
-        device = module_device(method)
-        mean, std = method.train_views().normalization  # as `extract_features`: the statistics the tower trained on
-        loader = make_eval_loader(self.shards, method.image_size, self.batch_size, num_workers=self.num_workers,
-                                  view=EvalView(mean=mean, std=std), device=device)
+        if not has_patch_features(method):
+            self.warn_once(f"ZeroShotSegmentation skipped: {type(method).__name__} has no patch_features(images)")
+            return {}
+        loader, _ = method_eval_loader(method, self.shards, self.batch_size, self.num_workers)
         masks: list[Tensor] = []
-        grid: list[tuple[int, int]] = []
+        owners: list[int] = []
 
         def batches() -> Iterator[tuple[Tensor, int]]:
             seen = 0
             for batch in loader:
-                if "mask" not in batch:
-                    raise ValueError(f"ZeroShotSegmentation: the shards {self.shards!r} have no .mask.png member")
                 rows = len(batch["__key__"]) if self.max_samples is None else min(
                     len(batch["__key__"]), self.max_samples - seen)
                 if rows <= 0:
                     return
-                masks.append(batch["mask"][:rows])
+                for mask, owner in zip(*self._target_masks(batch)):
+                    if owner < rows:
+                        masks.append(mask)
+                        owners.append(seen + owner)
                 seen += rows
                 yield batch["image"][:rows], rows
 
-        def encode(images: Tensor) -> Tensor:
-            features = method.patch_features(images.to(device))  # [n, L, D]
-            if not grid:
-                patch_size = getattr(getattr(method, "vision", None), "patch_size", None)
-                grid.append(_grid_of(features.shape[1], images.shape[-1], patch_size))
-            return features.flatten(1)
-
-        flat = encode_across_ranks(encode, batches())
-        all_masks = torch.cat(masks)
-        (patch_grid,) = grid
-        features = flat.view(len(all_masks), patch_grid[0] * patch_grid[1], -1)
+        image_features, patch_grid = encode_patches(method, batches())
+        if not masks:
+            raise ValueError(f"ZeroShotSegmentation: the shards {self.shards!r} hold no images")
+        all_masks = torch.stack(masks).bool()
+        features = image_features[torch.tensor(owners)]  # [M, L, D]: the image's patches, once per target
         has_object = all_masks.flatten(1).any(dim=1)
         all_masks, features = all_masks[has_object], features[has_object]
         similarity = prompt_similarity_maps(features, prompt_patches(all_masks, patch_grid), patch_grid,
@@ -128,11 +165,3 @@ class ZeroShotSegmentation(EvaluationCallback):
         metrics = {f"miou@{t:g}": foreground_iou(similarity, all_masks, t).mean().item() for t in self.thresholds}
         metrics["miou_best"] = max(metrics.values())
         return {f"promptseg/{self.name}/{metric}": value for metric, value in metrics.items()}
-
-
-def _grid_of(num_patches: int, size: int, patch_size: int | None) -> tuple[int, int]:
-    """The (rows, columns) of `num_patches` tokens of a square `size` image (a ViT's patches, a CNN's map)."""
-    side = size // patch_size if patch_size else round(num_patches**0.5)
-    if side * side != num_patches:
-        raise ValueError(f"{num_patches} patch features do not form a square grid for {size} px images")
-    return side, side
