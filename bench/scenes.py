@@ -43,7 +43,7 @@ Sections (`--sections`; each keeps its own part of bench/results/scenes.json, th
     {name}" over the colours the concept is drawn in (class-level attributes, as Menon & Vondrick's descriptors
     are; the official evaluation's "{template} which has {descriptor}" averaged per class).
   Both score the first scenes of each split in shard order, whole batches of 64 until `GRAIN_OBJECTS` objects
-  (about 250 of its 500 scenes), the same scenes for every arm.
+  (128 of its 500 scenes), the same scenes for every arm.
 * **probes** -- dense and compositional probes of every CLIP-family arm of `ARMS` whose checkpoint is cached
   (`Bench.trained_arms`; no arm is trained here), on val and unseen concepts:
   - **dense probe** (`callbacks.DenseProbe`): a linear classifier of background + the 7 emoji categories on the
@@ -358,7 +358,7 @@ SCENE_SIZE = 256
 #: how much a recognition crop grows an object's box (a square of this times its longer side).
 CROP_CONTEXT = 1.25
 #: the objects (phrases) of each split the grain section scores, whole scenes in shard order (the CPU is shared).
-GRAIN_OBJECTS = 700
+GRAIN_OBJECTS = 400
 
 
 def phrase_grounding(bench: Bench, method: VLPMethod, shards: str, split: str) -> dict[str, float]:
