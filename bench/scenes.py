@@ -24,8 +24,8 @@ Sections (`--sections`; each keeps its own part of bench/results/scenes.json, th
   one `experiments/ffr/` classifier (ViT 3 x 64 at 32 px, from scratch) per arm: no pretraining | FFR step 1 on the
   balanced synthetic split | pretraining on the real biased split (ERM), each x fine-tuning on the real biased split
   with ERM | GroupDRO (step 2, `start_from` the step 1 arm). Same budget per arm: `--steps` of pretraining plus
-  `--steps` of fine-tuning (no pretraining: 2 x `--steps` of fine-tuning). Scored by `callbacks.GroupAccuracy` on
-  the balanced test split: worst-group and average accuracy (and on val).
+  `--steps` of fine-tuning (no pretraining: 2 x `--steps` of fine-tuning), seeds `FFR_SEEDS`. Scored by
+  `callbacks.GroupAccuracy` on the balanced test split: worst-group and average accuracy (and on val).
 
 Usage: python bench/scenes.py [--sections ptp ...] [--steps N] [--retrain] [--quick]
 (writes bench/results/scenes.json; `--quick` is a 10-step smoke run into a temporary folder, results not kept)
