@@ -24,8 +24,8 @@ Sections (`--sections`; each keeps its own part of bench/results/scenes.json, th
   one `experiments/ffr/` classifier (ViT 3 x 64 at 32 px, from scratch) per arm: no pretraining | FFR step 1 on the
   balanced synthetic split | pretraining on the real biased split (ERM), each x fine-tuning on the real biased split
   with ERM | GroupDRO (step 2, `start_from` the step 1 arm). Same budget per arm: `--steps` of pretraining plus
-  `--steps` of fine-tuning (no pretraining: 2 x `--steps` of fine-tuning). Scored by `callbacks.GroupAccuracy` on
-  the balanced test split: worst-group and average accuracy (and on val).
+  `--steps` of fine-tuning (no pretraining: 2 x `--steps` of fine-tuning), seeds `FFR_SEEDS`. Scored by
+  `callbacks.GroupAccuracy` on the balanced test split: worst-group and average accuracy (and on val).
 * **grain** -- GRAIN (Halbe et al. 2024, "Grounding Descriptions in Images informs Zero-Shot Visual Recognition")
   adds to CLIP a decoder of region queries trained on each object's box and region description ("a medium pink tram
   car in the center"). Arms CLIP and GRAIN (same towers, batch, schedule, seed, precision), scored by
