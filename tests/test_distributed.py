@@ -23,6 +23,7 @@ from vlp_lightning.losses.contrastive import (
     convirt_contrastive_loss,
     weighted_two_way_infonce,
 )
+from vlp_lightning.losses.subcaption import multi_positive_contrastive_loss
 
 WORLD = 2
 LOCAL_BATCH = 4
@@ -48,6 +49,16 @@ def clip_loss_and_grads(images: torch.Tensor, texts: torch.Tensor, **options: bo
     """CLIP loss of raw features (normalised inside the graph) and its gradients w.r.t. the raw features."""
     images, texts = images.clone().requires_grad_(), texts.clone().requires_grad_()
     loss = clip_contrastive_loss(F.normalize(images, dim=-1), F.normalize(texts, dim=-1), LOGIT_SCALE, **options)
+    loss.backward()
+    return {"loss": loss.detach(), "image_grad": images.grad, "text_grad": texts.grad}
+
+
+def multi_positive_loss_and_grads(images: torch.Tensor, texts: torch.Tensor, local_loss: bool
+                                  ) -> dict[str, torch.Tensor]:
+    """DreamLIP's multi-positive loss with K = 2 texts per image (the text and its negation) and its gradients."""
+    images, texts = images.clone().requires_grad_(), texts.clone().requires_grad_()
+    positives = F.normalize(torch.stack([texts, -texts + images], dim=1), dim=-1)  # [N, 2, D]
+    loss = multi_positive_contrastive_loss(F.normalize(images, dim=-1), positives, LOGIT_SCALE, local_loss=local_loss)
     loss.backward()
     return {"loss": loss.detach(), "image_grad": images.grad, "text_grad": texts.grad}
 
@@ -83,6 +94,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for name, options in LOSS_MODES.items():
             results[name] = clip_loss_and_grads(images[local], texts[local], **options)
         results["convirt"] = convirt_loss_and_grads(images[local], texts[local])
+        for mode in (False, True):
+            results[f"multi_positive_local_{mode}"] = multi_positive_loss_and_grads(images[local], texts[local], mode)
         results["hard_negatives"] = hard_negative_draws(rank)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -191,6 +204,17 @@ def test_two_gloo_processes_match_one_process_on_the_concatenated_batch(gloo_ran
     assert not torch.allclose(local_losses[0], local_losses[1])
     torch.testing.assert_close(local_losses.mean(), single["loss"])
     torch.testing.assert_close(torch.stack([result["local_no_grad"]["loss"] for result in ranks]).mean(), single["loss"])
+
+    single_multi_positive = multi_positive_loss_and_grads(images, texts, local_loss=False)
+    local_multi_positive = torch.stack([result["multi_positive_local_True"]["loss"] for result in ranks])
+    torch.testing.assert_close(local_multi_positive.mean(), single_multi_positive["loss"])
+    for r, result in enumerate(ranks):
+        local = slice(r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH)
+        torch.testing.assert_close(result["multi_positive_local_False"]["loss"], single_multi_positive["loss"])
+        for mode in (False, True):
+            for key in ("image_grad", "text_grad"):
+                torch.testing.assert_close(result[f"multi_positive_local_{mode}"][key],
+                                           WORLD * single_multi_positive[key][local])
 
     single_convirt = convirt_loss_and_grads(images, texts)
     for r, result in enumerate(ranks):
