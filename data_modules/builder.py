@@ -75,6 +75,7 @@ from data_modules.sources.instructions import TASKS as INSTRUCTION_TASKS
 from data_modules.sources.instructions import TEMPLATES as INSTRUCTION_TEMPLATES
 from data_modules.sources.instructions import instructions_source, parse_tasks
 from data_modules.sources.provision import GENERATORS as PROVISION_GENERATORS
+from data_modules.sources.provision import MULTI_IMAGE_GENERATORS as PROVISION_MULTI_IMAGE_GENERATORS
 from data_modules.sources.provision import provision_source
 from data_modules.sources.local import csv_source, folder_source, jsonl_source
 from data_modules.sources.moving import DIRECTIONS as MOVING_DIRECTIONS
@@ -801,7 +802,8 @@ def make_parser() -> argparse.ArgumentParser:
     scenes = _build_command(
         commands, "scenes",
         "scenes of 1-K emoji / stamp cut-outs on real backgrounds with exact boxes, instance masks, attributes, "
-        f"relations and captions; --heldout-concepts of the concepts only in the split {SCENES_HELDOUT_SPLIT}", resizable=False,
+        f"relations and captions; --heldout-concepts of the concepts only in the split {SCENES_HELDOUT_SPLIT}",
+        resizable=False,
     )
     scenes.add_argument("--count", type=_positive_int, default=5000,
                         help="scenes of the concepts not held out, divided by --split (default: %(default)s)")
@@ -1001,9 +1003,13 @@ def make_parser() -> argparse.ArgumentParser:
                            help="questions per scene, each from another generator (default: %(default)s)")
     provision.add_argument("--generators", default=None, metavar="LIST",
                            help="comma-separated generators to draw from (default: all)")
+    provision.add_argument("--multi-image", action="store_true",
+                           help="ProVision's multi-image questions over pairs of scenes of one split, drawn side by "
+                                "side as one picture: " + ", ".join(PROVISION_MULTI_IMAGE_GENERATORS))
     provision.set_defaults(make_source=lambda a: provision_source(
         str(a.input), a.questions, a.seed,
-        tuple(part.strip() for part in a.generators.split(",") if part.strip()) if a.generators else None))
+        tuple(part.strip() for part in a.generators.split(",") if part.strip()) if a.generators else None,
+        a.multi_image))
 
     moving = _build_command(
         commands, "moving",

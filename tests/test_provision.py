@@ -99,3 +99,59 @@ def test_shards_without_scene_graphs_and_unknown_generators_are_one_sentence(mak
     assert "has a scene graph (.json objects); build scenes with" in capsys.readouterr().err
     assert main(["provision", str(scene_shards / "*.tar"), str(tmp_path / "out2"), "--generators", "count,nope"]) == 2
     assert "--generators names nope" in capsys.readouterr().err
+
+
+def test_multi_image_questions_over_side_by_side_pairs_are_what_both_graphs_say(scene_shards, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_modules.sources.provision import MULTI_IMAGE_GENERATORS
+
+    out = tmp_path / "pairs"
+    assert main(["provision", str(scene_shards / "*.tar"), str(out), "--multi-image", "--questions", "5"]) == 0
+    scenes = {key: sample for shard in sorted(scene_shards.glob("*.tar")) for key, sample in iterate_shard(shard)}
+    seen, paired = set(), []
+    for shard in sorted(out.glob("*.tar")):
+        for key, sample in iterate_shard(shard):
+            meta = json.loads(sample["json"])
+            left, right = meta["images"]
+            paired += meta["keys"]
+            assert shard.name.rpartition("-")[0] == next(  # a pair never mixes splits
+                path.name.rpartition("-")[0] for path in scene_shards.glob("*.tar")
+                if meta["keys"][0] in dict(iterate_shard(path)))
+            assert [json.loads(scenes[k]["json"]) for k in meta["keys"]] == [left, right]
+            picture = np.asarray(Image.open(io.BytesIO(sample["jpg" if "jpg" in sample else "png"])).convert("RGB"))
+            first = np.asarray(Image.open(io.BytesIO(scenes[meta["keys"][0]]["jpg"])).convert("RGB"))
+            side = first.shape[0]
+            assert picture.shape == (2 * side, 2 * side, 3)  # square: a square crop keeps both scenes
+            panel = picture[side // 2 : side // 2 + side, :side].astype(int)
+            assert np.abs(panel - first.astype(int)).mean() < 8  # the left image is the first scene (JPEG noise)
+            counts = [{name: [o["name"] for o in graph["objects"]].count(name)
+                       for name in {o["name"] for o in graph["objects"]}} for graph in (left, right)]
+            for qa in meta["provision"]:
+                generator, question, answer = qa["generator"], qa["question"], qa["answer"]
+                seen.add(generator)
+                if generator == "compare_count":
+                    name = next(n for n in set(counts[0]) | set(counts[1]) if question.startswith(
+                        f"Which image has more {_plural(n)},"))
+                    assert answer == ("left" if counts[0].get(name, 0) > counts[1].get(name, 0) else "right")
+                    assert counts[0].get(name, 0) != counts[1].get(name, 0)
+                elif generator == "common":
+                    assert set(counts[0]) & set(counts[1]) == {answer}
+                elif generator == "both_exist":
+                    name = re.match(r"Is there a (.+) in both images\?", question).group(1)
+                    assert answer == ("Yes" if name in counts[0] and name in counts[1] else "No")
+                elif generator == "total_both":
+                    name = next(n for n in set(counts[0]) | set(counts[1]) if question == (
+                        f"How many {_plural(n)} are there in the two images together?"))
+                    assert int(answer) == counts[0].get(name, 0) + counts[1].get(name, 0)
+                elif generator == "which_has":
+                    colour_name = re.match(r"Which image shows a (.+), the left", question).group(1)
+                    things = [{f"{o['colour']} {o['name']}" for o in graph["objects"]} for graph in (left, right)]
+                    assert answer in ("left", "right") and (colour_name in things[0]) != (colour_name in things[1])
+                    assert colour_name in things[answer == "right"]
+    assert seen == set(MULTI_IMAGE_GENERATORS) and len(paired) == len(set(paired))  # each scene in one pair at most
+    assert main(["provision", str(scene_shards / "*.tar"), str(tmp_path / "x"), "--multi-image",
+                 "--generators", "count"]) == 2  # a single-image generator is not a multi-image one

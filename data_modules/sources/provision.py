@@ -26,9 +26,19 @@ is read from the graph:
 Each scene becomes one sample whose conversation asks `--questions` of them (distinct generators, drawn with
 `random.Random(f"{seed}:{key}")` among those the graph can serve; one user / assistant turn each, the image with the
 first), so the frozen-language-model methods (`InstructionDataModule`) train on them as they are. The `.json` keeps
-its fields and gains `conversations` and `provision` (the generator, question and answer of each turn). Not built:
-ProVision's multi-image generators (the suite's conversations hold one image) and its scene-graph generation
-pipeline for unannotated images (the scenes' graphs are exact already).
+its fields and gains `conversations` and `provision` (the generator, question and answer of each turn).
+
+`--multi-image` writes ProVision's multi-image kind instead, over pairs of scenes of one split (consecutive scenes
+after a seeded shuffle, each scene in one pair): `compare_count` ("Which image has more <name>s, the left or the
+right one?"), `common` ("Which object is in both images?", asked when exactly one name is), `both_exist` ("Is there
+a <name> in both images?"), `total_both` ("How many <name>s are there in the two images together?") and
+`which_has` ("Which image shows a <colour> <name>, the left or the right one?", asked of a thing only one side
+shows). The suite's conversations hold one image (`data_modules.conversations`), so the pair is one picture: the
+two scenes side by side, centred on a square grey canvas twice a scene's side, "the left image" and "the right
+image" in every question; ProVision feeds the images separately. The `.json` holds `images` (both scene graphs,
+left first), `keys` and the conversation.
+
+Not built: the scene-graph generation pipeline for unannotated images (the scenes' graphs are exact already).
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import replace
+
+from PIL import Image
 
 from data_modules.conversations import IMAGE_PLACEHOLDER
 from data_modules.sources import Record, SourceData, SourceError
@@ -165,6 +177,78 @@ GENERATORS: dict[str, Generator] = {
 }
 
 
+def _names(meta: dict) -> set[str]:
+    return {item["name"] for item in meta.get("objects", [])}
+
+
+def _count_of(meta: dict, name: str) -> int:
+    return sum(item["name"] == name for item in meta.get("objects", []))
+
+
+def _compare_count(pair: tuple[dict, dict], rng: random.Random, vocabulary: list[str]) -> QA | None:
+    names = sorted(name for name in _names(pair[0]) | _names(pair[1])
+                   if _count_of(pair[0], name) != _count_of(pair[1], name))
+    if not names:
+        return None
+    name = rng.choice(names)
+    more = "left" if _count_of(pair[0], name) > _count_of(pair[1], name) else "right"
+    return f"Which image has more {_plural(name)}, the left or the right one?", more
+
+
+def _common(pair: tuple[dict, dict], rng: random.Random, vocabulary: list[str]) -> QA | None:
+    shared = sorted(_names(pair[0]) & _names(pair[1]))
+    return ("Which object is in both images?", shared[0]) if len(shared) == 1 else None
+
+
+def _both_exist(pair: tuple[dict, dict], rng: random.Random, vocabulary: list[str]) -> QA | None:
+    either = sorted(_names(pair[0]) | _names(pair[1]))
+    if not either:
+        return None
+    shared = sorted(_names(pair[0]) & _names(pair[1]))
+    name = rng.choice(shared) if shared and rng.random() < 0.5 else rng.choice(either)
+    return f"Is there a {name} in both images?", "Yes" if name in shared else "No"
+
+
+def _total_both(pair: tuple[dict, dict], rng: random.Random, vocabulary: list[str]) -> QA | None:
+    either = sorted(_names(pair[0]) | _names(pair[1]))
+    if not either:
+        return None
+    name = rng.choice(either)
+    return (f"How many {_plural(name)} are there in the two images together?",
+            str(_count_of(pair[0], name) + _count_of(pair[1], name)))
+
+
+def _which_has(pair: tuple[dict, dict], rng: random.Random, vocabulary: list[str]) -> QA | None:
+    shown = [{(item["colour"], item["name"]) for item in meta.get("objects", []) if item.get("colour")}
+             for meta in pair]
+    only = sorted((thing, side) for side, things in zip(("left", "right"), shown) for thing in things
+                  if thing not in shown[side == "left"])
+    if not only:
+        return None
+    (colour, name), side = rng.choice(only)
+    return f"Which image shows a {colour} {name}, the left or the right one?", side
+
+
+MultiGenerator = Callable[[tuple[dict, dict], random.Random, list[str]], "QA | None"]
+MULTI_IMAGE_GENERATORS: dict[str, MultiGenerator] = {
+    "compare_count": _compare_count,
+    "common": _common,
+    "both_exist": _both_exist,
+    "total_both": _total_both,
+    "which_has": _which_has,
+}
+
+
+def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
+    """Two scenes of one size S next to each other, centred on a 2S x 2S grey square (module doc)."""
+    side = max(*left.size, *right.size)
+    canvas = Image.new("RGB", (2 * side, 2 * side), (128, 128, 128))
+    for index, image in enumerate((left, right)):
+        image = image.convert("RGB")
+        canvas.paste(image, (index * side + (side - image.width) // 2, (2 * side - image.height) // 2))
+    return canvas
+
+
 def provision_questions(meta: dict, questions: int, seed: int, key: str, vocabulary: list[str],
                         generators: tuple[str, ...] = tuple(GENERATORS)) -> list[dict[str, str]]:
     """Up to `questions` (generator, question, answer) of one scene graph, distinct generators drawn per key."""
@@ -181,37 +265,88 @@ def provision_questions(meta: dict, questions: int, seed: int, key: str, vocabul
     return asked
 
 
+def _conversation(asked: list[dict[str, str]]) -> list[dict[str, str]]:
+    turns = []
+    for index, qa in enumerate(asked):
+        question = f"{IMAGE_PLACEHOLDER}\n{qa['question']}" if index == 0 else qa["question"]
+        turns += [{"role": "user", "content": question}, {"role": "assistant", "content": qa["answer"]}]
+    return turns
+
+
+def _pairs(records: list[Record], seed: int) -> list[tuple[Record, Record]]:
+    """Consecutive scenes of each split after a seeded shuffle, each scene in one pair (an odd one out is left)."""
+    by_split: dict[str | None, list[Record]] = {}
+    for record in records:
+        if (record.meta or {}).get("objects"):
+            by_split.setdefault(record.split, []).append(record)
+    pairs = []
+    for split, members in sorted(by_split.items(), key=lambda item: str(item[0])):
+        random.Random(f"{seed}:pairs:{split}").shuffle(members)
+        pairs += list(zip(members[0::2], members[1::2]))
+    return pairs
+
+
+def _multi_image_records(records: list[Record], questions: int, seed: int, vocabulary: list[str],
+                         chosen: tuple[str, ...]) -> list[Record]:
+    kept = []
+    for left, right in _pairs(records, seed):
+        key = f"pair_{left.key}_{right.key}"
+        graphs = (left.meta or {}, right.meta or {})
+        rng = random.Random(f"{seed}:{key}")
+        order = list(chosen)
+        rng.shuffle(order)
+        asked = []
+        for name in order:
+            pair = MULTI_IMAGE_GENERATORS[name](graphs, rng, vocabulary)
+            if pair is not None:
+                asked.append({"generator": name, "question": pair[0], "answer": pair[1]})
+            if len(asked) == questions:
+                break
+        if not asked:
+            continue
+        kept.append(Record(
+            key=key, origin=f"{left.origin} + {right.origin}", split=left.split,
+            open_image=lambda a=left.open_image, b=right.open_image: side_by_side(a(), b()),
+            meta={"images": list(graphs), "keys": [left.key, right.key], "layout": "side by side",
+                  "conversations": _conversation(asked), "provision": asked},
+        ))
+    return kept
+
+
 def provision_source(shards: str, questions: int = 3, seed: int = 0,
-                     generators: tuple[str, ...] | None = None) -> SourceData:
-    """The scenes of `shards` with ProVision conversations (module doc)."""
+                     generators: tuple[str, ...] | None = None, multi_image: bool = False) -> SourceData:
+    """The scenes of `shards` with ProVision conversations, or (`multi_image`) pairs of them (module doc)."""
     if questions < 1:
         raise SourceError(f"--questions {questions} asks nothing; give at least 1")
-    chosen = generators or tuple(GENERATORS)
-    unknown = [name for name in chosen if name not in GENERATORS]
+    known = MULTI_IMAGE_GENERATORS if multi_image else GENERATORS
+    chosen = generators or tuple(known)
+    unknown = [name for name in chosen if name not in known]
     if unknown:
-        raise SourceError(f"--generators names {', '.join(unknown)}; choose from {', '.join(GENERATORS)}")
+        raise SourceError(f"--generators names {', '.join(unknown)}; choose from {', '.join(known)}"
+                          + (" (the --multi-image ones)" if multi_image else ""))
     paths, manifest, records = read_shard_records(shards)
     if not any((record.meta or {}).get("objects") for record in records):
         raise SourceError(f"no sample of {shards!r} has a scene graph (.json objects); build scenes with "
                           "`vlp-data scenes data/scenes` and give 'data/scenes/*.tar'")
     vocabulary = sorted({item["name"] for record in records for item in (record.meta or {}).get("objects", [])})
     kept: list[Record] = []
-    for record in records:
+    if multi_image:
+        kept = _multi_image_records(records, questions, seed, vocabulary, chosen)
+    for record in records if not multi_image else ():
         asked = provision_questions(record.meta or {}, questions, seed, record.key, vocabulary, chosen)
         if not asked:
             continue
-        turns = []
-        for index, qa in enumerate(asked):
-            question = f"{IMAGE_PLACEHOLDER}\n{qa['question']}" if index == 0 else qa["question"]
-            turns += [{"role": "user", "content": question}, {"role": "assistant", "content": qa["answer"]}]
-        kept.append(replace(record, meta={**(record.meta or {}), "conversations": turns, "provision": asked}))
+        kept.append(replace(record, meta={**(record.meta or {}), "conversations": _conversation(asked),
+                                          "provision": asked}))
     return SourceData(
-        name=f"ProVision questions ({questions} per scene, seed {seed}) of {shards} "
+        name=f"ProVision {'multi-image ' if multi_image else ''}questions ({questions} per "
+             f"{'pair' if multi_image else 'scene'}, seed {seed}) of {shards} "
              f"({manifest.get('source', 'unknown source')})",
         licence=f"{manifest.get('licence', 'as the source shards')}; question programs: vlp_lightning's own",
         records=kept,
         inputs=list(paths),
         classnames=manifest.get("classnames", {}),
         extra={"provision": {"generators": list(chosen), "questions": questions, "seed": seed, "input": shards,
-                             "left_out": len(records) - len(kept)}},
+                             "multi_image": multi_image,
+                             "left_out": len(records) - len(kept) * (2 if multi_image else 1)}},
     )
