@@ -5,6 +5,7 @@ with `caption_sampling` and PTP's position prompts, and `Retrieval(caption_sourc
 from __future__ import annotations
 
 import json
+import random
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import draw_sample, png_bytes  # noqa: E402
+from conftest import draw_sample, png_bytes, write_tar  # noqa: E402
 from data_modules.captions import caption_from_source
 from data_modules.datamodules import ImageTextDataModule
 from data_modules.pipeline import DataConfigError, SampleDecoder, expand_shards, make_loader
@@ -141,11 +142,7 @@ def test_dreamlip_bad_config_is_one_sentence(arguments: dict, says: str) -> None
 # ------------------------------------------------------------------------------------------------ caption source
 def long_caption_shards(directory: Path, count: int = 24) -> str:
     """Hand-made shards: `.txt` "short k", `.json` long caption "Long k. Second k." (no `.json` for none)."""
-    from conftest import write_tar
-
     directory.mkdir(parents=True, exist_ok=True)
-    import random
-
     rng = random.Random(0)
     samples = [{"__key__": f"s{index:03d}", "png": png_bytes(draw_sample(index % 4, 16, rng)),
                 "txt": f"short {index}".encode(),
