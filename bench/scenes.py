@@ -584,7 +584,15 @@ def mine_pairs(bench: Bench) -> dict:
     (CLIP cosine > 0.95, SSL cosine < 0.6) when at least `MIN_PAIRS` pairs pass them; else, since tiny models do not
     share OpenAI CLIP's and DINOv2's scales, CLIP cosine above its (1 - q) quantile over the candidates and SSL
     cosine below its q quantile, for the first q of 0.25, 0.375, 0.5 that keeps `MIN_PAIRS` (the medians at most:
-    more alike than CLIP's typical candidate pair, less alike than the SSL encoder's); written to `MMVP_PAIRS`."""
+    more alike than CLIP's typical candidate pair, less alike than the SSL encoder's); written to `MMVP_PAIRS`, which
+    later runs with the same two checkpoints reuse (`--retrain` mines again), so every arm meets the same pairs."""
+    keys = ("clip", "ssl", "clip_threshold", "ssl_threshold", "candidates", "candidate_cosines")
+    source = {"clip": f"{MINING_ARM} ({bench.checkpoint(MINING_ARM).name})",
+              "ssl": str(SSL_CHECKPOINT.relative_to(REPO_ROOT))}
+    stored = json.loads(MMVP_PAIRS.read_text()) if MMVP_PAIRS.is_file() else {}
+    if all(stored.get(name) == value for name, value in source.items()) and not bench.retrain:
+        print(f"mmvp: {len(stored['pairs'])} CLIP-blind pairs kept from {MMVP_PAIRS.name}", flush=True)
+        return {key: stored[key] for key in keys} | {"pairs": len(stored["pairs"])}
     if not (REPO_ROOT / CONTRASTS / "manifest.json").is_file():
         vlp_data(["emoji-contrasts", CONTRASTS])
     ssl, _ = load_method(str(SSL_CHECKPOINT))
@@ -602,15 +610,13 @@ def mine_pairs(bench: Bench) -> dict:
     kept = [pair for pair in every["pairs"]
             if pair["clip_cosine"] > thresholds[0] and pair["ssl_cosine"] < thresholds[1]]
     document = {**every, "clip_threshold": round(thresholds[0], 6), "ssl_threshold": round(thresholds[1], 6),
-                "clip": f"{MINING_ARM} ({bench.checkpoint(MINING_ARM).name})",
-                "ssl": str(SSL_CHECKPOINT.relative_to(REPO_ROOT)), "pairs": kept,
+                **source, "pairs": kept,
                 "candidate_cosines": {"clip_median": clip_cosines.median().item(),
                                       "ssl_median": ssl_cosines.median().item()}}
     write_clip_blind_pairs(MMVP_PAIRS, document)
     print(f"mmvp: {len(kept)} CLIP-blind pairs of {every['candidates']} candidates (CLIP cosine > {thresholds[0]:.3f}, "
           f"SSL cosine < {thresholds[1]:.3f})", flush=True)
-    return {key: document[key] for key in ("clip", "ssl", "clip_threshold", "ssl_threshold", "candidates",
-                                           "candidate_cosines")} | {"pairs": len(kept)}
+    return {key: document[key] for key in keys} | {"pairs": len(kept)}
 
 
 def probe_scores(bench: Bench, method: VLPMethod, joint: bool) -> dict[str, dict[str, float]]:
