@@ -181,10 +181,13 @@ def publish(name: str, report: dict, targets: list[Target]) -> Path:
 
 
 def read_results(results_dir: Path = RESULTS_DIR) -> list[dict]:
-    """Every results JSON, each with `_file` and `_modified` (the file's UTC mtime, for results without a date)."""
+    """Every results JSON (a `benchmark` report; data a bench keeps beside them, such as mined pairs, is left out),
+    each with `_file` and `_modified` (the file's UTC mtime, for results without a date)."""
     results = []
     for path in sorted(results_dir.glob("*.json")):
         result = json.loads(path.read_text())
+        if "benchmark" not in result:
+            continue
         result["_file"] = path.name
         result["_modified"] = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
         results.append(result)
