@@ -197,13 +197,15 @@ def test_two_gloo_processes_match_one_process_on_the_concatenated_batch(gloo_ran
         torch.testing.assert_close(result["local_no_grad"]["text_grad"], own["text_grad"])
 
         # gather=False: the plain loss of the local batch
-        torch.testing.assert_close(result["not_gathered"]["loss"], clip_loss_and_grads(images[local], texts[local])["loss"])
+        torch.testing.assert_close(result["not_gathered"]["loss"],
+                                   clip_loss_and_grads(images[local], texts[local])["loss"])
 
     # local loss: per-rank values differ, their mean is L
     local_losses = torch.stack([result["local_with_grad"]["loss"] for result in ranks])
     assert not torch.allclose(local_losses[0], local_losses[1])
     torch.testing.assert_close(local_losses.mean(), single["loss"])
-    torch.testing.assert_close(torch.stack([result["local_no_grad"]["loss"] for result in ranks]).mean(), single["loss"])
+    local_losses = torch.stack([result["local_no_grad"]["loss"] for result in ranks])
+    torch.testing.assert_close(local_losses.mean(), single["loss"])
 
     single_multi_positive = multi_positive_loss_and_grads(images, texts, local_loss=False)
     local_multi_positive = torch.stack([result["multi_positive_local_True"]["loss"] for result in ranks])

@@ -297,7 +297,8 @@ def test_scenes_mix_emoji_pngs_vector_emoji_and_tux_paint_stamps(tmp_path: Path)
     from tests.test_sources import circle_svg, fake_debian_cache, fake_npm_cache
 
     cache = fake_npm_cache(fake_emoji_cache(tmp_path / "npm"))
-    stamps = fake_debian_cache(tmp_path / "debian") / "tuxpaint-stamps-default_2022.06.04-1_all/usr/share/tuxpaint/stamps"
+    stamps = (fake_debian_cache(tmp_path / "debian") / "tuxpaint-stamps-default_2022.06.04-1_all"
+              / "usr/share/tuxpaint/stamps")
     (stamps / "food" / "broken.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="0" height="0"/>')
     (stamps / "food" / "broken.txt").write_text("A broken drawing.\n")
     openmoji = cache / "openmoji-17.0.0" / "package"

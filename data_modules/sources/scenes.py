@@ -183,7 +183,9 @@ def scenes_source(
     )
 
 
-def cutout_concepts(styles: tuple[str, ...], cache_dir: Path | None) -> tuple[dict[str, Concept], list[Path], list[str]]:
+def cutout_concepts(
+    styles: tuple[str, ...], cache_dir: Path | None
+) -> tuple[dict[str, Concept], list[Path], list[str]]:
     """The concepts the `styles` draw (`CUTOUT_STYLES`), their input files and licences.
 
     Emoji PNG styles name a concept by its emoji name; a vector emoji joins the concept of its code point (OpenMoji's

@@ -8,8 +8,8 @@ instance of scene shards), `DenseProbe` (linear segmentation of frozen patch fea
 `MMVPPairs` (MMVP pair accuracy on CLIP-blind pairs mined by `mine_clip_blind_pairs`), `BaseToNovel`
 (base / novel / harmonic-mean accuracy of prompt learning, zero-shot for other CLIP-family methods),
 `AdversarialRobustness` (clean and ℓ∞ PGD accuracy of a method with `classify(images)`), `GroupAccuracy`
-(worst-group, balanced and per-group accuracy of `classify` over the (class, attribute) groups of `.json`), `CaptionMetrics` (BLEU,
-ROUGE-L and CIDEr-D of a method with `generate_captions(images, ...)`; `nearest_neighbour_captions` is the 1-NN
+(worst-group, balanced and per-group accuracy of `classify` over the (class, attribute) groups of `.json`),
+`CaptionMetrics` (BLEU, ROUGE-L and CIDEr-D of a method with `generate_captions(images, ...)`; `nearest_neighbour_captions` is the 1-NN
 caption baseline), `RegressionProbe` (UrbanCLIP's MLP regressing a numeric `.json` field from frozen features: R²,
 RMSE, MAE, MAPE, and a ridge regression's R²), `PhraseGrounding` (acc@0.5 and mean IoU of a method with
 `ground(images, phrases)` on scene shards; `constant_box_grounding` is the box-prior baseline),

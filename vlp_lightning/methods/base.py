@@ -336,7 +336,8 @@ class VLPMethod(LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record which method wrote the checkpoint, the model config it was built from, and every rank's RNG states
-        (exact resume of random masking, noise, ...). Lightning calls this on every rank, so the gather is collective."""
+        (exact resume of random masking, noise, ...). Lightning calls this on every rank, so the gather is
+        collective."""
         states = [_rng_states()]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             states = [None] * dist.get_world_size()
