@@ -80,6 +80,7 @@ Usage: python bench/scenes.py [--sections ptp ...] [--steps N] [--retrain] [--qu
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import tempfile
 import time
@@ -90,6 +91,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+import yaml
 from common import REPO_ROOT, Target, publish
 from torchvision.ops import roi_align
 
@@ -641,10 +643,18 @@ def probe_scores(bench: Bench, method: VLPMethod, joint: bool) -> dict[str, dict
     return scores
 
 
+def recipe_class(name: str) -> type:
+    """The method class the arm `name`'s recipe trains (read from the recipe, nothing loaded)."""
+    model = yaml.safe_load((REPO_ROOT / "experiments" / ARMS[name][0]).read_text())["model"]
+    module, _, attribute = model["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), attribute)
+
+
 def clip_family_arms(bench: Bench) -> list[str]:
-    """The trained arms (`Bench.trained_arms`) with a joint image-text space and a text tower."""
-    return [name for name in bench.trained_arms()
-            if has_joint_space(bench.arm(name)) and has_text_tower(bench.arm(name))]
+    """The trained arms (`Bench.trained_arms`) with a joint image-text space and a text tower; arms whose method
+    has no text encoder (FFR's classifiers) are passed over without loading them."""
+    return [name for name in bench.trained_arms() if recipe_class(name).encode_text is not VLPMethod.encode_text
+            and has_joint_space(bench.arm(name)) and has_text_tower(bench.arm(name))]
 
 
 def probes(bench: Bench) -> dict:
