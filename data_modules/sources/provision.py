@@ -249,15 +249,17 @@ def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
     return canvas
 
 
-def provision_questions(meta: dict, questions: int, seed: int, key: str, vocabulary: list[str],
-                        generators: tuple[str, ...] = tuple(GENERATORS)) -> list[dict[str, str]]:
-    """Up to `questions` (generator, question, answer) of one scene graph, distinct generators drawn per key."""
+def provision_questions(meta: dict | tuple[dict, dict], questions: int, seed: int, key: str, vocabulary: list[str],
+                        generators: tuple[str, ...] = tuple(GENERATORS),
+                        table: dict[str, Callable] = GENERATORS) -> list[dict[str, str]]:
+    """Up to `questions` (generator, question, answer) of one scene graph (or, with `table` the
+    `MULTI_IMAGE_GENERATORS`, of a pair of graphs), distinct generators drawn per key."""
     rng = random.Random(f"{seed}:{key}")
     order = list(generators)
     rng.shuffle(order)
     asked = []
     for name in order:
-        pair = GENERATORS[name](meta, rng, vocabulary)
+        pair = table[name](meta, rng, vocabulary)
         if pair is not None:
             asked.append({"generator": name, "question": pair[0], "answer": pair[1]})
         if len(asked) == questions:
@@ -292,16 +294,7 @@ def _multi_image_records(records: list[Record], questions: int, seed: int, vocab
     for left, right in _pairs(records, seed):
         key = f"pair_{left.key}_{right.key}"
         graphs = (left.meta or {}, right.meta or {})
-        rng = random.Random(f"{seed}:{key}")
-        order = list(chosen)
-        rng.shuffle(order)
-        asked = []
-        for name in order:
-            pair = MULTI_IMAGE_GENERATORS[name](graphs, rng, vocabulary)
-            if pair is not None:
-                asked.append({"generator": name, "question": pair[0], "answer": pair[1]})
-            if len(asked) == questions:
-                break
+        asked = provision_questions(graphs, questions, seed, key, vocabulary, chosen, MULTI_IMAGE_GENERATORS)
         if not asked:
             continue
         kept.append(Record(
@@ -329,15 +322,15 @@ def provision_source(shards: str, questions: int = 3, seed: int = 0,
         raise SourceError(f"no sample of {shards!r} has a scene graph (.json objects); build scenes with "
                           "`vlp-data scenes data/scenes` and give 'data/scenes/*.tar'")
     vocabulary = sorted({item["name"] for record in records for item in (record.meta or {}).get("objects", [])})
-    kept: list[Record] = []
     if multi_image:
         kept = _multi_image_records(records, questions, seed, vocabulary, chosen)
-    for record in records if not multi_image else ():
-        asked = provision_questions(record.meta or {}, questions, seed, record.key, vocabulary, chosen)
-        if not asked:
-            continue
-        kept.append(replace(record, meta={**(record.meta or {}), "conversations": _conversation(asked),
-                                          "provision": asked}))
+    else:
+        kept = []
+        for record in records:
+            asked = provision_questions(record.meta or {}, questions, seed, record.key, vocabulary, chosen)
+            if asked:
+                kept.append(replace(record, meta={**(record.meta or {}), "conversations": _conversation(asked),
+                                                  "provision": asked}))
     return SourceData(
         name=f"ProVision {'multi-image ' if multi_image else ''}questions ({questions} per "
              f"{'pair' if multi_image else 'scene'}, seed {seed}) of {shards} "
