@@ -138,3 +138,27 @@ def test_ffr_step_two_starts_from_step_one_with_fresh_group_weights(ffr_shards: 
         FFR(classnames_from=train, objective="dro")
     with pytest.raises(ValueError, match="needs the groups"):
         FFR(classnames=["a", "b"], objective="groupdro")
+
+
+def test_a_step_two_checkpoint_loads_after_step_one_is_gone(ffr_shards: Path, tmp_path: Path) -> None:
+    """A rebuild takes every weight from its own checkpoint: the `start_from` it was trained with is not read."""
+    from vlp_lightning.pretrained import load_method, save_checkpoint
+
+    train = str(ffr_shards / "train-000000.tar")
+    step_one = tmp_path / "step1.ckpt"
+    save_checkpoint(FFR(classnames_from=train), step_one,
+                    {"class_path": "vlp_lightning.methods.FFR", "init_args": {"classnames_from": train}})
+    step_two = FFR(classnames_from=train, start_from=str(step_one))
+    with torch.no_grad():
+        step_two.head.weight.add_(1.0)  # trained on after the start: differs from step one
+    config = {"class_path": "vlp_lightning.methods.FFR",
+              "init_args": {"classnames_from": train, "start_from": str(step_one)}}
+    save_checkpoint(step_two, tmp_path / "step2.ckpt", config)
+    step_one.unlink()
+    loaded, _ = load_method(str(tmp_path / "step2.ckpt"))
+    for name, value in step_two.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    config["init_args"]["classnames_from"] = str(tmp_path / "moved.tar")  # an argument the model's shape needs
+    save_checkpoint(step_two, tmp_path / "moved.ckpt", config)
+    with pytest.raises(ValueError, match=r"does not build a method \(no classnames for label field 'cls'"):
+        load_method(str(tmp_path / "moved.ckpt"))  # the constructor's own sentence, not jsonargparse's report

@@ -28,7 +28,13 @@ from jsonargparse import Namespace
 
 from data_modules.views import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vlp_lightning import methods
-from vlp_lightning.cli import _hyper_parameter_conflict, available_methods, concise_error, load_checkpoint_for_check
+from vlp_lightning.cli import (
+    _hyper_parameter_conflict,
+    available_methods,
+    concise_error,
+    constructor_sentence,
+    load_checkpoint_for_check,
+)
 from vlp_lightning.methods.base import VLPMethod, _class_path, _state_dict_differences
 
 #: class-path prefixes a model config may name (a config file never chooses other code to import).
@@ -38,6 +44,9 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 #: model arguments a rebuild never builds: training only, and they may name classes from anywhere.
 TRAINING_ONLY = ("optimizer", "lr_scheduler")
+#: model arguments that only fill weights of a model already built (an earlier stage's checkpoint): a rebuild takes
+#: every weight from its own checkpoint, so it never reads them (the earlier file may be gone).
+WEIGHT_STARTS = ("start_from", "meta_prompt")
 
 
 class PretrainedError(ValueError):
@@ -143,7 +152,8 @@ def model_section(document: Any, source: str) -> dict[str, Any]:
             f"{source} has no model.class_path; give the run's config.yaml (vlp fit writes it next to the logs) or "
             "the recipe it was trained with"
         )
-    init_args = {name: value for name, value in (model.get("init_args") or {}).items() if name not in TRAINING_ONLY}
+    init_args = {name: value for name, value in (model.get("init_args") or {}).items()
+                 if name not in TRAINING_ONLY + WEIGHT_STARTS}
     model = _weights_from_checkpoint({"class_path": model["class_path"], "init_args": init_args})
     _check_class_paths(model, source)
     return model
@@ -258,9 +268,8 @@ def build_method(model: dict[str, Any], source: str, redo: str) -> tuple[VLPMeth
         parsed = parser.parse_object({"model": model})
         method = parser.instantiate(parsed).model
     except Exception as error:  # any failure to build a user's config ends in one sentence, never a traceback
-        raise PretrainedError(
-            f"{source} does not build a method ({concise_error(str(error)) or type(error).__name__}); {redo}"
-        ) from None
+        reason = constructor_sentence(error) or concise_error(str(error)) or type(error).__name__
+        raise PretrainedError(f"{source} does not build a method ({reason}); {redo}") from None
     return method, parsed.model
 
 
