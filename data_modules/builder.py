@@ -819,16 +819,19 @@ def make_parser() -> argparse.ArgumentParser:
                         help="cut-out sources, comma-separated: emoji PNG styles (twitter, google), SVG emoji "
                              "(openmoji, fluent-color, fluent-flat, fluent-high-contrast) and tuxpaint (photographs "
                              "and drawings), each fetched once like its own vlp-data command (default: %(default)s)")
-    scenes.add_argument("--backgrounds", choices=("skimage", "plain"), default="skimage",
-                        help="scikit-image's sample photos and textures (the `scenes` extra; plain when it is missing)"
-                        " or plain colours and gradients (default: %(default)s)")
+    scenes.add_argument("--backgrounds", default="skimage", metavar="KINDS",
+                        help="skimage (scikit-image's sample photos and textures: the `scenes` extra, left out when "
+                        "it is missing), openclipart (its tileable patterns: apt-get install openclipart-png), both "
+                        "joined by a comma, or plain (plain colours and gradients) (default: %(default)s)")
     scenes.add_argument(
         "--cache-dir", type=Path, default=Path(platformdirs.user_cache_dir("vlp-lightning")) / "npm",
         metavar="DIR", help="where the emoji packages are kept (default: %(default)s)",
     )
+    scenes.add_argument("--openclipart-root", type=Path, default=OPENCLIPART_ROOT, metavar="DIR",
+                        help="openclipart's folder, for --backgrounds openclipart (default: %(default)s)")
     scenes.set_defaults(split="train=0.9,val=0.1", make_source=lambda a: scenes_source(
         a.count, a.heldout_count, a.heldout_concepts, a.max_objects, a.size, tuple(a.styles.split(",")),
-        a.backgrounds, a.cache_dir, a.seed,
+        a.backgrounds, a.cache_dir, a.seed, a.openclipart_root,
     ))
 
     ffr = _build_command(

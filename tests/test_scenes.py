@@ -19,7 +19,8 @@ from data_modules.builder import iterate_shard, main
 from data_modules.datamodules import ImageTextDataModule
 from data_modules.instances import INSTANCES_MEMBER, Instances, crop_instances, decode_instances, flip_instances
 from data_modules.pipeline import BadSampleError, DataConfigError, SampleDecoder, make_eval_loader, make_loader
-from data_modules.sources.scenes import plural
+from data_modules.sources import SourceError
+from data_modules.sources.scenes import PATTERN_SIDE, _background_image, plural, scenes_source
 from data_modules.views import VIEWS_FIELD, Crop, SingleCrop, TwoCrops
 from vlp_lightning.modules.tokenizers import ByteTokenizer
 
@@ -331,3 +332,36 @@ def test_scenes_mix_emoji_pngs_vector_emoji_and_tux_paint_stamps(tmp_path: Path)
                 styles.add(item["style"])
     assert styles == {"twitter", "openmoji", "tuxpaint"}
     assert main(["scenes", str(tmp_path / "bad"), "--cache-dir", str(cache), "--styles", "twitter,crayons"]) == 2
+
+
+def test_scenes_on_openclipart_patterns_tiled_and_named(tmp_path: Path) -> None:
+    """--backgrounds openclipart tiles the patterns (a palette tile with transparency over white), names them in the
+    caption, and a missing package or unknown kind is one sentence."""
+    patterns = tmp_path / "openclipart" / "png" / "special" / "patterns"
+    patterns.mkdir(parents=True)
+    tile = Image.new("P", (64, 64), 0)
+    tile.putpalette([0, 0, 0, 255, 0, 0])
+    tile.paste(1, (0, 0, 32, 32))  # a red quarter on transparent black
+    tile.info["transparency"] = 0
+    tile.save(patterns / "pattern-checkers-2.png", transparency=0)
+    Image.new("L", (5, 5), 128).save(patterns / "notapattern.png")  # not `pattern-*`: never drawn
+    cache = fake_emoji_cache(tmp_path / "npm")
+    manifest = build(tmp_path / "out", cache, "--count", "4", "--heldout-count", "1", "--backgrounds", "openclipart",
+                     "--openclipart-root", str(tmp_path / "openclipart"), "--max-objects", "1")
+    assert "on openclipart backgrounds" in manifest["source"] and "1 openclipart patterns: public domain" in (
+        manifest["licence"])
+    for sample in samples_of(tmp_path / "out")["train"].values():
+        meta = json.loads(sample["json"])
+        assert meta["background"] == "a checkers pattern" and meta["caption"].endswith("on a checkers pattern")
+        pixels = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"), dtype=np.float32)
+        background = pixels[np.asarray(Image.open(io.BytesIO(sample[INSTANCES_MEMBER]))) == 0]
+        # tiled, not one tile stretched: both the tile's red and its transparent part (white, tinted) fill the scene
+        assert (background[:, 0] - background[:, 1] > 100).mean() > 0.1
+        assert (background.min(axis=1) > 120).mean() > 0.3
+    tiled = _background_image(str(patterns / "pattern-checkers-2.png"))
+    assert tiled.shape == (PATTERN_SIDE, PATTERN_SIDE, 3) and np.array_equal(tiled[:64, :64], tiled[64:128, 64:128])
+    for bad, message in (("openclipart", "no png/special/patterns/pattern-\\*.png under"),
+                         ("skimage,photos", "give plain, or one or more of skimage, openclipart")):
+        with pytest.raises(SourceError, match=message):
+            scenes_source(count=2, heldout_count=1, backgrounds=bad, cache_dir=cache, styles=("twitter",),
+                          openclipart_root=tmp_path / "empty")

@@ -5,10 +5,12 @@ Cut-outs (`--styles`, `CUTOUT_STYLES`): the 64 px emoji PNGs with alpha of `emoj
 or skin-tone swatches: `OBJECT_CATEGORIES`); a concept is an emoji name ("red apple"), drawn in any of the styles.
 The SVG emoji (`openmoji`, `fluent-color`, `fluent-flat`, `fluent-high-contrast`, drawn at 192 px) join the concept
 of their code point, and the Tux Paint stamps (`tuxpaint`, many of them photographs) are concepts named by their
-descriptions, a stamp of an emoji's name joining it (`cutout_concepts`). Backgrounds: scikit-image's bundled sample
-photos and textures (`SKIMAGE_BACKGROUNDS`, the images inside its wheel; the ones it downloads are never used), a
-random square of one, textures tinted; without scikit-image (the `scenes` extra), or with `--backgrounds plain`,
-plain colours and two-colour gradients.
+descriptions, a stamp of an emoji's name joining it (`cutout_concepts`). Backgrounds (`--backgrounds`, one kind or
+several joined by commas): `skimage`, scikit-image's bundled sample photos and textures (`SKIMAGE_BACKGROUNDS`, the
+images inside its wheel; the ones it downloads are never used); `openclipart`, openclipart's 95 tileable patterns
+(Debian `openclipart-png`, `special/patterns/pattern-*.png`, tiled to `PATTERN_SIDE` first: "a herringbone
+pattern"); a random square of one, grey ones tinted. Without scikit-image (the `scenes` extra), or with
+`--backgrounds plain`, plain colours and two-colour gradients.
 
 A scene holds 1 to `--max-objects` objects of 1 or more concepts (so counts above one occur), each scaled to 12-40 %
 of the side and placed where it leaves every object pasted before it at least half visible (an object that finds no
@@ -53,6 +55,8 @@ from data_modules.instances import INSTANCES_MEMBER, block_tags
 from data_modules.sources import Record, SourceData, SourceError
 from data_modules.sources.emoji import IMAGE_LICENCES, emoji_source
 from data_modules.sources.fluent import fluent_source
+from data_modules.sources.openclipart import DEFAULT_ROOT as OPENCLIPART_ROOT
+from data_modules.sources.openclipart import LICENCE as OPENCLIPART_LICENCE
 from data_modules.sources.openmoji import openmoji_source
 from data_modules.sources.svg import render_svg
 from data_modules.sources.tuxpaint import tuxpaint_source
@@ -74,6 +78,11 @@ SKIMAGE_BACKGROUNDS = {
     "camera.png": ("a photo of a cameraman", "CC0 (Lav Varshney)"),
     "hubble_deep_field.jpg": ("a photo of deep space", "public domain (NASA)"),
 }
+#: openclipart's tileable patterns (`vlp-data scenes --backgrounds openclipart`, under its root), and the side they
+#: are tiled to.
+OPENCLIPART_PATTERNS = "png/special/patterns/pattern-*.png"
+PATTERN_SIDE = 512
+BACKGROUND_KINDS = ("skimage", "openclipart", "plain")
 BLOCK_GRID = 3
 _SIDE_RANGE = (0.12, 0.4)
 _PLACEMENT_TRIES = 30
@@ -137,9 +146,11 @@ def scenes_source(
     backgrounds: str = "skimage",
     cache_dir: Path | None = None,
     seed: int = 0,
+    openclipart_root: Path = OPENCLIPART_ROOT,
 ) -> SourceData:
     """`count` scenes of the concepts not held out (left to `--split`) and `heldout_count` of the held-out ones, in
-    the split `unseen` (module doc). `backgrounds` is `skimage` (falls back to `plain`, saying so) or `plain`."""
+    the split `unseen` (module doc). `backgrounds` is `plain` or a comma-separated list of `skimage` (left out when
+    scikit-image is missing, saying so) and `openclipart` (the patterns under `openclipart_root`)."""
     if not 1 <= max_objects <= 254 or size < 64 or not 0 < heldout_fraction < 1:
         raise SourceError(f"--max-objects {max_objects}, --size {size}, --heldout-concepts {heldout_fraction}: need "
                           "1-254 objects, at least 64 pixels and a fraction in (0, 1)")
@@ -149,11 +160,7 @@ def scenes_source(
     if not seen or not unseen:
         raise SourceError(f"--heldout-concepts {heldout_fraction} holds out {len(unseen)} of the {len(concepts)} "
                           "concepts; choose a fraction that leaves some on both sides")
-    skimage_dir = skimage_data_dir() if backgrounds == "skimage" else None
-    if backgrounds == "skimage" and skimage_dir is None:
-        print("note: scikit-image is not installed (pip install 'vlp-lightning[scenes]'), so the backgrounds are "
-              "plain colours and gradients")
-    background_files = [str(skimage_dir / name) for name in SKIMAGE_BACKGROUNDS] if skimage_dir else []
+    background_files, background_licences, background_names = background_pool(backgrounds, openclipart_root)
     records = []
     for prefix, pool, wanted, split in (("", seen, count, None), ("unseen_", unseen, heldout_count, HELDOUT_SPLIT)):
         for index in range(wanted):
@@ -164,15 +171,12 @@ def scenes_source(
                 key=key, open_image=None, origin=f"scene {key}", caption=None, meta=plan, split=split,
                 members=partial(render_scene, plan, size, f"{seed}:{key}:layout"),
             ))
-    background_licence = (
-        "backgrounds: scikit-image sample images: " + "; ".join(f"{name} {licence}" for name, (_, licence)
-                                                                 in SKIMAGE_BACKGROUNDS.items())
-        if skimage_dir else "backgrounds: plain colours and gradients")
+    background_licence = "backgrounds: " + ("; ".join(background_licences) or "plain colours and gradients")
     return SourceData(
         name=f"scenes v{RENDER_VERSION}: "
              + (f"emoji-datasource-{{{','.join(styles)}}}" if set(styles) <= set(EMOJI_STYLES)
                 else f"cut-outs {{{','.join(styles)}}}") + " on "
-             f"{'scikit-image' if skimage_dir else 'plain'} backgrounds, {size} px, 1-{max_objects} objects, "
+             f"{' + '.join(background_names) or 'plain'} backgrounds, {size} px, 1-{max_objects} objects, "
              f"{heldout_fraction:g} of {len(concepts)} concepts held out",
         licence="; ".join(["cut-outs " + ", ".join(licences), background_licence]
                           + (["emoji.json metadata: MIT (emoji-data, Cal Henderson)"]
@@ -282,6 +286,47 @@ def _plan(rng: random.Random, pool: list[Concept], max_objects: int, background_
     return {"objects": objects, "background": draw_background(rng, background_files)}
 
 
+def background_pool(
+    backgrounds: str, openclipart_root: Path = OPENCLIPART_ROOT
+) -> tuple[list[str], list[str], list[str]]:
+    """The background files of `--backgrounds` (module doc), their licences and the names of their kinds."""
+    kinds = [kind.strip() for kind in backgrounds.split(",") if kind.strip()]
+    unknown = [kind for kind in kinds if kind not in BACKGROUND_KINDS]
+    if unknown or not kinds or ("plain" in kinds and len(kinds) > 1):
+        raise SourceError(f"--backgrounds {backgrounds!r}: give plain, or one or more of skimage, openclipart "
+                          "joined by commas (e.g. skimage,openclipart)")
+    files, licences, names = [], [], []
+    if "skimage" in kinds:
+        skimage_dir = skimage_data_dir()
+        if skimage_dir is None:
+            print("note: scikit-image is not installed (pip install 'vlp-lightning[scenes]'), so its photos and "
+                  "textures are left out of the backgrounds")
+        else:
+            files += [str(skimage_dir / name) for name in SKIMAGE_BACKGROUNDS]
+            licences.append("scikit-image sample images: " + "; ".join(
+                f"{name} {licence}" for name, (_, licence) in SKIMAGE_BACKGROUNDS.items()))
+            names.append("scikit-image")
+    if "openclipart" in kinds:
+        patterns = sorted(str(path) for path in openclipart_root.glob(OPENCLIPART_PATTERNS))
+        if not patterns:
+            raise SourceError(f"--backgrounds openclipart: no {OPENCLIPART_PATTERNS} under {openclipart_root}; "
+                              "install them with apt-get install openclipart-png (or give --openclipart-root)")
+        files += patterns
+        licences.append(f"{len(patterns)} openclipart patterns: {OPENCLIPART_LICENCE}")
+        names.append("openclipart")
+    return files, licences, names
+
+
+def background_words(path: str) -> str:
+    """What a caption says of the background file `path`: its scikit-image description, or "a <name> pattern" of an
+    openclipart pattern (pattern-herringbone-4.png: "a herringbone pattern")."""
+    name = Path(path).name
+    if name in SKIMAGE_BACKGROUNDS:
+        return SKIMAGE_BACKGROUNDS[name][0]
+    words = re.sub(r"-\d+$", "", Path(path).stem.removeprefix("pattern-")).replace("-", " ").replace("_", " ")
+    return f"{_article(words)} pattern"
+
+
 def draw_background(rng: random.Random, background_files: list[str]) -> dict:
     """A background plan (`render_background` draws it): a random square of one of `background_files` (scaled
     0.4-1 of its shorter side, at a random offset; grey textures tinted), or without files two plain colours, flat
@@ -359,7 +404,7 @@ def render_background(background: dict, size: int) -> tuple[np.ndarray, str]:
         square = cv2.resize(image[top : top + side, left : left + side], (size, size), interpolation=cv2.INTER_AREA)
         if image.shape[2] == 1:  # a grey texture, tinted
             square = square[..., None] * (np.float32(background["tint"]) / 255)
-        return square.astype(np.float32), SKIMAGE_BACKGROUNDS[Path(background["file"]).name][0]
+        return square.astype(np.float32), background_words(background["file"])
     first, second = (np.float32(colour) / 255 for colour in background["colours"])
     ramp = np.linspace(0, 1, size, dtype=np.float32)
     weight = {"none": np.zeros((size, size)), "horizontal": np.tile(ramp, (size, 1)),
@@ -370,10 +415,20 @@ def render_background(background: dict, size: int) -> tuple[np.ndarray, str]:
 
 @lru_cache(maxsize=16)
 def _background_image(path: str) -> np.ndarray:
-    """float32 [H, W, 1 or 3] in [0, 1]."""
+    """float32 [H, W, 1 or 3] in [0, 1]; transparent pixels over white; a pattern (not one of scikit-image's) tiled
+    to at least `PATTERN_SIDE` on each side."""
     with Image.open(path) as image:
-        pixels = np.asarray(image.convert("L" if image.mode in ("L", "I", "I;16") else "RGB"), dtype=np.float32)
-    return (pixels[..., None] if pixels.ndim == 2 else pixels) / 255
+        if image.mode in ("L", "I", "I;16"):
+            pixels = np.asarray(image.convert("L"), dtype=np.float32)[..., None]
+        elif image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            pixels = np.asarray(Image.alpha_composite(white, image.convert("RGBA")).convert("RGB"), dtype=np.float32)
+        else:
+            pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    if Path(path).name not in SKIMAGE_BACKGROUNDS:
+        repeats = [-(-PATTERN_SIDE // pixels.shape[0]), -(-PATTERN_SIDE // pixels.shape[1]), 1]
+        pixels = np.tile(pixels, repeats)
+    return pixels / 255
 
 
 @dataclass
