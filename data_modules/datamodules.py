@@ -27,7 +27,9 @@ import importlib.util
 import logging
 import warnings
 from collections.abc import Callable, Iterable
+from typing import Any
 
+import torch
 import torch.distributed as dist
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningDataModule
@@ -59,6 +61,9 @@ log = logging.getLogger(__name__)
 
 _BUILD_HINT = "build shards with `vlp-data` (e.g. `vlp-data emoji data/emoji`; `vlp-data --help` lists the sources)"
 _IMAGE_ONLY_HINT = "choose an image-only method such as vlp_lightning.methods.SwAV"
+#: batch fields the collates fill with what text and `.json` members decode to (strings, numbers, lists and dicts of
+#: them), never a tensor: `transfer_batch_to_device` hands them on as they are instead of walking every element.
+PLAIN_FIELDS = frozenset({"__key__", "caption", "long_caption", "meta", "conversation", "segments"})
 
 
 class _Split:
@@ -387,6 +392,15 @@ class StreamingDataModule(LightningDataModule):
         training = self.trainer is None or self.trainer.training
         self._record(info, "train" if training else self.trainer.state.stage.value)
         return batch
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Lightning's transfer for the fields that may hold tensors; the `PLAIN_FIELDS` are passed on untouched
+        (Lightning walks every element of a collection: a batch of 32 clips' `meta` cost more than its tensors)."""
+        if not isinstance(batch, dict) or not PLAIN_FIELDS & batch.keys():
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        moved = super().transfer_batch_to_device(
+            {name: value for name, value in batch.items() if name not in PLAIN_FIELDS}, device, dataloader_idx)
+        return {name: batch[name] if name in PLAIN_FIELDS else moved[name] for name in batch}
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """The photometric half of the views (colour, blur, normalisation), batched on the trainer's device."""

@@ -388,3 +388,19 @@ def test_views_normalising_unlike_the_method_stop_at_setup(make_shards, tmp_path
     datamodule = attach(ImageTextDataModule(train_shards=shards.pattern, views=views), CLIP())
     with pytest.raises(DataConfigError, match=r"views normalise with .* but CLIP .* give data\.views the same mean"):
         datamodule.setup("fit")
+
+
+def test_batch_transfer_moves_the_tensors_and_hands_plain_fields_on_untouched():
+    """The JSON / text fields are passed on as the same objects (not walked); every tensor elsewhere moves."""
+    data = ImageTextDataModule(train_shards="unused-{000000..000001}.tar")
+    meta = [{"objects": [{"name": "apple", "box": [0, 0, 4, 4]}]} for _ in range(3)]
+    batch = {"__key__": ["a", "b", "c"], "image": torch.zeros(3, 3, 8, 8), "caption": ["x", "y", "z"],
+             "meta": meta, "text": {"input_ids": torch.ones(3, 5, dtype=torch.long)},
+             "boxes": [torch.zeros(1, 4) for _ in range(3)]}
+    moved = data.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert list(moved) == list(batch)
+    assert moved["meta"] is meta and moved["__key__"] is batch["__key__"] and moved["caption"] is batch["caption"]
+    assert moved["image"].device.type == "meta" and moved["text"]["input_ids"].device.type == "meta"
+    assert all(box.device.type == "meta" for box in moved["boxes"])
+    plain = data.transfer_batch_to_device([torch.zeros(2)], torch.device("meta"), 0)  # not a dict: Lightning's way
+    assert plain[0].device.type == "meta"
