@@ -29,7 +29,8 @@ CLIP tower: `pretrained_clip`, `image_tower`, `target_tower`) are replaced by on
 on first use).
 
 Usage: python bench/method_overhead.py [--quick] [--methods CLIP DINO ...] [--merge] [--steps 8] [--threads 1]
-(`--quick`: CLIP, SimCLR and DINO, 4 timed steps each; `--merge`: keep the stored rows of the methods not run)
+(`--quick`: CLIP, SimCLR and DINO, 4 timed steps each; `--merge`: keep the stored rows of the methods not run, and
+those of other CPU kinds: one row per method and kind)
 Prints a table and `target` lines, writes bench/results/method_overhead.json. The shards are built with the
 command each recipe names (`vlp-data emoji data/emoji ...`, npm cache) when missing.
 """
@@ -268,12 +269,36 @@ def print_table(rows: list[dict], clock: str) -> None:
               f"{bare['peak_rss_mib']:>7.0f}M  {row.get('date', '')} {row.get('cpu', '')}")
 
 
+def cpu_kind(cpu: str) -> str:
+    """The short name of a CPU model a row was measured on: "Intel Xeon", "AMD EPYC", else the model itself."""
+    for vendor, family in (("Intel", "Xeon"), ("AMD", "EPYC")):
+        if vendor in cpu and family in cpu:
+            return f"{vendor} {family}"
+    return cpu
+
+
+def merge_rows(previous: dict, run_now: list[dict], order: list[str]) -> list[dict]:
+    """The stored rows of `previous` (the last results file) merged with the rows run now: one row per (method, CPU
+    kind), so a second machine's figures join the first's instead of replacing them; a row run now replaces the
+    stored one of its method and kind. Sorted by the index's `order`, then the CPU kind."""
+    made = {"cpu": previous["config"]["cpu"], "date": previous["machine"]["date"][:16].replace("T", " ")}
+    merged = {(row["method"], cpu_kind(row["cpu"])): row for row in ({**made, **row} for row in previous["methods"])}
+    merged.update({(row["method"], cpu_kind(row["cpu"])): row for row in run_now})
+    return sorted(merged.values(), key=lambda row: (
+        order.index(row["method"]) if row["method"] in order else len(order), cpu_kind(row["cpu"])))
+
+
 def find_targets(rows: list[dict]) -> list[Target]:
+    """Per row, its ratio and data wait; the CPU kind is named in the target where the method has rows of several."""
+    kinds: dict[str, set[str]] = {}
+    for row in rows:
+        kinds.setdefault(row["method"], set()).add(cpu_kind(row.get("cpu", "")))
     targets = []
     for row in rows:
-        targets.append(Target(f"{row['method']} vlp fit / bare ({row['precision']})", row["vs_bare"],
+        on = f", {cpu_kind(row['cpu'])}" if len(kinds[row["method"]]) > 1 else ""
+        targets.append(Target(f"{row['method']} vlp fit / bare ({row['precision']}{on})", row["vs_bare"],
                               GOALS["vs_bare"]))
-        targets.append(Target(f"{row['method']} data wait share of a vlp fit step",
+        targets.append(Target(f"{row['method']} data wait share of a vlp fit step{on.replace(',', ' on', 1)}",
                               row["vlp_fit"]["data_wait_fraction"], GOALS["data_wait"], "<="))
     return targets
 
@@ -284,7 +309,8 @@ def main() -> None:
                         help=f"4 timed steps per contender (default 8), methods {' '.join(QUICK_METHODS)} only")
     parser.add_argument("--methods", nargs="+", help="only these methods (names of `vlp methods`)")
     parser.add_argument("--merge", action="store_true",
-                        help="keep the stored rows (results/method_overhead.json) of the methods not run now")
+                        help="keep the stored rows (results/method_overhead.json) of the methods not run now, and "
+                        "of the other CPU kinds (one row per method and kind)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per contender")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (step 0 counts FLOPs); >= 1")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each contender")
@@ -314,14 +340,8 @@ def main() -> None:
             print(f"[{number}/{len(recipes)}] {method}: vlp fit / bare {rows[-1]['vs_bare']:.2f} "
                   f"({time.perf_counter() - method_started:.0f} s)", flush=True)
     stored = RESULTS_DIR / "method_overhead.json"
-    if args.merge and stored.is_file():  # the stored rows of the other methods, in the index's order
-        run_now = {row["method"]: row for row in rows}
-        previous = json.loads(stored.read_text())
-        made = {"cpu": previous["config"]["cpu"], "date": previous["machine"]["date"][:16].replace("T", " ")}
-        kept = {row["method"]: {**made, **row} for row in previous["methods"] if row["method"] not in run_now}
-        order = list(methods_to_run(None))
-        rows = sorted([*kept.values(), *run_now.values()],
-                      key=lambda row: order.index(row["method"]) if row["method"] in order else len(order))
+    if args.merge and stored.is_file():
+        rows = merge_rows(json.loads(stored.read_text()), rows, list(methods_to_run(None)))
     print_table(rows, args.clock)
     targets = find_targets(rows)
     report = {

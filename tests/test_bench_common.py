@@ -52,3 +52,22 @@ def test_video_bench_targets_recompute_from_the_published_results():
     stored = json.loads((common.RESULTS_DIR / "video.json").read_text())
     recomputed = {target.name: target.as_dict()["passed"] for target in video.targets(stored)}
     assert recomputed == {target["name"]: target["passed"] for target in stored["targets"]}
+
+
+def test_method_overhead_merge_keeps_one_row_per_method_and_cpu_kind():
+    import method_overhead  # bench/method_overhead.py
+
+    def row(method: str, cpu: str, ratio: float) -> dict:
+        return {"method": method, "cpu": cpu, "precision": "32-true", "vs_bare": ratio,
+                "vlp_fit": {"data_wait_fraction": 0.01}}
+
+    previous = {"config": {"cpu": "AMD EPYC"}, "machine": {"date": "2026-12-01T16:16:00"},
+                "methods": [row("CLIP", "AMD EPYC", 1.0), row("SIGMA", "Intel(R) Xeon(R) Processor", 0.73)]}
+    merged = method_overhead.merge_rows(previous, [row("SIGMA", "AMD EPYC", 0.98), row("CLIP", "AMD EPYC 7B13", 0.99)],
+                                        ["CLIP", "SIGMA"])
+    assert [(r["method"], r["cpu"], r["vs_bare"]) for r in merged] == [
+        ("CLIP", "AMD EPYC 7B13", 0.99), ("SIGMA", "AMD EPYC", 0.98), ("SIGMA", "Intel(R) Xeon(R) Processor", 0.73)]
+    names = [target.name for target in method_overhead.find_targets(merged)]
+    assert names[:2] == ["CLIP vlp fit / bare (32-true)", "CLIP data wait share of a vlp fit step"]
+    assert "SIGMA vlp fit / bare (32-true, Intel Xeon)" in names
+    assert "SIGMA data wait share of a vlp fit step on AMD EPYC" in names
