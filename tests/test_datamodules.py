@@ -77,7 +77,8 @@ def test_image_only_method_swaps_in_on_captioned_data(make_shards, tmp_path):
 def test_missing_shards_name_the_argument_the_path_and_vlp_data(tmp_path):
     missing = tmp_path / "nowhere" / "train-000000.tar"
     datamodule = attach(ImageDataModule(train_shards=str(missing)), SwAV())
-    with pytest.raises(DataConfigError, match=rf"train_shards=.*shard {missing} does not exist; build shards with `vlp-data`"):
+    with pytest.raises(DataConfigError,
+                       match=rf"train_shards=.*shard {missing} does not exist; build shards with `vlp-data`"):
         datamodule.setup("fit")
     datamodule = attach(ImageDataModule(train_shards=str(tmp_path / "*.tar")), SwAV())
     with pytest.raises(DataConfigError, match=r"matches no shard file; build shards with `vlp-data`"):
