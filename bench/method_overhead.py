@@ -151,19 +151,17 @@ def run_vlp_fit(clock: TurnClock, updates: UpdateClock, recipe: Path, run_dir: P
 
 
 def premade_batches(cli: VLPCLI, count: int) -> list[dict]:
-    """`count` finished batches from the recipe's data module, made without a trainer (views, tokenizer and crop
-    size asked of the model, as `setup` does with one)."""
-    model, datamodule = cli.model, cli.datamodule
-    datamodule.views = model.train_views()
-    datamodule.image_size = model.image_size
-    if hasattr(datamodule, "tokenizer") and datamodule.tokenizer is None:
-        datamodule.tokenizer = model.tokenizer
+    """`count` finished batches from the recipe's data module, in this process: the data module asks the attached
+    model for its views, crop size, tokenizer and required keys (a DreamLIP's long captions), as under `vlp fit`."""
+    cli.trainer.strategy.connect(cli.model)  # the trainer's `lightning_module`, which `setup` asks
+    datamodule = cli.datamodule
+    datamodule.trainer = cli.trainer
     datamodule.num_workers = 0
     datamodule.setup("fit")
     batches = []
     for batch in datamodule.train_dataloader():
         batch.pop(STREAM_FIELD, None)
-        batches.append(batch)
+        batches.append(datamodule.on_after_batch_transfer(batch, 0))  # the views' photometric half, done here
         if len(batches) == count:
             return batches
     raise RuntimeError(f"the recipe's shards hold fewer than {count} batches")
